@@ -1,0 +1,1 @@
+"""dynamo_ext.discovery — see README.md in this folder for the layer's contract."""

@@ -1,0 +1,80 @@
+"""Shared pytest fixtures: real etcd and NATS servers on loopback (see tests/fixtures/servers.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures.servers import EtcdServer, NatsServer, make_workdir  # noqa: E402
+
+# Loopback only, for every Dynamo process a test may start.
+os.environ.setdefault("DYN_TCP_RPC_HOST", "127.0.0.1")
+os.environ.setdefault("DYN_EVENT_PLANE_HOST", "127.0.0.1")
+os.environ.setdefault("DYN_EVENT_PLANE", "nats")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def etcd_server():
+    """A fresh etcd per test (function scope: tests may kill or restart it)."""
+    wd = make_workdir("dx-etcd-")
+    srv = EtcdServer("etcd", wd)
+    srv.start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(wd, ignore_errors=True)
+
+
+@pytest.fixture
+def nats_server():
+    wd = make_workdir("dx-nats-")
+    srv = NatsServer("nats", wd)
+    srv.start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(wd, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_etcd():
+    """One etcd for a whole session, for tests that only read and write their own keys."""
+    wd = make_workdir("dx-etcd-s-")
+    srv = EtcdServer("etcd", wd)
+    srv.start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(wd, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_nats():
+    wd = make_workdir("dx-nats-s-")
+    srv = NatsServer("nats", wd)
+    srv.start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(wd, ignore_errors=True)
