@@ -1,0 +1,57 @@
+"""``dynamo-ext`` command line: one sub-command module per verb, imported lazily.
+
+    dynamo-ext config check FILE...      validate dynamo.yaml files (exit 0 valid, 2 invalid)
+    dynamo-ext topology [--json] [--probe]
+    dynamo-ext bench transfer [...]
+
+Each module in this package exposes ``add_parser(subparsers)`` (registers its verb and sets
+``func``) and ``run(args) -> int``. Only this package and ``workers/`` wire layers together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> module under dynamo_ext.cli; a module that fails to import (a layer not installed on
+# this machine) is reported when its verb is used, not when another verb runs.
+COMMANDS = {
+    "config": "config_cmd",
+    "topology": "topology_cmd",
+    "bench": "bench_cmd",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamo-ext", description="Disaggregated-serving extensions for NVIDIA Dynamo")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for verb, mod in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"dynamo_ext.cli.{mod}")
+        except ImportError as e:  # a verb whose layer is missing still shows up, with the reason
+            p = sub.add_parser(verb, help=f"(unavailable: {e})")
+            p.set_defaults(func=lambda args, e=e, verb=verb: _unavailable(verb, e))
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def _unavailable(verb: str, err: Exception) -> int:
+    print(f"dynamo-ext {verb}: unavailable on this installation: {err}", file=sys.stderr)
+    return 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""``dynamo-ext config check FILE...`` and ``dynamo-ext config show FILE``.
+
+check: exit 0 when every file is valid, 2 when any is invalid (one line per error: the key path,
+what is wrong and the allowed values or range; unknown keys get a 'did you mean'). Never a traceback.
+show: print the file with every default filled in (YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from dynamo_ext.config import ConfigError, load_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="validate or show dynamo.yaml files")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    c = csub.add_parser("check", help="validate files; exit 0 if all valid, 2 otherwise")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    c.set_defaults(func=run_check)
+    s = csub.add_parser("show", help="print a file with all defaults filled in")
+    s.add_argument("file", metavar="FILE")
+    s.set_defaults(func=run_show)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    bad = 0
+    for f in args.files:
+        try:
+            cfg = load_config(f)
+        except ConfigError as e:
+            bad += 1
+            for line in e.lines:
+                print(f"{f}: {line}", file=sys.stderr)
+            continue
+        if not args.quiet:
+            w = cfg.workers
+            roles = ", ".join(f"{r} x{getattr(w, r).count}" for r in ("prefill", "decode", "agg") if getattr(w, r))
+            mode = "disaggregated" if cfg.disaggregated else "aggregated"
+            print(f"{f}: OK ({mode}: {roles}; router {cfg.router.policy}; kv_transfer {cfg.kv_transfer.backend}/{cfg.kv_transfer.transport})")
+    return 2 if bad else 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"{args.file}: {line}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+run = run_check

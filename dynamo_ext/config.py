@@ -1,0 +1,296 @@
+"""The ``dynamo.yaml`` schema: pydantic models with ``extra="forbid"`` at every level.
+
+Who reads it: ``dynamo-ext config check`` (validation only), ``dynamo-ext serve`` (starts the graph),
+the workers (their role's section, ``kv_transfer``, ``model``, ``discovery``), the router
+(``router``) and the planner executor (``planner``). Nothing else parses YAML.
+
+Errors are reported one line per problem, ``<key.path>: <what is wrong> (<allowed values or range>)``;
+an unknown key is named with the closest valid key suggested. ``load_config`` raises
+``ConfigError`` carrying those lines; ``config check`` prints them and exits 2, never a traceback.
+
+Example (``configs/disagg.yaml``)::
+
+    kv_transfer: {backend: nixl, transport: auto, metadata_server: "http://127.0.0.1:2379",
+                  rdma_device: mlx5_0, transport_threads: 4, timeout_ms: 2000}
+    workers:
+      prefill: {count: 1, gpu_type: h100_sxm5, tensor_parallel: 1}
+      decode:  {count: 2, gpu_type: a100_80g, tensor_parallel: 1}
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GPU_TYPES = (
+    "cpu", "a100_40g", "a100_80g", "h100_pcie", "h100_sxm5", "h200", "h20", "l40s", "b200", "gb200",
+)  # fmt: skip
+TransportKind = Literal["auto", "nvlink", "pcie", "rdma", "tcp"]
+BackendKind = Literal["nixl", "fallback"]
+RouterPolicy = Literal["dynamo-ext", "round-robin", "dynamo-kv"]
+ModelPreset = Literal["tiny", "llama3-8b-shape", "llama3-70b-shape"]
+KvDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _check_url(value: str, schemes: tuple[str, ...], field: str) -> str:
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in schemes:
+        allowed = ", ".join(f"{s}://host:port" for s in schemes)
+        raise ValueError(f"{field} {value!r} must be a URL of the form {allowed}")
+    return value
+
+
+class KvTransferConfig(_Strict):
+    """How KV blocks move between workers (see dynamo_ext/transport and dynamo_ext/topology)."""
+
+    backend: BackendKind = "nixl"
+    transport: TransportKind = "auto"
+    metadata_server: str = "http://127.0.0.1:2379"
+    rdma_device: str | None = None
+    transport_threads: int = Field(4, ge=1, le=64)
+    timeout_ms: int = Field(2000, ge=10, le=600_000)
+
+    @field_validator("metadata_server")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v, ("http", "https"), "metadata_server")
+
+
+class WorkerPoolConfig(_Strict):
+    count: int = Field(1, ge=0, le=1024)
+    gpu_type: str = "cpu"
+    tensor_parallel: Literal[1, 2, 4, 8] = 1
+    num_kv_blocks: int = Field(1024, ge=16, le=10_000_000)
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu(cls, v: str) -> str:
+        if v not in GPU_TYPES:
+            raise ValueError(f"unknown gpu_type {v!r} (allowed: {', '.join(GPU_TYPES)})")
+        return v
+
+
+class WorkersConfig(_Strict):
+    prefill: WorkerPoolConfig | None = None
+    decode: WorkerPoolConfig | None = None
+    agg: WorkerPoolConfig | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> "WorkersConfig":
+        if self.agg is None and self.decode is None:
+            raise ValueError("define workers.agg (aggregated) or workers.decode (+ workers.prefill, disaggregated)")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str = "dynamo-ext/tiny"
+    path: str | None = None  # a model directory (config.json, tokenizer.json, weights); None: generated
+    preset: ModelPreset = "tiny"
+    block_size: Literal[8, 16, 32, 64] = 16
+    max_model_len: int = Field(4096, ge=64, le=1_048_576)
+    dtype: KvDtype = "float32"
+    seed: int = 0
+
+
+class RouterConfig(_Strict):
+    policy: RouterPolicy = "dynamo-ext"
+    replicas: int = Field(1, ge=1, le=64)
+    disagg_min_prompt_tokens: int = Field(64, ge=0)
+    overlap_weight: float = Field(1.0, ge=0.0, le=100.0)
+
+
+class SlaConfig(_Strict):
+    ttft_ms: float = Field(500.0, gt=0)
+    itl_ms: float = Field(50.0, gt=0)
+
+
+class PlannerConfig(_Strict):
+    enabled: bool = False
+    interval_s: float = Field(10.0, ge=1.0, le=3600.0)
+    min_prefill: int = Field(1, ge=0)
+    max_prefill: int = Field(8, ge=1)
+    min_decode: int = Field(1, ge=0)
+    max_decode: int = Field(16, ge=1)
+    decode_prefill_ratio_min: float = Field(2.0, gt=0)
+    decode_prefill_ratio_max: float = Field(3.0, gt=0)
+    cooldown_s: float = Field(60.0, ge=0)
+    sla: SlaConfig = Field(default_factory=SlaConfig)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PlannerConfig":
+        if self.min_prefill > self.max_prefill:
+            raise ValueError(f"min_prefill ({self.min_prefill}) > max_prefill ({self.max_prefill})")
+        if self.min_decode > self.max_decode:
+            raise ValueError(f"min_decode ({self.min_decode}) > max_decode ({self.max_decode})")
+        if self.decode_prefill_ratio_min > self.decode_prefill_ratio_max:
+            raise ValueError("decode_prefill_ratio_min must be <= decode_prefill_ratio_max")
+        return self
+
+
+class TlsConfig(_Strict):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class EtcdConfig(_Strict):
+    endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"], min_length=1)
+    username: str | None = None
+    password_env: str | None = None  # name of the environment variable that holds the password
+    tls: TlsConfig | None = None
+    lease_ttl_s: int = Field(10, ge=2, le=3600)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        return [_check_url(u, ("http", "https"), "endpoint") for u in v]
+
+
+class NatsConfig(_Strict):
+    url: str = "nats://127.0.0.1:4222"
+    creds_file: str | None = None
+    token_env: str | None = None
+    tls: TlsConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v, ("nats", "tls"), "url")
+
+
+class DiscoveryConfig(_Strict):
+    namespace: str = Field("dynamo", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    etcd: EtcdConfig = Field(default_factory=EtcdConfig)
+    nats: NatsConfig = Field(default_factory=NatsConfig)
+
+
+class FrontendConfig(_Strict):
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+
+
+class DynamoExtConfig(_Strict):
+    """Top level of dynamo.yaml."""
+
+    kv_transfer: KvTransferConfig = Field(default_factory=KvTransferConfig)
+    workers: WorkersConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    frontend: FrontendConfig = Field(default_factory=FrontendConfig)
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.workers.decode is not None and self.workers.prefill is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error formatting
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``.lines`` has one human-readable line per problem."""
+
+    def __init__(self, source: str, lines: list[str]):
+        self.source = source
+        self.lines = lines
+        super().__init__(f"{source}: " + "; ".join(lines))
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at ``path`` (for 'did you mean')."""
+    model: Any = DynamoExtConfig
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        candidates = [a for a in (get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _allowed_text(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    t = err["type"]
+    if t == "literal_error":
+        return f"allowed: {ctx.get('expected')}"
+    bounds = {
+        "greater_than_equal": f">= {ctx.get('ge')}",
+        "greater_than": f"> {ctx.get('gt')}",
+        "less_than_equal": f"<= {ctx.get('le')}",
+        "less_than": f"< {ctx.get('lt')}",
+    }
+    if t in bounds:
+        return f"allowed range: {bounds[t]}"
+    if t == "string_pattern_mismatch":
+        return f"must match {ctx.get('pattern')}"
+    return ""
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "<top level>"
+        t = err["type"]
+        if t == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            valid = sorted(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            lines.append(f"{key}: unknown key ({hint}valid keys: {', '.join(valid)})")
+            continue
+        if t == "missing":
+            lines.append(f"{key}: required key is missing")
+            continue
+        got = err.get("input")
+        extra = _allowed_text(err)
+        if t == "literal_error":
+            lines.append(f"{key}: {got!r} is not allowed ({extra})")
+        elif extra.startswith("allowed range"):
+            lines.append(f"{key}: {got!r} is out of range ({extra})")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got_txt = f", got {got!r}" if t.endswith(("_parsing", "_type")) else ""
+            lines.append(f"{key}: {msg}{got_txt}" + (f" ({extra})" if extra else ""))
+    return lines
+
+
+def parse_config(data: Any, source: str = "<dict>") -> DynamoExtConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"<top level>: expected a mapping of keys, got {type(data).__name__}"])
+    try:
+        return DynamoExtConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, format_errors(e)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> DynamoExtConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(str(p), [f"cannot read file: {e.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(p), [f"{where}invalid YAML ({getattr(e, 'problem', e)})"]) from None
+    return parse_config(data, str(p))

@@ -1,0 +1,1 @@
+"""Graph definitions for `dynamo-ext serve` (see README.md)."""
