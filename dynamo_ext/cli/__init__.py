@@ -20,6 +20,8 @@ COMMANDS = {
     "config": "config_cmd",
     "topology": "topology_cmd",
     "bench": "bench_cmd",
+    "model": "model_cmd",
+    "generate": "generate_cmd",
 }
 
 
