@@ -21,6 +21,7 @@ Layouts travel between peers as plain JSON/msgpack (``to_dict``/``from_dict``), 
 
 from __future__ import annotations
 
+import operator
 from enum import Enum
 from typing import Any
 
@@ -36,6 +37,17 @@ DTYPE_BYTES: dict[str, int] = {
     "float8_e5m2": 1,
     "uint8": 1,
 }
+
+
+def _is_index(b: object) -> bool:
+    """An integer block id: Python or NumPy integer, not bool (``True`` is not a block id)."""
+    if isinstance(b, bool):
+        return False
+    try:
+        operator.index(b)
+    except TypeError:
+        return False
+    return True
 
 
 class MemoryOrder(str, Enum):
@@ -59,6 +71,17 @@ class KvLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"KvLayout.{name} must be a positive integer, got {v!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"KvLayout.dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+        # msgspec converts ``order`` to the enum only when decoding; a plain ``KvLayout(...,
+        # order="layer_major")`` keeps the str, and ``chunk_offset``'s ``is`` test would then
+        # silently compute block-major offsets. Normalise (and validate) it here.
+        if not isinstance(self.order, MemoryOrder):
+            try:
+                order = MemoryOrder(self.order)
+            except ValueError:
+                raise ValueError(
+                    f"KvLayout.order {self.order!r} is not one of {[m.value for m in MemoryOrder]}"
+                ) from None
+            msgspec.structs.force_setattr(self, "order", order)
 
     # -- sizes -----------------------------------------------------------------------------
     @property
@@ -97,7 +120,7 @@ class KvLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return idx * self.chunk_bytes
 
     def validate_blocks(self, blocks: list[int] | tuple[int, ...], what: str = "block") -> None:
-        bad = [b for b in blocks if not isinstance(b, int) or not 0 <= b < self.num_blocks]
+        bad = [b for b in blocks if not _is_index(b) or not 0 <= b < self.num_blocks]
         if bad:
             raise InvalidBlocks(
                 f"{what} ids out of range [0, {self.num_blocks}): {bad[:8]}{' ...' if len(bad) > 8 else ''}"
