@@ -1,0 +1,261 @@
+"""Staging executors: apply a plan's gather/scatter descriptor lists to torch byte tensors.
+
+Protocol map
+============
+
+A staged ``TransferPlan`` (see ``plan.py``) has three kinds of steps; this module runs the two local
+ones, on the side that owns the memory:
+
+  source side       ``gather_into(pool_u8, staging_u8, plan.gather)``     pool -> its staging
+  link (backend)    one descriptor per slice, staging -> staging (NIXL WRITE/READ, peer copy, ...)
+  destination side  ``scatter_from(staging_u8, pool_u8, plan.scatter)``   its staging -> pool
+
+Per slice ``k`` of ``plan.slices`` the same calls take ``slices[k].gather`` / ``slices[k].scatter``,
+so an executor can overlap gather(k+1), wire(k) and scatter(k-1) on different CUDA streams.
+``execute_local`` runs a whole plan when one process can address both pools (tests, same-process
+fallback, two GPUs of one process), pipelined over three CUDA streams when the pools are on GPUs.
+
+Tensors are flat ``torch.uint8`` views (``pool.view(torch.uint8).flatten()`` of a contiguous pool),
+CPU or CUDA, offsets in bytes from their start. Every descriptor is bounds-checked on the host before
+anything is launched (an out-of-range index on the GPU is a fatal device assert, not an exception).
+
+Speed: no Python loop per chunk. The descriptors' common unit ``u`` (the GCD of all offsets and
+sizes; the chunk size for KV plans, merged runs being multiples of it) turns both tensors into
+``[rows, u]`` views; the copy is then one ``index_select`` written straight into the contiguous
+staging range (gather) or one ``index_copy_`` read straight from it (scatter), no temporary. Other
+lists fall back to ``index_select`` + ``index_copy_`` through a temporary, and to a plain loop when the
+unit is tiny (under ``MIN_VECTOR_UNIT`` bytes) or there is a single descriptor.
+
+``stream``: a ``torch.cuda.Stream`` the copies are enqueued on (the caller orders it against the
+producers and consumers of the bytes with events); ignored for CPU tensors. The calls return as soon
+as the work is enqueued; the index tensors are allocated on that stream, so the caching allocator
+keeps them alive until the copy has run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .plan import Descriptor, DescriptorArray, TransferPlan
+
+__all__ = ["MIN_VECTOR_UNIT", "copy_descriptors", "execute_local", "gather_into", "scatter_from"]
+
+MIN_VECTOR_UNIT = 16  # bytes; below this the [rows, unit] index tensors cost more than a loop
+MAX_VECTOR_ROWS = 1 << 26
+
+
+def _as_array(descs: Sequence[Descriptor] | DescriptorArray | np.ndarray) -> np.ndarray:
+    if isinstance(descs, DescriptorArray):
+        return descs.array
+    a = np.asarray(descs if len(descs) else np.zeros((0, 3)), dtype=np.int64)
+    if a.ndim != 2 or a.shape[1] != 3:
+        raise ValueError(f"descriptors must be (N, 3) (src_offset, dst_offset, nbytes), got shape {a.shape}")
+    return a
+
+
+def _check_tensor(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 1-D torch.uint8 tensor (use .view(torch.uint8).flatten())")
+
+
+def _check_bounds(a: np.ndarray, src_len: int, dst_len: int) -> None:
+    if (a[:, 2] <= 0).any():
+        raise ValueError("descriptor with nbytes <= 0")
+    if (a[:, 0] < 0).any() or (a[:, 0] + a[:, 2] > src_len).any():
+        bad = a[(a[:, 0] < 0) | (a[:, 0] + a[:, 2] > src_len)][0].tolist()
+        raise ValueError(f"descriptor {bad} reads outside the source tensor ({src_len} bytes)")
+    if (a[:, 1] < 0).any() or (a[:, 1] + a[:, 2] > dst_len).any():
+        bad = a[(a[:, 1] < 0) | (a[:, 1] + a[:, 2] > dst_len)][0].tolist()
+        raise ValueError(f"descriptor {bad} writes outside the destination tensor ({dst_len} bytes)")
+
+
+def _stream_ctx(t: torch.Tensor, stream: Any) -> Any:
+    if stream is not None and t.is_cuda:
+        return torch.cuda.stream(stream)
+    return contextlib.nullcontext()
+
+
+def _rows(a: np.ndarray, unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expand descriptors into row indices of [rows, unit] views (source rows, destination rows)."""
+    s0, d0, cnt = a[:, 0] // unit, a[:, 1] // unit, a[:, 2] // unit
+    if bool((cnt == 1).all()):
+        return s0, d0
+    total = int(cnt.sum())
+    first = np.cumsum(cnt) - cnt
+    within = np.arange(total, dtype=np.int64) - np.repeat(first, cnt)
+    return np.repeat(s0, cnt) + within, np.repeat(d0, cnt) + within
+
+
+def _contiguous_range(rows: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """If ``rows`` is a permutation of ``lo .. lo+len-1``: (argsort, lo); else None."""
+    lo, hi = int(rows.min()), int(rows.max())
+    if hi - lo + 1 != rows.shape[0]:
+        return None
+    order = np.argsort(rows, kind="stable")
+    if not bool((np.diff(rows[order]) == 1).all()):
+        return None
+    return order, lo
+
+
+def copy_descriptors(
+    src_u8: torch.Tensor,
+    dst_u8: torch.Tensor,
+    descs: Sequence[Descriptor] | DescriptorArray | np.ndarray,
+    *,
+    stream: Any = None,
+    vectorize: bool | None = None,
+) -> int:
+    """Copy ``src_u8[d.src_offset : +d.nbytes] -> dst_u8[d.dst_offset : +d.nbytes]`` for every
+    descriptor. Both tensors on one device. Destinations must not overlap (plans guarantee it).
+    ``vectorize``: None = choose (see module docstring); True/False forces the path. Returns bytes."""
+    _check_tensor(src_u8, "source")
+    _check_tensor(dst_u8, "destination")
+    if src_u8.device != dst_u8.device:
+        raise ValueError(f"gather/scatter are local copies: source on {src_u8.device}, destination on {dst_u8.device}")
+    a = _as_array(descs)
+    if a.shape[0] == 0:
+        return 0
+    _check_bounds(a, src_u8.numel(), dst_u8.numel())
+    nbytes = int(a[:, 2].sum())
+    unit = int(np.gcd.reduce(a.ravel()))
+    if vectorize is None:
+        vectorize = a.shape[0] > 1 and unit >= MIN_VECTOR_UNIT and nbytes // unit <= MAX_VECTOR_ROWS
+    with _stream_ctx(dst_u8, stream):
+        if not vectorize:
+            for s, d, n in a.tolist():
+                dst_u8[d : d + n].copy_(src_u8[s : s + n], non_blocking=True)
+            return nbytes
+        srows, drows = _rows(a, unit)
+        src2d = src_u8[: (src_u8.numel() // unit) * unit].view(-1, unit)
+        dst2d = dst_u8[: (dst_u8.numel() // unit) * unit].view(-1, unit)
+        dev = dst_u8.device
+
+        def idx(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x)).to(dev, non_blocking=True)
+
+        rng = _contiguous_range(drows)
+        if rng is not None:  # gather: write straight into the contiguous destination range
+            order, lo = rng
+            torch.index_select(src2d, 0, idx(srows[order]), out=dst2d[lo : lo + drows.shape[0]])
+            return nbytes
+        rng = _contiguous_range(srows)
+        if rng is not None:  # scatter: read straight from the contiguous source range
+            order, lo = rng
+            dst2d.index_copy_(0, idx(drows[order]), src2d[lo : lo + srows.shape[0]])
+            return nbytes
+        dst2d.index_copy_(0, idx(drows), src2d.index_select(0, idx(srows)))
+    return nbytes
+
+
+def gather_into(
+    pool_u8: torch.Tensor,
+    staging_u8: torch.Tensor,
+    descs: Sequence[Descriptor] | DescriptorArray | np.ndarray,
+    *,
+    stream: Any = None,
+) -> int:
+    """Source side of a staged plan: pool -> staging (``plan.gather`` or ``slice.gather``)."""
+    return copy_descriptors(pool_u8, staging_u8, descs, stream=stream)
+
+
+def scatter_from(
+    staging_u8: torch.Tensor,
+    pool_u8: torch.Tensor,
+    descs: Sequence[Descriptor] | DescriptorArray | np.ndarray,
+    *,
+    stream: Any = None,
+) -> int:
+    """Destination side of a staged plan: staging -> pool (``plan.scatter`` or ``slice.scatter``)."""
+    return copy_descriptors(staging_u8, pool_u8, descs, stream=stream)
+
+
+def _wire_copy(src: torch.Tensor, dst: torch.Tensor, descs: Sequence[Descriptor]) -> None:
+    for s, d, n in descs:
+        dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
+
+
+def execute_local(
+    plan: TransferPlan,
+    src_pool_u8: torch.Tensor,
+    dst_pool_u8: torch.Tensor,
+    src_staging_u8: torch.Tensor | None = None,
+    dst_staging_u8: torch.Tensor | None = None,
+    *,
+    synchronize: bool = True,
+) -> int:
+    """Run a whole plan in this process (both pools addressable here). Staging tensors (at least
+    ``plan.staging_bytes``) are allocated when not given. On CUDA the slices are pipelined over three
+    streams (gather on the source device, wire copy, scatter on the destination device), ordered by
+    events, ring-slot reuse included. Returns payload bytes."""
+    _check_tensor(src_pool_u8, "source pool")
+    _check_tensor(dst_pool_u8, "destination pool")
+    if not plan.staged:
+        a = _as_array(plan.wire)
+        if a.shape[0]:
+            _check_bounds(a, src_pool_u8.numel(), dst_pool_u8.numel())
+        if src_pool_u8.device == dst_pool_u8.device:
+            copy_descriptors(src_pool_u8, dst_pool_u8, a)
+        else:
+            _wire_copy(src_pool_u8, dst_pool_u8, plan.wire)
+        if synchronize and dst_pool_u8.is_cuda:
+            torch.cuda.synchronize(dst_pool_u8.device)
+        return plan.total_bytes
+
+    if src_staging_u8 is None:
+        src_staging_u8 = torch.empty(plan.staging_bytes, dtype=torch.uint8, device=src_pool_u8.device)
+    if dst_staging_u8 is None:
+        dst_staging_u8 = torch.empty(plan.staging_bytes, dtype=torch.uint8, device=dst_pool_u8.device)
+    _check_tensor(src_staging_u8, "source staging")
+    _check_tensor(dst_staging_u8, "destination staging")
+    if src_staging_u8.numel() < plan.staging_bytes or dst_staging_u8.numel() < plan.staging_bytes:
+        raise ValueError(f"staging tensors must hold plan.staging_bytes = {plan.staging_bytes} bytes")
+
+    if not (src_pool_u8.is_cuda and dst_pool_u8.is_cuda):
+        for g, w, s in plan.slices:
+            gather_into(src_pool_u8, src_staging_u8, g)
+            _wire_copy(src_staging_u8, dst_staging_u8, (w,))
+            scatter_from(dst_staging_u8, dst_pool_u8, s)
+        return plan.total_bytes
+
+    sdev, ddev = src_pool_u8.device, dst_pool_u8.device
+    g_stream = torch.cuda.Stream(device=sdev)
+    w_stream = torch.cuda.Stream(device=sdev)
+    s_stream = torch.cuda.Stream(device=ddev)
+    cur_s, cur_d = torch.cuda.current_stream(sdev), torch.cuda.current_stream(ddev)
+    for st in (g_stream, w_stream):
+        st.wait_stream(cur_s)
+    s_stream.wait_stream(cur_d)
+    slots = plan.staging_slots
+    ev_w: list[torch.cuda.Event] = []
+    ev_s: list[torch.cuda.Event] = []
+    for k, (g, w, s) in enumerate(plan.slices):
+        if slots and k >= slots:
+            g_stream.wait_event(ev_w[k - slots])  # slot's previous bytes have left the source staging
+        gather_into(src_pool_u8, src_staging_u8, g, stream=g_stream)
+        eg = torch.cuda.Event()
+        eg.record(g_stream)
+        w_stream.wait_event(eg)
+        if slots and k >= slots:
+            w_stream.wait_event(ev_s[k - slots])  # slot's previous bytes were scattered
+        with torch.cuda.stream(w_stream):
+            _wire_copy(src_staging_u8, dst_staging_u8, (w,))
+        ew = torch.cuda.Event()
+        ew.record(w_stream)
+        ev_w.append(ew)
+        s_stream.wait_event(ew)
+        scatter_from(dst_staging_u8, dst_pool_u8, s, stream=s_stream)
+        es = torch.cuda.Event()
+        es.record(s_stream)
+        ev_s.append(es)
+    cur_d.wait_stream(s_stream)
+    cur_s.wait_stream(w_stream)
+    for t, st in ((src_staging_u8, g_stream), (src_staging_u8, w_stream), (dst_staging_u8, s_stream)):
+        t.record_stream(st)
+    if synchronize:
+        torch.cuda.synchronize(sdev)
+        torch.cuda.synchronize(ddev)
+    return plan.total_bytes
