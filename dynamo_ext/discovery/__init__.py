@@ -1,1 +1,32 @@
-"""dynamo_ext.discovery — see README.md in this folder for the layer's contract."""
+"""dynamo_ext.discovery — etcd and NATS adapters: leased worker records, watches. Contract: README.md here."""
+
+from .etcd import (
+    DiscoveryError,
+    EtcdStore,
+    EtcdUnavailable,
+    KeyValue,
+    Lease,
+    LeaseNotFound,
+    Listing,
+    Watch,
+    WatchEvent,
+)
+from .nats import EventBus, Message, NatsUnavailable, Subscription
+from .records import (
+    InvalidRecord,
+    PoolDescriptor,
+    WorkerChange,
+    WorkerRecord,
+    WorkerRegistry,
+    decode_record,
+    encode_record,
+    parse_worker_key,
+    worker_key,
+)
+
+__all__ = [
+    "DiscoveryError", "EtcdStore", "EtcdUnavailable", "KeyValue", "Lease", "LeaseNotFound", "Listing", "Watch",
+    "WatchEvent", "EventBus", "Message", "NatsUnavailable", "Subscription", "InvalidRecord", "PoolDescriptor",
+    "WorkerChange", "WorkerRecord", "WorkerRegistry", "decode_record", "encode_record", "parse_worker_key",
+    "worker_key",
+]

@@ -1,0 +1,155 @@
+"""Asyncio adapter over core NATS (nats-py): publish bytes, subscribe by callback or async iterator.
+
+Protocol
+--------
+* Core NATS, at-most-once: subjects are dot-separated, payloads are opaque ``bytes`` (the caller encodes,
+  msgpack/JSON, never pickle). No JetStream here; a subscriber sees only what is published while it is
+  subscribed and connected. Consumers that need completeness detect gaps themselves (sequence numbers
+  in the payload, as Dynamo's KV-event envelope does).
+* ``EventBus.connect(url)`` retries the first connection for at most ``connect_timeout`` seconds, then
+  raises :class:`NatsUnavailable`. Afterwards nats-py reconnects forever (``reconnect_wait`` between
+  tries) and re-establishes subscriptions; messages published by this client during an outage are
+  buffered (``pending_size``) and flushed after reconnect.
+* ``subscribe(subject, callback)`` calls ``await callback(msg)`` (or a plain function) per message;
+  ``subscribe(subject)`` without callback returns a :class:`Subscription` that is an async iterator of
+  :class:`Message`. ``close()`` drains nothing: pending outbound data is flushed, subscriptions end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as _NatsSub
+
+from .etcd import DiscoveryError
+
+log = logging.getLogger(__name__)
+
+
+class NatsUnavailable(DiscoveryError):
+    """NATS did not accept a connection within the bounded retry window."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    subject: str
+    data: bytes
+    reply: str = ""
+    headers: dict[str, str] | None = None
+
+
+MessageCallback = Callable[[Message], Awaitable[None] | None]
+
+
+def _msg(m: Msg) -> Message:
+    return Message(m.subject, bytes(m.data), m.reply or "", dict(m.headers) if m.headers else None)
+
+
+class Subscription:
+    """One subscription; iterate it (when created without callback) and/or ``await unsubscribe()``."""
+
+    def __init__(self, sub: _NatsSub) -> None:
+        self._sub = sub
+        self.subject = sub.subject
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        async for m in self._sub.messages:
+            yield _msg(m)
+
+    async def next(self, timeout: float) -> Message:
+        return _msg(await self._sub.next_msg(timeout=timeout))
+
+    async def unsubscribe(self) -> None:
+        await self._sub.unsubscribe()
+
+
+class EventBus:
+    def __init__(self, nc: Client, url: str) -> None:
+        self._nc, self.url = nc, url
+        self.reconnects = 0
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str | None = None, connect_timeout: float = 10.0,
+                      reconnect_wait: float = 0.25) -> EventBus:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout
+        backoff = 0.05
+        bus: EventBus | None = None
+
+        async def reconnected() -> None:
+            if bus is not None:
+                bus.reconnects += 1
+            log.info("nats %s: reconnected", url)
+
+        async def disconnected() -> None:
+            log.warning("nats %s: disconnected; reconnecting", url)
+
+        async def error(e: Exception) -> None:
+            log.debug("nats %s: %s", url, e)
+
+        while True:
+            try:
+                nc = await nats.connect(
+                    url, name=name, connect_timeout=max(1, int(min(2.0, connect_timeout))),
+                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
+                    reconnected_cb=reconnected, disconnected_cb=disconnected, error_cb=error,
+                )
+                break
+            except (OSError, TimeoutError, nats.errors.NoServersError) as e:
+                if loop.time() + backoff >= deadline:
+                    raise NatsUnavailable(f"nats {url}: unreachable for {connect_timeout:.1f}s ({e})") from e
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        bus = cls(nc, url)
+        return bus
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    async def publish(self, subject: str, data: bytes, *, headers: dict[str, str] | None = None) -> None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"payload for {subject!r} must be bytes, got {type(data).__name__}")
+        await self._nc.publish(subject, bytes(data), headers=headers)
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        await self._nc.flush(timeout=timeout)  # type: ignore[arg-type]
+
+    async def subscribe(self, subject: str, callback: MessageCallback | None = None, *,
+                        queue: str = "") -> Subscription:
+        cb: Callable[[Msg], Awaitable[None]] | None = None
+        if callback is not None:
+            user_cb = callback
+
+            async def cb(m: Msg) -> None:
+                try:
+                    res: Any = user_cb(_msg(m))
+                    if inspect.isawaitable(res):
+                        await res
+                except Exception:  # noqa: BLE001 - keep the subscription alive
+                    log.exception("nats subscriber on %r failed", subject)
+
+        sub = await self._nc.subscribe(subject, queue=queue, cb=cb)
+        await self._nc.flush()  # the server knows the interest before we return
+        return Subscription(sub)
+
+    async def close(self) -> None:
+        if not self._nc.is_closed:
+            await self._nc.close()
+
+    async def __aenter__(self) -> EventBus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
