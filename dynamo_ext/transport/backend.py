@@ -1,0 +1,203 @@
+"""TransferBackend: the small interface every byte mover implements (NIXL, TCP, same-process, CUDA IPC).
+
+Protocol (who calls what, in what order)::
+
+    start-up (owner of the pools):
+        be = NixlBackend(name, choice) | TcpBackend(name) | LocalBackend(name)
+        await be.start()                      # servers (TCP); no-op for NIXL/local
+        be.register_pool(pool)                # once per pool
+        info = be.local_peer_info()           # -> published to peers
+    initiator, once per peer:
+        be.add_peer(PeerInfo.decode(blob))    # unknown/unsupported peer -> PeerUnreachable
+    initiator, per transfer (driven by transfer.transfer_kv_cache, never by callers directly):
+        req = be.post(op, local_pool, peer, remote_pool, descs, notif)   # op "read" pulls, "write" pushes
+        while not req.poll(): await a short sleep    # poll raises PeerUnreachable/BackendError
+        req.cancel()                           # on deadline/cancel; idempotent; releases the request
+    target (passive side), regularly:
+        be.progress(); be.get_notifs()        # {peer_name: [notif bytes, ...]} in send order
+    shutdown:
+        await be.close()
+
+``descs`` are ``(local_offset, remote_offset, nbytes)`` triples (an (N, 3) int64 array) relative to the start of each pool,
+i.e. a plan's wire descriptors with src/dst swapped into local/remote by the caller. The base class
+checks that every range lies inside its pool, so a backend never touches bytes outside a pool.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from .errors import InvalidBlocks, PeerUnreachable, UnregisteredMemory
+from .peer import PeerInfo
+from .pool import KvPool, PoolDescriptor
+
+Op = Literal["read", "write"]
+Triple = tuple[int, int, int]
+
+
+def as_triples(descs: Any) -> np.ndarray:
+    """(N, 3) int64 array from a DescriptorArray, an (N, 3) array, or a sequence of 3-tuples."""
+    a = getattr(descs, "array", descs)
+    a = np.asarray(a if len(a) else np.zeros((0, 3)), dtype=np.int64)
+    if a.ndim != 2 or a.shape[1] != 3:
+        raise ValueError(f"descriptors must be (N, 3), got shape {a.shape}")
+    return a
+
+
+class XferRequest(ABC):
+    """One posted transfer. ``poll()`` is non-blocking and cheap."""
+
+    @abstractmethod
+    def poll(self) -> bool:
+        """True once every byte has landed; raises a TransferError subclass on failure."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Abort if still running and release backend resources. Idempotent, never raises."""
+
+
+class DoneRequest(XferRequest):
+    """A request that completed synchronously inside ``post``."""
+
+    def poll(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        pass
+
+
+class TransferBackend(ABC):
+    name: str = "abstract"
+    #: conservative GB/s used for deadlines when the caller gives no measured bandwidth
+    default_gbps: float = 1.0
+
+    def __init__(self, agent_name: str) -> None:
+        self.agent_name = agent_name
+        self._pools: dict[str, KvPool] = {}
+        self._peers: dict[str, PeerInfo] = {}
+        self._staging: KvPool | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def close(self) -> None:
+        self.close_sync()
+
+    def close_sync(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    # -- registration --------------------------------------------------------------------------
+    def register_pool(self, pool: KvPool, *, staging: bool = False) -> None:
+        if pool.name in self._pools and self._pools[pool.name] is not pool:
+            raise ValueError(f"a different pool named {pool.name!r} is already registered")
+        if pool.name not in self._pools:
+            self._register(pool)
+            self._pools[pool.name] = pool
+            pool.registered_with.add(self.agent_name)
+        if staging:
+            self._staging = pool
+
+    def _register(self, pool: KvPool) -> None:  # noqa: B027 - backends override when needed
+        pass
+
+    def is_registered(self, pool: KvPool) -> bool:
+        return self._pools.get(pool.name) is pool
+
+    def require_registered(self, pool: KvPool) -> None:
+        if not self.is_registered(pool):
+            raise UnregisteredMemory(
+                f"pool {pool.name!r} ({pool.nbytes} B @ 0x{pool.addr:x}) is not registered with backend "
+                f"{self.name}:{self.agent_name}; register pools once at start-up with register_pool()"
+            )
+
+    def local_peer_info(self) -> PeerInfo:
+        import os  # noqa: PLC0415
+
+        return PeerInfo(
+            agent_name=self.agent_name, backend=self.name, agent_metadata=self._agent_metadata(),
+            pools=[p.descriptor() for p in self._pools.values() if p is not self._staging],
+            staging=self._staging.descriptor() if self._staging else None,
+            pid=os.getpid(), endpoint=self._endpoint(),
+        )
+
+    def _agent_metadata(self) -> bytes:
+        return b""
+
+    def _endpoint(self) -> str:
+        return ""
+
+    # -- peers ---------------------------------------------------------------------------------------
+    def add_peer(self, info: PeerInfo) -> None:
+        if info.backend != self.name:
+            raise PeerUnreachable(f"peer {info.agent_name!r} speaks backend {info.backend!r}, this side {self.name!r}")
+        if info.agent_name == self.agent_name:
+            raise PeerUnreachable(f"peer {info.agent_name!r} has this agent's own name")
+        self._connect(info)
+        self._peers[info.agent_name] = info
+
+    def _connect(self, info: PeerInfo) -> None:  # noqa: B027
+        pass
+
+    def remove_peer(self, name: str) -> None:
+        if self._peers.pop(name, None) is not None:
+            self._disconnect(name)
+
+    def _disconnect(self, name: str) -> None:  # noqa: B027
+        pass
+
+    def has_peer(self, name: str) -> bool:
+        return name in self._peers
+
+    def peer(self, name: str) -> PeerInfo:
+        try:
+            return self._peers[name]
+        except KeyError:
+            raise PeerUnreachable(
+                f"unknown peer {name!r} for backend {self.name}:{self.agent_name}: call add_peer(PeerInfo) first "
+                f"(known: {sorted(self._peers)[:8]})"
+            ) from None
+
+    def require_remote_pool(self, peer: str, remote: PoolDescriptor) -> None:
+        info = self.peer(peer)
+        regions = list(info.pools) + ([info.staging] if info.staging else [])
+        if not any(r.addr == remote.addr and r.nbytes == remote.nbytes and r.kind == remote.kind for r in regions):
+            raise UnregisteredMemory(
+                f"remote pool {remote.name!r} ({remote.nbytes} B @ 0x{remote.addr:x}) is not among the pools "
+                f"peer {peer!r} registered: {[r.name for r in regions]}"
+            )
+
+    # -- transfers -----------------------------------------------------------------------------------
+    def post(self, op: Op, local: KvPool, peer: str, remote: PoolDescriptor, descs: Any,
+             notif: bytes = b"") -> XferRequest:
+        if op not in ("read", "write"):
+            raise ValueError(f"op must be 'read' or 'write', got {op!r}")
+        self.require_registered(local)
+        self.require_remote_pool(peer, remote)
+        d = as_triples(descs)
+        if len(d) == 0:
+            raise InvalidBlocks("empty transfer: no descriptors")
+        lo, ro, n = d[:, 0], d[:, 1], d[:, 2]
+        bad = (n <= 0) | (lo < 0) | (ro < 0) | (lo + n > local.nbytes) | (ro + n > remote.nbytes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidBlocks(f"descriptor {tuple(int(x) for x in d[i])} falls outside the pools "
+                                f"({local.nbytes} B local, {remote.nbytes} B remote)")
+        return self._post(op, local, peer, remote, d, notif)
+
+    @abstractmethod
+    def _post(self, op: Op, local: KvPool, peer: str, remote: PoolDescriptor, descs: np.ndarray,
+              notif: bytes) -> XferRequest:
+        """``descs``: validated (N, 3) int64 array of (local_offset, remote_offset, nbytes)."""
+
+    def progress(self) -> None:  # noqa: B027
+        """Drive the backend on a passive side (NIXL without progress thread needs it)."""
+
+    def get_notifs(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def send_notif(self, peer: str, msg: bytes) -> None:
+        raise NotImplementedError(f"{self.name} cannot send bare notifications")

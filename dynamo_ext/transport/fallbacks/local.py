@@ -1,0 +1,97 @@
+"""LocalBackend: both pools live in this process; a transfer is a copy (numpy for host, torch for device).
+
+Protocol: every LocalBackend registers itself in a process-wide table by agent name, so
+``add_peer(other.local_peer_info())`` works only for a backend of the same process (pid checked).
+``post`` copies synchronously and returns a completed request; there is nothing to poll or cancel.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+import numpy as np
+
+from ..backend import DoneRequest, Op, TransferBackend, XferRequest, as_triples
+from ..errors import PeerUnreachable, UnregisteredMemory
+from ..peer import PeerInfo
+from ..pool import KvPool, MemoryKind, PoolDescriptor
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+_LOCAL: "weakref.WeakValueDictionary[str, LocalBackend]" = weakref.WeakValueDictionary()
+
+
+def copy_ranges(src: KvPool, dst: KvPool, triples: Any, stream: Any = None) -> None:
+    """Copy (src_off, dst_off, n) ranges between two local pools of any kind except file."""
+    triples = as_triples(triples).tolist()
+    if src.kind is MemoryKind.HOST and dst.kind is MemoryKind.HOST:
+        s, d = src.host_view(), dst.host_view()
+        for so, do, n in triples:
+            d[do:do + n] = s[so:so + n]
+        return
+    import torch  # noqa: PLC0415
+
+    st, dt = src.tensor_u8(), dst.tensor_u8()
+    on_gpu = src.kind is MemoryKind.DEVICE or dst.kind is MemoryKind.DEVICE
+    ctx = torch.cuda.stream(stream) if (on_gpu and stream is not None) else _nullctx()
+    with ctx:
+        for so, do, n in triples:
+            dt[do:do + n].copy_(st[so:so + n], non_blocking=on_gpu)
+    if on_gpu:
+        (stream or torch.cuda.current_stream(dt.device if dst.kind is MemoryKind.DEVICE else st.device)).synchronize()
+
+
+class LocalBackend(TransferBackend):
+    name = "local"
+    default_gbps = 2.0
+
+    def __init__(self, agent_name: str) -> None:
+        super().__init__(agent_name)
+        if agent_name in _LOCAL:
+            raise ValueError(f"a LocalBackend named {agent_name!r} already exists in this process")
+        _LOCAL[agent_name] = self
+        self._notifs: dict[str, list[bytes]] = {}
+
+    def _connect(self, info: PeerInfo) -> None:
+        if info.pid != os.getpid() or info.agent_name not in _LOCAL:
+            raise PeerUnreachable(f"peer {info.agent_name!r} (pid {info.pid}) is not a LocalBackend of this process")
+
+    def _pool_of(self, peer: str, remote: PoolDescriptor) -> KvPool:
+        other = _LOCAL.get(peer)
+        if other is None:
+            raise PeerUnreachable(f"peer {peer!r} was closed")
+        pool = other._pools.get(remote.name)
+        if pool is None or pool.addr != remote.addr:
+            raise UnregisteredMemory(f"peer {peer!r} has no registered pool {remote.name!r}")
+        return pool
+
+    def _post(self, op: Op, local: KvPool, peer: str, remote: PoolDescriptor, descs: np.ndarray,
+              notif: bytes) -> XferRequest:
+        rpool = self._pool_of(peer, remote)
+        if op == "write":
+            copy_ranges(local, rpool, descs)
+            if notif:
+                _LOCAL[peer]._notifs.setdefault(self.agent_name, []).append(notif)
+        else:
+            copy_ranges(rpool, local, descs[:, [1, 0, 2]])
+        return DoneRequest()
+
+    def get_notifs(self) -> dict[str, list[bytes]]:
+        out, self._notifs = self._notifs, {}
+        return out
+
+    def send_notif(self, peer: str, msg: bytes) -> None:
+        self.peer(peer)
+        _LOCAL[peer]._notifs.setdefault(self.agent_name, []).append(msg)
+
+    def close_sync(self) -> None:
+        if _LOCAL.get(self.agent_name) is self:
+            del _LOCAL[self.agent_name]

@@ -1,0 +1,315 @@
+"""probe_pair: measure what a transport really delivers between two processes of this node.
+
+Protocol::
+
+    probe_pair(nbytes, backend="nixl", choice={"env": {...}, "params": {...}})
+      1. PeerProcess.start(...)  spawns ``python -m dynamo_ext.transport.probe peer --backend ...``
+         (the *peer*): it creates its backend with the same env, allocates + registers one host pool,
+         and prints one JSON line {"event": "ready", "info": base64(PeerInfo msgpack)} on stdout
+      2. this process creates its own backend + pool, add_peer(info), warms up once, then times
+         ``reps`` transfers of the whole pool (READ or WRITE) through transfer_kv_cache
+      3. returns the median GB/s (1e9 bytes/s) and stops the peer (``exit``; SIGKILL after a timeout)
+
+The peer speaks JSON lines on stdin/stdout (one command, one reply), used by the tests and the
+benchmark too::
+
+    {"cmd": "fill", "seed": s}                 -> pool := pattern(seed)          {"ok": true}
+    {"cmd": "digest", "blocks": [...]|null}    -> sha256 of those blocks' chunks (block, layer, kv order),
+                                                  or of the whole pool            {"ok": true, "sha256": hex}
+    {"cmd": "notifs"}                          -> notifications received so far  {"ok": true, "notifs": {peer: [hex]}}
+    {"cmd": "exit"}                            -> {"ok": true}, then the process exits
+
+The peer polls its backend (progress + notifications) every millisecond while idle: NIXL runs
+without its progress thread. ``publish``/``on_ready`` hooks let a caller also put the PeerInfo in
+etcd (tests/transport/peer_proc.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Awaitable, Callable, Sequence
+
+import numpy as np
+
+from .backend import TransferBackend
+from .layout import KvLayout
+from .peer import PeerInfo
+from .pool import KvPool
+
+
+# -- shared helpers ----------------------------------------------------------------------------------
+def pattern(view: np.ndarray, seed: int) -> None:
+    """Fill ``view`` (uint8) with a position-dependent pattern: every 4-byte word differs from its neighbours."""
+    n4 = view.nbytes // 4
+    w = view[: n4 * 4].view(np.uint32)
+    np.multiply(np.arange(n4, dtype=np.uint32), np.uint32(2654435761), out=w)
+    w += np.uint32(seed * 97 + 1)
+    view[n4 * 4:] = seed & 0xFF
+
+
+def chunk_ranges(layout: KvLayout, blocks: Sequence[int]) -> list[tuple[int, int]]:
+    n = layout.chunk_bytes
+    return [(layout.chunk_offset(b, layer, kv), n) for b in blocks for layer in range(layout.num_layers) for kv in (0, 1)]
+
+
+def digest(view: np.ndarray, layout: KvLayout, blocks: Sequence[int] | None) -> str:
+    h = hashlib.sha256()
+    if blocks is None:
+        h.update(view.data)
+    else:
+        for off, n in chunk_ranges(layout, blocks):
+            h.update(view[off:off + n].data)
+    return h.hexdigest()
+
+
+def probe_layout(nbytes: int, chunk_bytes: int = 1 << 20) -> KvLayout:
+    """A one-layer uint8 layout of ``nbytes`` (rounded down to 2 chunks per block)."""
+    nblocks = max(1, nbytes // (2 * chunk_bytes))
+    return KvLayout(num_layers=1, num_kv_heads=1, head_dim=chunk_bytes // 16, block_size=16, dtype="uint8",
+                    num_blocks=nblocks)
+
+
+def make_backend(kind: str, name: str, choice: dict[str, Any] | None = None) -> TransferBackend:
+    if kind == "nixl":
+        from .nixl_backend import NixlBackend  # noqa: PLC0415
+
+        return NixlBackend(name, choice)
+    if kind == "tcp":
+        from .fallbacks.tcp import TcpBackend  # noqa: PLC0415
+
+        return TcpBackend(name)
+    raise ValueError(f"backend {kind!r} cannot serve as a peer process (use nixl or tcp)")
+
+
+# -- the peer process ----------------------------------------------------------------------------------
+async def _peer_main(args: argparse.Namespace, publish: Callable[[PeerInfo, argparse.Namespace], Awaitable[None]] | None) -> None:
+    layout = KvLayout.from_dict(json.loads(args.layout))
+    choice = json.loads(args.choice) if args.choice else None
+    be = make_backend(args.backend, args.name, choice)
+    await be.start()
+    pool = KvPool.allocate_host(args.pool, layout)
+    pattern(pool.host_view(), args.seed)
+    be.register_pool(pool)
+    info = be.local_peer_info()
+    if publish is not None:
+        await publish(info, args)
+    out = sys.stdout
+    out.write(json.dumps({"event": "ready", "info": base64.b64encode(info.encode()).decode()}) + "\n")
+    out.flush()
+
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+    loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline()))
+    notifs: dict[str, list[str]] = {}
+    while True:
+        be.progress()
+        for k, v in be.get_notifs().items():
+            notifs.setdefault(k, []).extend(m.hex() for m in v)
+        try:
+            line = await asyncio.wait_for(lines.get(), timeout=0.001)
+        except asyncio.TimeoutError:
+            continue
+        if not line:  # parent went away
+            break
+        cmd = json.loads(line)
+        c = cmd.get("cmd")
+        reply: dict[str, Any] = {"ok": True}
+        if c == "fill":
+            pattern(pool.host_view(), int(cmd["seed"]))
+        elif c == "digest":
+            reply["sha256"] = digest(pool.host_view(), layout, cmd.get("blocks"))
+        elif c == "notifs":
+            for k, v in be.get_notifs().items():
+                notifs.setdefault(k, []).extend(m.hex() for m in v)
+            reply["notifs"] = notifs
+        elif c == "exit":
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+            break
+        else:
+            reply = {"ok": False, "error": f"unknown command {c!r}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    loop.remove_reader(sys.stdin.fileno())
+    await be.close()
+
+
+def peer_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynamo_ext.transport.probe peer")
+    p.add_argument("--backend", default="nixl")
+    p.add_argument("--name", required=True)
+    p.add_argument("--pool", default="kv")
+    p.add_argument("--layout", required=True, help="KvLayout as JSON")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--choice", default="", help="TransportChoice-like JSON: {env: {...}, params: {...}}")
+    p.add_argument("--etcd", default="")
+    p.add_argument("--key", default="")
+    return p
+
+
+def run_peer(argv: Sequence[str], publish: Callable[[PeerInfo, argparse.Namespace], Awaitable[None]] | None = None) -> int:
+    args = peer_arg_parser().parse_args(list(argv))
+    asyncio.run(_peer_main(args, publish))
+    return 0
+
+
+# -- the parent's handle on a peer process ------------------------------------------------------------
+class PeerProcess:
+    """A peer started as a subprocess; always ``close()`` it (SIGKILL fallback, bounded waits)."""
+
+    def __init__(self, proc: subprocess.Popen, info: PeerInfo) -> None:
+        self.proc, self.info = proc, info
+
+    @classmethod
+    def start(cls, *, backend: str, name: str, layout: KvLayout, seed: int = 1, choice: dict[str, Any] | None = None,
+              script: Sequence[str] | None = None, extra: Sequence[str] = (), env: dict[str, str] | None = None,
+              timeout: float = 60.0) -> "PeerProcess":
+        cmd = list(script or [sys.executable, "-m", "dynamo_ext.transport.probe", "peer"])
+        cmd += ["--backend", backend, "--name", name, "--layout", json.dumps(layout.to_dict()), "--seed", str(seed),
+                "--choice", json.dumps(choice or {}), *extra]
+        penv = dict(os.environ)
+        penv.setdefault("UCX_NET_DEVICES", "lo")
+        penv.update(env or {})
+        penv.update({str(k): str(v) for k, v in ((choice or {}).get("env") or {}).items()})
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=penv, text=True,
+                                start_new_session=True)
+        try:
+            msg = cls._readline(proc, timeout)
+            if msg.get("event") != "ready":
+                raise RuntimeError(f"peer {name!r} did not report ready: {msg}")
+            info = PeerInfo.decode(base64.b64decode(msg["info"]))
+        except BaseException:
+            cls._kill(proc)
+            raise
+        return cls(proc, info)
+
+    @staticmethod
+    def _readline(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
+        assert proc.stdout is not None
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"peer pid {proc.pid} did not answer within {timeout} s")
+            r, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+            if r:
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"peer pid {proc.pid} exited (rc={proc.poll()})")
+                if line.startswith("{"):
+                    return json.loads(line)
+            elif proc.poll() is not None:
+                raise RuntimeError(f"peer pid {proc.pid} exited (rc={proc.returncode})")
+
+    def call(self, cmd: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        reply = self._readline(self.proc, timeout)
+        if not reply.get("ok"):
+            raise RuntimeError(f"peer refused {cmd.get('cmd')}: {reply}")
+        return reply
+
+    async def acall(self, cmd: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """``call`` in a worker thread, so the caller's event loop keeps polling its transfers."""
+        return await asyncio.to_thread(self.call, cmd, timeout)
+
+    def kill(self) -> None:
+        self._kill(self.proc)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (proc.stdin, proc.stdout):
+            try:
+                if f:
+                    f.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call({"cmd": "exit"}, timeout=5)
+                self.proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001
+                pass
+        self._kill(self.proc)
+
+    def __enter__(self) -> "PeerProcess":
+        return self
+
+    def __exit__(self, *a: Any) -> None:
+        self.close()
+
+
+# -- probe -----------------------------------------------------------------------------------------------
+async def probe_pair_async(nbytes: int = 256 << 20, *, backend: str = "nixl", choice: dict[str, Any] | None = None,
+                           direction: str = "write", reps: int = 3, name: str = "probe") -> float:
+    """Median GB/s of ``reps`` whole-pool transfers of ``nbytes`` to a fresh peer process (after one warm-up)."""
+    from .transfer import RemotePool, transfer_kv_cache  # noqa: PLC0415
+
+    layout = probe_layout(nbytes)
+    peer = PeerProcess.start(backend=backend, name=f"{name}-peer-{os.getpid()}", layout=layout, choice=choice)
+    try:
+        be = make_backend(backend, f"{name}-{os.getpid()}", choice)
+        await be.start()
+        pool = KvPool.allocate_host("kv", layout)
+        be.register_pool(pool)
+        be.add_peer(peer.info)
+        remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+        blocks = list(range(layout.num_blocks))
+        src, dst = (pool, remote) if direction == "write" else (remote, pool)
+        rates = []
+        for i in range(reps + 1):
+            h = await transfer_kv_cache(src, dst, blocks, backend=be, deadline_s=max(30.0, nbytes / 1e8))
+            st = await h
+            if i:
+                rates.append(st.gbps)
+        await be.close()
+        return statistics.median(rates)
+    finally:
+        peer.close()
+
+
+def probe_pair(nbytes: int = 256 << 20, **kw: Any) -> float:
+    """Synchronous wrapper of ``probe_pair_async`` (for the CLI: ``dynamo-ext topology --probe``)."""
+    return asyncio.run(probe_pair_async(nbytes, **kw))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "peer":
+        return run_peer(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m dynamo_ext.transport.probe")
+    p.add_argument("--bytes", type=int, default=256 << 20)
+    p.add_argument("--backend", default="nixl")
+    p.add_argument("--direction", default="write", choices=["read", "write"])
+    p.add_argument("--choice", default="{}")
+    a = p.parse_args(argv)
+    gbps = probe_pair(a.bytes, backend=a.backend, choice=json.loads(a.choice), direction=a.direction)
+    print(json.dumps({"backend": a.backend, "direction": a.direction, "bytes": a.bytes, "gbps": round(gbps, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
