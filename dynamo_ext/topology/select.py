@@ -92,6 +92,11 @@ class TransportChoice(msgspec.Struct, frozen=True, kw_only=True):
     def to_dict(self) -> dict:
         return msgspec.to_builtins(self)
 
+    def nixl_choice(self, side: Literal["a", "b"] = "a") -> dict[str, object]:
+        """What ``transport``'s NixlBackend / probe take: {"env", "params", "agent_config"}."""
+        return {"env": dict(self.env if side == "a" else self.peer_env), "params": dict(self.nixl_params),
+                "agent_config": dict(self.agent_config)}  # fmt: skip
+
 
 # ---------------------------------------------------------------------------------------------------
 # facts about a pair

@@ -1,0 +1,177 @@
+"""``dynamo-ext topology [--json] [--probe] [--gpu N]``: this machine's topology and the transport
+every pair of local endpoints would get.
+
+Endpoints are each GPU and the host memory; every pair (including a GPU with itself and host with
+host) is shown as two separate worker processes on this node, which is how workers are deployed
+(one process per GPU) — a pair inside one process is always a local copy and is not listed.
+
+Exit codes: 0 ok; 2 bad --gpu; 3 --probe while ``dynamo_ext.transport.probe`` is not available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import sys
+from typing import Any
+
+from dynamo_ext.topology import Endpoint, NodeTopology, TransportChoice, collect_local_topology, select_transport
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("topology", help="show this machine's GPUs, NICs and the transport per endpoint pair")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--probe", action="store_true", help="move real data on each path; print measured vs expected")
+    p.add_argument("--gpu", type=int, default=None, metavar="N", help="the worker's CUDA device (cuda:N)")
+    p.add_argument("--probe-bytes", type=int, default=256 << 20, metavar="B", help="bytes per probe transfer")
+    p.set_defaults(func=run)
+
+
+def local_pairs(topo: NodeTopology) -> list[tuple[str, str, Endpoint, Endpoint, TransportChoice]]:
+    """Every unordered pair of local endpoints (GPUs by index, then host), each side its own process."""
+    devices: list[int | str] = [g.index for g in topo.gpus] + ["host"]
+    other_pid = topo.pid + 1  # a stand-in for "another worker process on this node"
+    out = []
+    for da, db in itertools.combinations_with_replacement(devices, 2):
+        a = Endpoint(topo, topo.pid, da)  # type: ignore[arg-type]
+        b = Endpoint(topo, other_pid, db)  # type: ignore[arg-type]
+        out.append((_name(da), _name(db), a, b, select_transport(a, b)))
+    return out
+
+
+def _name(d: int | str) -> str:
+    return "host" if d == "host" else f"gpu{d}"
+
+
+def _load_probe() -> Any | None:
+    try:
+        mod = importlib.import_module("dynamo_ext.transport.probe")
+    except ImportError:
+        return None
+    return getattr(mod, "probe_pair", None)
+
+
+def probe_one(probe_pair: Any, a: Endpoint, b: Endpoint, choice: TransportChoice, nbytes: int) -> str | dict:
+    """Measure one pair with ``dynamo_ext.transport.probe.probe_pair(nbytes, backend=, choice=, direction=)``
+    (a fresh peer process, host memory, median of 3 after a warm-up). That probe moves host memory only,
+    so GPU pairs and local-copy choices are reported as not probed rather than measured wrongly."""
+    if a.device != "host" or b.device != "host":
+        return "n/a: the probe moves host memory only"
+    if choice.backend != "nixl":
+        return f"n/a: backend {choice.backend} (no peer-process probe)"
+    out: dict[str, float] = {}
+    for direction in ("write", "read"):  # READ and WRITE can differ (nixl#610)
+        out[direction] = float(probe_pair(nbytes, backend="nixl", choice=choice.nixl_choice(), direction=direction))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    probe_pair = None
+    if getattr(args, "probe", False):
+        probe_pair = _load_probe()
+        if probe_pair is None:
+            print("dynamo-ext topology --probe: probe not available yet (dynamo_ext.transport.probe.probe_pair "
+                  "is not installed in this tree); run without --probe for expectations only", file=sys.stderr)  # fmt: skip
+            return 3
+    try:
+        topo = collect_local_topology(getattr(args, "gpu", None))
+    except ValueError as e:
+        print(f"dynamo-ext topology: {e}", file=sys.stderr)
+        return 2
+    pairs = local_pairs(topo)
+    measured: dict[tuple[str, str], Any] = {}
+    if probe_pair is not None:
+        for na, nb, a, b, c in pairs:
+            try:
+                measured[(na, nb)] = probe_one(probe_pair, a, b, c, int(getattr(args, "probe_bytes", 256 << 20)))
+            except Exception as e:  # report per pair, keep going
+                measured[(na, nb)] = f"error: {e}"
+    if getattr(args, "json", False):
+        doc = {"topology": topo.to_dict(), "pairs": []}
+        for na, nb, _a, _b, c in pairs:
+            row = {"a": na, "b": nb, **c.to_dict()}
+            if probe_pair is not None:
+                row["measured"] = measured.get((na, nb))
+            doc["pairs"].append(row)
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(format_topology(topo))
+    print()
+    print(format_pairs(pairs, measured if probe_pair is not None else None))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# text rendering
+
+
+def format_topology(t: NodeTopology) -> str:
+    h = t.host
+    lines = [
+        f"host       {h.hostname}  id {h.host_id} ({h.host_id_source})  pid {t.pid}  {h.pid_namespace or ''}",
+        f"network    ip {', '.join(h.ips) or '-'}  default iface {h.default_iface or '-'}",
+    ]
+    if t.gpus:
+        lines.append(f"GPUs       (from {t.gpu_source})")
+        for g in t.gpus:
+            peers = [f"gpu{p.index}" for p in t.gpus if p.uuid in g.nvlink_peers]
+            me = "  <- this worker" if t.worker_gpu == g.index else ""
+            cuda = f"cuda:{g.cuda_index}" if g.cuda_index is not None else "hidden"
+            lines.append(
+                f"  gpu{g.index:<3} {g.name}  {g.memory_mib} MiB  {g.pci_bus_id}  numa {g.numa_node}  {cuda}  "
+                f"nvlink {','.join(peers) or '-'}  {g.uuid}{me}"
+            )
+            if g.nic_affinity:
+                lines.append("           NICs " + "  ".join(f"{n}:{c}" for n, c in sorted(g.nic_affinity.items())))
+    else:
+        lines.append("GPUs       none (CPU-only)")
+    if t.rdma_nics:
+        lines.append("RDMA NICs")
+        for n in t.rdma_nics:
+            ports = ", ".join(f"port {p.port} {p.state} {p.link_layer} {p.rate_gbps or '?'} Gb/s" for p in n.ports)
+            lines.append(f"  {n.name:<8} {n.pci_address or '-'}  numa {n.numa_node}  {','.join(n.netdevs) or '-'}  {ports}")
+    else:
+        lines.append("RDMA NICs  none")
+    s = t.storage
+    lines.append(
+        f"GPUDirect  RDMA {'yes (' + str(t.gpudirect_module) + ')' if t.gpudirect_rdma else 'no'}  "
+        f"GDS {'yes' if s.gds_available else 'no'} (nvidia_fs {'yes' if s.nvidia_fs else 'no'}, "
+        f"cufile {s.cufile_lib or 'none'})  NVMe {', '.join(s.nvme) or 'none'}"
+    )
+    for e in t.probe_errors:
+        lines.append(f"  note: {e}")
+    return "\n".join(lines)
+
+
+def format_pairs(pairs: list[tuple[str, str, Endpoint, Endpoint, TransportChoice]],
+                 measured: dict[tuple[str, str], Any] | None = None) -> str:  # fmt: skip
+    head = ["a", "b", "kind", "backend", "expect GB/s", "lat us"]
+    if measured is not None:
+        head.append("measured GB/s")
+    head.append("env (side a)")
+    rows = []
+    for na, nb, _a, _b, c in pairs:
+        r = [na, nb, c.kind, c.backend, f"{c.expected_gbps:g}", f"{c.expected_latency_us:g}"]
+        if measured is not None:
+            m = measured.get((na, nb))
+            r.append(_fmt_measured(m))
+        r.append(" ".join(f"{k}={v}" for k, v in c.env.items()) or "-")
+        rows.append(r)
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = ["pairs (each side its own process on this node)", fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    for r, (_na, _nb, _a, _b, c) in zip(rows, pairs, strict=True):
+        out.append(fmt.format(*r))
+        for why in c.reasons:
+            out.append(f"      why:  {why}")
+        for n in c.notes:
+            out.append(f"      note: {n}")
+    return "\n".join(out)
+
+
+def _fmt_measured(m: Any) -> str:
+    if isinstance(m, dict):
+        return " ".join(f"{k[0].upper()} {v:.3g}" for k, v in m.items())
+    return "-" if m is None else str(m)
