@@ -1,0 +1,132 @@
+"""The engine protocol: what a worker may ask of an engine, and the plain types that cross it.
+
+    Engine (typing.Protocol)                 implemented by engine.core.LlmEngine; a vLLM/SGLang adapter
+      kv_layout: KvLayout                    the pool's memory (what NIXL registers and moves)
+      kv_buffer() -> torch.Tensor            the pool itself: one contiguous uint8 tensor of kv_layout.pool_bytes
+      allocator: BlockAllocator              where block ids come from (the kv layer's pool plugs in here)
+      add_request(Request)                   aggregated path: prefill + decode inside this engine
+      step() -> list[RequestOutput]          one scheduler iteration (requests join and leave between steps)
+      has_unfinished() -> bool
+      abort(request_id)
+      prefill_only(Request) -> PrefillResult disaggregated, prefill side: KV into pool blocks, blocks held
+      add_prefilled_request(Request, block_ids, first_token)
+                                             disaggregated, decode side: decode from KV already in the pool
+      release(block_ids)                     drop the references that prefill_only handed out
+
+    BlockAllocator (typing.Protocol)         allocate(n) -> ids | OutOfBlocks, free(ids), num_free
+    Request / SamplingParams / RequestOutput / PrefillResult   plain dataclasses
+
+Ownership of blocks: every block id an engine holds carries one allocator reference. A finished or
+aborted request frees its references. ``Request.prefix_blocks`` (a prefix-cache hit: full blocks that
+already hold the KV of the prompt's first ``len(prefix_blocks) * block_size`` tokens) and the
+``block_ids`` of ``add_prefilled_request`` hand one reference each to the engine. ``prefill_only``
+hands its references to the caller, who gives them back with ``release``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence, runtime_checkable
+
+from dynamo_ext.transport.layout import KvLayout
+
+if TYPE_CHECKING:  # torch is only needed by implementations
+    import torch
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class OutOfBlocks(RuntimeError):
+    """The allocator has fewer free blocks than asked for (nothing was allocated)."""
+
+
+@runtime_checkable
+class BlockAllocator(Protocol):
+    """Hands out block ids of one pool; each id carries a reference count (1 after ``allocate``)."""
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def num_free(self) -> int: ...
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` fresh block ids with one reference each, or raise OutOfBlocks."""
+        ...
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference of each id; an id whose count reaches zero becomes free."""
+        ...
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature <= 0 means greedy. Sampling of output token i uses a generator seeded from
+    (seed, i), so a request's tokens do not depend on its batch, on preemption, or on which engine
+    (prefill or decode) sampled them."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # prefix-cache hit: full blocks holding the KV of the first len(prefix_blocks)*block_size tokens
+    prefix_blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """Tokens produced by one step for one request (Dynamo's ``{"token_ids": [...]}`` chunk)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    block_ids: list[int]  # hold the KV of all prompt tokens, in order; caller owns one reference each
+    num_tokens: int  # prompt tokens whose KV is in block_ids
+
+
+@runtime_checkable
+class Engine(Protocol):
+    @property
+    def kv_layout(self) -> KvLayout: ...
+
+    @property
+    def allocator(self) -> BlockAllocator: ...
+
+    def kv_buffer(self) -> "torch.Tensor": ...
+
+    def add_request(self, request: Request) -> None: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def prefill_only(self, request: Request) -> PrefillResult: ...
+
+    def add_prefilled_request(self, request: Request, block_ids: Sequence[int], first_token: int) -> None: ...
+
+    def release(self, block_ids: Sequence[int]) -> None: ...
