@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes.util
 import importlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -75,7 +76,7 @@ def probe_host(proc_root: Path, etc_root: Path, errors: list[str]) -> HostInfo:
     hostname = socket.gethostname()
     host_id, source = "", ""
     boot = _read(proc_root / "sys/kernel/random/boot_id")
-    machine = _read(etc_root / "machine-id") or _read(Path("/var/lib/dbus/machine-id"))
+    machine = _read(etc_root / "machine-id") or _read(etc_root.parent / "var/lib/dbus/machine-id")
     if boot and boot.strip():
         host_id, source = "boot:" + boot.strip(), "boot_id"
     elif machine and machine.strip():
@@ -195,17 +196,18 @@ def _torch_cuda_map() -> dict[str, int] | None:
 
 def pci_affinity(gpu_path: tuple[str, ...], nic_path: tuple[str, ...], gpu_numa: int | None,
                  nic_numa: int | None) -> str:  # fmt: skip
-    """nvidia-smi's codes from two PCI ancestor chains (root complex first, device last):
-    PIX one bridge between them, PXB several bridges but no host bridge, PHB same host bridge,
-    NODE same NUMA node, SYS across NUMA nodes."""
+    """nvidia-smi's codes from two PCI ancestor chains (root complex first, device last). A PCIe
+    switch shows in sysfs as upstream port -> downstream port; counting the bridges each device sits
+    below the lowest common ancestor: PIX at most one each (same switch), PXB more (nested switches),
+    PHB only the root complex in common, NODE same NUMA node, SYS across NUMA nodes."""
     common = 0
     for x, y in zip(gpu_path[:-1], nic_path[:-1], strict=False):
         if x != y:
             break
         common += 1
     if common >= 2:  # share at least one bridge below the root complex
-        hops = (len(gpu_path) - 1 - common) + (len(nic_path) - 1 - common)
-        return "PIX" if hops <= 2 else "PXB"
+        below = max(len(gpu_path) - 1 - common, len(nic_path) - 1 - common)
+        return "PIX" if below <= 1 else "PXB"
     if common == 1:
         return "PHB"
     if gpu_numa is not None and gpu_numa == nic_numa:
@@ -213,21 +215,27 @@ def pci_affinity(gpu_path: tuple[str, ...], nic_path: tuple[str, ...], gpu_numa:
     return "SYS"
 
 
+_PCI_PART = re.compile(r"pci[0-9a-f]{4}:[0-9a-f]{2}|[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
+
+
+def _pci_parts(real: str | Path) -> tuple[str, ...]:
+    """'/sys/devices/pci0000:17/0000:17:01.0/0000:18:00.0' -> ('pci0000:17', '0000:17:01.0', '0000:18:00.0')."""
+    return tuple(p for p in Path(real).parts if _PCI_PART.fullmatch(p))
+
+
 def _pci_path(sys_root: Path, bus: str) -> tuple[str, ...]:
     try:
-        real = os.path.realpath(sys_root / "bus/pci/devices" / bus)
+        return _pci_parts(os.path.realpath(sys_root / "bus/pci/devices" / bus))
     except OSError:
         return ()
-    parts = Path(real).parts
-    return tuple(p for p in parts if p.startswith("pci") or ":" in p)
 
 
 def probe_gpus(sys_root: Path, proc_root: Path, runner: Runner, errors: list[str],
-               nics: tuple[RdmaNic, ...]) -> tuple[list[GpuInfo], str]:  # fmt: skip
+               nics: tuple[RdmaNic, ...], gpu_libs: bool = True) -> tuple[list[GpuInfo], str]:  # fmt: skip
     source = "none"
     peers: dict[int, list[int]] = {}
     rows: list[GpuRow] | None = None
-    nvml = _gpus_from_nvml(errors)
+    nvml = _gpus_from_nvml(errors) if gpu_libs else None
     if nvml is not None:
         rows, peers = nvml
         source = "nvml"
@@ -236,7 +244,7 @@ def probe_gpus(sys_root: Path, proc_root: Path, runner: Runner, errors: list[str
         if out is not None:
             rows = parse_gpu_query_csv(out)
             source = "nvidia-smi"
-    if rows is None and _driver_present(proc_root):
+    if rows is None and gpu_libs and _driver_present(proc_root):
         rows = _gpus_from_torch(errors)
         if rows is not None:
             source = "torch"
@@ -253,7 +261,7 @@ def probe_gpus(sys_root: Path, proc_root: Path, runner: Runner, errors: list[str
     topo_numa = topo.gpu_numa() if topo else {}
 
     by_index = {r.index: r for r in rows}
-    torch_map = _torch_cuda_map()
+    torch_map = _torch_cuda_map() if gpu_libs else None
     if torch_map is not None:
         cuda_of = {r.index: torch_map[r.uuid] for r in rows if r.uuid in torch_map}
     else:
@@ -306,7 +314,7 @@ def probe_rdma(sys_root: Path, errors: list[str]) -> tuple[RdmaNic, ...]:
             if devlink.exists():
                 real = Path(os.path.realpath(devlink))
                 pci = real.name
-                path = tuple(x for x in real.parts if x.startswith("pci") or ":" in x)
+                path = _pci_parts(real)
             netdir = devlink / "net"
             netdevs = tuple(sorted(x.name for x in netdir.iterdir())) if netdir.is_dir() else ()
             nics.append(RdmaNic(
@@ -349,17 +357,19 @@ def collect_local_topology(
     etc_root: str | Path = "/etc",
     runner: Runner = run_tool,
     pid: int | None = None,
+    gpu_libs: bool = True,
 ) -> NodeTopology:
     """This process's topology. ``gpu_index`` is the worker's CUDA device as this process sees it
     (``cuda:N``, i.e. after CUDA_VISIBLE_DEVICES); it is stored as ``worker_gpu`` = that GPU's
     physical index. Never raises for a missing tool; raises ValueError only when GPUs were found
     and ``gpu_index`` names none of them (a configuration error, not a probe failure).
-    The keyword arguments exist for tests (a fake /sys tree, canned nvidia-smi output)."""
+    The keyword arguments exist for tests (a fake /sys tree, canned nvidia-smi output;
+    ``gpu_libs=False`` keeps pynvml and torch out so only ``runner`` answers for GPUs)."""
     sysr, procr, etcr = Path(sys_root), Path(proc_root), Path(etc_root)
     errors: list[str] = []
     host = probe_host(procr, etcr, errors)
     nics = probe_rdma(sysr, errors)
-    gpus, source = probe_gpus(sysr, procr, runner, errors, nics)
+    gpus, source = probe_gpus(sysr, procr, runner, errors, nics, gpu_libs)
     mods_txt = _read(procr / "modules")
     modules = parse_loaded_modules(mods_txt) if mods_txt else set()
     if mods_txt is None:

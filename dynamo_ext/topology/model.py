@@ -128,7 +128,7 @@ class NodeTopology(msgspec.Struct, frozen=True, kw_only=True):
         return msgspec.msgpack.encode(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self)
+        return msgspec.json.decode(msgspec.json.encode(self))  # lists, not tuples: JSON-shaped
 
     @classmethod
     def from_json(cls, data: bytes | str) -> NodeTopology:

@@ -90,7 +90,7 @@ class TransportChoice(msgspec.Struct, frozen=True, kw_only=True):
     forced: bool = False
 
     def to_dict(self) -> dict:
-        return msgspec.to_builtins(self)
+        return msgspec.json.decode(msgspec.json.encode(self))  # lists, not tuples: JSON-shaped
 
     def nixl_choice(self, side: Literal["a", "b"] = "a") -> dict[str, object]:
         """What ``transport``'s NixlBackend / probe take: {"env", "params", "agent_config"}."""
