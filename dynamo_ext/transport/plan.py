@@ -330,11 +330,19 @@ def _merge_runs(
     brk |= np.diff(dst_idx) != 1
     if group is not None:
         brk |= np.diff(group) != 0
-    starts = np.empty(int(np.count_nonzero(brk)) + 1, dtype=np.int64)
+    nb = int(np.count_nonzero(brk))
+    out = np.empty((nb + 1, 3), dtype=np.int64)
+    if nb == m - 1:  # nothing merges (scattered ids): no fancy indexing
+        out[:, 0] = src_idx
+        out[:, 0] *= unit
+        out[:, 1] = dst_idx
+        out[:, 1] *= unit
+        out[:, 2] = unit
+        return out, np.arange(m, dtype=np.int64)
+    starts = np.empty(nb + 1, dtype=np.int64)
     starts[0] = 0
     starts[1:] = np.flatnonzero(brk) + 1
     lengths = np.diff(starts, append=m)
-    out = np.empty((starts.shape[0], 3), dtype=np.int64)
     out[:, 0] = src_idx[starts] * unit
     out[:, 1] = dst_idx[starts] * unit
     out[:, 2] = lengths * unit
@@ -388,28 +396,41 @@ def plan_transfer(
     cpb = src_layout.chunks_per_block
     n = s.shape[0]
     src_t, dst_t = tuple(s.tolist()), tuple(d.tolist())
-    lk = np.arange(cpb, dtype=np.int64)
 
     # Chunks sorted by source offset: sort the (few) block ids, then lay the planes out in the
-    # source pool's order. Stable, so repeated source ids keep request order.
-    perm = np.argsort(s, kind="stable")
-    ss, ds = s[perm], d[perm]
-    if src_layout.order is MemoryOrder.LAYER_MAJOR:  # plane-major: (lk, sorted block)
-        lk_g, s_g, d_g, i_g = lk[:, None], ss[None, :], ds[None, :], perm[None, :]
-    else:  # block-major: (sorted block, lk)
-        lk_g, s_g, d_g, i_g = lk[None, :], ss[:, None], ds[:, None], perm[:, None]
-    src_idx = _chunk_index(src_layout, lk_g, s_g).ravel()
-
+    # source pool's order. Ties (repeated source ids) are broken by destination id for the wire,
+    # where the destination is the pool, so runs still merge.
+    perm = np.lexsort((d, s))
     if stage is not True:
+        src_idx, lk_g, d_g, _ = _source_grid(src_layout, s, d, perm)
         dst_idx = _chunk_index(dst_layout, lk_g, d_g).ravel()  # broadcasts to the full chunk grid
         wire, _ = _merge_runs(src_idx, dst_idx, cb)
         if stage is False or wire.shape[0] <= max_wire_descriptors:
             return TransferPlan(src_layout, dst_layout, src_t, dst_t, DescriptorArray._wrap(wire))
 
+    # Staged: the gather's destination is canonical staging (request order), so ties are broken by
+    # request index instead (same permutation when no source id repeats).
+    if n > 1 and bool((np.diff(s[perm]) == 0).any()):
+        perm = np.argsort(s, kind="stable")
+    src_idx, lk_g, _, i_g = _source_grid(src_layout, s, d, perm)
     return _plan_staged(
         src_layout, dst_layout, src_t, dst_t, d, src_idx, (i_g * cpb + lk_g).ravel(),
         staging_capacity_bytes=staging_capacity_bytes, slice_bytes=slice_bytes, staging_buffers=staging_buffers,
     )
+
+
+def _source_grid(
+    src_layout: KvLayout, s: np.ndarray, d: np.ndarray, perm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Chunk grid in source-pool order for blocks sorted by ``perm``: (source chunk index raveled,
+    plane index, destination block id and request index, the last three broadcastable to the grid)."""
+    lk = np.arange(src_layout.chunks_per_block, dtype=np.int64)
+    ss, ds = s[perm], d[perm]
+    if src_layout.order is MemoryOrder.LAYER_MAJOR:  # plane-major: (lk, sorted block)
+        lk_g, s_g, d_g, i_g = lk[:, None], ss[None, :], ds[None, :], perm[None, :]
+    else:  # block-major: (sorted block, lk)
+        lk_g, s_g, d_g, i_g = lk[None, :], ss[:, None], ds[:, None], perm[:, None]
+    return _chunk_index(src_layout, lk_g, s_g).ravel(), lk_g, d_g, i_g
 
 
 def _plan_staged(
@@ -486,7 +507,7 @@ def _plan_staged(
         g_parts, s_parts = [gather], [scatter]
     wire_da = DescriptorArray._wrap(wire)
     slices = tuple(
-        TransferSlice(DescriptorArray(gp), w, DescriptorArray(sp))
+        TransferSlice(DescriptorArray._wrap(gp), w, DescriptorArray._wrap(sp))
         for gp, w, sp in zip(g_parts, wire_da, s_parts)
     )
     return TransferPlan(

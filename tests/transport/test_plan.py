@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from dynamo_ext.transport.errors import InvalidBlocks, LayoutMismatch
@@ -193,6 +193,8 @@ def _run_property(data) -> None:
         assert plan.staged == (len(direct.wire) > kw["max_wire_descriptors"])
     if plan.staged and kw.get("staging_capacity_bytes") is not None:
         assert plan.staging_bytes <= kw["staging_capacity_bytes"]
+    event(f"{src.order.value}->{dst.order.value}")
+    event("staged, ring" if plan.staging_slots else f"staged, {len(plan.slices)} slice(s)" if plan.staged else "direct")
     check_plan(plan, src, sb, dst, db, seed=data.draw(st.integers(0, 2**32 - 1)))
     assert plan == plan_transfer(src, sb, dst, db, **kw)  # deterministic
 
