@@ -1,0 +1,369 @@
+"""``decide``: which (prefill, decode) pair serves a request, or local prefill on a decode worker.
+
+Steps (all on plain data, no I/O)::
+
+    1. exclusions   unhealthy workers; prefill workers without throughput; decode targets without
+                    free blocks; pairs with different layout keys; pairs whose link is unhealthy.
+                    Each is recorded with its reason (decision.Exclusion).
+    2. local        estimate local prefill on every usable decode/agg worker (O(D)); keep the top two.
+    3. short prompt prompt_tokens < local_prefill_max_tokens and a local option exists: best local.
+    4. pairs        side cost of every usable prefill worker once (O(P)), sorted ascending per layout.
+                    For decode worker d, no pair into d can cost less than
+                        (side cost + (kv_bytes * fastest s/B into d + lowest latency)) + adm(d)
+                    (the table keeps those per-destination bounds). Prefill workers are scanned by
+                    ascending side cost and a scan stops once that bound exceeds the threshold
+                    max(best pair, min(second pair, best local)): beyond it a pair can be neither the
+                    best pair nor one of the two best options. Worst case O(P*D); the inner loop
+                    allocates nothing unless a pair enters the top two.
+    5. choose       the minimum of the top-two pairs and top-two local options by Option.sort_key
+                    (estimate, then more overlap, then local before disagg, then lower ids);
+                    the next one is the runner-up.
+
+``estimate_all`` enumerates every option without pruning: the reference ``decide`` must agree with
+(property-tested), and a debugging aid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from operator import attrgetter
+
+from .decision import (
+    Decision,
+    DecisionReason,
+    Exclusion,
+    ExclusionReason,
+    NoCandidateError,
+    Option,
+    OptionKind,
+)
+from .inputs import RequestShape, Role, RoutingConfig, Tier, WorkerSnapshot
+from .links import LinkTable
+from .ttft_model import local_option, pair_option, side_cost
+
+_INF = float("inf")
+_worker_id = attrgetter("worker_id")
+_DEFAULT_CONFIG = RoutingConfig()
+
+
+class _Candidates:
+    """Workers split by role and usability for one request, with the exclusions that made the split.
+
+    One pass over the workers; Exclusion objects are built only for what was excluded.
+    """
+
+    __slots__ = ("prefill", "pair_decode", "local_decode", "exclusions", "by_id")
+
+    def __init__(self, req: RequestShape, workers: Iterable[WorkerSnapshot], links: LinkTable,
+                 cfg: RoutingConfig) -> None:
+        by_id: dict[int, WorkerSnapshot] = {}
+        prefill: list[WorkerSnapshot] = []
+        pair_decode: list[WorkerSnapshot] = []
+        local: list[WorkerSnapshot] = []
+        bad_p: list[int] = []
+        slow_p: list[int] = []
+        bad_d: list[int] = []
+        full_d: list[int] = []
+        slow_d: list[int] = []
+        full_local: list[tuple[int, int, int]] = []
+        decode_ids: list[int] = []
+        pblocks = req.prompt_blocks
+        room = cfg.require_decode_room
+        allow_local = cfg.allow_local_prefill
+        prefill_role = Role.PREFILL
+        device = Tier.DEVICE
+        for w in workers:
+            wid = w.worker_id
+            if wid in by_id:
+                raise ValueError(f"duplicate worker_id {wid}")
+            by_id[wid] = w
+            if w.role is prefill_role:
+                if not w.healthy:
+                    bad_p.append(wid)
+                elif not w.prefill_tokens_per_s > 0:
+                    slow_p.append(wid)
+                else:
+                    prefill.append(w)
+                continue
+            decode_ids.append(wid)
+            if not w.healthy:
+                bad_d.append(wid)
+                continue
+            free = w.free_blocks
+            if room and free < pblocks:
+                full_d.append(wid)
+            else:
+                pair_decode.append(w)
+            if not allow_local:
+                continue
+            if not w.prefill_tokens_per_s > 0:
+                slow_d.append(wid)
+                continue
+            if room and free < pblocks:
+                ov = w.overlap_blocks
+                need = pblocks - (ov if ov < pblocks else pblocks) if w.overlap_tier is device else pblocks
+                if free < need:
+                    full_local.append((wid, free, need))
+                    continue
+            local.append(w)
+        self.by_id = by_id
+        pair_decode.sort(key=_worker_id)  # scan order fixes the evaluated/pruned counts: make it the ids'
+        self.prefill = prefill
+        self.pair_decode = pair_decode
+        self.local_decode = local
+        if not (bad_p or slow_p or bad_d or full_d or slow_d or full_local or links.unhealthy_pairs):
+            layouts = {w.layout_key for w in prefill}
+            layouts.update(w.layout_key for w in pair_decode)
+            if len(layouts) <= 1:
+                self.exclusions: tuple[Exclusion, ...] = ()
+                return
+        self.exclusions = _exclusions(prefill, pair_decode, links, pblocks, sorted(decode_ids), bad_p, slow_p,
+                                      bad_d, full_d, slow_d, full_local)
+
+
+def _exclusions(prefill, pair_decode, links, pblocks, all_decode_ids, bad_p, slow_p, bad_d, full_d, slow_d,
+                full_local) -> tuple[Exclusion, ...]:
+    """The Exclusion records of one split, in a fixed order (ids sorted)."""
+    all_d = tuple(all_decode_ids)
+    p_ids = tuple(sorted(w.worker_id for w in prefill))
+    ex: list[Exclusion] = []
+    if bad_p:
+        bad_p = sorted(bad_p)
+        ex.append(Exclusion(ExclusionReason.WORKER_UNHEALTHY, tuple(bad_p), all_d, False,
+                            f"prefill workers {bad_p} unhealthy"))
+    if slow_p:
+        slow_p = sorted(slow_p)
+        ex.append(Exclusion(ExclusionReason.NO_THROUGHPUT, tuple(slow_p), all_d, False,
+                            f"prefill workers {slow_p} report no prefill throughput"))
+    if bad_d:
+        bad_d = sorted(bad_d)
+        ex.append(Exclusion(ExclusionReason.WORKER_UNHEALTHY, p_ids, tuple(bad_d), True,
+                            f"decode workers {bad_d} unhealthy"))
+    if full_d:
+        full_d = sorted(full_d)
+        ex.append(Exclusion(ExclusionReason.NO_FREE_BLOCKS, p_ids, tuple(full_d), False,
+                            f"decode workers {full_d} have < {pblocks} free blocks for the prompt's KV"))
+    if slow_d:
+        slow_d = sorted(slow_d)
+        ex.append(Exclusion(ExclusionReason.NO_THROUGHPUT, (), tuple(slow_d), True,
+                            f"decode workers {slow_d} report no prefill throughput (no local prefill)"))
+    for wid, free, need in sorted(full_local):
+        ex.append(Exclusion(ExclusionReason.NO_FREE_BLOCKS, (), (wid,), True,
+                            f"decode worker {wid} has {free} < {need} free blocks for a local prefill"))
+    p_by_layout: dict[str, list[int]] = {}
+    for w in prefill:
+        p_by_layout.setdefault(w.layout_key, []).append(w.worker_id)
+    d_by_layout: dict[str, list[int]] = {}
+    for w in pair_decode:
+        d_by_layout.setdefault(w.layout_key, []).append(w.worker_id)
+    if len(set(p_by_layout) | set(d_by_layout)) > 1:
+        for dk in sorted(d_by_layout):
+            for pk in sorted(p_by_layout):
+                if pk != dk:
+                    ex.append(Exclusion(ExclusionReason.LAYOUT_MISMATCH, tuple(sorted(p_by_layout[pk])),
+                                        tuple(sorted(d_by_layout[dk])), False,
+                                        f"prefill layout {pk!r} != decode layout {dk!r}"))
+    if links.unhealthy_pairs:
+        p_ok = {w.worker_id: w.layout_key for w in prefill}
+        d_ok = {w.worker_id: w.layout_key for w in pair_decode}
+        for s, d in links.unhealthy_pairs:
+            ks, kd = p_ok.get(s), d_ok.get(d)
+            if ks is not None and ks == kd:
+                ex.append(Exclusion(ExclusionReason.LINK_UNHEALTHY, (s,), (d,), False, f"link {s}->{d} unhealthy"))
+    return tuple(ex)
+
+
+def decide(
+    request: RequestShape,
+    workers: Iterable[WorkerSnapshot],
+    links: LinkTable,
+    *,
+    config: RoutingConfig = _DEFAULT_CONFIG,
+) -> Decision:
+    """Choose the option with the lowest estimated TTFT (see module docstring and README.md).
+
+    Raises ``NoCandidateError`` (carrying the exclusions) when no option is left.
+    """
+    cfg = config
+    req = request
+    cand = _Candidates(req, workers, links, cfg)
+    prompt = req.prompt_tokens
+    ovh = cfg.per_request_overhead_s
+
+    # Local options: keys only; Option objects for the top two at the end.
+    l1 = l2 = None
+    l2t = _INF
+    for w in cand.local_decode:
+        thr = w.prefill_tokens_per_s
+        if w.overlap_blocks:
+            sc = side_cost(w, req, cfg)
+            cost, negov = sc.cost_s, -sc.overlap_blocks
+        else:  # same float as side_cost(): (queue + 0.0) + prompt / thr
+            cost, negov = (w.queue_tokens / thr + w.queued_requests * ovh) + prompt / thr, 0
+        t = w.admission_delay_s + cost
+        if t > l2t:
+            continue
+        key = (t, negov, 0, w.worker_id, w.worker_id)
+        if l1 is None or key < l1:
+            l1, l2 = key, l1
+        elif l2 is None or key < l2:
+            l2 = key
+        if l2 is not None:
+            l2t = l2[0]
+    n_local = len(cand.local_decode)
+    best_local = local_option(cand.by_id[l1[3]], req, cfg) if l1 is not None else None
+    second_local = local_option(cand.by_id[l2[3]], req, cfg) if l2 is not None else None
+    best_local_s = best_local.terms.total_s if best_local is not None else None
+
+    if best_local is not None and prompt < cfg.local_prefill_max_tokens:
+        return Decision(best_local, DecisionReason.SHORT_PROMPT, second_local, cand.exclusions, best_local_s,
+                        None, n_local, 0, prompt, req.request_id)
+
+    pair1, pair2, evaluated, pruned = _best_pairs(req, cand, links, cfg, l1[0] if l1 is not None else _INF)
+    pairs = [o for o in (pair1, pair2) if o is not None]
+    chosen, runner_up = _pick([o for o in (best_local, second_local) if o is not None] + pairs)
+    if chosen is None:
+        raise NoCandidateError(cand.exclusions)
+    if not pairs:
+        reason = DecisionReason.NO_HEALTHY_PAIR
+    elif best_local is None:
+        reason = DecisionReason.NO_LOCAL_OPTION
+    elif chosen.kind is OptionKind.LOCAL:
+        reason = DecisionReason.LOCAL_CHEAPER
+    else:
+        reason = DecisionReason.DISAGG_CHEAPER
+    return Decision(chosen, reason, runner_up, cand.exclusions, best_local_s,
+                    pair1.terms.total_s if pair1 is not None else None,
+                    n_local + evaluated, pruned, prompt, req.request_id)
+
+
+def _pick(options: Sequence[Option]) -> tuple[Option | None, Option | None]:
+    ranked = sorted(options, key=Option.sort_key)
+    return (ranked[0] if ranked else None, ranked[1] if len(ranked) > 1 else None)
+
+
+def _best_pairs(
+    req: RequestShape, cand: _Candidates, links: LinkTable, cfg: RoutingConfig, best_local_t: float
+) -> tuple[Option | None, Option | None, int, int]:
+    """The pairs that can matter, with bound pruning. Returns (best, second, evaluated, pruned).
+
+    A pair matters if it is the best pair (``best_disagg_s``) or among the two best options overall.
+    So a pair whose total exceeds ``max(pair1, min(pair2, best_local))`` cannot matter: that is the
+    pruning threshold. ``second`` is the second-best pair among those evaluated; it can differ from
+    the true second-best pair only when both are worse than the best local option (so it never
+    changes the chosen option or the runner-up).
+    """
+    if not cand.prefill or not cand.pair_decode:
+        return None, None, 0, 0
+    kvb = req.prompt_kv_bytes
+    prompt = req.prompt_tokens
+    ovh = cfg.per_request_overhead_s
+    # Per prefill worker, once: (side cost, -overlap, id, node), grouped by layout, ascending.
+    groups: dict[str, list[tuple[float, int, int, str | None]]] = {}
+    for w in cand.prefill:
+        thr = w.prefill_tokens_per_s
+        if w.overlap_blocks:
+            sc = side_cost(w, req, cfg)
+            entry = (sc.cost_s, -sc.overlap_blocks, w.worker_id, w.node)
+        else:
+            entry = ((w.queue_tokens / thr + w.queued_requests * ovh) + prompt / thr, 0, w.worker_id, w.node)
+        g = groups.get(w.layout_key)
+        if g is None:
+            groups[w.layout_key] = [entry]
+        else:
+            g.append(entry)
+    for g in groups.values():
+        g.sort()
+
+    dflt = links.default
+    d_inv, d_lat = 1.0 / (dflt.gb_per_s * 1e9), dflt.latency_s
+    sn = links.same_node
+    s_inv, s_lat = (1.0 / (sn.gb_per_s * 1e9), sn.latency_s) if sn is not None else (d_inv, d_lat)
+    has_sn = sn is not None
+    rows = links.rows_by_dst
+    bounds = links.bound_by_dst
+    gbound = links.global_bound
+    empty: dict = {}
+
+    thr = _INF  # max(pair1, min(pair2, best_local)): above it a pair cannot matter
+    p1t = p2t = _INF
+    best1 = best2 = None
+    evaluated = pruned = 0
+    for d in cand.pair_decode:
+        g = groups.get(d.layout_key)
+        if not g:
+            continue
+        did = d.worker_id
+        inv_b, lat_b = bounds.get(did, gbound)
+        xb = kvb * inv_b + lat_b
+        adm = d.admission_delay_s
+        if (g[0][0] + xb) + adm > thr:
+            pruned += len(g)
+            continue
+        row = rows.get(did, empty)
+        dnode = d.node
+        i = 0
+        for cost, negov, pid, pnode in g:
+            if (cost + xb) + adm > thr:
+                pruned += len(g) - i
+                break
+            i += 1
+            e = row.get(pid)
+            if e is None:
+                if has_sn and pnode is not None and pnode == dnode:
+                    inv, lat = s_inv, s_lat
+                else:
+                    inv, lat = d_inv, d_lat
+            else:
+                inv, lat, ok = e
+                if not ok:
+                    continue
+            t = (cost + (kvb * inv + lat)) + adm
+            evaluated += 1
+            if t > thr:
+                continue
+            key = (t, negov, 1, pid, did)
+            if best1 is None or key < best1:
+                best2, best1 = best1, key
+            elif best2 is None or key < best2:
+                best2 = key
+            else:
+                continue
+            p1t = best1[0]
+            p2t = best2[0] if best2 is not None else _INF
+            thr = max(p1t, min(p2t, best_local_t))
+
+    def build(key):
+        if key is None:
+            return None
+        return pair_option(cand.by_id[key[3]], cand.by_id[key[4]], req, links, cfg)
+
+    return build(best1), build(best2), evaluated, pruned
+
+
+def estimate_all(
+    request: RequestShape,
+    workers: Iterable[WorkerSnapshot],
+    links: LinkTable,
+    *,
+    config: RoutingConfig = _DEFAULT_CONFIG,
+) -> list[Option]:
+    """Every non-excluded option with its full terms, ranked by ``Option.sort_key`` (no pruning).
+
+    O(P*D) allocations: for tests, audits and debugging, not the request path.
+    """
+    cfg = config
+    cand = _Candidates(request, workers, links, cfg)
+    out = [local_option(w, request, cfg) for w in cand.local_decode]
+    unhealthy = set(links.unhealthy_pairs)
+    for p in cand.prefill:
+        s = side_cost(p, request, cfg)
+        for d in cand.pair_decode:
+            if p.layout_key != d.layout_key or (p.worker_id, d.worker_id) in unhealthy:
+                continue
+            out.append(pair_option(p, d, request, links, cfg, s))
+    out.sort(key=Option.sort_key)
+    return out
+
+
+__all__ = ["decide", "estimate_all"]
