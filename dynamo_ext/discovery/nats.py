@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,9 +83,6 @@ class EventBus:
     @classmethod
     async def connect(cls, url: str, *, name: str | None = None, connect_timeout: float = 10.0,
                       reconnect_wait: float = 0.25) -> EventBus:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + connect_timeout
-        backoff = 0.05
         bus: EventBus | None = None
 
         async def reconnected() -> None:
@@ -98,19 +96,20 @@ class EventBus:
         async def error(e: Exception) -> None:
             log.debug("nats %s: %s", url, e)
 
-        while True:
-            try:
+        # nats-py retries the first connection itself: bound it by a number of attempts, then lift the
+        # bound so that later outages are retried forever.
+        attempts = max(1, math.ceil(connect_timeout / reconnect_wait))
+        try:
+            async with asyncio.timeout(connect_timeout + 2.0):
                 nc = await nats.connect(
                     url, name=name, connect_timeout=max(1, int(min(2.0, connect_timeout))),
-                    allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
+                    allow_reconnect=True, max_reconnect_attempts=attempts,
+                    reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
                     reconnected_cb=reconnected, disconnected_cb=disconnected, error_cb=error,
                 )
-                break
-            except (OSError, TimeoutError, nats.errors.NoServersError) as e:
-                if loop.time() + backoff >= deadline:
-                    raise NatsUnavailable(f"nats {url}: unreachable for {connect_timeout:.1f}s ({e})") from e
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+        except (OSError, TimeoutError, nats.errors.Error) as e:
+            raise NatsUnavailable(f"nats {url}: unreachable for {connect_timeout:.1f}s ({e!r})") from e
+        nc.options["max_reconnect_attempts"] = -1
         bus = cls(nc, url)
         return bus
 

@@ -101,6 +101,7 @@ def parse_worker_key(key: str) -> tuple[str, str, int]:
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(WorkerRecord)
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
+_NAMED_RE = re.compile(r"field `([^`]+)`")  # "unknown field `x`", "missing required field `x`"
 
 
 def encode_record(record: WorkerRecord) -> bytes:
@@ -123,8 +124,12 @@ def decode_record(key: str, value: bytes) -> WorkerRecord:
     try:
         rec = _DECODER.decode(value)
     except msgspec.ValidationError as e:
-        m = _FIELD_RE.search(str(e))
-        raise InvalidRecord(key, m.group(1) if m and m.group(1) else "<value>", str(e)) from None
+        msg = str(e)
+        at, named = _FIELD_RE.search(msg), _NAMED_RE.search(msg)
+        path = at.group(1) if at else ""
+        if named:  # the field is named in the message, relative to the path
+            path = f"{path}.{named.group(1)}" if path else named.group(1)
+        raise InvalidRecord(key, path or "<value>", msg) from None
     except msgspec.DecodeError as e:
         raise InvalidRecord(key, "<value>", f"not a msgpack record: {e}") from None
     for field, want, got in (("namespace", ns, rec.namespace), ("component", comp, rec.component),
