@@ -1,0 +1,147 @@
+"""Tiers: G1 -> G2 -> G3 and back, byte-exact, with NIXL's POSIX backend for the file tier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dynamo_ext.kv.pool import DoubleFree, OutOfBlocks
+from dynamo_ext.kv.tiers import SlotAllocator, Tier, TieredStore, TierHandle, block_major, local_copy
+from dynamo_ext.transport.errors import InvalidBlocks, LayoutMismatch, UnregisteredMemory
+from dynamo_ext.transport.layout import KvLayout
+from dynamo_ext.transport.pool import KvPool
+
+pytest.importorskip("nixl._api")
+
+LAYOUT = KvLayout(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype="float16", num_blocks=12)
+
+
+def _block_bytes(pool: KvPool, b: int) -> bytes:
+    """Every chunk of block b, in canonical (layer, kv) order, wherever the layout puts it."""
+    lay, v = pool.layout, pool.host_view()
+    return b"".join(
+        v[o : o + lay.chunk_bytes].tobytes()
+        for o in (lay.chunk_offset(b, layer, kv) for layer in range(lay.num_layers) for kv in (0, 1))
+    )
+
+
+def _g1(name: str = "g1") -> KvPool:
+    pool = KvPool.allocate_host(name, LAYOUT, pin=False)
+    pool.host_view()[:] = np.random.default_rng(7).integers(0, 256, pool.nbytes, dtype=np.uint8)
+    return pool
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = TieredStore.create(_g1(), g2_blocks=4, g3_path=str(tmp_path / "kv.bin"), g3_blocks=6, name="t")
+    yield s
+    s.close()
+
+
+def test_round_trip_g1_g2_g3_g1_is_byte_exact(store):
+    g1 = store.g1
+    src = [3, 1, 7]
+    want = [_block_bytes(g1, b) for b in src]
+    h2 = store.offload(src, Tier.G2)
+    assert [h.tier for h in h2] == [Tier.G2] * 3 and store.free_slots(Tier.G2) == 1
+    h3 = store.move(h2, Tier.G3)
+    assert [h.tier for h in h3] == [Tier.G3] * 3 and store.free_slots(Tier.G2) == 4
+    store.g2.host_view()[:] = 0xEE  # G2 reused by others: the file still holds the bytes
+    g1.host_view()[:] = 0  # G1 blocks gone
+    dst = [0, 11, 5]
+    store.onload(h3, dst)
+    assert [_block_bytes(g1, b) for b in dst] == want
+    # nothing else in G1 was written
+    untouched = [b for b in range(LAYOUT.num_blocks) if b not in dst]
+    assert all(_block_bytes(g1, b) == bytes(LAYOUT.block_bytes) for b in untouched)
+    # and back up to G2, then G1 again, from a mix of tiers
+    h_mix = store.move(h3[:1], Tier.G2) + h3[1:]
+    g1.host_view()[:] = 0
+    store.onload(h_mix, [2, 4, 6])
+    assert [_block_bytes(g1, b) for b in (2, 4, 6)] == want
+    store.release(h_mix)
+    assert store.free_slots(Tier.G2) == 4 and store.free_slots(Tier.G3) == 6
+
+
+def test_offload_straight_to_file_and_onload(store):
+    g1 = store.g1
+    want = [_block_bytes(g1, b) for b in range(6)]
+    hs = store.offload(list(range(6)), Tier.G3)
+    assert store.free_slots(Tier.G2) == 4  # staging slots returned
+    g1.host_view()[:] = 1
+    store.onload(hs[::-1], list(range(6, 12)))
+    assert [_block_bytes(g1, b) for b in range(6, 12)] == want[::-1]
+
+
+def test_slot_shortage_and_double_release(store):
+    with pytest.raises(OutOfBlocks):
+        store.offload([0, 1, 2, 3, 4], Tier.G2)
+    assert store.free_slots(Tier.G2) == 4
+    hs = store.offload([0, 1], Tier.G2)
+    store.release(hs)
+    with pytest.raises(DoubleFree):
+        store.release(hs)
+    with pytest.raises(DoubleFree):
+        store.onload([TierHandle(Tier.G3, 0)], [0])
+    h3 = store.offload(list(range(6)), Tier.G3)  # 6 blocks through 4 G2 slots: two rounds
+    with pytest.raises(OutOfBlocks):  # G3 full
+        store.offload([0], Tier.G3)
+    h2 = store.offload([0, 1, 2, 3], Tier.G2)
+    with pytest.raises(OutOfBlocks):  # no G2 slot left to stage file blocks through
+        store.onload(h3[:1], [0])
+    with pytest.raises(OutOfBlocks):
+        store.move(h3[:1], Tier.G2)
+    store.release(h2[:1])
+    g1 = store.g1
+    want = [_block_bytes(g1, b) for b in range(6)]
+    g1.host_view()[:] = 3
+    store.onload(h3, list(range(6)))  # one staging slot: six rounds
+    assert [_block_bytes(g1, b) for b in range(6)] == want
+    assert store.free_slots(Tier.G2) == 1 and store.free_slots(Tier.G3) == 0
+
+
+def test_local_copy_between_orders_and_layout_check():
+    g1 = _g1("a")
+    other = KvPool.allocate_host("b", block_major(LAYOUT, 5), pin=False)
+    local_copy(g1, [9, 2], other, [4, 0])
+    assert _block_bytes(other, 4) == _block_bytes(g1, 9) and _block_bytes(other, 0) == _block_bytes(g1, 2)
+    bad = KvPool.allocate_host("c", KvLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4,
+                                             dtype="float16", num_blocks=4), pin=False)
+    with pytest.raises(LayoutMismatch):
+        local_copy(g1, [0], bad, [0])
+    with pytest.raises(LayoutMismatch):
+        TieredStore(g1, bad)
+
+
+def test_file_io_checks(tmp_path):
+    from dynamo_ext.transport.file_tier import NixlFileIO
+
+    io = NixlFileIO("t-io-checks")
+    host = KvPool.allocate_host("h", block_major(LAYOUT, 2), pin=False)
+    f = KvPool.open_file("f", block_major(LAYOUT, 2), str(tmp_path / "f.bin"))
+    try:
+        with pytest.raises(UnregisteredMemory):
+            io.write(host, f, [(0, 0, 16)])
+        io.register(host)
+        io.register(f)
+        with pytest.raises(InvalidBlocks):
+            io.write(host, f, [(0, f.nbytes - 8, 16)])
+        host.host_view()[:16] = np.arange(16, dtype=np.uint8)
+        assert io.write(host, f, [(0, 100, 16)]) == 16
+        with open(tmp_path / "f.bin", "rb") as fh:
+            fh.seek(100)
+            assert fh.read(16) == bytes(range(16))
+    finally:
+        io.close()
+        f.close()
+
+
+def test_slot_allocator():
+    a = SlotAllocator(3)
+    s = a.allocate(2)
+    with pytest.raises(OutOfBlocks):
+        a.allocate(2)
+    with pytest.raises(DoubleFree):
+        a.free([s[0], s[0]])
+    a.free(s)
+    assert a.num_free == 3
