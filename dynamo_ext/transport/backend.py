@@ -73,6 +73,8 @@ class TransferBackend(ABC):
     name: str = "abstract"
     #: conservative GB/s used for deadlines when the caller gives no measured bandwidth
     default_gbps: float = 1.0
+    #: seconds transfer_kv_cache sleeps between polls after the first 2 ms (0 = keep yielding)
+    poll_interval_s: float = 0.0005
 
     def __init__(self, agent_name: str) -> None:
         self.agent_name = agent_name

@@ -99,6 +99,8 @@ class NixlBackend(TransferBackend):
     def __init__(self, agent_name: str, choice: dict[str, Any] | None = None, *,
                  enable_prog_thread: bool = False, backends: Sequence[str] = ("UCX",)) -> None:
         super().__init__(agent_name)
+        # without NIXL's progress thread, check_xfer_state drives UCX: keep polling (yield-only)
+        self.poll_interval_s = 0.0005 if enable_prog_thread else 0.0
         choice = dict(choice or {})
         for k, v in (choice.get("env") or {}).items():
             os.environ[str(k)] = str(v)

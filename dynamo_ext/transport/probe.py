@@ -14,8 +14,12 @@ The peer speaks JSON lines on stdin/stdout (one command, one reply), used by the
 benchmark too::
 
     {"cmd": "fill", "seed": s}                 -> pool := pattern(seed)          {"ok": true}
-    {"cmd": "digest", "blocks": [...]|null}    -> sha256 of those blocks' chunks (block, layer, kv order),
-                                                  or of the whole pool            {"ok": true, "sha256": hex}
+    {"cmd": "digest", "blocks": [...]|null, "ranges": [[off, n], ...]|null}
+                                               -> sha256 of those blocks' chunks (block, layer, kv order),
+                                                  of the byte ranges, or of the whole pool  {"ok": true, "sha256": hex}
+    {"cmd": "scatter", "src_layout": {...}, "src_blocks": [...], "dst_blocks": [...]}
+                                               -> (with --staging-bytes) recompute the staged plan and
+                                                  scatter staging -> pool        {"ok": true, "seconds": s}
     {"cmd": "notifs"}                          -> notifications received so far  {"ok": true, "notifs": {peer: [hex]}}
     {"cmd": "exit"}                            -> {"ok": true}, then the process exits
 
@@ -63,14 +67,54 @@ def chunk_ranges(layout: KvLayout, blocks: Sequence[int]) -> list[tuple[int, int
     return [(layout.chunk_offset(b, layer, kv), n) for b in blocks for layer in range(layout.num_layers) for kv in (0, 1)]
 
 
-def digest(view: np.ndarray, layout: KvLayout, blocks: Sequence[int] | None) -> str:
+def digest(view: np.ndarray, layout: KvLayout, blocks: Sequence[int] | None,
+           ranges: Sequence[Sequence[int]] | None = None) -> str:
+    """sha256 of the chunks of ``blocks`` (block, layer, kv order), of ``ranges``, or of the whole view."""
     h = hashlib.sha256()
-    if blocks is None:
+    if ranges is not None:
+        for off, n in ranges:
+            h.update(view[off:off + n].data)
+    elif blocks is None:
         h.update(view.data)
     else:
         for off, n in chunk_ranges(layout, blocks):
             h.update(view[off:off + n].data)
     return h.hexdigest()
+
+
+def pool_bytes(pool: KvPool) -> np.ndarray:
+    """Host bytes of a pool (a device pool is copied to the host first)."""
+    if pool.kind.value == "host":
+        return pool.host_view()
+    return pool.tensor_u8().cpu().numpy()
+
+
+def fill_pool(pool: KvPool, seed: int) -> None:
+    if pool.kind.value == "host":
+        pattern(pool.host_view(), seed)
+        return
+    import torch  # noqa: PLC0415
+
+    host = np.empty(pool.nbytes, dtype=np.uint8)
+    pattern(host, seed)
+    pool.tensor_u8().copy_(torch.from_numpy(host))
+    torch.cuda.synchronize()
+
+
+def scatter_staged(staging: KvPool, pool: KvPool, cmd: dict[str, Any]) -> float:
+    """Destination half of a staged plan: recompute the (pure) plan, scatter staging -> pool."""
+    import torch  # noqa: PLC0415
+
+    from .plan import plan_transfer  # noqa: PLC0415
+    from .staging import scatter_from  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    plan = plan_transfer(KvLayout.from_dict(cmd["src_layout"]), cmd["src_blocks"], pool.layout, cmd["dst_blocks"],
+                         stage=True)
+    scatter_from(staging.tensor_u8(), pool.tensor_u8(), plan.scatter)
+    if pool.kind.value == "device":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def probe_layout(nbytes: int, chunk_bytes: int = 1 << 20) -> KvLayout:
@@ -98,9 +142,18 @@ async def _peer_main(args: argparse.Namespace, publish: Callable[[PeerInfo, argp
     choice = json.loads(args.choice) if args.choice else None
     be = make_backend(args.backend, args.name, choice)
     await be.start()
-    pool = KvPool.allocate_host(args.pool, layout)
-    pattern(pool.host_view(), args.seed)
+    if args.device >= 0:
+        pool = KvPool.allocate_device(args.pool, layout, args.device)
+    else:
+        pool = KvPool.allocate_host(args.pool, layout)
+    fill_pool(pool, args.seed)
     be.register_pool(pool)
+    staging: KvPool | None = None
+    if args.staging_bytes > 0:
+        slay = probe_layout(args.staging_bytes, chunk_bytes=layout.chunk_bytes)
+        staging = (KvPool.allocate_device("staging", slay, args.device) if args.device >= 0
+                   else KvPool.allocate_host("staging", slay))
+        be.register_pool(staging, staging=True)
     info = be.local_peer_info()
     if publish is not None:
         await publish(info, args)
@@ -126,9 +179,11 @@ async def _peer_main(args: argparse.Namespace, publish: Callable[[PeerInfo, argp
         c = cmd.get("cmd")
         reply: dict[str, Any] = {"ok": True}
         if c == "fill":
-            pattern(pool.host_view(), int(cmd["seed"]))
+            fill_pool(pool, int(cmd["seed"]))
         elif c == "digest":
-            reply["sha256"] = digest(pool.host_view(), layout, cmd.get("blocks"))
+            reply["sha256"] = digest(pool_bytes(pool), layout, cmd.get("blocks"), cmd.get("ranges"))
+        elif c == "scatter" and staging is not None:
+            reply["seconds"] = scatter_staged(staging, pool, cmd)
         elif c == "notifs":
             for k, v in be.get_notifs().items():
                 notifs.setdefault(k, []).extend(m.hex() for m in v)
@@ -153,6 +208,8 @@ def peer_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", required=True, help="KvLayout as JSON")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--choice", default="", help="TransportChoice-like JSON: {env: {...}, params: {...}}")
+    p.add_argument("--device", type=int, default=-1, help="CUDA device of the pool (-1: host memory)")
+    p.add_argument("--staging-bytes", type=int, default=0, help="also register a staging region this large")
     p.add_argument("--etcd", default="")
     p.add_argument("--key", default="")
     return p

@@ -15,8 +15,10 @@ Protocol (who calls what, in what order)::
                                                                                    UnregisteredMemory
                                                4. deadline = max(0.5 s, 4 * bytes / expected GB/s)
                                                5. req = be.post(op, local, peer, remote, wire, notif)
-                                               6. a task polls req.poll() with short sleeps (never
-                                                  blocks the loop) until done / error / deadline
+                                               6. a task polls req.poll(), yielding to the loop between
+                                                  polls (sleep(0); after 2 ms sleep(be.poll_interval_s):
+                                                  0 for NIXL without progress thread, whose polls ARE
+                                                  the progress) until done / error / deadline
     stats = await h   (or h.result(), h.add_done_callback(cb), h.cancel())
                                                7. deadline passed -> req.cancel(), TransferTimeout
                                                8. done -> metrics (bytes, seconds, descriptors)
@@ -50,8 +52,7 @@ from .pool import KvPool, PoolDescriptor
 
 DEADLINE_FLOOR_S = 0.5
 DEADLINE_FACTOR = 4.0
-_SPIN_S = 0.002  # yield-only polling for the first 2 ms (NIXL without progress thread progresses on poll)
-_POLL_SLEEP_S = 0.0002
+_SPIN_S = 0.002  # yield-only polling for the first 2 ms, then the backend's poll_interval_s
 
 Direction = Literal["read", "write", "copy"]
 Planner = Callable[[KvLayout, Sequence[int], KvLayout, Sequence[int]], TransferPlan]
@@ -111,10 +112,10 @@ class TransferHandle:
     """An in-flight transfer. ``await handle`` -> TransferStats, or raises a TransferError."""
 
     def __init__(self, *, plan: TransferPlan, direction: str, path: str, backend: str, deadline_s: float,
-                 req: XferRequest, started: float, metrics: TransportMetrics | None) -> None:
+                 req: XferRequest, started: float, metrics: TransportMetrics | None, poll_s: float = 0.0) -> None:
         self.plan, self.direction, self.path, self.backend = plan, direction, path, backend
         self.deadline_s = deadline_s
-        self._req, self._t0, self._metrics = req, started, metrics
+        self._req, self._t0, self._metrics, self._poll_s = req, started, metrics, poll_s
         loop = asyncio.get_running_loop()
         self._fut: asyncio.Future[TransferStats] = loop.create_future()
         self._task = loop.create_task(self._drive())
@@ -130,7 +131,7 @@ class TransferHandle:
                     raise TransferTimeout(
                         f"{self.direction} of {self.plan.total_bytes} B over {self.backend} ({self.path}) not done "
                         f"after {now - self._t0:.3f} s (deadline {self.deadline_s:.3f} s); request cancelled")
-                await asyncio.sleep(0 if now < spin_until else _POLL_SLEEP_S)
+                await asyncio.sleep(0 if now < spin_until else self._poll_s)
         except asyncio.CancelledError:
             self._req.cancel()
             if not self._fut.done():
@@ -242,7 +243,8 @@ async def transfer_kv_cache(
         t0 = time.monotonic()
         req = backend.post(op, local, remote.peer, remote.pool, descs, notif if op == "write" else b"")
         handle = TransferHandle(plan=plan, direction=op, path=path, backend=backend.name, deadline_s=deadline_s,
-                                req=req, started=t0, metrics=met if isinstance(met, TransportMetrics) else None)
+                                req=req, started=t0, metrics=met if isinstance(met, TransportMetrics) else None,
+                                poll_s=backend.poll_interval_s)
     if on_done is not None:
         handle.add_done_callback(on_done)
     return handle
