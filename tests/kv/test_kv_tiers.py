@@ -11,7 +11,13 @@ from dynamo_ext.transport.errors import InvalidBlocks, LayoutMismatch, Unregiste
 from dynamo_ext.transport.layout import KvLayout
 from dynamo_ext.transport.pool import KvPool
 
-pytest.importorskip("nixl._api")
+try:
+    import nixl._api  # noqa: F401
+
+    HAVE_NIXL = True
+except ImportError:
+    HAVE_NIXL = False
+needs_nixl = pytest.mark.skipif(not HAVE_NIXL, reason="needs NIXL")
 
 LAYOUT = KvLayout(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype="float16", num_blocks=12)
 
@@ -38,6 +44,7 @@ def store(tmp_path):
     s.close()
 
 
+@needs_nixl
 def test_round_trip_g1_g2_g3_g1_is_byte_exact(store):
     g1 = store.g1
     src = [3, 1, 7]
@@ -63,6 +70,7 @@ def test_round_trip_g1_g2_g3_g1_is_byte_exact(store):
     assert store.free_slots(Tier.G2) == 4 and store.free_slots(Tier.G3) == 6
 
 
+@needs_nixl
 def test_offload_straight_to_file_and_onload(store):
     g1 = store.g1
     want = [_block_bytes(g1, b) for b in range(6)]
@@ -73,6 +81,7 @@ def test_offload_straight_to_file_and_onload(store):
     assert [_block_bytes(g1, b) for b in range(6, 12)] == want[::-1]
 
 
+@needs_nixl
 def test_slot_shortage_and_double_release(store):
     with pytest.raises(OutOfBlocks):
         store.offload([0, 1, 2, 3, 4], Tier.G2)
@@ -113,6 +122,7 @@ def test_local_copy_between_orders_and_layout_check():
         TieredStore(g1, bad)
 
 
+@needs_nixl
 def test_file_io_checks(tmp_path):
     from dynamo_ext.transport.file_tier import NixlFileIO
 
@@ -145,3 +155,56 @@ def test_slot_allocator():
         a.free([s[0], s[0]])
     a.free(s)
     assert a.num_free == 3
+
+
+def _torch_pool(name: str, device: str):
+    """A G1 pool of kind DEVICE over a torch tensor (on CPU it exercises the torch copy path)."""
+    import torch
+
+    from dynamo_ext.transport.pool import MemoryKind
+
+    g = torch.Generator().manual_seed(11)
+    t = torch.randint(0, 256, (LAYOUT.pool_bytes,), dtype=torch.uint8, generator=g).to(device)
+    return KvPool(name, LAYOUT, MemoryKind.DEVICE, t, addr=t.data_ptr(), nbytes=t.numel())
+
+
+def _torch_block(pool: KvPool, b: int) -> bytes:
+    lay, t = pool.layout, pool.tensor_u8().cpu().numpy()
+    return b"".join(
+        t[o : o + lay.chunk_bytes].tobytes()
+        for o in (lay.chunk_offset(b, layer, kv) for layer in range(lay.num_layers) for kv in (0, 1))
+    )
+
+
+def _device_round_trip(g1: KvPool, tmp_path) -> None:
+    """G1 (torch) -> G2 and G3 -> G1; G3 only where NIXL is installed."""
+    g2 = KvPool.allocate_host("dg2", block_major(LAYOUT, 3), pin=False)
+    io = g3 = None
+    if HAVE_NIXL:
+        from dynamo_ext.transport.file_tier import NixlFileIO
+
+        io = NixlFileIO("dev-io")
+        g3 = KvPool.open_file("dg3", block_major(LAYOUT, 5), str(tmp_path / "d.bin"))
+    store = TieredStore(g1, g2, g3, io)
+    try:
+        src = [4, 0, 9, 10]
+        want = [_torch_block(g1, b) for b in src]
+        h = store.offload(src[:2], Tier.G2) + store.offload(src[2:], Tier.G3 if HAVE_NIXL else Tier.G2)
+        g1.tensor_u8().zero_()
+        store.onload(h, [1, 2, 3, 11])
+        assert [_torch_block(g1, b) for b in (1, 2, 3, 11)] == want
+        assert _torch_block(g1, 0) == bytes(LAYOUT.block_bytes)
+    finally:
+        if io is not None:
+            io.close()
+            g3.close()
+
+
+def test_torch_copy_path_on_cpu(tmp_path):
+    pytest.importorskip("torch")
+    _device_round_trip(_torch_pool("cpu-g1", "cpu"), tmp_path)
+
+
+@pytest.mark.gpu
+def test_device_g1_round_trip(tmp_path):
+    _device_round_trip(_torch_pool("cuda-g1", "cuda"), tmp_path)
