@@ -11,10 +11,13 @@ Exit codes: 0 ok; 2 bad --gpu; 3 --probe while ``dynamo_ext.transport.probe`` is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import itertools
 import json
+import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from dynamo_ext.topology import Endpoint, NodeTopology, TransportChoice, collect_local_topology, select_transport
@@ -67,6 +70,20 @@ def probe_one(probe_pair: Any, a: Endpoint, b: Endpoint, choice: TransportChoice
     return out
 
 
+@contextlib.contextmanager
+def _nixl_log_to_stderr() -> Iterator[None]:
+    """Point the handlers of an already configured ``nixl`` logger at stderr for the block."""
+    swapped = []
+    for h in logging.getLogger("nixl").handlers:
+        if type(h) is logging.StreamHandler and h.stream is not sys.stderr:  # its stdout, whichever that was
+            swapped.append((h, h.setStream(sys.stderr)))
+    try:
+        yield
+    finally:
+        for h, old in swapped:
+            h.setStream(old)
+
+
 def run(args: argparse.Namespace) -> int:
     probe_pair = None
     if getattr(args, "probe", False):
@@ -83,11 +100,13 @@ def run(args: argparse.Namespace) -> int:
     pairs = local_pairs(topo)
     measured: dict[tuple[str, str], Any] = {}
     if probe_pair is not None:
-        for na, nb, a, b, c in pairs:
-            try:
-                measured[(na, nb)] = probe_one(probe_pair, a, b, c, int(getattr(args, "probe_bytes", 256 << 20)))
-            except Exception as e:  # report per pair, keep going
-                measured[(na, nb)] = f"error: {e}"
+        # NIXL logs to stdout (its "nixl" logger): keep stdout for our table/JSON only
+        with contextlib.redirect_stdout(sys.stderr), _nixl_log_to_stderr():
+            for na, nb, a, b, c in pairs:
+                try:
+                    measured[(na, nb)] = probe_one(probe_pair, a, b, c, int(getattr(args, "probe_bytes", 256 << 20)))
+                except Exception as e:  # report per pair, keep going
+                    measured[(na, nb)] = f"error: {e}"
     if getattr(args, "json", False):
         doc = {"topology": topo.to_dict(), "pairs": []}
         for na, nb, _a, _b, c in pairs:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from topo_factory import nvlink_node
 
 from dynamo_ext.cli import topology_cmd
@@ -68,3 +70,15 @@ def test_pairs_and_rendering_on_a_gpu_node():
                      ("gpu1", "gpu1"): "same-gpu", ("gpu1", "host"): "pcie", ("host", "host"): "host-shm"}
     text = topology_cmd.format_topology(t) + "\n" + topology_cmd.format_pairs(pairs, {("gpu0", "gpu1"): "n/a"})
     assert "nvlink gpu1" in text and "mlx5_0:PIX" in text and "local-copy" in text and "UCX_TLS=cuda_ipc" in text
+
+
+@pytest.mark.slow
+def test_real_probe_host_pair(capsys):
+    """The real transport probe on the host<->host pair (two processes, NIXL UCX over cma)."""
+    pytest.importorskip("nixl")
+    if topology_cmd._load_probe() is None:
+        pytest.skip("dynamo_ext.transport.probe not available")
+    assert topology_cmd.run(ns(probe=True, json=True, probe_bytes=16 << 20)) == 0
+    doc = json.loads(capsys.readouterr().out)
+    hh = next(p for p in doc["pairs"] if p["a"] == "host" and p["b"] == "host")
+    assert hh["measured"]["write"] > 0.1 and hh["measured"]["read"] > 0.1, hh
