@@ -19,8 +19,14 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
+
+
+# cuDNN attention builds a plan per shape; context lengths change every step, so it recompiles every
+# step. Flash / memory-efficient kernels (math as the fallback) have no such cost.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class AttentionBackend(Protocol):
@@ -145,9 +151,19 @@ class LlamaModel:
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         t = input_ids.shape[0]
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self.rope(positions)
         x = self.embed[input_ids]
+        with sdpa_kernel(SDPA_BACKENDS):
+            x = self._layers(x, t, cos, sin, attn)
+        if logit_rows is not None:
+            x = x[logit_rows]
+        x = rms_norm(x, self.norm, cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _layers(self, x: torch.Tensor, t: int, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBackend) -> torch.Tensor:
+        cfg = self.cfg
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         for li, L in enumerate(self.layers):
             h = rms_norm(x, L["ln1"], cfg.rms_norm_eps)
             qkv = F.linear(h, L["qkv"])
@@ -162,7 +178,4 @@ class LlamaModel:
             gu = F.linear(h, L["gate_up"])
             g, u = gu.chunk(2, dim=-1)
             x = x + F.linear(F.silu(g) * u, L["down"])
-        if logit_rows is not None:
-            x = x[logit_rows]
-        x = rms_norm(x, self.norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return x
