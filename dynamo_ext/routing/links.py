@@ -21,6 +21,7 @@ into it (``transfer_lower_bound``); ``decide`` uses it to skip prefill workers t
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 from dataclasses import dataclass
 
 _GB = 1e9
@@ -87,6 +88,42 @@ class LinkTable:
         #: dst -> (seconds per byte, latency): lower bounds over healthy links into dst (hot path).
         self.bound_by_dst: dict[int, tuple[float, float]] = bound
         self._unhealthy = tuple(sorted(k for k, v in self._links.items() if not v.healthy))
+
+    @classmethod
+    def from_topology_snapshot(
+        cls,
+        snapshot: Mapping[str, Any],
+        *,
+        worker_ids: Mapping[str, int] | None = None,
+        default: LinkInfo,
+        same_node: LinkInfo | None = None,
+    ) -> LinkTable:
+        """Build from ``topology.links.LinkTable.snapshot()`` (plain dicts; topology is not imported).
+
+        Each entry ``{"src", "dst", "gbps", "expected_gbps", "latency_us", "expected_latency_us",
+        "healthy", ...}`` becomes ``LinkInfo`` (GB/s; latency measured, else expected). Labels map to
+        worker ids through ``worker_ids`` (labels it lacks are skipped), else ``int(label)``.
+        An unhealthy entry keeps its expected bandwidth and is marked unhealthy.
+        """
+        if snapshot.get("version") != 1:
+            raise ValueError(f"unsupported link snapshot version {snapshot.get('version')!r}")
+        entries: dict[tuple[int, int], LinkInfo] = {}
+        for e in snapshot.get("links", ()):
+            if worker_ids is not None:
+                if e["src"] not in worker_ids or e["dst"] not in worker_ids:
+                    continue
+                src, dst = worker_ids[e["src"]], worker_ids[e["dst"]]
+            else:
+                src, dst = int(e["src"]), int(e["dst"])
+            healthy = bool(e.get("healthy", True))
+            gbps = e.get("gbps") or 0.0
+            if not gbps > 0:
+                gbps = e.get("measured_gbps") or e.get("expected_gbps") or default.gb_per_s
+            lat_us = e.get("latency_us")
+            if lat_us is None:
+                lat_us = e.get("expected_latency_us") or 0.0
+            entries[(src, dst)] = LinkInfo(float(gbps), float(lat_us) * 1e-6, healthy)
+        return cls(entries, default=default, same_node=same_node)
 
     # -- lookups -------------------------------------------------------------------------------
     def link(self, src: int, dst: int, src_node: str | None = None, dst_node: str | None = None) -> LinkInfo:

@@ -225,6 +225,8 @@ def _rebalance(requests: list[RunningRequest], pool: _Pool, targets: list[Worker
         lst.sort(key=lambda r: (-r.blocks, r.request_id))
     decided: set[str] = set()
     ids = sorted(pool.w)
+    if len(ids) < 2:
+        return out  # nothing to balance between
     moves = 0
     while moves < cfg.max_moves:
         src = min(ids, key=lambda i: (-pool.util(i), i))
