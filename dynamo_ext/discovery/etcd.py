@@ -128,6 +128,12 @@ def _endpoints(url: str) -> list[str]:
 _TRANSIENT = (EtcdConnectionError, EtcdTransientError, TimeoutError)
 
 
+def _brief(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    return f"{type(e).__name__}: {e}"
+
+
 class EtcdStore:
     def __init__(self, url: str, *, op_timeout: float = 5.0, max_backoff: float = 1.0) -> None:
         self.url = url
@@ -148,7 +154,8 @@ class EtcdStore:
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         self._raft_term = 0
-        self.reconnects = 0  # resyncs after a detected outage/restart (observability, tests)
+        self.reconnects = 0  # outages survived (keep-alive failed, then succeeded)
+        self.repairs = 0  # passes over the owned keys after an outage or an etcd restart
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -351,6 +358,7 @@ class EtcdStore:
 
     async def _repair(self) -> None:
         """Re-put owned keys that are missing or differ; drop keys whose external lease is gone."""
+        self.repairs += 1
         for key, o in list(self._owned.items()):
             lease_id = o.lease.id if o.lease else o.external
             resp = await self._retry("get", lambda t: self._kv.get(key, timeout=t))
@@ -399,8 +407,7 @@ class EtcdStore:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure here is retried with backoff
                 if not outage:
-                    log.warning("etcd %s: keep-alive/repair failed (%s: %s); retrying", self.url,
-                                type(e).__name__, e)
+                    log.warning("etcd %s: keep-alive/repair failed (%s); retrying", self.url, _brief(e))
                 outage = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff, self._tick())
@@ -466,6 +473,26 @@ class Watch:
         self._known = {k: kv.mod_revision for k, kv in now.items()}
         self._next = listing.revision + 1
 
+    def _handle(self, resp: Any) -> None:
+        """Queue the events of one watch response, or raise _Resync when history is missing."""
+        if resp.compact_revision > 0 or resp.canceled:
+            log.warning("watch %r: history before %d compacted; re-listing", self.prefix, resp.compact_revision)
+            raise _Resync
+        if 0 < resp.header.revision < self._next - 1:
+            log.warning("watch %r: etcd revision went back to %d (< %d): data reset; re-listing",
+                        self.prefix, resp.header.revision, self._next - 1)
+            raise _Resync
+        for ev in resp.events:
+            kv = ev.kv
+            key = kv.key.decode()
+            if ev.type == _DELETE:
+                self._known.pop(key, None)
+                self._queue.put_nowait(WatchEvent("delete", key, b"", kv.mod_revision))
+            else:
+                self._known[key] = kv.mod_revision
+                self._queue.put_nowait(WatchEvent("put", key, bytes(kv.value), kv.mod_revision))
+            self._next = kv.mod_revision + 1
+
     async def _pump(self, resync: bool) -> None:
         client = self._store._client
         end = prefix_range_end(self.prefix)
@@ -479,33 +506,17 @@ class Watch:
                         need_resync = False
                     if client.watch is None:
                         return
-                    async for resp in client.watch.watch(self.prefix, end, start_revision=self._next):
-                        if resp.compact_revision > 0 or resp.canceled:
-                            log.warning("watch %r: history before %d compacted; re-listing", self.prefix,
-                                        resp.compact_revision)
-                            raise _Resync
-                        if 0 < resp.header.revision < self._next - 1:
-                            log.warning("watch %r: etcd revision went back to %d (< %d): data reset; re-listing",
-                                        self.prefix, resp.header.revision, self._next - 1)
-                            raise _Resync
-                        for ev in resp.events:
-                            kv = ev.kv
-                            key = kv.key.decode()
-                            if ev.type == _DELETE:
-                                self._known.pop(key, None)
-                                self._queue.put_nowait(WatchEvent("delete", key, b"", kv.mod_revision))
-                            else:
-                                self._known[key] = kv.mod_revision
-                                self._queue.put_nowait(WatchEvent("put", key, bytes(kv.value), kv.mod_revision))
-                            self._next = kv.mod_revision + 1
-                        backoff = 0.1
+                    stream = client.watch.watch(self.prefix, end, start_revision=self._next)
+                    async with contextlib.aclosing(stream):  # cancels the gRPC stream on every exit
+                        async for resp in stream:
+                            self._handle(resp)
+                            backoff = 0.1
                 except _Resync:
                     need_resync = True
                 except asyncio.CancelledError:
                     raise
                 except (EtcdError, grpc.aio.AioRpcError, DiscoveryError) as e:
-                    log.warning("watch %r: %s: %s; resuming at revision %d", self.prefix, type(e).__name__, e,
-                                self._next)
+                    log.warning("watch %r: %s; resuming at revision %d", self.prefix, _brief(e), self._next)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self._store._max_backoff)
         except asyncio.CancelledError:

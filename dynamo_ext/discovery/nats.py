@@ -8,8 +8,8 @@ Protocol
   in the payload, as Dynamo's KV-event envelope does).
 * ``EventBus.connect(url)`` retries the first connection for at most ``connect_timeout`` seconds, then
   raises :class:`NatsUnavailable`. Afterwards nats-py reconnects forever (``reconnect_wait`` between
-  tries) and re-establishes subscriptions; messages published by this client during an outage are
-  buffered (``pending_size``) and flushed after reconnect.
+  tries) and re-establishes subscriptions; nats-py buffers what this client publishes while it is
+  reconnecting (``pending_size``).
 * ``subscribe(subject, callback)`` calls ``await callback(msg)`` (or a plain function) per message;
   ``subscribe(subject)`` without callback returns a :class:`Subscription` that is an async iterator of
   :class:`Message`. ``close()`` drains nothing: pending outbound data is flushed, subscriptions end.

@@ -125,6 +125,13 @@ async def test_own_lease_revoked_elsewhere_is_regranted(shared_etcd, other_clien
         assert len(await s.get_prefix(p)) == 0
 
 
+def _const(pred):
+    async def f():
+        return pred()
+
+    return f
+
+
 async def _full(s: EtcdStore, p: str, n: int):
     listing = await s.get_prefix(p)
     return listing if len(listing) == n else None
@@ -152,6 +159,7 @@ async def test_reconnect_after_etcd_restart(etcd_server):
         assert await s.get(p + "rec") == b"v1"
         ev = await _next(w, 10)
         assert (ev.kind, ev.key, ev.value, ev.resync) == ("put", p + "after", b"v2", False)
+        await _eventually(_const(lambda: s.repairs >= 1), timeout=5)  # the restart was noticed (raft term or failed keep-alive) and owned keys checked
         # the lease is kept alive across the restart: still there after more than one TTL
         await asyncio.sleep(3.5)
         assert await s.get(p + "rec") == b"v1"
