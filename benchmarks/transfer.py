@@ -16,6 +16,7 @@ Protocol::
              planned-staged gather into staging here, ONE wire descriptor, peer scatters (same pure plan)
              raw-single     one descriptor of the same bytes, pool -> pool (NIXL ceiling)
              memcpy / torch-copy   one local copy of the same bytes on the same devices (copy ceiling)
+             cuda-ipc       (GPU->GPU paths) planned transfer through the CUDA IPC fallback backend
       -> JSON {"machine", "size_bytes", "layout", "results": [{path, method, gbps, descriptors, verified}]}
          + a markdown table and a PNG bar chart next to it (benchmarks/results/ by default)
 
@@ -204,7 +205,40 @@ class _Bench:
         finally:
             self.be.remove_peer(peer.info.agent_name)
             peer.close()
+        if sdev >= 0 and ddev >= 0:
+            out.append(await self._cuda_ipc(path, sdev, ddev, pool))
         return out
+
+    async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool) -> dict[str, Any]:
+        """planned transfer through the CUDA IPC fallback (a second peer process, same node)."""
+        from dynamo_ext.transport.fallbacks.cuda_ipc import CudaIpcBackend
+
+        if getattr(self, "ipc", None) is None:
+            self.ipc = CudaIpcBackend(f"bench-ipc-{os.getpid()}")
+        ipc = self.ipc
+        if not ipc.is_registered(pool):
+            ipc.register_pool(pool)
+        peer = PeerProcess.start(backend="cuda_ipc", name=f"bench-ipc-peer-{sdev}{ddev}-{os.getpid()}",
+                                 layout=self.layout, seed=13, extra=["--device", str(ddev)], timeout=120)
+        try:
+            ipc.add_peer(peer.info)
+            remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+            nd = [0]
+
+            async def go() -> None:
+                h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc, deadline_s=60,
+                                            metrics=None)
+                nd[0] = (await h).descriptors
+
+            times = await self._timed(go)
+            ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
+                digest(pool_bytes(pool), self.layout, self.src_ids)
+            ipc.remove_peer(peer.info.agent_name)
+        finally:
+            peer.close()
+        gbps = self.nbytes / statistics.median(times) / 1e9
+        self.bar.set_postfix_str(f"{path} cuda-ipc {gbps:.2f} GB/s")
+        return {"path": path, "method": "cuda-ipc", "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok)}
 
     async def _copy_ceiling(self, sdev: int, ddev: int) -> tuple[list[float], bool]:
         n = self.nbytes
@@ -212,7 +246,8 @@ class _Bench:
             a = np.empty(n, dtype=np.uint8)
             fill = np.random.default_rng(1).integers(0, 255, 1 << 20, dtype=np.uint8)
             a[:] = np.resize(fill, n)
-            b = np.zeros(n, dtype=np.uint8)
+            b = np.empty(n, dtype=np.uint8)
+            b.fill(0)  # pre-touch
 
             async def cp() -> None:
                 np.copyto(b, a)
@@ -273,7 +308,8 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"unknown paths {unknown}; known: {list(PATHS)}")
-    bar = tqdm(total=len(paths) * len(METHODS) * (reps + 1), desc="kv-transfer", unit="xfer", file=sys.stderr)
+    n_ipc = sum(1 for p in paths if min(PATHS[p]) >= 0)
+    bar = tqdm(total=(len(paths) * len(METHODS) + n_ipc) * (reps + 1), desc="kv-transfer", unit="xfer", file=sys.stderr)
     bench = _Bench(size_bytes, layout_name, reps, bar)
 
     async def main() -> list[dict[str, Any]]:

@@ -133,7 +133,11 @@ def make_backend(kind: str, name: str, choice: dict[str, Any] | None = None) -> 
         from .fallbacks.tcp import TcpBackend  # noqa: PLC0415
 
         return TcpBackend(name)
-    raise ValueError(f"backend {kind!r} cannot serve as a peer process (use nixl or tcp)")
+    if kind == "cuda_ipc":
+        from .fallbacks.cuda_ipc import CudaIpcBackend  # noqa: PLC0415
+
+        return CudaIpcBackend(name)
+    raise ValueError(f"backend {kind!r} cannot serve as a peer process (use nixl, tcp or cuda_ipc)")
 
 
 # -- the peer process ----------------------------------------------------------------------------------
