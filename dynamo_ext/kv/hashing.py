@@ -98,7 +98,7 @@ def _len_0to16(d: bytes, n: int, seed: int) -> int:
         return h ^ (h >> 28)
     if n > 0:
         combined = (d[0] << 16) | (d[n >> 1] << 24) | d[n - 1] | (n << 8)
-        return _xxh64_avalanche(combined ^ (((_r32(_SECRET, 0) ^ _r32(_SECRET, 4)) + seed) & 0xFFFFFFFF))
+        return _xxh64_avalanche(combined ^ (((_r32(_SECRET, 0) ^ _r32(_SECRET, 4)) + seed) & _M64))
     return _xxh64_avalanche(seed ^ _r64(_SECRET, 56) ^ _r64(_SECRET, 64))
 
 

@@ -57,13 +57,23 @@ def test_only_full_blocks_and_local():
     assert h[2] == block_hash(toks[32:48]) == block_hashes([7] * 16 + toks[32:48], 16)[1]
 
 
-def test_pure_and_accelerated_paths_agree():
+def test_pure_xxh3_known_values():
+    # reference values from the C xxhash library (xxhash 4.1.0, XXH3_64bits_withSeed)
+    assert xxh3_64_pure(b"") == 0x2D06800538D394C2
+    assert xxh3_64_pure(b"a") == 0xE6C632B61E964E1F
+    assert xxh3_64_pure(b"abc", 1337) == 0x3F3720F174D252B0
+
+
+def test_pure_equals_c_xxhash_on_every_length_path():
+    """Where the C ``xxhash`` package is installed (the optional accelerator), the pure function
+    equals it for every input-length path and for seeds of every size."""
+    xxhash = pytest.importorskip("xxhash")
     rng = random.Random(1)
-    for n in range(0, 700, 3):
+    for n in list(range(0, 260)) + [500, 1024, 1025, 2048, 3000]:
         data = rng.randbytes(n)
-        for seed in (0, 1337, 2**64 - 1):
-            assert hashing.xxh3_64(data, seed) == xxh3_64_pure(data, seed)
-    assert hashing.block_hash([1] * 16) == dynamo_hash([1] * 16, 16)[0]
+        for seed in (0, 1337, rng.randrange(2**32), 2**64 - 1):
+            assert xxh3_64_pure(data, seed) == xxhash.xxh3_64_intdigest(data, seed=seed), (n, seed)
+    assert hashing.xxh3_64 is not xxh3_64_pure
 
 
 def test_rejects_bad_input():
