@@ -398,25 +398,33 @@ def plan_transfer(
     src_t, dst_t = tuple(s.tolist()), tuple(d.tolist())
 
     # Chunks sorted by source offset: sort the (few) block ids, then lay the planes out in the
-    # source pool's order. Ties (repeated source ids) are broken by destination id for the wire,
-    # where the destination is the pool, so runs still merge.
-    perm = np.lexsort((d, s))
+    # source pool's order. When a source id repeats, that grid is not sorted (block-major), and ties
+    # must be broken by the other side's offset for runs to merge: sort the chunks themselves then.
+    perm = np.argsort(s, kind="stable")
+    dup = n > 1 and bool((np.diff(s[perm]) == 0).any())
     if stage is not True:
         src_idx, lk_g, d_g, _ = _source_grid(src_layout, s, d, perm)
         dst_idx = _chunk_index(dst_layout, lk_g, d_g).ravel()  # broadcasts to the full chunk grid
+        if dup:
+            src_idx, dst_idx = _sort_pairs(src_idx, dst_idx)
         wire, _ = _merge_runs(src_idx, dst_idx, cb)
         if stage is False or wire.shape[0] <= max_wire_descriptors:
             return TransferPlan(src_layout, dst_layout, src_t, dst_t, DescriptorArray._wrap(wire))
 
-    # Staged: the gather's destination is canonical staging (request order), so ties are broken by
-    # request index instead (same permutation when no source id repeats).
-    if n > 1 and bool((np.diff(s[perm]) == 0).any()):
-        perm = np.argsort(s, kind="stable")
+    # Staged: the gather's destination is the canonical staging packing (request order).
     src_idx, lk_g, _, i_g = _source_grid(src_layout, s, d, perm)
+    stg_idx = (i_g * cpb + lk_g).ravel()
+    if dup:
+        src_idx, stg_idx = _sort_pairs(src_idx, stg_idx)
     return _plan_staged(
-        src_layout, dst_layout, src_t, dst_t, d, src_idx, (i_g * cpb + lk_g).ravel(),
+        src_layout, dst_layout, src_t, dst_t, d, src_idx, stg_idx,
         staging_capacity_bytes=staging_capacity_bytes, slice_bytes=slice_bytes, staging_buffers=staging_buffers,
     )
+
+
+def _sort_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o = np.lexsort((b, a))
+    return a[o], b[o]
 
 
 def _source_grid(
