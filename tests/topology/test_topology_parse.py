@@ -103,3 +103,12 @@ def test_pci_affinity_codes():
     assert pci_affinity(gpu, (*root, "0000:17:02.0", "0000:30:00.0"), 0, 0) == "PHB"
     assert pci_affinity(gpu, ("pci0000:40", "0000:40:01.0", "0000:41:00.0"), 0, 0) == "NODE"
     assert pci_affinity(gpu, ("pci0000:80", "0000:80:01.0", "0000:81:00.0"), 0, 1) == "SYS"
+
+
+def test_real_capture_from_an_h200_x2_vm():
+    """Captured 2026-11-22 on the lent 2x H200 machine (ANSI underline after the leading tab)."""
+    m = parse_topo_matrix(sample("topo_2xh200_real_vm.txt"))
+    assert m.columns == ["GPU0", "GPU1"] and m.nvlink_peers() == {0: [1], 1: [0]}
+    assert m.gpu_numa() == {0: 0, 1: 0} and m.gpu_nic_affinity() == {0: {}, 1: {}}
+    rows = parse_gpu_query_csv(sample("gpu_query_2xh200_real_vm.csv"))
+    assert [(r.index, r.pci_bus_id, r.memory_mib) for r in rows] == [(0, "0000:00:06.0", 143771), (1, "0000:00:07.0", 143771)]
