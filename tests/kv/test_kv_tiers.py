@@ -208,3 +208,60 @@ def test_torch_copy_path_on_cpu(tmp_path):
 @pytest.mark.gpu
 def test_device_g1_round_trip(tmp_path):
     _device_round_trip(_torch_pool("cuda-g1", "cuda"), tmp_path)
+
+
+@needs_nixl
+def test_random_operation_sequences_keep_every_handle_byte_exact(store):
+    """Random offload / move / onload / release against a model {handle: bytes it must hold}."""
+    import random
+
+    rng = random.Random(2026)
+    g1 = store.g1
+    held: dict[TierHandle, bytes] = {}
+    done: dict[str, int] = {}
+    for step in range(80):
+        op = rng.choice(["offload", "offload", "move", "onload", "release", "scribble"])
+        if op == "offload":
+            ids = rng.sample(range(LAYOUT.num_blocks), rng.randint(1, 3))
+            tier = rng.choice([Tier.G2, Tier.G3])
+            want = [_block_bytes(g1, b) for b in ids]
+            try:
+                hs = store.offload(ids, tier)
+            except OutOfBlocks:
+                continue
+            held.update(zip(hs, want))
+        elif op == "move" and held:
+            hs = rng.sample(sorted(held, key=lambda h: (h.tier.value, h.slot)), rng.randint(1, min(3, len(held))))
+            try:
+                new = store.move(hs, rng.choice([Tier.G2, Tier.G3]))
+            except OutOfBlocks:
+                continue
+            for old, nh in zip(hs, new):
+                held[nh] = held.pop(old)
+        elif op == "onload" and held:
+            hs = rng.sample(sorted(held, key=lambda h: (h.tier.value, h.slot)), rng.randint(1, min(3, len(held))))
+            dst = rng.sample(range(LAYOUT.num_blocks), len(hs))
+            try:
+                store.onload(hs, dst)
+            except OutOfBlocks:
+                continue
+            assert [_block_bytes(g1, b) for b in dst] == [held[h] for h in hs], step
+        elif op == "release" and held:
+            h = rng.choice(sorted(held, key=lambda h: (h.tier.value, h.slot)))
+            store.release([h])
+            del held[h]
+        else:  # other writers change G1 between operations
+            op = "scribble"
+            b = rng.randrange(LAYOUT.num_blocks)
+            off = LAYOUT.chunk_offset(b, rng.randrange(LAYOUT.num_layers), rng.randrange(2))
+            g1.host_view()[off : off + 8] = rng.randrange(256)
+        n2 = sum(h.tier is Tier.G2 for h in held)
+        n3 = sum(h.tier is Tier.G3 for h in held)
+        assert store.free_slots(Tier.G2) == 4 - n2 and store.free_slots(Tier.G3) == 6 - n3
+        done[op] = done.get(op, 0) + 1
+    assert all(done.get(op, 0) >= 5 for op in ("offload", "move", "onload", "release")), done
+    # finally every surviving handle still holds its bytes
+    for h, want in held.items():
+        if h.tier is Tier.G2 or store.free_slots(Tier.G2):
+            store.onload([h], [0])
+            assert _block_bytes(g1, 0) == want
