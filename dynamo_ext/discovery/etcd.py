@@ -99,6 +99,7 @@ class Lease:
     ttl: int
     _store: EtcdStore = field(repr=False)
     regrants: int = 0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     async def revoke(self) -> None:
         """Stop keeping it alive and revoke it: its keys are deleted by etcd."""
@@ -244,14 +245,19 @@ class EtcdStore:
         with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND: already gone
             await self._retry("lease revoke", lambda t: self._lease_svc.revoke(lease.id, timeout=t))
 
-    async def _regrant(self, lease: Lease) -> None:
-        resp = await self._retry("lease grant", lambda t: self._lease_svc.grant(lease.ttl, timeout=t))
-        old, lease.id = lease.id, resp.ID
-        lease.regrants += 1
-        log.warning("etcd lease %x was lost; granted %x (ttl %ss) and re-putting its keys", old, lease.id, lease.ttl)
-        for key, o in list(self._owned.items()):
-            if o.lease is lease:
-                await self._put_raw(key, o.value, lease.id)
+    async def _regrant(self, lease: Lease, lost_id: int) -> None:
+        """Replace lost lease ``lost_id`` by a new one and re-put its keys (once, even if called concurrently)."""
+        async with lease._lock:
+            if lease.id != lost_id or id(lease) not in self._leases:
+                return  # already re-granted by a concurrent caller, or revoked by us
+            resp = await self._retry("lease grant", lambda t: self._lease_svc.grant(lease.ttl, timeout=t))
+            lease.id = resp.ID
+            lease.regrants += 1
+            log.warning("etcd lease %x was lost; granted %x (ttl %ss), re-putting its keys", lost_id, lease.id,
+                        lease.ttl)
+            for key, o in list(self._owned.items()):
+                if o.lease is lease:
+                    await self._put_raw(key, o.value, lease.id)
 
     # ---- key/value -------------------------------------------------------------------------------
 
@@ -270,12 +276,13 @@ class EtcdStore:
         if isinstance(lease, Lease):
             if id(lease) not in self._leases:
                 raise DiscoveryError(f"lease {lease.id:x} was revoked or belongs to another store")
+            used = lease.id
             try:
-                rev = await self._put_raw(key, value, lease.id)
+                rev = await self._put_raw(key, value, used)
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.NOT_FOUND:
                     raise
-                await self._regrant(lease)
+                await self._regrant(lease, used)
                 rev = await self._put_raw(key, value, lease.id)
             self._owned[key] = _Owned(value, lease, 0)
         else:
@@ -374,7 +381,7 @@ class EtcdStore:
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.NOT_FOUND or o.lease is None:
                     raise
-                await self._regrant(o.lease)  # re-puts every key of that lease
+                await self._regrant(o.lease, lease_id)  # re-puts every key of that lease
             log.info("etcd key %r re-put under lease %x after reconnect", key, lease_id)
 
     async def _supervise(self) -> None:
@@ -387,8 +394,9 @@ class EtcdStore:
                 continue
             try:
                 for lease in list(self._leases.values()):
-                    if await self._keepalive_once(lease) <= 0 and id(lease) in self._leases:
-                        await self._regrant(lease)
+                    sent = lease.id
+                    if await self._keepalive_once(lease) <= 0:
+                        await self._regrant(lease, sent)
                 if not self._leases:  # only external leases: a cheap status read to notice outages/restarts
                     resp = await self._lease_svc.leases(timeout=2.0)
                     self._note_term(int(resp.header.raft_term))

@@ -209,11 +209,15 @@ class WorkerRegistry:
 
     async def _run(self) -> None:
         assert self._watch is not None
-        async for ev in self._watch:
-            try:
-                await self._apply(ev)
-            except Exception:  # noqa: BLE001 - a failing callback must not stop the registry
-                log.exception("worker registry %s: callback failed on %s %s", self.namespace, ev.kind, ev.key)
+        try:
+            async for ev in self._watch:
+                try:
+                    await self._apply(ev)
+                except Exception:  # noqa: BLE001 - a failing callback must not stop the registry
+                    log.exception("worker registry %s: callback failed on %s %s", self.namespace, ev.kind, ev.key)
+        except Exception:  # noqa: BLE001 - the watch itself failed: say so loudly, the set is now stale
+            log.exception("worker registry %s: watch ended with an error; records are no longer updated",
+                          self.namespace)
 
     async def _apply(self, ev: WatchEvent) -> None:
         old = self.records.get(ev.key)

@@ -137,6 +137,21 @@ async def _full(s: EtcdStore, p: str, n: int):
     return listing if len(listing) == n else None
 
 
+async def test_put_on_lost_lease_regrants_immediately(shared_etcd, other_client):
+    """A put that finds its lease gone (before the next keep-alive noticed) re-grants and re-puts at once."""
+    p = _p()
+    async with await EtcdStore.connect(shared_etcd.url) as s:
+        lease = await s.grant_lease(30)  # keep-alive every 10 s: the supervisor will not notice in time
+        first = lease.id
+        await s.put(p + "a", b"1", lease=lease)
+        await other_client.lease.revoke(first)
+        await s.put(p + "b", b"2", lease=lease)
+        listing = await s.get_prefix(p)
+        assert [(kv.key, kv.lease) for kv in listing] == [(p + "a", lease.id), (p + "b", lease.id)]
+        assert lease.id != first and lease.regrants == 1
+        await lease.revoke()
+
+
 async def test_leased_key_outlives_ttl_while_kept_alive(shared_etcd):
     p = _p()
     async with await EtcdStore.connect(shared_etcd.url) as s:
