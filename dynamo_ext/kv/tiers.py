@@ -17,8 +17,9 @@ moves; G3 traffic is staged through free G2 slots, in rounds when fewer are free
 
 How bytes move: ``transport.plan.plan_transfer(src_layout, src_ids, dst_layout, dst_ids, stage=False)``
 gives merged ``(src_offset, dst_offset, nbytes)`` descriptors between two compatible layouts.
-G1 <-> G2 is a copy by the owning process (numpy for host pools, torch for device ones): never NIXL
-between a process and itself over UCX. G2 <-> G3 is one NIXL POSIX transfer (``transport.file_tier``),
+G1 <-> G2 is a copy by the owning process, never NIXL between a process and itself over UCX: numpy
+for host pools; for a device G1, ``staged_copy`` gathers the blocks on the GPU into one contiguous
+buffer, crosses PCIe once, and scatters on the host (and the reverse), then synchronises. G2 <-> G3 is one NIXL POSIX transfer (``transport.file_tier``),
 the agent being its own remote. G1 <-> G3 goes through temporary G2 slots.
 
 What triggers a move (memory pressure, a routing or planner decision) is decided elsewhere; this
@@ -43,7 +44,7 @@ from dynamo_ext.transport.pool import KvPool, MemoryKind
 
 from .pool import DoubleFree, OutOfBlocks
 
-__all__ = ["Tier", "TierHandle", "SlotAllocator", "TieredStore", "local_copy", "block_major"]
+__all__ = ["Tier", "TierHandle", "SlotAllocator", "TieredStore", "local_copy", "staged_copy", "block_major"]
 
 
 class Tier(str, Enum):
@@ -89,25 +90,60 @@ def block_major(layout: KvLayout, num_blocks: int) -> KvLayout:
     return msgspec.structs.replace(layout, num_blocks=num_blocks, order=MemoryOrder.BLOCK_MAJOR)
 
 
-def local_copy(src: KvPool, src_ids: Sequence[int], dst: KvPool, dst_ids: Sequence[int]) -> int:
-    """Copy blocks between two pools this process can address (host or device). Returns bytes."""
+def local_copy(src: KvPool, src_ids: Sequence[int], dst: KvPool, dst_ids: Sequence[int],
+               *, staged: bool | None = None) -> int:
+    """Copy blocks between two pools this process can address (host or device); synchronous.
+
+    Host <-> host: numpy copies of the merged descriptors. Same torch device: one vectorised
+    ``copy_descriptors``. Different devices (``staged`` None), or ``staged=True``: ``staged_copy``.
+    Returns bytes copied."""
+    if MemoryKind.FILE in (src.kind, dst.kind):
+        raise ValueError("local_copy moves host/device pools; files go through NixlFileIO")
     plan = plan_transfer(src.layout, list(src_ids), dst.layout, list(dst_ids), stage=False)
     d = plan.wire.array
-    if src.kind is MemoryKind.HOST and dst.kind is MemoryKind.HOST:
+    if not staged and src.kind is MemoryKind.HOST and dst.kind is MemoryKind.HOST:
         sv, dv = src.host_view(), dst.host_view()
         for s, t, n in d.tolist():
             dv[t : t + n] = sv[s : s + n]
         return int(d[:, 2].sum())
-    if MemoryKind.FILE in (src.kind, dst.kind):
-        raise ValueError("local_copy moves host/device pools; files go through NixlFileIO")
     st, dt = src.tensor_u8(), dst.tensor_u8()
-    if st.device == dt.device:
-        from dynamo_ext.transport.staging import copy_descriptors  # torch, lazily
+    if staged or (staged is None and st.device != dt.device):
+        return staged_copy(src, src_ids, dst, dst_ids)
+    from dynamo_ext.transport.staging import copy_descriptors  # torch, lazily
 
-        return copy_descriptors(st, dt, d)
-    for s, t, n in d.tolist():  # device <-> host: one copy per merged descriptor (TODO: gather first)
-        dt[t : t + n].copy_(st[s : s + n])
-    return int(d[:, 2].sum())
+    n = copy_descriptors(st, dt, d)
+    _sync(st, dt)
+    return n
+
+
+def staged_copy(src: KvPool, src_ids: Sequence[int], dst: KvPool, dst_ids: Sequence[int]) -> int:
+    """Across devices in one crossing: gather the blocks on the source's device into a contiguous
+    block-major buffer (request order), copy that buffer across once, scatter it on the destination's
+    device. Synchronous."""
+    import torch
+
+    from dynamo_ext.transport.staging import copy_descriptors
+
+    n = len(src_ids)
+    if n == 0:
+        return 0
+    canon = block_major(src.layout, n)
+    st, dt = src.tensor_u8(), dst.tensor_u8()
+    buf = torch.empty(canon.pool_bytes, dtype=torch.uint8, device=st.device)
+    copy_descriptors(st, buf, plan_transfer(src.layout, list(src_ids), canon, list(range(n)), stage=False).wire)
+    buf = buf.to(dt.device)
+    copy_descriptors(buf, dt, plan_transfer(canon, list(range(n)), dst.layout, list(dst_ids), stage=False).wire)
+    _sync(st, dt)
+    return canon.pool_bytes
+
+
+def _sync(*tensors: Any) -> None:
+    """Wait for enqueued CUDA copies, so a returned move is complete for any reader."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(t.device)
 
 
 class TieredStore:

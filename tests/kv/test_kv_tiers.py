@@ -205,6 +205,24 @@ def test_torch_copy_path_on_cpu(tmp_path):
     _device_round_trip(_torch_pool("cpu-g1", "cpu"), tmp_path)
 
 
+@pytest.mark.parametrize("src_kind", ["torch", "host"])
+def test_staged_copy_gathers_copies_once_and_scatters(src_kind):
+    """The cross-device path (gather, one copy, scatter), run on CPU tensors."""
+    pytest.importorskip("torch")
+    from dynamo_ext.kv.tiers import staged_copy
+
+    src = _torch_pool("s", "cpu") if src_kind == "torch" else _g1("s")
+    dst = KvPool.allocate_host("d", block_major(LAYOUT, 6), pin=False)
+    assert staged_copy(src, [7, 0, 11], dst, [5, 1, 2]) == 3 * LAYOUT.block_bytes
+    get = _torch_block if src_kind == "torch" else _block_bytes
+    assert [_block_bytes(dst, b) for b in (5, 1, 2)] == [get(src, b) for b in (7, 0, 11)]
+    back = _g1("back")
+    back.host_view()[:] = 0
+    assert local_copy(dst, [5, 1, 2], back, [3, 4, 8], staged=True) == 3 * LAYOUT.block_bytes
+    assert [_block_bytes(back, b) for b in (3, 4, 8)] == [get(src, b) for b in (7, 0, 11)]
+    assert _block_bytes(back, 0) == bytes(LAYOUT.block_bytes)
+
+
 @pytest.mark.gpu
 def test_device_g1_round_trip(tmp_path):
     _device_round_trip(_torch_pool("cuda-g1", "cuda"), tmp_path)
