@@ -97,10 +97,11 @@ class PagedAttention:
                 qpos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)
                 mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= qpos[:, None]
                 causal = False
-            ks = ks.transpose(0, 1).repeat_interleave(g, dim=0)
-            vs = vs.transpose(0, 1).repeat_interleave(g, dim=0)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal)
-            out[s.q_start : s.q_start + s.q_len] = o.transpose(0, 1)
+            # 4-D [1, H, n, D]: flash / efficient kernels take no 3-D input (the math fallback upcasts to fp32)
+            ks = ks.transpose(0, 1).repeat_interleave(g, dim=0)[None]
+            vs = vs.transpose(0, 1).repeat_interleave(g, dim=0)[None]
+            o = F.scaled_dot_product_attention(qs[None], ks, vs, attn_mask=mask, is_causal=causal)
+            out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
         return out
 
 
@@ -111,7 +112,7 @@ class DenseCausalAttention:
         g = q.shape[1] // k.shape[1]
         kk = k.transpose(0, 1).repeat_interleave(g, dim=0)
         vv = v.transpose(0, 1).repeat_interleave(g, dim=0)
-        return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, is_causal=True).transpose(0, 1)
+        return F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], is_causal=True)[0].transpose(0, 1)
 
 
 class PlainCausalAttention:

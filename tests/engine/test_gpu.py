@@ -61,5 +61,14 @@ def test_cuda_llama3_70b_shape_one_layer_bf16(prompt):
     m = load_model("llama3-70b-shape", device="cuda", num_layers=1)
     eng = LlmEngine(m, EngineConfig(block_size=16, num_blocks=64, device="cuda"))
     assert eng.kv_layout.dtype == "bfloat16" and eng.kv_layout.block_bytes == 16 * 8 * 128 * 2 * 2
-    out = eng.generate([prompt(1, 40), prompt(2, 9)], SamplingParams(max_tokens=8, ignore_eos=True))
-    assert [len(o) for o in out] == [8, 8]
+    ps = [prompt(1, 40), prompt(2, 9), prompt(3, 17)]
+    out = eng.generate(ps, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [len(o) for o in out] == [8, 8, 8]
+    # bf16: teacher-force the engine's tokens through the dense reference; each must be (near) its argmax
+    for p, o in zip(ps, out):
+        full = p + o
+        lg = eng.model.forward(torch.tensor(full, device="cuda"), torch.arange(len(full), device="cuda"),
+                               DenseCausalAttention())[len(p) - 1 : -1]
+        chosen = lg.gather(1, torch.tensor(o, device="cuda")[:, None])[:, 0]
+        gap = lg.max(-1).values - chosen
+        assert (gap <= 0.05 * lg.std()).all(), gap
