@@ -5,13 +5,13 @@ Plain data in, decisions out; no I/O, no clock, no NIXL/torch/network/Dynamo imp
     inputs.py          RequestShape, WorkerSnapshot, RoutingConfig, Role, Tier
     links.py           LinkInfo, LinkTable (pair links with same-node / default fallbacks)
     ttft_model.py      the TTFT terms of one option (side cost, local, pair)
-    decide.py          decide() -> Decision; estimate_all() (unpruned reference)
+    selector.py        decide() -> Decision; estimate_all() (unpruned reference)
     decision.py        Decision, Option, Terms, Exclusion, reasons, NoCandidateError
     migration.py       plan_migrations() -> [Move | Recompute | Wait]
     link_estimator.py  LinkEstimator: EWMA GB/s per pair, failure back-off, probes
 """
 
-from .decide import decide, estimate_all
+from .selector import decide, estimate_all
 from .decision import (
     Decision,
     DecisionReason,

@@ -98,8 +98,11 @@ class Option:
 class Exclusion:
     """Options left out before estimating, and why.
 
-    Excluded pairs are ``prefill_ids x decode_ids``; ``local`` says whether the local option of each
-    worker in ``decode_ids`` is excluded too.
+    ``any_partner=False``: the excluded pairs are ``prefill_ids x decode_ids``.
+    ``any_partner=True`` (a worker-level exclusion): every pair with a prefill worker in
+    ``prefill_ids`` or a decode worker in ``decode_ids``, whatever its partner.
+    ``local``: the local options of the workers in ``decode_ids`` are excluded too.
+    ``pair_count``: pairs this record excludes (each excluded pair is counted by one record only).
     """
 
     reason: ExclusionReason
@@ -107,12 +110,12 @@ class Exclusion:
     decode_ids: tuple[int, ...]
     local: bool
     detail: str
-
-    @property
-    def pair_count(self) -> int:
-        return len(self.prefill_ids) * len(self.decode_ids)
+    pair_count: int
+    any_partner: bool = False
 
     def covers_pair(self, prefill_id: int, decode_id: int) -> bool:
+        if self.any_partner:
+            return prefill_id in self.prefill_ids or decode_id in self.decode_ids
         return prefill_id in self.prefill_ids and decode_id in self.decode_ids
 
     def covers_local(self, decode_id: int) -> bool:

@@ -53,7 +53,7 @@ class LinkTable:
     pair; ``same_node`` (optional) to missing pairs whose workers report the same node.
     """
 
-    __slots__ = ("_links", "default", "same_node", "rows_by_dst", "bound_by_dst", "global_bound", "_unhealthy")
+    __slots__ = ("_links", "default", "same_node", "rows_by_dst", "bound_by_dst", "global_bound", "min_bound", "_unhealthy")
 
     def __init__(
         self,
@@ -87,6 +87,9 @@ class LinkTable:
             bound[dst] = (inv, lat)
         #: dst -> (seconds per byte, latency): lower bounds over healthy links into dst (hot path).
         self.bound_by_dst: dict[int, tuple[float, float]] = bound
+        #: (seconds per byte, latency) no larger than on any healthy link at all (cheapest first test).
+        self.min_bound: tuple[float, float] = (min([d_inv] + [b[0] for b in bound.values()]),
+                                               min([d_lat] + [b[1] for b in bound.values()]))
         self._unhealthy = tuple(sorted(k for k, v in self._links.items() if not v.healthy))
 
     @classmethod

@@ -49,13 +49,15 @@ _DEFAULT_CONFIG = RoutingConfig()
 class _Candidates:
     """Workers split by role and usability for one request, with the exclusions that made the split.
 
-    One pass over the workers; Exclusion objects are built only for what was excluded.
+    One pass over the workers. With ``score_local`` the same pass estimates every local option and
+    keeps the keys of the best two (``local1``, ``local2``); Exclusion objects are built only for
+    what was excluded.
     """
 
-    __slots__ = ("prefill", "pair_decode", "local_decode", "exclusions", "by_id")
+    __slots__ = ("prefill", "pair_decode", "local_decode", "exclusions", "by_id", "local1", "local2")
 
     def __init__(self, req: RequestShape, workers: Iterable[WorkerSnapshot], links: LinkTable,
-                 cfg: RoutingConfig) -> None:
+                 cfg: RoutingConfig, score_local: bool = False) -> None:
         by_id: dict[int, WorkerSnapshot] = {}
         prefill: list[WorkerSnapshot] = []
         pair_decode: list[WorkerSnapshot] = []
@@ -66,12 +68,15 @@ class _Candidates:
         full_d: list[int] = []
         slow_d: list[int] = []
         full_local: list[tuple[int, int, int]] = []
-        decode_ids: list[int] = []
         pblocks = req.prompt_blocks
+        prompt = req.prompt_tokens
+        ovh = cfg.per_request_overhead_s
         room = cfg.require_decode_room
         allow_local = cfg.allow_local_prefill
         prefill_role = Role.PREFILL
         device = Tier.DEVICE
+        l1 = l2 = None
+        l2t = _INF
         for w in workers:
             wid = w.worker_id
             if wid in by_id:
@@ -85,92 +90,124 @@ class _Candidates:
                 else:
                     prefill.append(w)
                 continue
-            decode_ids.append(wid)
             if not w.healthy:
                 bad_d.append(wid)
                 continue
             free = w.free_blocks
             if room and free < pblocks:
                 full_d.append(wid)
+                ov = w.overlap_blocks
+                need = pblocks - (ov if ov < pblocks else pblocks) if w.overlap_tier is device else pblocks
+                if free < need and allow_local and w.prefill_tokens_per_s > 0:
+                    full_local.append((wid, free, need))
+                    continue
             else:
                 pair_decode.append(w)
             if not allow_local:
                 continue
-            if not w.prefill_tokens_per_s > 0:
+            thr = w.prefill_tokens_per_s
+            if not thr > 0:
                 slow_d.append(wid)
                 continue
-            if room and free < pblocks:
-                ov = w.overlap_blocks
-                need = pblocks - (ov if ov < pblocks else pblocks) if w.overlap_tier is device else pblocks
-                if free < need:
-                    full_local.append((wid, free, need))
-                    continue
             local.append(w)
+            if score_local:
+                if w.overlap_blocks:
+                    sc = side_cost(w, req, cfg)
+                    cost, negov = sc.cost_s, -sc.overlap_blocks
+                else:  # the same float as side_cost(): (queue + 0.0) + prompt / thr
+                    cost, negov = (w.queue_tokens / thr + w.queued_requests * ovh) + prompt / thr, 0
+                t = w.admission_delay_s + cost
+                if t > l2t:
+                    continue
+                key = (t, negov, 0, wid, wid)
+                if l1 is None or key < l1:
+                    l1, l2 = key, l1
+                elif l2 is None or key < l2:
+                    l2 = key
+                if l2 is not None:
+                    l2t = l2[0]
         self.by_id = by_id
         pair_decode.sort(key=_worker_id)  # scan order fixes the evaluated/pruned counts: make it the ids'
         self.prefill = prefill
         self.pair_decode = pair_decode
         self.local_decode = local
-        if not (bad_p or slow_p or bad_d or full_d or slow_d or full_local or links.unhealthy_pairs):
-            layouts = {w.layout_key for w in prefill}
-            layouts.update(w.layout_key for w in pair_decode)
-            if len(layouts) <= 1:
-                self.exclusions: tuple[Exclusion, ...] = ()
-                return
-        self.exclusions = _exclusions(prefill, pair_decode, links, pblocks, sorted(decode_ids), bad_p, slow_p,
-                                      bad_d, full_d, slow_d, full_local)
+        self.local1, self.local2 = l1, l2
+        self.exclusions: tuple[Exclusion, ...] = _exclusions(
+            by_id, prefill, pair_decode, links, pblocks, room, bad_p, slow_p, bad_d, full_d, slow_d, full_local)
 
 
-def _exclusions(prefill, pair_decode, links, pblocks, all_decode_ids, bad_p, slow_p, bad_d, full_d, slow_d,
+def _exclusions(by_id, prefill, pair_decode, links, pblocks, room, bad_p, slow_p, bad_d, full_d, slow_d,
                 full_local) -> tuple[Exclusion, ...]:
-    """The Exclusion records of one split, in a fixed order (ids sorted)."""
-    all_d = tuple(all_decode_ids)
-    p_ids = tuple(sorted(w.worker_id for w in prefill))
+    """The Exclusion records of one split, in a fixed order (ids sorted). O(excluded) except layouts."""
     ex: list[Exclusion] = []
+    n_p = len(prefill)
+    if bad_p or slow_p:
+        n_d = len(by_id) - n_p - len(bad_p) - len(slow_p)  # every decode/agg worker
     if bad_p:
         bad_p = sorted(bad_p)
-        ex.append(Exclusion(ExclusionReason.WORKER_UNHEALTHY, tuple(bad_p), all_d, False,
-                            f"prefill workers {bad_p} unhealthy"))
+        ex.append(Exclusion(ExclusionReason.WORKER_UNHEALTHY, tuple(bad_p), (), False,
+                            f"prefill workers {bad_p} unhealthy", len(bad_p) * n_d, True))
     if slow_p:
         slow_p = sorted(slow_p)
-        ex.append(Exclusion(ExclusionReason.NO_THROUGHPUT, tuple(slow_p), all_d, False,
-                            f"prefill workers {slow_p} report no prefill throughput"))
+        ex.append(Exclusion(ExclusionReason.NO_THROUGHPUT, tuple(slow_p), (), False,
+                            f"prefill workers {slow_p} report no prefill throughput", len(slow_p) * n_d, True))
     if bad_d:
         bad_d = sorted(bad_d)
-        ex.append(Exclusion(ExclusionReason.WORKER_UNHEALTHY, p_ids, tuple(bad_d), True,
-                            f"decode workers {bad_d} unhealthy"))
+        ex.append(Exclusion(ExclusionReason.WORKER_UNHEALTHY, (), tuple(bad_d), True,
+                            f"decode workers {bad_d} unhealthy", n_p * len(bad_d), True))
     if full_d:
         full_d = sorted(full_d)
-        ex.append(Exclusion(ExclusionReason.NO_FREE_BLOCKS, p_ids, tuple(full_d), False,
-                            f"decode workers {full_d} have < {pblocks} free blocks for the prompt's KV"))
+        ex.append(Exclusion(ExclusionReason.NO_FREE_BLOCKS, (), tuple(full_d), False,
+                            f"decode workers {full_d} have < {pblocks} free blocks for the prompt's KV",
+                            n_p * len(full_d), True))
     if slow_d:
         slow_d = sorted(slow_d)
         ex.append(Exclusion(ExclusionReason.NO_THROUGHPUT, (), tuple(slow_d), True,
-                            f"decode workers {slow_d} report no prefill throughput (no local prefill)"))
+                            f"decode workers {slow_d} report no prefill throughput (no local prefill)", 0))
     for wid, free, need in sorted(full_local):
         ex.append(Exclusion(ExclusionReason.NO_FREE_BLOCKS, (), (wid,), True,
-                            f"decode worker {wid} has {free} < {need} free blocks for a local prefill"))
+                            f"decode worker {wid} has {free} < {need} free blocks for a local prefill", 0))
+    if prefill and pair_decode:
+        first = prefill[0].layout_key
+        mixed = False
+        for w in prefill:
+            if w.layout_key != first:
+                mixed = True
+                break
+        if not mixed:
+            for w in pair_decode:
+                if w.layout_key != first:
+                    mixed = True
+                    break
+        if mixed:
+            ex.extend(_layout_exclusions(prefill, pair_decode))
+    if links.unhealthy_pairs:
+        prefill_role = Role.PREFILL
+        for s, d in links.unhealthy_pairs:
+            ws, wd = by_id.get(s), by_id.get(d)
+            if (ws is not None and wd is not None and ws.role is prefill_role and wd.role is not prefill_role
+                    and ws.healthy and ws.prefill_tokens_per_s > 0 and wd.healthy
+                    and (not room or wd.free_blocks >= pblocks) and ws.layout_key == wd.layout_key):
+                ex.append(Exclusion(ExclusionReason.LINK_UNHEALTHY, (s,), (d,), False, f"link {s}->{d} unhealthy", 1))
+    return tuple(ex)
+
+
+def _layout_exclusions(prefill, pair_decode) -> list[Exclusion]:
+    ex: list[Exclusion] = []
     p_by_layout: dict[str, list[int]] = {}
     for w in prefill:
         p_by_layout.setdefault(w.layout_key, []).append(w.worker_id)
     d_by_layout: dict[str, list[int]] = {}
     for w in pair_decode:
         d_by_layout.setdefault(w.layout_key, []).append(w.worker_id)
-    if len(set(p_by_layout) | set(d_by_layout)) > 1:
-        for dk in sorted(d_by_layout):
-            for pk in sorted(p_by_layout):
-                if pk != dk:
-                    ex.append(Exclusion(ExclusionReason.LAYOUT_MISMATCH, tuple(sorted(p_by_layout[pk])),
-                                        tuple(sorted(d_by_layout[dk])), False,
-                                        f"prefill layout {pk!r} != decode layout {dk!r}"))
-    if links.unhealthy_pairs:
-        p_ok = {w.worker_id: w.layout_key for w in prefill}
-        d_ok = {w.worker_id: w.layout_key for w in pair_decode}
-        for s, d in links.unhealthy_pairs:
-            ks, kd = p_ok.get(s), d_ok.get(d)
-            if ks is not None and ks == kd:
-                ex.append(Exclusion(ExclusionReason.LINK_UNHEALTHY, (s,), (d,), False, f"link {s}->{d} unhealthy"))
-    return tuple(ex)
+    for dk in sorted(d_by_layout):
+        for pk in sorted(p_by_layout):
+            if pk != dk:
+                ex.append(Exclusion(ExclusionReason.LAYOUT_MISMATCH, tuple(sorted(p_by_layout[pk])),
+                                    tuple(sorted(d_by_layout[dk])), False,
+                                    f"prefill layout {pk!r} != decode layout {dk!r}",
+                                    len(p_by_layout[pk]) * len(d_by_layout[dk])))
+    return ex
 
 
 def decide(
@@ -186,30 +223,9 @@ def decide(
     """
     cfg = config
     req = request
-    cand = _Candidates(req, workers, links, cfg)
+    cand = _Candidates(req, workers, links, cfg, score_local=True)
     prompt = req.prompt_tokens
-    ovh = cfg.per_request_overhead_s
-
-    # Local options: keys only; Option objects for the top two at the end.
-    l1 = l2 = None
-    l2t = _INF
-    for w in cand.local_decode:
-        thr = w.prefill_tokens_per_s
-        if w.overlap_blocks:
-            sc = side_cost(w, req, cfg)
-            cost, negov = sc.cost_s, -sc.overlap_blocks
-        else:  # same float as side_cost(): (queue + 0.0) + prompt / thr
-            cost, negov = (w.queue_tokens / thr + w.queued_requests * ovh) + prompt / thr, 0
-        t = w.admission_delay_s + cost
-        if t > l2t:
-            continue
-        key = (t, negov, 0, w.worker_id, w.worker_id)
-        if l1 is None or key < l1:
-            l1, l2 = key, l1
-        elif l2 is None or key < l2:
-            l2 = key
-        if l2 is not None:
-            l2t = l2[0]
+    l1, l2 = cand.local1, cand.local2
     n_local = len(cand.local_decode)
     best_local = local_option(cand.by_id[l1[3]], req, cfg) if l1 is not None else None
     second_local = local_option(cand.by_id[l2[3]], req, cfg) if l2 is not None else None
@@ -289,14 +305,18 @@ def _best_pairs(
     p1t = p2t = _INF
     best1 = best2 = None
     evaluated = pruned = 0
+    xmin = kvb * links.min_bound[0] + links.min_bound[1]  # no transfer anywhere is faster
     for d in cand.pair_decode:
         g = groups.get(d.layout_key)
         if not g:
             continue
+        adm = d.admission_delay_s
+        if (g[0][0] + xmin) + adm > thr:  # cheap test first: no table lookup
+            pruned += len(g)
+            continue
         did = d.worker_id
         inv_b, lat_b = bounds.get(did, gbound)
         xb = kvb * inv_b + lat_b
-        adm = d.admission_delay_s
         if (g[0][0] + xb) + adm > thr:
             pruned += len(g)
             continue

@@ -127,7 +127,10 @@ def test_unhealthy_link_and_worker_excluded_with_reason():
     assert dec.excluded_pair(1, 11) is ExclusionReason.WORKER_UNHEALTHY
     assert dec.excluded_local(11) is ExclusionReason.WORKER_UNHEALTHY
     assert dec.excluded_local(10) is None
-    assert dec.metrics()["excluded_link_unhealthy"] == 1.0
+    m = dec.metrics()
+    assert m["excluded_link_unhealthy"] == 1.0
+    # prefill 3 x decode {10, 11} + usable prefill {1, 2} x decode 11 + local option of 11
+    assert m["excluded_worker_unhealthy"] == 2 + 2 + 1
 
 
 def test_no_free_blocks_excludes_the_decode_target():
