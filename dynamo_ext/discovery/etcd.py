@@ -16,7 +16,8 @@ Protocol
   term (an etcd restart between two ticks). It then re-puts each owned key whose stored value or lease
   differs. If etcd answers a keep-alive with TTL 0 (lease revoked or expired), the store grants a new
   lease with the same TTL, ``Lease.id`` changes, and the lease's keys are re-put under it. An external
-  lease is never re-granted: when it is gone, its owner is gone, and the record is dropped (logged).
+  lease is never kept alive nor re-granted: the supervisor polls its TTL each tick, and when it is gone
+  (its owner is gone) the store forgets the keys put under it (logged).
 * Watches. ``await watch_prefix(prefix)`` lists nothing, fixes the start revision *before returning*
   (current revision + 1, or ``start_revision``), and yields :class:`WatchEvent` in revision order.
   After a broken stream it resumes at ``last seen revision + 1``. When the history it needs is gone
@@ -384,6 +385,17 @@ class EtcdStore:
                 await self._regrant(o.lease, lease_id)  # re-puts every key of that lease
             log.info("etcd key %r re-put under lease %x after reconnect", key, lease_id)
 
+    async def _check_external(self) -> None:
+        """Forget owned keys whose external lease is gone (its owner exited); also notices outages/restarts."""
+        for lease_id in {o.external for o in self._owned.values() if o.external}:
+            resp = await self._lease_svc.time_to_live(lease_id, timeout=2.0)
+            self._note_term(int(resp.header.raft_term))
+            if resp.TTL <= 0:
+                gone = [k for k, o in self._owned.items() if o.external == lease_id]
+                log.info("etcd external lease %x is gone; forgetting %d key(s) put under it", lease_id, len(gone))
+                for k in gone:
+                    del self._owned[k]
+
     async def _supervise(self) -> None:
         backoff = 0.1
         outage = False
@@ -397,9 +409,7 @@ class EtcdStore:
                     sent = lease.id
                     if await self._keepalive_once(lease) <= 0:
                         await self._regrant(lease, sent)
-                if not self._leases:  # only external leases: a cheap status read to notice outages/restarts
-                    resp = await self._lease_svc.leases(timeout=2.0)
-                    self._note_term(int(resp.header.raft_term))
+                await self._check_external()
                 if outage or self._needs_repair:
                     self._needs_repair = False
                     await self._repair()

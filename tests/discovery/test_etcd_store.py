@@ -102,9 +102,8 @@ async def test_external_lease_id(shared_etcd, other_client):
         assert await s.get(p + "rec") is None
         with pytest.raises(LeaseNotFound, match="does not exist"):
             await s.put(p + "rec2", b"x", lease=runtime_lease)
-        # the store must not resurrect a record whose external lease is gone
-        s._needs_repair = True
-        await asyncio.sleep(1.5)
+        # the store forgets it at the next supervisor tick: it will never resurrect it on a repair pass
+        await _eventually(_const(lambda: not s._owned), timeout=3)
         assert await s.get(p + "rec") is None
 
 
