@@ -161,7 +161,12 @@ def copy_descriptors(
         dev = dst_u8.device
 
         def idx(x: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(x)).to(dev, non_blocking=True)
+            t = torch.from_numpy(np.ascontiguousarray(x))
+            if dev.type == "cuda":
+                # Through (cached) pinned memory: a pageable upload would block this thread until
+                # the stream reached it, serialising every slice of a pipelined executor.
+                t = t.pin_memory()
+            return t.to(dev, non_blocking=True)
 
         rng = _contiguous_range(drows)
         if rng is not None:  # gather: write straight into the contiguous destination range
