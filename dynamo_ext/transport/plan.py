@@ -150,6 +150,11 @@ class DescriptorArray(Sequence[Descriptor]):
         n = self._a[:, 2]
         return int(n[0]) if bool((n == n[0]).all()) else None
 
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """``np.asarray(descs)`` -> the (N, 3) int64 array, without a per-descriptor loop."""
+        a = self._a if dtype is None else self._a.astype(dtype, copy=False)
+        return a.copy() if copy else a
+
     def tolist(self) -> list[list[int]]:
         """Plain lists of ints: what goes into msgpack/JSON."""
         return self._a.tolist()

@@ -386,6 +386,7 @@ def test_descriptor_array_sequence_behaviour():
     assert a[:1] == [(0, 8, 4)] and a.total_bytes == 8 and a.uniform_nbytes() == 4
     assert a.tolist() == [[0, 8, 4], [16, 32, 4]] and hash(a) == hash(DescriptorArray(a.tolist()))
     assert not a.array.flags.writeable
+    assert np.asarray(a).shape == (2, 3) and np.asarray(a, dtype=np.uint64).dtype == np.uint64
     with pytest.raises(ValueError):
         DescriptorArray([(1, 2)])
     assert DescriptorArray() == () and len(DescriptorArray([])) == 0
