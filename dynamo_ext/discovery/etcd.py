@@ -325,11 +325,11 @@ class EtcdStore:
         """Events under ``prefix`` from ``start_revision`` (default: after now), in order; see module doc."""
         if start_revision is None:
             listing = await self.get_prefix(prefix)
-            w = Watch(self, prefix, listing.revision + 1, {kv.key: kv.mod_revision for kv in listing}, False)
+            w = Watch(self, prefix, listing.revision + 1, _known_of(listing), False)
         else:
             try:
                 listing = await self.get_prefix(prefix, revision=max(0, start_revision - 1))
-                w = Watch(self, prefix, start_revision, {kv.key: kv.mod_revision for kv in listing}, False)
+                w = Watch(self, prefix, start_revision, _known_of(listing), False)
             except grpc.aio.AioRpcError as e:  # OUT_OF_RANGE: compacted, or a future revision
                 log.warning("watch %r from revision %d: history unavailable (%s); re-listing", prefix,
                             start_revision, e.details())
@@ -435,15 +435,26 @@ class _Resync(Exception):
     pass
 
 
+_Seen = tuple[int, int]
+
+
+def _seen(mod_revision: int, value: bytes) -> _Seen:
+    return (mod_revision, hash(value))
+
+
+def _known_of(listing: Listing) -> dict[str, _Seen]:
+    return {kv.key: _seen(kv.mod_revision, kv.value) for kv in listing}
+
+
 class Watch:
     """Async iterator of :class:`WatchEvent`; ``aclose()`` (or ``async with``) stops it."""
 
     _END = object()
 
-    def __init__(self, store: EtcdStore, prefix: str, start: int, known: dict[str, int], resync: bool) -> None:
+    def __init__(self, store: EtcdStore, prefix: str, start: int, known: dict[str, _Seen], resync: bool) -> None:
         self._store, self.prefix = store, prefix
         self._next = start
-        self._known = known  # key -> mod_revision as delivered so far
+        self._known = known  # key -> (mod_revision, hash of value) as delivered so far
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._done = False
         self.resyncs = 0
@@ -486,9 +497,9 @@ class Watch:
         for key in sorted(set(self._known) - set(now)):
             self._queue.put_nowait(WatchEvent("delete", key, b"", listing.revision, True))
         for kv in sorted(now.values(), key=lambda kv: kv.mod_revision):
-            if self._known.get(kv.key) != kv.mod_revision:
+            if self._known.get(kv.key) != _seen(kv.mod_revision, kv.value):  # revision alone lies after a reset
                 self._queue.put_nowait(WatchEvent("put", kv.key, kv.value, kv.mod_revision, True))
-        self._known = {k: kv.mod_revision for k, kv in now.items()}
+        self._known = {k: _seen(kv.mod_revision, kv.value) for k, kv in now.items()}
         self._next = listing.revision + 1
 
     def _handle(self, resp: Any) -> None:
@@ -507,8 +518,9 @@ class Watch:
                 self._known.pop(key, None)
                 self._queue.put_nowait(WatchEvent("delete", key, b"", kv.mod_revision))
             else:
-                self._known[key] = kv.mod_revision
-                self._queue.put_nowait(WatchEvent("put", key, bytes(kv.value), kv.mod_revision))
+                value = bytes(kv.value)
+                self._known[key] = _seen(kv.mod_revision, value)
+                self._queue.put_nowait(WatchEvent("put", key, value, kv.mod_revision))
             self._next = kv.mod_revision + 1
 
     async def _pump(self, resync: bool) -> None:

@@ -157,3 +157,25 @@ async def test_registry_record_on_external_lease_disappears(shared_etcd, ns, mak
             await reg.wait_for(lambda r: rec.key not in r, timeout=5)
     finally:
         await other.close()
+
+
+async def test_registry_converges_after_etcd_loses_its_data(etcd_server, ns, make_record):
+    """Worker store and router registry are separate clients; etcd comes back empty. The worker's store
+    re-grants and re-puts its record; the registry re-lists and ends with exactly the live records."""
+    import shutil
+
+    async with await EtcdStore.connect(etcd_server.url) as worker, await EtcdStore.connect(etcd_server.url) as router:
+        lease = await worker.grant_lease(3)
+        live = make_record(instance_id=1, role="prefill", component="prefill")
+        await worker.put(live.key, encode_record(live), lease=lease)
+        stale = make_record(instance_id=2)
+        await router.put(stale.key, encode_record(stale))  # unleased: lost with the data, nobody re-puts it
+        removed: list[int] = []
+        async with WorkerRegistry(router, ns) as reg:
+            reg.on_change(lambda ch: removed.append(ch.record.instance_id) if ch.kind == "removed" else None)
+            assert set(reg.records) == {live.key, stale.key}
+            await asyncio.to_thread(etcd_server.stop)
+            shutil.rmtree(etcd_server.workdir / "etcd-data")
+            await asyncio.to_thread(etcd_server.start)
+            await reg.wait_for(lambda r: set(r) == {live.key}, timeout=15)
+            assert reg.records[live.key] == live and 2 in removed
