@@ -318,7 +318,8 @@ class EtcdStore:
     async def delete_prefix(self, prefix: str) -> int:
         for k in [k for k in self._owned if k.startswith(prefix)]:
             del self._owned[k]
-        resp = await self._retry("delete prefix", lambda t: self._kv.delete(prefix, prefix_range_end(prefix), timeout=t))
+        end = prefix_range_end(prefix)
+        resp = await self._retry("delete prefix", lambda t: self._kv.delete(prefix, end, timeout=t))
         return int(resp.deleted)
 
     async def watch_prefix(self, prefix: str, *, start_revision: int | None = None) -> Watch:

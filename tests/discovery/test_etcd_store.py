@@ -9,7 +9,6 @@ import uuid
 
 import pytest
 
-from conftest import raw_client  # tests/discovery/conftest.py
 from dynamo_ext.discovery.etcd import EtcdStore, EtcdUnavailable, LeaseNotFound, WatchEvent
 from fixtures.servers import free_port
 
@@ -173,7 +172,8 @@ async def test_reconnect_after_etcd_restart(etcd_server):
         assert await s.get(p + "rec") == b"v1"
         ev = await _next(w, 10)
         assert (ev.kind, ev.key, ev.value, ev.resync) == ("put", p + "after", b"v2", False)
-        await _eventually(_const(lambda: s.repairs >= 1), timeout=5)  # the restart was noticed (raft term or failed keep-alive) and owned keys checked
+        # the restart was noticed (raft term change or a failed keep-alive) and the owned keys checked
+        await _eventually(_const(lambda: s.repairs >= 1), timeout=5)
         # the lease is kept alive across the restart: still there after more than one TTL
         await asyncio.sleep(3.5)
         assert await s.get(p + "rec") == b"v1"

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import pickle
-import tempfile
 
 import msgspec
 import pytest
@@ -29,7 +28,8 @@ def test_key_scheme(ns):
     k = worker_key(ns, "prefill", 7587899074575751195)
     assert k == f"dynamo_ext/v1/workers/{ns}/prefill/7587899074575751195"
     assert parse_worker_key(k) == (ns, "prefill", 7587899074575751195)
-    for bad in ("dynamo_ext/v1/workers/a/b", "other/a/b/1", "dynamo_ext/v1/workers/a/b/x", "dynamo_ext/v1/workers/a/b/1/2"):
+    root = "dynamo_ext/v1/workers/"
+    for bad in (root + "a/b", "other/a/b/1", root + "a/b/x", root + "a/b/1/2"):
         with pytest.raises(InvalidRecord, match="field key"):
             parse_worker_key(bad)
     with pytest.raises(ValueError):
@@ -134,14 +134,12 @@ async def test_registry_lists_watches_and_skips_malformed(shared_etcd, ns, make_
 
             await s.delete(pre.key)
             await reg.wait_for(lambda r: not r, timeout=5)
-            other = make_record(instance_id=3)
             await s.put(worker_key(ns + "x", "backend", 3), b"")  # other namespace: invisible
             await asyncio.sleep(0.2)
             assert reg.records == {}
         kinds = [(c.kind, c.record.instance_id) for c in changes]
         assert kinds == [("added", 1), ("added", 2), ("updated", 2), ("removed", 2), ("removed", 1)]
         assert changes[-1].record == pre
-        del other
 
 
 async def test_registry_record_on_external_lease_disappears(shared_etcd, ns, make_record):
