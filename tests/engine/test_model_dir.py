@@ -62,7 +62,7 @@ def test_round_trip_bit_identical(model_dir, tiny):
 
 def test_hf_transformers_computes_the_same_logits(model_dir, tiny):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     ids = TextTokenizer.from_dir(model_dir).encode("The quick brown fox jumps over the lazy dog")
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
