@@ -47,9 +47,12 @@ class PagedAttention:
             need = -(-s.ctx_len // bs)
             if len(s.block_ids) < need:
                 raise ValueError(f"sequence with {s.ctx_len} tokens needs {need} blocks, got {len(s.block_ids)}")
-            for p in range(s.ctx_len - s.q_len, s.ctx_len):
-                blk.append(s.block_ids[p // bs])
-                off.append(p % bs)
+            p = s.ctx_len - s.q_len
+            while p < s.ctx_len:  # one run of slots per block, not one Python step per token
+                n = min(bs - p % bs, s.ctx_len - p)
+                blk += [s.block_ids[p // bs]] * n
+                off += range(p % bs, p % bs + n)
+                p += n
         self.slot_blk = torch.tensor(blk, dtype=torch.long, device=dev)
         self.slot_off = torch.tensor(off, dtype=torch.long, device=dev)
 
