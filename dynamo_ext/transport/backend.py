@@ -35,6 +35,10 @@ from .peer import PeerInfo
 from .pool import KvPool, PoolDescriptor
 
 Op = Literal["read", "write"]
+STAGED_PREFIX = b"\x00DX"  # protocol notifications of staged transfers (transfer.py)
+STAGED_REQUEST = STAGED_PREFIX + b"S"
+STAGED_ACK = STAGED_PREFIX + b"A"
+STAGED_NACK = STAGED_PREFIX + b"E"
 Triple = tuple[int, int, int]
 
 
@@ -81,6 +85,7 @@ class TransferBackend(ABC):
         self._pools: dict[str, KvPool] = {}
         self._peers: dict[str, PeerInfo] = {}
         self._staging: KvPool | None = None
+        self._notifs: dict[str, list[bytes]] = {}
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:  # noqa: B027 - optional hook
@@ -195,11 +200,52 @@ class TransferBackend(ABC):
               notif: bytes) -> XferRequest:
         """``descs``: validated (N, 3) int64 array of (local_offset, remote_offset, nbytes)."""
 
-    def progress(self) -> None:  # noqa: B027
-        """Drive the backend on a passive side (NIXL without progress thread needs it)."""
+    # -- notifications -----------------------------------------------------------------------------
+    # Every backend buffers received notifications in self._notifs {peer: [msg, ...]}. Messages that
+    # start with STAGED_PREFIX are the staged-transfer protocol of transfer.py (scatter requests,
+    # acks); progress() serves them, get_notifs() never returns them.
+    def _pull_notifs(self) -> None:  # noqa: B027
+        """Move newly received notifications into self._notifs (NIXL polls its agent here)."""
+
+    def progress(self) -> None:
+        """Drive a passive side: pull notifications and serve staged-transfer requests. Call it
+        regularly (every ~1 ms) on a side that receives WRITEs, or run ``serve()`` as a task."""
+        self._pull_notifs()
+        if any(m.startswith(STAGED_REQUEST) for v in self._notifs.values() for m in v):
+            from .transfer import serve_staged_requests  # noqa: PLC0415
+
+            serve_staged_requests(self)
+
+    async def serve(self, interval_s: float = 0.001) -> None:
+        import asyncio  # noqa: PLC0415
+
+        while True:
+            self.progress()
+            await asyncio.sleep(interval_s)
 
     def get_notifs(self) -> dict[str, list[bytes]]:
-        return {}
+        """Drain user notifications {peer: [msg, ...]} in arrival order (protocol messages excluded)."""
+        self.progress()
+        out: dict[str, list[bytes]] = {}
+        keep: dict[str, list[bytes]] = {}
+        for peer, msgs in self._notifs.items():
+            for m in msgs:
+                (keep if m.startswith(STAGED_PREFIX) else out).setdefault(peer, []).append(m)
+        self._notifs = keep
+        return out
+
+    def pop_notif(self, peer: str, exact: bytes) -> bool:
+        """Remove one notification equal to ``exact`` from ``peer``; True if it was there."""
+        self._pull_notifs()
+        msgs = self._notifs.get(peer, [])
+        if exact in msgs:
+            msgs.remove(exact)
+            return True
+        return False
+
+    @property
+    def staging_pool(self) -> KvPool | None:
+        return self._staging
 
     def send_notif(self, peer: str, msg: bytes) -> None:
         raise NotImplementedError(f"{self.name} cannot send bare notifications")

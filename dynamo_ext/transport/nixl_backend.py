@@ -124,7 +124,6 @@ class NixlBackend(TransferBackend):
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"creating NIXL backends {self._backends} failed: {e}") from e
         self._reg: dict[str, Any] = {}
-        self._notifs: dict[str, list[bytes]] = {}
         _AGENTS_IN_PROCESS.append(agent_name)
         self._closed = False
 
@@ -194,21 +193,13 @@ class NixlBackend(TransferBackend):
             req.poll()
         return req
 
-    def progress(self) -> None:
-        self._pending_notifs_poll()
-
-    def _pending_notifs_poll(self) -> None:
+    def _pull_notifs(self) -> None:
         try:
             new = self.agent.get_new_notifs()
         except Exception:  # noqa: BLE001
             return
         for k, v in new.items():
             self._notifs.setdefault(k, []).extend(v)
-
-    def get_notifs(self) -> dict[str, list[bytes]]:
-        self._pending_notifs_poll()
-        out, self._notifs = self._notifs, {}
-        return out
 
     def send_notif(self, peer: str, msg: bytes) -> None:
         self.peer(peer)

@@ -21,6 +21,7 @@ benchmark too::
                                                -> (with --staging-bytes) recompute the staged plan and
                                                   scatter staging -> pool        {"ok": true, "seconds": s}
     {"cmd": "notifs"}                          -> notifications received so far  {"ok": true, "notifs": {peer: [hex]}}
+    {"cmd": "add_peer", "info": base64}        -> add the caller as a peer (to ack staged WRITEs)
     {"cmd": "exit"}                            -> {"ok": true}, then the process exits
 
 The peer polls its backend (progress + notifications) every millisecond while idle: NIXL runs
@@ -186,6 +187,10 @@ async def _peer_main(args: argparse.Namespace, publish: Callable[[PeerInfo, argp
             fill_pool(pool, int(cmd["seed"]))
         elif c == "digest":
             reply["sha256"] = digest(pool_bytes(pool), layout, cmd.get("blocks"), cmd.get("ranges"))
+        elif c == "add_peer":
+            pinfo = PeerInfo.decode(base64.b64decode(cmd["info"]))
+            if not be.has_peer(pinfo.agent_name):
+                be.add_peer(pinfo)
         elif c == "scatter" and staging is not None:
             reply["seconds"] = scatter_staged(staging, pool, cmd)
         elif c == "notifs":

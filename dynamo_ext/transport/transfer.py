@@ -29,9 +29,21 @@ list of block ids used on both sides, or a pair ``(src_block_ids, dst_block_ids)
 ``stream`` is accepted for device copies (CUDA IPC / same-process torch copies); NIXL ignores it.
 ``notif`` (write only) reaches the destination's ``backend.get_notifs()`` after the data landed.
 
-The default planner is ``plan_transfer(..., stage=False)``: merged descriptors, pool to pool. A
-staged plan needs both sides to run gather/scatter and is refused here (BackendError) until the
-cooperative executor exists.
+The default planner is ``plan_transfer(..., stage=False)``: merged descriptors, pool to pool.
+
+Staged WRITE (``stage=True``, or ``stage=None`` = automatic from device pools), when both sides
+registered a staging pool (``register_pool(p, staging=True)``) large enough for the transfer::
+
+    initiator                                         target (its backend.progress() loop)
+    gather_into(pool -> staging)       (plan.gather)
+    post WRITE staging -> peer staging (plan.wire, 1 descriptor per slice)
+       notif = STAGED_REQUEST + msgpack{id, src_layout, src_blocks, dst_pool, dst_blocks, plan kwargs, user}
+                                                      recompute the SAME pure plan, scatter_from(staging -> pool)
+                                                      queue the user's notif, send_notif(STAGED_ACK + id)
+    poll: wire DONE, then the ack -> TransferStats    (error -> STAGED_NACK + id + message -> BackendError)
+
+One staged transfer per (backend, peer) at a time (the peer's staging is one region). The target
+must know the initiator (add_peer) to ack. Staged READ is not implemented (the plan stays direct).
 """
 
 from __future__ import annotations
@@ -43,12 +55,16 @@ from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 
-from .backend import DoneRequest as _Done, TransferBackend, XferRequest
-from .errors import BackendError, InvalidBlocks, TransferError, TransferTimeout
+import uuid
+
+import msgpack
+
+from .backend import STAGED_ACK, STAGED_NACK, STAGED_REQUEST, DoneRequest as _Done, TransferBackend, XferRequest
+from .errors import BackendError, InvalidBlocks, TransferError, TransferTimeout, UnregisteredMemory
 from .layout import KvLayout
 from .metrics import TransportMetrics, metrics as default_metrics
 from .plan import TransferPlan, plan_transfer
-from .pool import KvPool, PoolDescriptor
+from .pool import KvPool, MemoryKind, PoolDescriptor
 
 DEADLINE_FLOOR_S = 0.5
 DEADLINE_FACTOR = 4.0
@@ -84,6 +100,110 @@ def default_planner(src_layout: KvLayout, src_blocks: Sequence[int], dst_layout:
     return plan_transfer(src_layout, src_blocks, dst_layout, dst_blocks, stage=False)
 
 
+class _StagedRequest(XferRequest):
+    """Wire WRITE into the peer's staging, then wait for the peer's scatter ack."""
+
+    def __init__(self, be: TransferBackend, wire: XferRequest, peer: str, xid: bytes, lock: asyncio.Lock) -> None:
+        self._be, self._wire, self._peer, self._xid, self._lock = be, wire, peer, xid, lock
+        self._wired = False
+
+    def poll(self) -> bool:
+        try:
+            if not self._wired:
+                if not self._wire.poll():
+                    return False
+                self._wired = True
+            if self._be.pop_notif(self._peer, STAGED_ACK + self._xid):
+                self._release()
+                return True
+            for m in list(self._be._notifs.get(self._peer, [])):
+                if m.startswith(STAGED_NACK + self._xid):
+                    self._be._notifs[self._peer].remove(m)
+                    raise BackendError(f"peer {self._peer!r} failed to scatter: {m[len(STAGED_NACK) + 16:].decode(errors='replace')}")
+            return False
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock.locked():
+            self._lock.release()
+
+    def cancel(self) -> None:
+        self._wire.cancel()
+        self._release()
+
+
+_STAGING_LOCKS: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+async def _post_staged(backend: TransferBackend, local: KvPool, remote: RemotePool, plan: TransferPlan,
+                       plan_kwargs: dict[str, Any], notif: bytes) -> XferRequest:
+    """Source half of a staged WRITE: gather -> one wire WRITE staging->staging (+ scatter request)."""
+    from .staging import gather_into  # noqa: PLC0415  (torch)
+
+    stg = backend.staging_pool
+    rstg = backend.peer(remote.peer).staging
+    assert stg is not None and rstg is not None
+    lock = _STAGING_LOCKS.setdefault((id(backend), remote.peer), asyncio.Lock())
+    await lock.acquire()  # one staged transfer per peer staging region at a time
+    try:
+        gather_into(local.tensor_u8(), stg.tensor_u8(), plan.gather)
+        if local.kind is MemoryKind.DEVICE:
+            import torch  # noqa: PLC0415
+
+            torch.cuda.synchronize(local.device_id)
+        xid = uuid.uuid4().hex[:16].encode()
+        msg = STAGED_REQUEST + msgpack.packb({
+            "id": xid, "src_layout": plan.src_layout.to_dict(), "src_blocks": list(plan.src_blocks),
+            "dst_pool": remote.pool.name, "dst_blocks": list(plan.dst_blocks), "plan": plan_kwargs, "user": notif,
+        }, use_bin_type=True)
+        wire = np.asarray(getattr(plan.wire, "array", plan.wire), dtype=np.int64).reshape(-1, 3)
+        req = backend.post("write", stg, remote.peer, rstg, wire, msg)
+    except BaseException:
+        lock.release()
+        raise
+    return _StagedRequest(backend, req, remote.peer, xid, lock)
+
+
+def serve_staged_requests(backend: TransferBackend) -> int:
+    """Destination half of staged WRITEs (called by ``backend.progress()``): for every scatter request
+    in the notification buffer, recompute the pure plan, scatter staging -> pool, queue the user's
+    notification, and ack (or nack with the error) to the sender. Returns requests served."""
+    served = 0
+    for peer, msgs in list(backend._notifs.items()):
+        for m in [m for m in msgs if m.startswith(STAGED_REQUEST)]:
+            msgs.remove(m)
+            served += 1
+            xid = b"?" * 16
+            try:
+                req = msgpack.unpackb(m[len(STAGED_REQUEST):], raw=False)
+                xid = bytes(req["id"])
+                pool = backend._pools.get(req["dst_pool"])
+                stg = backend.staging_pool
+                if pool is None or stg is None:
+                    raise UnregisteredMemory(f"no pool {req['dst_pool']!r} or no staging on {backend.agent_name!r}")
+                plan = plan_transfer(KvLayout.from_dict(req["src_layout"]), req["src_blocks"], pool.layout,
+                                     req["dst_blocks"], **req["plan"])
+                from .staging import scatter_from  # noqa: PLC0415
+
+                scatter_from(stg.tensor_u8(), pool.tensor_u8(), plan.scatter)
+                if pool.kind is MemoryKind.DEVICE:
+                    import torch  # noqa: PLC0415
+
+                    torch.cuda.synchronize(pool.device_id)
+                if req.get("user"):
+                    msgs.append(bytes(req["user"]))
+                reply = STAGED_ACK + xid
+            except Exception as e:  # noqa: BLE001 - reported to the sender
+                reply = STAGED_NACK + xid + f"{type(e).__name__}: {e}".encode()[:400]
+            try:
+                backend.send_notif(peer, reply)
+            except Exception:  # noqa: BLE001 - sender will time out
+                pass
+    return served
+
+
 def deadline_for(nbytes: int, gbps: float, *, floor_s: float = DEADLINE_FLOOR_S, factor: float = DEADLINE_FACTOR) -> float:
     """Seconds allowed for ``nbytes`` at ``gbps`` GB/s (1e9 bytes/s): max(floor, factor * expected time)."""
     if gbps <= 0:
@@ -106,6 +226,22 @@ def _kind(p: KvPool | RemotePool) -> str:
 
 def _layout(p: KvPool | RemotePool) -> KvLayout:
     return p.layout if isinstance(p, KvPool) else p.pool.kv_layout()
+
+
+def _staged_kwargs(backend: TransferBackend, src: Any, dst: Any, stage: bool | None) -> dict[str, Any]:
+    """plan_transfer kwargs for a staged WRITE, or {} when staging is not possible/wanted.
+    stage=None (auto): stage only from device pools (gather at ~1 TB/s pays off; on the host it does not)."""
+    if not isinstance(src, KvPool) or not isinstance(dst, RemotePool) or not backend.has_peer(dst.peer):
+        return {}
+    stg, rstg = backend.staging_pool, backend.peer(dst.peer).staging
+    if stg is None or rstg is None:
+        if stage:
+            raise BackendError("stage=True needs a staging pool registered on both sides "
+                               "(register_pool(pool, staging=True))")
+        return {}
+    if stage is None and src.kind is not MemoryKind.DEVICE:
+        return {}
+    return {"stage": True if stage else None, "staging_capacity_bytes": min(stg.nbytes, rstg.nbytes)}
 
 
 class TransferHandle:
@@ -199,6 +335,7 @@ async def transfer_kv_cache(
     notif: bytes = b"",
     on_done: Callable[[TransferHandle], Any] | None = None,
     planner: Planner | None = None,
+    stage: bool | None = False,
     metrics: TransportMetrics | None | Literal["default"] = "default",
 ) -> TransferHandle:
     """Start moving the KV chunks of ``blocks`` from ``src`` to ``dst``; see the module docstring."""
@@ -214,9 +351,21 @@ async def transfer_kv_cache(
     if direction is not None and direction != op:
         raise ValueError(f"direction={direction!r} but {type(src).__name__} -> {type(dst).__name__} is a {op}")
 
-    plan = (planner or default_planner)(_layout(src), src_ids, _layout(dst), dst_ids)
-    if plan.staged:
-        raise BackendError("staged plans need a cooperative gather/scatter executor; plan with stage=False")
+    plan_kwargs: dict[str, Any] = {}
+    if planner is None and stage is not False and op == "write" and backend is not None:
+        plan_kwargs = _staged_kwargs(backend, src, dst, stage)
+    if planner is not None:
+        plan = planner(_layout(src), src_ids, _layout(dst), dst_ids)
+    elif plan_kwargs:
+        plan = plan_transfer(_layout(src), src_ids, _layout(dst), dst_ids, **plan_kwargs)
+        if plan.staged and plan.staging_slots:
+            plan_kwargs = {}
+            plan = default_planner(_layout(src), src_ids, _layout(dst), dst_ids)
+    else:
+        plan = default_planner(_layout(src), src_ids, _layout(dst), dst_ids)
+    if plan.staged and not plan_kwargs:
+        raise BackendError("staged plans run only through transfer_kv_cache(stage=True|None) on a WRITE "
+                           "with registered staging on both sides")
     wire = np.asarray(getattr(plan.wire, "array", plan.wire), dtype=np.int64).reshape(-1, 3)
     path = f"{_kind(src)}->{_kind(dst)}"
     met = default_metrics() if metrics == "default" else metrics
@@ -241,7 +390,10 @@ async def transfer_kv_cache(
         if deadline_s is None:
             deadline_s = deadline_for(plan.total_bytes, expected_gbps or backend.default_gbps)
         t0 = time.monotonic()
-        req = backend.post(op, local, remote.peer, remote.pool, descs, notif if op == "write" else b"")
+        if plan.staged:
+            req = await _post_staged(backend, local, remote, plan, plan_kwargs, notif)
+        else:
+            req = backend.post(op, local, remote.peer, remote.pool, descs, notif if op == "write" else b"")
         handle = TransferHandle(plan=plan, direction=op, path=path, backend=backend.name, deadline_s=deadline_s,
                                 req=req, started=t0, metrics=met if isinstance(met, TransportMetrics) else None,
                                 poll_s=backend.poll_interval_s)

@@ -44,11 +44,12 @@ async def etcd_get(url: str, key: str, timeout: float = 10.0) -> bytes:
         return bytes(r.kvs[0].value)
 
 
-def start_peer(kind: str, name: str, layout: KvLayout, etcd_url: str, seed: int = 7) -> tuple[PeerProcess, PeerInfo]:
+def start_peer(kind: str, name: str, layout: KvLayout, etcd_url: str, seed: int = 7,
+               staging_bytes: int = 0) -> tuple[PeerProcess, PeerInfo]:
     """Start a peer process; return it and the PeerInfo read back from etcd (not from its stdout)."""
     key = f"/dynamo_ext/tests/transport/{name}"
     proc = PeerProcess.start(backend=kind, name=name, layout=layout, seed=seed, script=PEER_SCRIPT,
-                             extra=["--etcd", etcd_url, "--key", key])
+                             extra=["--etcd", etcd_url, "--key", key, "--staging-bytes", str(staging_bytes)])
     try:
         with ThreadPoolExecutor(1) as ex:  # callers may be inside a running event loop
             info = PeerInfo.decode(ex.submit(asyncio.run, etcd_get(etcd_url, key)).result(timeout=30))
@@ -76,6 +77,15 @@ class PeerCtl:
         if self.proc:
             return (await self.proc.acall({"cmd": "digest", "blocks": blocks}))["sha256"]
         return digest(self.pool.host_view(), self.pool.layout, blocks)
+
+    async def add_peer(self, info: PeerInfo) -> None:
+        """Let the peer know us (it acks staged WRITEs with a notification)."""
+        if self.proc:
+            import base64
+
+            await self.proc.acall({"cmd": "add_peer", "info": base64.b64encode(info.encode()).decode()})
+        elif not self.backend.has_peer(info.agent_name):
+            self.backend.add_peer(info)
 
     async def notifs(self) -> dict[str, list[bytes]]:
         if self.proc:
@@ -134,7 +144,8 @@ def module_peers(shared_etcd) -> Iterator[dict[str, tuple[PeerProcess, PeerInfo]
     def get(kind: str) -> tuple[PeerProcess, PeerInfo]:
         proc = peers.get(kind)
         if proc is None or proc[0].proc.poll() is not None:
-            peers[kind] = start_peer(kind, f"peer-{kind}-{os.getpid()}-{len(peers)}", small_layout(), shared_etcd.url)
+            peers[kind] = start_peer(kind, f"peer-{kind}-{os.getpid()}-{len(peers)}", small_layout(), shared_etcd.url,
+                                     staging_bytes=small_layout().pool_bytes)
         return peers[kind]
 
     yield get  # type: ignore[misc]
@@ -157,6 +168,8 @@ async def pair(transport_kind, module_peers, request) -> Any:
         rpool = KvPool.allocate_host("kv", layout)
         be.register_pool(pool)
         other.register_pool(rpool)
+        be.register_pool(KvPool.allocate_host("staging", layout), staging=True)
+        other.register_pool(KvPool.allocate_host("staging", layout), staging=True)
         pattern(rpool.host_view(), 7)
         be.add_peer(other.local_peer_info())
         yield Pair("local", be, pool, RemotePool(other.agent_name, rpool.descriptor()), PeerCtl(pool=rpool, backend=other),
@@ -168,6 +181,8 @@ async def pair(transport_kind, module_peers, request) -> Any:
     if transport_kind == "nixl":
         be = request.getfixturevalue("nixl_backend")
         pool = _session_pool(be, "kv", layout)
+        if be.staging_pool is None:
+            be.register_pool(KvPool.allocate_host("staging", layout), staging=True)
         if not be.has_peer(info.agent_name):
             be.add_peer(info)
     else:
@@ -175,6 +190,7 @@ async def pair(transport_kind, module_peers, request) -> Any:
         await be.start()
         pool = KvPool.allocate_host("kv", layout)
         be.register_pool(pool)
+        be.register_pool(KvPool.allocate_host("staging", layout), staging=True)
         be.add_peer(info)
     pool.host_view().fill(0)
     ctl = PeerCtl(proc=proc)

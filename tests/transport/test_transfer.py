@@ -75,6 +75,28 @@ async def test_write_scattered_blocks_byte_exact_with_notification(pair):
     assert tag in got
 
 
+async def test_staged_write_gather_one_descriptor_peer_scatters(pair):
+    n = pair.layout.num_blocks
+    pattern(pair.pool.host_view(), 42)
+    await pair.peer.add_peer(pair.backend.local_peer_info())
+    src, dst = scattered(n, 16, 8), scattered(n, 16, 9)
+    rest = _others(n, dst)
+    before_rest = await pair.peer.digest(rest)
+    tag = b"staged-landed"
+    for _ in range(2):  # twice: the staging region is reused once the first scatter was acked
+        st = await (await transfer_kv_cache(pair.pool, pair.remote, (src, dst), backend=pair.backend, stage=True,
+                                            notif=tag, deadline_s=10))
+        assert st.descriptors == 1 and st.bytes == 16 * pair.layout.block_bytes
+    assert await pair.peer.digest(dst) == digest(pair.pool.host_view(), pair.layout, src)
+    assert await pair.peer.digest(rest) == before_rest
+    got: list[bytes] = []
+    end = time.monotonic() + 5
+    while got.count(tag) < 2 and time.monotonic() < end:
+        got += sum((await pair.peer.notifs()).values(), [])
+        await asyncio.sleep(0.01)
+    assert got.count(tag) == 2 and all(not m.startswith(b"\x00DX") for m in got)
+
+
 async def test_same_ids_both_sides_and_contiguous_run_merges(pair):
     ids = list(range(8, 24))
     st = await (await transfer_kv_cache(pair.remote, pair.pool, ids, backend=pair.backend))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import DoneRequest, Op, TransferBackend, XferRequest, as_triples
+from ..backend import STAGED_REQUEST, DoneRequest, Op, TransferBackend, XferRequest, as_triples
 from ..errors import PeerUnreachable, UnregisteredMemory
 from ..peer import PeerInfo
 from ..pool import KvPool, MemoryKind, PoolDescriptor
@@ -58,7 +58,6 @@ class LocalBackend(TransferBackend):
         if agent_name in _LOCAL:
             raise ValueError(f"a LocalBackend named {agent_name!r} already exists in this process")
         _LOCAL[agent_name] = self
-        self._notifs: dict[str, list[bytes]] = {}
 
     def _connect(self, info: PeerInfo) -> None:
         if info.pid != os.getpid() or info.agent_name not in _LOCAL:
@@ -80,13 +79,11 @@ class LocalBackend(TransferBackend):
             copy_ranges(local, rpool, descs)
             if notif:
                 _LOCAL[peer]._notifs.setdefault(self.agent_name, []).append(notif)
+                if notif.startswith(STAGED_REQUEST):
+                    _LOCAL[peer].progress()  # same process: serve the scatter right away
         else:
             copy_ranges(rpool, local, descs[:, [1, 0, 2]])
         return DoneRequest()
-
-    def get_notifs(self) -> dict[str, list[bytes]]:
-        out, self._notifs = self._notifs, {}
-        return out
 
     def send_notif(self, peer: str, msg: bytes) -> None:
         self.peer(peer)

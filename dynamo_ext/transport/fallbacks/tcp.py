@@ -102,7 +102,6 @@ class TcpBackend(TransferBackend):
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._notifs: dict[str, list[bytes]] = {}
 
     # -- server side -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -220,9 +219,13 @@ class TcpBackend(TransferBackend):
         task = asyncio.get_running_loop().create_task(self._exchange(peer, op, local, remote, descs.tolist(), notif))
         return _TcpRequest(task, lambda: self._disconnect_conn(peer))
 
-    def get_notifs(self) -> dict[str, list[bytes]]:
-        out, self._notifs = self._notifs, {}
-        return out
+    def send_notif(self, peer: str, msg: bytes) -> None:
+        """Queue a bare notification to ``peer`` (sent by a task of the running loop)."""
+        self.peer(peer)
+        task = asyncio.get_running_loop().create_task(self.send_notif_async(peer, msg))
+        self._bg = getattr(self, "_bg", set())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     async def send_notif_async(self, peer: str, msg: bytes) -> None:
         async with self._locks.setdefault(peer, asyncio.Lock()):
