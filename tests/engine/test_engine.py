@@ -135,3 +135,16 @@ def test_bad_requests_are_refused(make_engine):
         eng.add_request(Request("v", [10_000], GREEDY))
     with pytest.raises(ValueError):
         eng.add_request(Request("l", [1] * 40, GREEDY))  # needs more blocks than the pool has
+
+
+def test_token_budget_defers_admission(make_engine, prompt):
+    ps = [prompt(70, 15), prompt(71, 15), prompt(72, 3)]
+    ref = [_alone(make_engine, p, GREEDY) for p in ps]
+    eng = make_engine(max_num_batched_tokens=20, max_num_seqs=2)
+    for i, p in enumerate(ps):
+        eng.add_request(Request(str(i), p, GREEDY))
+    first = eng.step()
+    assert [o.request_id for o in first] == ["0"]  # 15 + 15 > 20: the second prompt waits a step
+    out = {o.request_id: list(o.new_token_ids) for o in first}
+    _drain(eng, out)
+    assert [out[str(i)] for i in range(3)] == ref

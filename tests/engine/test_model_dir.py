@@ -70,6 +70,33 @@ def test_hf_transformers_computes_the_same_logits(model_dir, tiny):
     assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
 
 
+@pytest.mark.parametrize("variant", ["llama3-rope-scaling", "tied-embeddings"])
+def test_hf_variants_load_and_match(tmp_path, tiny, variant):
+    """Checkpoint features of real Llama 3.x directories: llama3 RoPE scaling, tied embeddings."""
+    transformers = pytest.importorskip("transformers")
+    from dataclasses import replace
+
+    from dynamo_ext.engine.weights import LoadedModel, save_model_dir
+
+    if variant == "llama3-rope-scaling":
+        cfg = replace(tiny.config, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+        weights = dict(tiny.weights)
+    else:
+        cfg = replace(tiny.config, tie_word_embeddings=True)
+        weights = {k: v for k, v in tiny.weights.items() if k != "lm_head.weight"}
+    save_model_dir(LoadedModel(cfg, tiny.tokenizer, weights), tmp_path)
+    m = load_model(tmp_path)
+    assert m.config == cfg
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = list(range(1, 200, 3))  # 67 positions: past original_max_position_embeddings
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0]
+    ours = LlamaModel(m.config, m.weights).forward(torch.tensor(ids), torch.arange(len(ids)), DenseCausalAttention())
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
+
+
 def test_cli_generate_json(model_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "dynamo_ext.cli", "generate", "--model", str(model_dir), "--prompt", "Hello",
