@@ -6,7 +6,8 @@
                                                    is already in block_ids
     PagedAttention(pool, seqs)                     per layer: write new K/V into the pool, then attend
       decode rows (q_len == 1), batched:  one gather of the batch's blocks per layer
-          K = pool.k[layer][block_table]  -> [B, max_blocks*block_size, Hkv, D], key mask by ctx_len,
+          K = pool.k[layer].index_select(0, block_table.flatten()) -> [B, max_blocks*block_size, Hkv, D],
+          key mask by ctx_len,
           one SDPA with the G = Hq/Hkv query heads of a KV head as G query rows (no K/V repeat)
       prefill rows, per sequence: fresh K/V (causal) when nothing is cached, else the pool's blocks
           with a bottom-right-aligned causal mask (prefix-cache hit: only the suffix is computed)
@@ -64,7 +65,8 @@ class PagedAttention:
             table = [s.block_ids[: -(-s.ctx_len // bs)] for s in dec]
             table = [t + [t[-1]] * (maxb - len(t)) for t in table]  # pad with a real block; masked out
             self.dec_rows = torch.tensor([s.q_start for s in dec], dtype=torch.long, device=dev)
-            self.dec_table = torch.tensor(table, dtype=torch.long, device=dev)
+            self.dec_flat = torch.tensor(table, dtype=torch.long, device=dev).flatten()
+            self.dec_shape = (len(dec), maxb * bs, lay.num_kv_heads, lay.head_dim)
             ctx = torch.tensor([s.ctx_len for s in dec], dtype=torch.long, device=dev)
             self.dec_mask = (torch.arange(maxb * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
             self.dec_all_rows = len(dec) == len(seqs) and [s.q_start for s in dec] == list(range(len(dec)))
@@ -82,8 +84,9 @@ class PagedAttention:
         if self.dec_rows is not None:
             b = self.dec_rows.shape[0]
             qd = (q if self.dec_all_rows else q[self.dec_rows]).view(b, hkv, g, d)
-            kk = kc[self.dec_table].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, Hkv, S, D]
-            vv = vc[self.dec_table].flatten(1, 2).transpose(1, 2).to(q.dtype)
+            # one row gather per layer for K and V: [B*maxb, bs, Hkv, D] -> [B, Hkv, S, D]
+            kk = kc.index_select(0, self.dec_flat).view(self.dec_shape).transpose(1, 2).to(q.dtype)
+            vv = vc.index_select(0, self.dec_flat).view(self.dec_shape).transpose(1, 2).to(q.dtype)
             o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=self.dec_mask).reshape(b, hq, d)
             if self.dec_all_rows:
                 return o
@@ -95,8 +98,8 @@ class PagedAttention:
                 vs = v[s.q_start : s.q_start + s.q_len]
                 mask, causal = None, True
             else:
-                ks = kc[blocks].flatten(0, 1)[: s.ctx_len].to(q.dtype)
-                vs = vc[blocks].flatten(0, 1)[: s.ctx_len].to(q.dtype)
+                ks = kc.index_select(0, blocks).flatten(0, 1)[: s.ctx_len].to(q.dtype)
+                vs = vc.index_select(0, blocks).flatten(0, 1)[: s.ctx_len].to(q.dtype)
                 qpos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)
                 mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= qpos[:, None]
                 causal = False
