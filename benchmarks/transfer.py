@@ -13,7 +13,8 @@ Protocol::
            the destination chunks in the peer == of the source chunks here):
              naive          transfer_kv_cache with plan_naive (one descriptor per chunk)
              planned        transfer_kv_cache with plan_transfer (merged runs, pool -> pool)
-             planned-staged gather into staging here, ONE wire descriptor, peer scatters (same pure plan)
+             planned-staged transfer_kv_cache(stage=True): gather into staging here, ONE wire descriptor,
+                            the peer recomputes the pure plan and scatters, then acks
              raw-single     one descriptor of the same bytes, pool -> pool (NIXL ceiling)
              memcpy / torch-copy   one local copy of the same bytes on the same devices (copy ceiling)
              cuda-ipc       (GPU->GPU paths) planned transfer through the CUDA IPC fallback backend
@@ -124,7 +125,7 @@ class _Bench:
             pool.name, stg.name = f"kv{dev}", f"staging{dev}"
             fill_pool(pool, 5)
             self.be.register_pool(pool)
-            self.be.register_pool(stg)
+            self.be.register_pool(stg, staging=True)
             self.pools[dev] = (pool, stg)
         return self.pools[dev]
 
@@ -164,19 +165,15 @@ class _Bench:
                 while not req.poll():
                     await asyncio.sleep(0)
 
-            staged_plan = plan_transfer(self.layout, self.src_ids, self.layout, self.dst_ids, stage=True)
+            # the peer must know this agent to ack staged WRITEs
+            import base64
 
-            async def staged() -> None:
-                import torch
+            await peer.acall({"cmd": "add_peer", "info": base64.b64encode(self.be.local_peer_info().encode()).decode()})
 
-                from dynamo_ext.transport.staging import gather_into
-
-                gather_into(pool.tensor_u8(), stg.tensor_u8(), staged_plan.gather)
-                if sdev >= 0:
-                    torch.cuda.synchronize(sdev)
-                await post_wait(stg, rstg, [(0, 0, self.nbytes)])
-                await peer.acall({"cmd": "scatter", "src_layout": self.layout.to_dict(), "src_blocks": self.src_ids,
-                                  "dst_blocks": self.dst_ids})
+            async def staged() -> int:
+                h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=self.be, stage=True,
+                                            deadline_s=deadline, metrics=None)
+                return (await h).descriptors
 
             for seed, method in enumerate(METHODS, start=20):
                 await peer.acall({"cmd": "fill", "seed": seed}, timeout=120)
@@ -187,7 +184,7 @@ class _Bench:
                     times = await self._timed(lambda p=planner: via(p or (lambda *a: plan_transfer(*a, stage=False))))
                     ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == src_digest
                 elif method == "planned-staged":
-                    ndesc = staged_plan.num_descriptors
+                    ndesc = await staged()
                     times = await self._timed(staged)
                     ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == src_digest
                 elif method == "raw-single":

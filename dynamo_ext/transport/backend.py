@@ -85,6 +85,7 @@ class TransferBackend(ABC):
         self._pools: dict[str, KvPool] = {}
         self._peers: dict[str, PeerInfo] = {}
         self._staging: KvPool | None = None
+        self._stagings: dict[tuple[str, int], KvPool] = {}
         self._notifs: dict[str, list[bytes]] = {}
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -106,7 +107,9 @@ class TransferBackend(ABC):
             self._pools[pool.name] = pool
             pool.registered_with.add(self.agent_name)
         if staging:
-            self._staging = pool
+            self._stagings[(pool.kind.value, pool.device_id if pool.kind.value == "device" else -1)] = pool
+            if self._staging is None:
+                self._staging = pool  # the one advertised in PeerInfo.staging (peers WRITE into it)
 
     def _register(self, pool: KvPool) -> None:  # noqa: B027 - backends override when needed
         pass
@@ -126,7 +129,7 @@ class TransferBackend(ABC):
 
         return PeerInfo(
             agent_name=self.agent_name, backend=self.name, agent_metadata=self._agent_metadata(),
-            pools=[p.descriptor() for p in self._pools.values() if p is not self._staging],
+            pools=[p.descriptor() for p in self._pools.values() if p not in self._stagings.values()],
             staging=self._staging.descriptor() if self._staging else None,
             pid=os.getpid(), endpoint=self._endpoint(),
         )
@@ -245,7 +248,12 @@ class TransferBackend(ABC):
 
     @property
     def staging_pool(self) -> KvPool | None:
+        """The staging region peers write into (the first registered with staging=True)."""
         return self._staging
+
+    def staging_for(self, pool: KvPool) -> KvPool | None:
+        """A staging region on the same memory (kind and device) as ``pool``, for gathers."""
+        return self._stagings.get((pool.kind.value, pool.device_id if pool.kind.value == "device" else -1))
 
     def send_notif(self, peer: str, msg: bytes) -> None:
         raise NotImplementedError(f"{self.name} cannot send bare notifications")

@@ -142,7 +142,7 @@ async def _post_staged(backend: TransferBackend, local: KvPool, remote: RemotePo
     """Source half of a staged WRITE: gather -> one wire WRITE staging->staging (+ scatter request)."""
     from .staging import gather_into  # noqa: PLC0415  (torch)
 
-    stg = backend.staging_pool
+    stg = backend.staging_for(local)
     rstg = backend.peer(remote.peer).staging
     assert stg is not None and rstg is not None
     lock = _STAGING_LOCKS.setdefault((id(backend), remote.peer), asyncio.Lock())
@@ -233,7 +233,7 @@ def _staged_kwargs(backend: TransferBackend, src: Any, dst: Any, stage: bool | N
     stage=None (auto): stage only from device pools (gather at ~1 TB/s pays off; on the host it does not)."""
     if not isinstance(src, KvPool) or not isinstance(dst, RemotePool) or not backend.has_peer(dst.peer):
         return {}
-    stg, rstg = backend.staging_pool, backend.peer(dst.peer).staging
+    stg, rstg = backend.staging_for(src), backend.peer(dst.peer).staging
     if stg is None or rstg is None:
         if stage:
             raise BackendError("stage=True needs a staging pool registered on both sides "
@@ -335,7 +335,7 @@ async def transfer_kv_cache(
     notif: bytes = b"",
     on_done: Callable[[TransferHandle], Any] | None = None,
     planner: Planner | None = None,
-    stage: bool | None = False,
+    stage: bool | None = None,
     metrics: TransportMetrics | None | Literal["default"] = "default",
 ) -> TransferHandle:
     """Start moving the KV chunks of ``blocks`` from ``src`` to ``dst``; see the module docstring."""

@@ -71,3 +71,40 @@ async def test_gpu_scattered_blocks_byte_exact(kind, ddev, direction, request):
         be.remove_peer(peer.info.agent_name)
     finally:
         peer.close()
+
+
+@pytest.mark.parametrize("ddev", [0] + ([1] if _ngpus() > 1 else []))
+async def test_gpu_staged_write_one_descriptor(ddev, nixl_backend):
+    """transfer_kv_cache(stage=None) from a device pool stages automatically: gather on GPU0, one
+    NIXL descriptor into the peer's device staging, the peer scatters and acks."""
+    import base64
+
+    layout = preset("llama3-8b", 48)
+    peer = PeerProcess.start(backend="nixl", name=f"gpu-staged-peer-{ddev}-{os.getpid()}", layout=layout, seed=3,
+                             extra=["--device", str(ddev), "--staging-bytes", str(layout.pool_bytes)], timeout=120)
+    try:
+        be = nixl_backend
+        pools = be.test_pools
+        if "gpu-kv" not in pools:
+            pools["gpu-kv"] = KvPool.allocate_device("gpu-kv", layout, 0)
+            be.register_pool(pools["gpu-kv"])
+        if "gpu-staging" not in pools:
+            pools["gpu-staging"] = KvPool.allocate_device("gpu-staging", layout, 0)
+            be.register_pool(pools["gpu-staging"], staging=True)
+        pool = pools["gpu-kv"]
+        fill_pool(pool, 21)
+        be.add_peer(peer.info)
+        await peer.acall({"cmd": "add_peer", "info": base64.b64encode(be.local_peer_info().encode()).decode()})
+        rng = np.random.default_rng(6)
+        src = [int(x) for x in rng.permutation(48)[:30]]
+        dst = [int(x) for x in rng.permutation(48)[:30]]
+        remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+        for _ in range(3):
+            st = await (await transfer_kv_cache(pool, remote, (src, dst), backend=be, deadline_s=30))
+        assert st.descriptors == 1
+        got = (await peer.acall({"cmd": "digest", "blocks": dst}))["sha256"]
+        assert got == digest(pool_bytes(pool), layout, src)
+        print(f"[nixl staged GPU0->GPU{ddev}] {st.gbps:.2f} GB/s, {st.bytes} B in one descriptor")
+        be.remove_peer(peer.info.agent_name)
+    finally:
+        peer.close()
