@@ -29,8 +29,9 @@ unit is tiny (under ``MIN_VECTOR_UNIT`` bytes) or there is a single descriptor.
 
 ``stream``: a ``torch.cuda.Stream`` the copies are enqueued on (the caller orders it against the
 producers and consumers of the bytes with events); ignored for CPU tensors. The calls return as soon
-as the work is enqueued; the index tensors are allocated on that stream, so the caching allocator
-keeps them alive until the copy has run.
+as the work is enqueued: the row indices are uploaded in one copy on an idle per-device upload
+stream that ``stream`` waits for (a pageable upload on a busy stream would block the thread until
+that stream drained), and are recorded on ``stream`` so the caching allocator keeps them alive.
 """
 
 from __future__ import annotations
@@ -79,11 +80,19 @@ def _stream_ctx(t: torch.Tensor, stream: Any) -> Any:
     return contextlib.nullcontext()
 
 
+def _div(x: np.ndarray, unit: int) -> np.ndarray:
+    """x // unit, as a shift when unit is a power of two (integer division is slow in NumPy)."""
+    if unit & (unit - 1) == 0:
+        return x >> (unit.bit_length() - 1)
+    return x // unit
+
+
 def _rows(a: np.ndarray, unit: int) -> tuple[np.ndarray, np.ndarray]:
     """Expand descriptors into row indices of [rows, unit] views (source rows, destination rows)."""
-    s0, d0, cnt = a[:, 0] // unit, a[:, 1] // unit, a[:, 2] // unit
-    if bool((cnt == 1).all()):
+    s0, d0 = _div(a[:, 0], unit), _div(a[:, 1], unit)
+    if bool((a[:, 2] == unit).all()):
         return s0, d0
+    cnt = _div(a[:, 2], unit)
     total = int(cnt.sum())
     first = np.cumsum(cnt) - cnt
     within = np.arange(total, dtype=np.int64) - np.repeat(first, cnt)
@@ -108,9 +117,38 @@ def _unit(a: np.ndarray) -> int:
     """GCD of every offset and size (the common row width), cheap when sizes are few and aligned."""
     n = a[:, 2]
     g = int(n[0]) if bool((n == n[0]).all()) else int(np.gcd.reduce(n))
-    if bool((a[:, :2] % g).any()):
+    off = a[:, :2]
+    misaligned = (off & (g - 1)).any() if g & (g - 1) == 0 else (off % g).any()
+    if bool(misaligned):
         g = int(np.gcd.reduce(a.ravel()))
     return g
+
+
+_upload_streams: dict[int, Any] = {}
+
+
+def _upload(arrays: list[np.ndarray], dev: torch.device) -> list[torch.Tensor]:
+    """Index arrays -> tensors on ``dev``, one host-to-device copy, ordered before the current stream.
+
+    A pageable upload waits for everything queued on its stream; issued on the (busy) work stream it
+    would block this thread until the stream drained, serialising a pipelined executor. So it goes on
+    an idle per-device upload stream, and the work stream waits for it with an event."""
+    host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    t = torch.from_numpy(np.ascontiguousarray(host))
+    if dev.type != "cuda":
+        return list(t.split([x.shape[0] for x in arrays]))
+    work = torch.cuda.current_stream(dev)
+    up = _upload_streams.get(dev.index if dev.index is not None else torch.cuda.current_device())
+    if up is None:
+        up = torch.cuda.Stream(device=dev)
+        _upload_streams[dev.index if dev.index is not None else torch.cuda.current_device()] = up
+    with torch.cuda.stream(up):
+        g = t.to(dev, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record(up)
+    work.wait_event(ev)
+    g.record_stream(work)  # allocated on the upload stream, used on the work stream
+    return list(g.split([x.shape[0] for x in arrays]))
 
 
 _WIDE = ((8, torch.int64), (4, torch.int32), (2, torch.int16))
@@ -159,26 +197,20 @@ def copy_descriptors(
         src2d = _as_rows(src_u8, unit, dst_u8)
         dst2d = _as_rows(dst_u8, unit, src_u8)
         dev = dst_u8.device
-
-        def idx(x: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(x))
-            if dev.type == "cuda":
-                # Through (cached) pinned memory: a pageable upload would block this thread until
-                # the stream reached it, serialising every slice of a pipelined executor.
-                t = t.pin_memory()
-            return t.to(dev, non_blocking=True)
-
         rng = _contiguous_range(drows)
         if rng is not None:  # gather: write straight into the contiguous destination range
             order, lo = rng
-            torch.index_select(src2d, 0, idx(srows[order]), out=dst2d[lo : lo + drows.shape[0]])
+            (si,) = _upload([srows[order]], dev)
+            torch.index_select(src2d, 0, si, out=dst2d[lo : lo + drows.shape[0]])
             return nbytes
         rng = _contiguous_range(srows)
         if rng is not None:  # scatter: read straight from the contiguous source range
             order, lo = rng
-            dst2d.index_copy_(0, idx(drows[order]), src2d[lo : lo + srows.shape[0]])
+            (di,) = _upload([drows[order]], dev)
+            dst2d.index_copy_(0, di, src2d[lo : lo + srows.shape[0]])
             return nbytes
-        dst2d.index_copy_(0, idx(drows), src2d.index_select(0, idx(srows)))
+        si, di = _upload([srows, drows], dev)
+        dst2d.index_copy_(0, di, src2d.index_select(0, si))
     return nbytes
 
 
