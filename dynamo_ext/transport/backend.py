@@ -162,7 +162,12 @@ class TransferBackend(ABC):
     def has_peer(self, name: str) -> bool:
         return name in self._peers
 
+    #: whether transfers between two pools of this backend itself work (NIXL: host <-> file)
+    supports_self: bool = False
+
     def peer(self, name: str) -> PeerInfo:
+        if name == self.agent_name and self.supports_self:
+            return PeerInfo(agent_name=name, backend=self.name, pools=[p.descriptor() for p in self._pools.values()])
         try:
             return self._peers[name]
         except KeyError:

@@ -15,6 +15,8 @@ Protocol::
     req.poll()                       -> check_xfer_state(h): "DONE" | "PROC" | "ERR"
     req.cancel()                     -> release_xfer_handle(h) (NIXL aborts an active transfer)
     target: be.progress(); be.get_notifs()   -> agent.get_new_notifs()
+    file pools: register_pool(KvPool.open_file(...)) creates the POSIX backend; transfer_kv_cache(host_pool,
+                file_pool, ...) posts WRITE/READ with this agent as its own remote (DRAM <-> FILE)
 
 Remote descriptor lists are built from plain (addr, nbytes, dev) tuples, never from
 get_serialized_descs (that pickles). Errors: nixlRemoteDisconnectError -> PeerUnreachable,
@@ -129,13 +131,20 @@ class NixlBackend(TransferBackend):
 
     # -- registration --------------------------------------------------------------------------
     def _register(self, pool: KvPool) -> None:
-        if pool.kind is MemoryKind.FILE and "POSIX" not in self._backends:
-            self.agent.create_backend("POSIX", dict(self.agent.get_plugin_params("POSIX")))
-            self._backends.append("POSIX")
         try:
+            if pool.kind is MemoryKind.FILE and "POSIX" not in self._backends:
+                self.agent.create_backend("POSIX", dict(self.agent.get_plugin_params("POSIX")))
+                self._backends.append("POSIX")
+                # host pools registered before POSIX existed must be known to it too (DRAM <-> FILE)
+                for p in self._pools.values():
+                    if p.kind is MemoryKind.HOST:
+                        self._reg[p.name + "#posix"] = self.agent.register_memory(
+                            [p.nixl_reg_tuple()], "DRAM", backends=["POSIX"])
             self._reg[pool.name] = self.agent.register_memory([pool.nixl_reg_tuple()], NIXL_MEM_TYPE[pool.kind])
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"registering pool {pool.name!r} with NIXL failed: {e}") from e
+
+    supports_self = True  # host <-> file pools of this agent (NIXL POSIX: the remote agent is itself)
 
     def _agent_metadata(self) -> bytes:
         return bytes(self.agent.get_agent_metadata())

@@ -28,6 +28,8 @@ Arguments: ``src``/``dst`` are a local ``KvPool`` (registered with ``backend``) 
 list of block ids used on both sides, or a pair ``(src_block_ids, dst_block_ids)`` of equal length.
 ``stream`` is accepted for device copies (CUDA IPC / same-process torch copies); NIXL ignores it.
 ``notif`` (write only) reaches the destination's ``backend.get_notifs()`` after the data landed.
+A KvPool -> KvPool transfer where one pool is a FILE pool goes through the backend (NIXL POSIX,
+the agent being its own remote): host -> file is a "write", file -> host a "read".
 
 The default planner is ``plan_transfer(..., stage=False)``: merged descriptors, pool to pool.
 
@@ -346,6 +348,13 @@ async def transfer_kv_cache(
         op = "read"
     elif isinstance(src, KvPool) and isinstance(dst, KvPool):
         op = "copy"
+        if MemoryKind.FILE in (src.kind, dst.kind):  # host <-> file through the backend (NIXL POSIX)
+            if backend is None or not backend.supports_self:
+                raise ValueError("a transfer to/from a file pool needs a backend that supports it (nixl)")
+            if dst.kind is MemoryKind.FILE:
+                dst, op = RemotePool(backend.agent_name, dst.descriptor()), "write"
+            else:
+                src, op = RemotePool(backend.agent_name, src.descriptor()), "read"
     else:
         raise TypeError("src and dst must be a KvPool and/or a RemotePool, and not both remote")
     if direction is not None and direction != op:
