@@ -165,6 +165,62 @@ def _as_rows(t: torch.Tensor, unit: int, other: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+class _Op:
+    """A copy prepared on the host: mode, row unit, first contiguous row, index arrays to upload."""
+
+    __slots__ = ("mode", "unit", "lo", "arrays", "nbytes", "descs")
+
+    def __init__(self, mode: str, unit: int, lo: int, arrays: list[np.ndarray], nbytes: int, descs: np.ndarray) -> None:
+        self.mode, self.unit, self.lo, self.arrays, self.nbytes, self.descs = mode, unit, lo, arrays, nbytes, descs
+
+
+def _prepare(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, vectorize: bool | None) -> _Op:
+    _check_tensor(src_u8, "source")
+    _check_tensor(dst_u8, "destination")
+    if src_u8.device != dst_u8.device:
+        raise ValueError(f"gather/scatter are local copies: source on {src_u8.device}, destination on {dst_u8.device}")
+    a = _as_array(descs)
+    if a.shape[0] == 0:
+        return _Op("none", 1, 0, [], 0, a)
+    _check_bounds(a, src_u8.numel(), dst_u8.numel())
+    nbytes = int(a[:, 2].sum())
+    unit = _unit(a)
+    if vectorize is None:
+        vectorize = a.shape[0] > 1 and unit >= MIN_VECTOR_UNIT and nbytes // unit <= MAX_VECTOR_ROWS
+    if not vectorize:
+        return _Op("loop", 1, 0, [], nbytes, a)
+    srows, drows = _rows(a, unit)
+    rng = _contiguous_range(drows)
+    if rng is not None:  # gather: write straight into the contiguous destination range
+        order, lo = rng
+        return _Op("select", unit, lo, [srows[order]], nbytes, a)
+    rng = _contiguous_range(srows)
+    if rng is not None:  # scatter: read straight from the contiguous source range
+        order, lo = rng
+        return _Op("copy", unit, lo, [drows[order]], nbytes, a)
+    return _Op("both", unit, 0, [srows, drows], nbytes, a)
+
+
+def _launch(op: _Op, src_u8: torch.Tensor, dst_u8: torch.Tensor, idx: list[torch.Tensor]) -> None:
+    """Enqueue a prepared copy on the current stream (``idx``: its arrays, on the device)."""
+    if op.mode == "none":
+        return
+    if op.mode == "loop":
+        for s, d, n in op.descs.tolist():
+            dst_u8[d : d + n].copy_(src_u8[s : s + n], non_blocking=True)
+        return
+    src2d = _as_rows(src_u8, op.unit, dst_u8)
+    dst2d = _as_rows(dst_u8, op.unit, src_u8)
+    if op.mode == "select":
+        n = idx[0].shape[0]
+        torch.index_select(src2d, 0, idx[0], out=dst2d[op.lo : op.lo + n])
+    elif op.mode == "copy":
+        n = idx[0].shape[0]
+        dst2d.index_copy_(0, idx[0], src2d[op.lo : op.lo + n])
+    else:
+        dst2d.index_copy_(0, idx[1], src2d.index_select(0, idx[0]))
+
+
 def copy_descriptors(
     src_u8: torch.Tensor,
     dst_u8: torch.Tensor,
@@ -176,42 +232,11 @@ def copy_descriptors(
     """Copy ``src_u8[d.src_offset : +d.nbytes] -> dst_u8[d.dst_offset : +d.nbytes]`` for every
     descriptor. Both tensors on one device. Destinations must not overlap (plans guarantee it).
     ``vectorize``: None = choose (see module docstring); True/False forces the path. Returns bytes."""
-    _check_tensor(src_u8, "source")
-    _check_tensor(dst_u8, "destination")
-    if src_u8.device != dst_u8.device:
-        raise ValueError(f"gather/scatter are local copies: source on {src_u8.device}, destination on {dst_u8.device}")
-    a = _as_array(descs)
-    if a.shape[0] == 0:
-        return 0
-    _check_bounds(a, src_u8.numel(), dst_u8.numel())
-    nbytes = int(a[:, 2].sum())
-    unit = _unit(a)
-    if vectorize is None:
-        vectorize = a.shape[0] > 1 and unit >= MIN_VECTOR_UNIT and nbytes // unit <= MAX_VECTOR_ROWS
+    op = _prepare(src_u8, dst_u8, descs, vectorize)
     with _stream_ctx(dst_u8, stream):
-        if not vectorize:
-            for s, d, n in a.tolist():
-                dst_u8[d : d + n].copy_(src_u8[s : s + n], non_blocking=True)
-            return nbytes
-        srows, drows = _rows(a, unit)
-        src2d = _as_rows(src_u8, unit, dst_u8)
-        dst2d = _as_rows(dst_u8, unit, src_u8)
-        dev = dst_u8.device
-        rng = _contiguous_range(drows)
-        if rng is not None:  # gather: write straight into the contiguous destination range
-            order, lo = rng
-            (si,) = _upload([srows[order]], dev)
-            torch.index_select(src2d, 0, si, out=dst2d[lo : lo + drows.shape[0]])
-            return nbytes
-        rng = _contiguous_range(srows)
-        if rng is not None:  # scatter: read straight from the contiguous source range
-            order, lo = rng
-            (di,) = _upload([drows[order]], dev)
-            dst2d.index_copy_(0, di, src2d[lo : lo + srows.shape[0]])
-            return nbytes
-        si, di = _upload([srows, drows], dev)
-        dst2d.index_copy_(0, di, src2d.index_select(0, si))
-    return nbytes
+        idx = _upload(op.arrays, dst_u8.device) if op.arrays else []
+        _launch(op, src_u8, dst_u8, idx)
+    return op.nbytes
 
 
 def gather_into(
@@ -239,6 +264,23 @@ def scatter_from(
 def _wire_copy(src: torch.Tensor, dst: torch.Tensor, descs: Sequence[Descriptor]) -> None:
     for s, d, n in descs:
         dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
+
+
+def _upload_all(ops: list[_Op], dev: torch.device) -> torch.Tensor:
+    arrays = [x for op in ops for x in op.arrays]
+    return _upload([np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)], dev)[0]
+
+
+def _split(t: torch.Tensor, ops: list[_Op]) -> list[list[torch.Tensor]]:
+    """The one uploaded tensor back into each op's index tensors (views)."""
+    out, pos = [], 0
+    for op in ops:
+        mine = []
+        for x in op.arrays:
+            mine.append(t[pos : pos + x.shape[0]])
+            pos += x.shape[0]
+        out.append(mine)
+    return out
 
 
 def execute_local(
@@ -293,12 +335,21 @@ def execute_local(
         st.wait_stream(cur_s)
     s_stream.wait_stream(cur_d)
     slots = plan.staging_slots
+    # Host work first (index arrays of every slice, one upload per device), so the launch loop below
+    # only enqueues: an upload issued while the copy engines are busy would stall this thread.
+    g_ops = [_prepare(src_pool_u8, src_staging_u8, sl.gather, None) for sl in plan.slices]
+    s_ops = [_prepare(dst_staging_u8, dst_pool_u8, sl.scatter, None) for sl in plan.slices]
+    with torch.cuda.stream(g_stream):
+        g_idx = _split(_upload_all(g_ops, sdev), g_ops)
+    with torch.cuda.stream(s_stream):
+        s_idx = _split(_upload_all(s_ops, ddev), s_ops)
     ev_w: list[torch.cuda.Event] = []
     ev_s: list[torch.cuda.Event] = []
     for k, (g, w, s) in enumerate(plan.slices):
         if slots and k >= slots:
             g_stream.wait_event(ev_w[k - slots])  # slot's previous bytes have left the source staging
-        gather_into(src_pool_u8, src_staging_u8, g, stream=g_stream)
+        with torch.cuda.stream(g_stream):
+            _launch(g_ops[k], src_pool_u8, src_staging_u8, g_idx[k])
         eg = torch.cuda.Event()
         eg.record(g_stream)
         w_stream.wait_event(eg)
@@ -310,7 +361,8 @@ def execute_local(
         ew.record(w_stream)
         ev_w.append(ew)
         s_stream.wait_event(ew)
-        scatter_from(dst_staging_u8, dst_pool_u8, s, stream=s_stream)
+        with torch.cuda.stream(s_stream):
+            _launch(s_ops[k], dst_staging_u8, dst_pool_u8, s_idx[k])
         es = torch.cuda.Event()
         es.record(s_stream)
         ev_s.append(es)
