@@ -36,9 +36,12 @@ from .pool import KvPool, PoolDescriptor
 
 Op = Literal["read", "write"]
 STAGED_PREFIX = b"\x00DX"  # protocol notifications of staged transfers (transfer.py)
-STAGED_REQUEST = STAGED_PREFIX + b"S"
+STAGED_REQUEST = STAGED_PREFIX + b"S"  # WRITE landed in your staging: scatter it
+STAGED_GATHER = STAGED_PREFIX + b"G"  # READ: gather these blocks into your staging
+STAGED_RELEASE = STAGED_PREFIX + b"R"  # READ done: your staging is free again
 STAGED_ACK = STAGED_PREFIX + b"A"
 STAGED_NACK = STAGED_PREFIX + b"E"
+_SERVED = (STAGED_REQUEST, STAGED_GATHER, STAGED_RELEASE)
 Triple = tuple[int, int, int]
 
 
@@ -87,6 +90,7 @@ class TransferBackend(ABC):
         self._staging: KvPool | None = None
         self._stagings: dict[tuple[str, int], KvPool] = {}
         self._notifs: dict[str, list[bytes]] = {}
+        self._staging_lease: tuple[str, bytes, float] | None = None  # (peer, id, since): staged READ in progress
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:  # noqa: B027 - optional hook
@@ -219,7 +223,7 @@ class TransferBackend(ABC):
         """Drive a passive side: pull notifications and serve staged-transfer requests. Call it
         regularly (every ~1 ms) on a side that receives WRITEs, or run ``serve()`` as a task."""
         self._pull_notifs()
-        if any(m.startswith(STAGED_REQUEST) for v in self._notifs.values() for m in v):
+        if any(m.startswith(_SERVED) for v in self._notifs.values() for m in v):
             from .transfer import serve_staged_requests  # noqa: PLC0415
 
             serve_staged_requests(self)

@@ -189,6 +189,8 @@ async def _peer_main(args: argparse.Namespace, publish: Callable[[PeerInfo, argp
             reply["sha256"] = digest(pool_bytes(pool), layout, cmd.get("blocks"), cmd.get("ranges"))
         elif c == "add_peer":
             pinfo = PeerInfo.decode(base64.b64decode(cmd["info"]))
+            if be.has_peer(pinfo.agent_name) and be.peer(pinfo.agent_name) != pinfo:
+                be.remove_peer(pinfo.agent_name)  # restarted under the same name
             if not be.has_peer(pinfo.agent_name):
                 be.add_peer(pinfo)
         elif c == "scatter" and staging is not None:

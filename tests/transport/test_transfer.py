@@ -97,6 +97,24 @@ async def test_staged_write_gather_one_descriptor_peer_scatters(pair):
     assert got.count(tag) == 2 and all(not m.startswith(b"\x00DX") for m in got)
 
 
+async def test_staged_read_peer_gathers_one_descriptor(pair):
+    n = pair.layout.num_blocks
+    await pair.peer.fill(31)
+    await pair.peer.add_peer(pair.backend.local_peer_info())
+    src, dst = scattered(n, 16, 13), scattered(n, 16, 14)
+    rest = _others(n, dst)
+    before_rest = digest(pair.pool.host_view(), pair.layout, rest)
+    hs = [await transfer_kv_cache(pair.remote, pair.pool, (src, dst), backend=pair.backend, stage=True, deadline_s=10)
+          for _ in range(2)]  # the second waits for the first (one staging region each side)
+    for h in hs:
+        st = await h
+        assert st.descriptors == 1 and st.direction == "read"
+    assert digest(pair.pool.host_view(), pair.layout, dst) == await pair.peer.digest(src)
+    assert digest(pair.pool.host_view(), pair.layout, rest) == before_rest
+    got = sum((await pair.peer.notifs()).values(), [])
+    assert not [m for m in got if m.startswith(b"\x00DX")]  # protocol messages stay internal
+
+
 async def test_same_ids_both_sides_and_contiguous_run_merges(pair):
     ids = list(range(8, 24))
     st = await (await transfer_kv_cache(pair.remote, pair.pool, ids, backend=pair.backend))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import STAGED_REQUEST, DoneRequest, Op, TransferBackend, XferRequest, as_triples
+from ..backend import STAGED_PREFIX, STAGED_REQUEST, DoneRequest, Op, TransferBackend, XferRequest, as_triples
 from ..errors import PeerUnreachable, UnregisteredMemory
 from ..peer import PeerInfo
 from ..pool import KvPool, MemoryKind, PoolDescriptor
@@ -88,6 +88,8 @@ class LocalBackend(TransferBackend):
     def send_notif(self, peer: str, msg: bytes) -> None:
         self.peer(peer)
         _LOCAL[peer]._notifs.setdefault(self.agent_name, []).append(msg)
+        if msg.startswith(STAGED_PREFIX):
+            _LOCAL[peer].progress()  # same process: serve protocol messages right away
 
     def close_sync(self) -> None:
         if _LOCAL.get(self.agent_name) is self:
