@@ -73,14 +73,17 @@ async def test_gpu_scattered_blocks_byte_exact(kind, ddev, direction, request):
         peer.close()
 
 
+@pytest.mark.parametrize("direction", ["write", "read"])
 @pytest.mark.parametrize("ddev", [0] + ([1] if _ngpus() > 1 else []))
-async def test_gpu_staged_write_one_descriptor(ddev, nixl_backend):
-    """transfer_kv_cache(stage=None) from a device pool stages automatically: gather on GPU0, one
-    NIXL descriptor into the peer's device staging, the peer scatters and acks."""
+async def test_gpu_staged_one_descriptor(ddev, direction, nixl_backend):
+    """transfer_kv_cache(stage=None) with device pools stages automatically. WRITE: gather on GPU0, one
+    NIXL descriptor into the peer's device staging, the peer scatters and acks. READ: the peer gathers
+    on request, one NIXL READ, scatter on GPU0, release."""
     import base64
 
     layout = preset("llama3-8b", 48)
-    peer = PeerProcess.start(backend="nixl", name=f"gpu-staged-peer-{ddev}-{os.getpid()}", layout=layout, seed=3,
+    peer = PeerProcess.start(backend="nixl", name=f"gpu-staged-peer-{ddev}-{direction}-{os.getpid()}", layout=layout,
+                             seed=3,
                              extra=["--device", str(ddev), "--staging-bytes", str(layout.pool_bytes)], timeout=120)
     try:
         be = nixl_backend
@@ -99,12 +102,18 @@ async def test_gpu_staged_write_one_descriptor(ddev, nixl_backend):
         src = [int(x) for x in rng.permutation(48)[:30]]
         dst = [int(x) for x in rng.permutation(48)[:30]]
         remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
-        for _ in range(3):
-            st = await (await transfer_kv_cache(pool, remote, (src, dst), backend=be, deadline_s=30))
+        if direction == "write":
+            for _ in range(3):
+                st = await (await transfer_kv_cache(pool, remote, (src, dst), backend=be, deadline_s=30))
+            got = (await peer.acall({"cmd": "digest", "blocks": dst}))["sha256"]
+            assert got == digest(pool_bytes(pool), layout, src)
+        else:
+            for _ in range(3):
+                st = await (await transfer_kv_cache(remote, pool, (dst, src), backend=be, deadline_s=30))
+            want = (await peer.acall({"cmd": "digest", "blocks": dst}))["sha256"]
+            assert digest(pool_bytes(pool), layout, src) == want
         assert st.descriptors == 1
-        got = (await peer.acall({"cmd": "digest", "blocks": dst}))["sha256"]
-        assert got == digest(pool_bytes(pool), layout, src)
-        print(f"[nixl staged GPU0->GPU{ddev}] {st.gbps:.2f} GB/s, {st.bytes} B in one descriptor")
+        print(f"[nixl staged {direction} GPU0<->GPU{ddev}] {st.gbps:.2f} GB/s, {st.bytes} B in one descriptor")
         be.remove_peer(peer.info.agent_name)
     finally:
         peer.close()
