@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 from dynamo_ext.transport import KvPool, RemotePool, plan_naive, plan_transfer, preset, transfer_kv_cache  # noqa: E402
-from dynamo_ext.transport.probe import PeerProcess, chunk_ranges, digest, fill_pool, pool_bytes, probe_layout  # noqa: E402
+from dynamo_ext.transport.probe import PeerProcess, digest, fill_pool, pool_bytes, probe_layout  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination device); -1 = host memory

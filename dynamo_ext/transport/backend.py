@@ -26,7 +26,7 @@ checks that every range lies inside its pool, so a backend never touches bytes o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
