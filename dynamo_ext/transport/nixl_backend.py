@@ -96,7 +96,9 @@ class _NixlRequest(XferRequest):
 
 class NixlBackend(TransferBackend):
     name = "nixl"
-    default_gbps = 2.0
+    # deadline basis without a measured bandwidth: NIXL's worst measured path (GPU -> host of another
+    # process, TCP underneath) ran at 0.42 GB/s; callers pass expected_gbps from topology/ when known
+    default_gbps = 0.5
 
     def __init__(self, agent_name: str, choice: dict[str, Any] | None = None, *,
                  enable_prog_thread: bool = False, backends: Sequence[str] = ("UCX",)) -> None:
