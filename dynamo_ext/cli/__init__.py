@@ -23,6 +23,7 @@ COMMANDS = {
     "bench": "bench_cmd",
     "model": "model_cmd",
     "generate": "generate_cmd",
+    "serve": "serve_cmd",
 }
 
 

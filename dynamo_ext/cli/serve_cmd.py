@@ -1,0 +1,42 @@
+"""``dynamo-ext serve GRAPH -f CONFIG [--port P] [--model-dir DIR] [--log-dir DIR] [--once PROMPT]``.
+
+Starts a graph (``graphs/disagg.py`` or ``graphs.disagg``) as local processes: etcd and NATS when none
+answers at the configured addresses, the workers, the router replicas and Dynamo's frontend; waits
+until all are ready and the model is listed, prints the URL and a curl line, and serves until Ctrl-C
+or SIGTERM (then stops everything in reverse order). ``--once PROMPT`` sends one completion request
+instead, prints the answer and stops. The protocol is in ``dynamo_ext/launch/__init__.py``; exit
+status: 0 stopped on request / ``--once`` answered, 1 a process failed, 2 bad config/graph/port.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start a graph (workers, router, frontend; etcd/NATS if absent) locally")
+    p.add_argument("graph", metavar="GRAPH", help="graph file (graphs/disagg.py) or module (graphs.disagg)")
+    p.add_argument("-f", "--config", required=True, metavar="CONFIG", help="dynamo.yaml")
+    p.add_argument("--port", type=int, default=None, help="frontend HTTP port (default: frontend.http_port)")
+    p.add_argument("--model-dir", default=None, metavar="DIR",
+                   help="model directory (default: model.path, else generated and cached by preset+seed)")
+    p.add_argument("--log-dir", default=None, metavar="DIR", help="one <process>.log per child (default: a temp dir)")
+    p.add_argument("--once", default=None, metavar="PROMPT",
+                   help="after start-up send one completion request, print the answer and stop")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of the --once request (default 32)")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
+    p.add_argument("--stop-timeout", type=float, default=10.0,
+                   help="seconds between SIGTERM and SIGKILL per component (default 10)")
+    p.add_argument("--tolerate-exits", action="store_true",
+                   help="keep serving when a worker exits while others of its component still run")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dynamo_ext.launch.serve import ServeOptions, serve
+
+    return serve(ServeOptions(
+        graph=args.graph, config=args.config, port=args.port, model_dir=args.model_dir, log_dir=args.log_dir,
+        once=args.once, max_tokens=args.max_tokens, ready_timeout=args.ready_timeout,
+        stop_timeout=args.stop_timeout, tolerate_exits=args.tolerate_exits,
+    ))  # fmt: skip

@@ -1,0 +1,40 @@
+"""Local launcher for ``dynamo-ext serve``: graphs, infrastructure, model directory, process supervisor.
+
+Protocol (what ``dynamo-ext serve GRAPH -f CONFIG`` does, in order)
+-------------------------------------------------------------------
+1. ``graph.load_graph(GRAPH)`` imports ``graphs/disagg.py`` (a path) or ``graphs.disagg`` (a module)
+   and takes its module-level ``graph``; ``graph.validate(config)`` raises :class:`graph.GraphError`
+   with one ``<config.key>: <problem>`` line per problem (for example ``workers.prefill: required by
+   graph 'disagg'``).
+2. ``infra.ensure_etcd`` / ``infra.ensure_nats``: probe the configured addresses (etcd ``/health``,
+   NATS ``INFO`` greeting). One that answers is reused and never stopped; one that does not is started
+   on that loopback address with its data in a temporary directory (a non-loopback address that does
+   not answer is an error: we do not start servers for other hosts).
+3. ``modeldir.ensure_model_dir``: ``model.path`` when set, else a generated directory cached under
+   ``$DYNAMO_EXT_CACHE`` (default ``~/.cache/dynamo_ext``) ``/models/<preset>-seed<seed>-<dtype>``,
+   written to a temporary sibling and renamed (concurrent launches never see half a directory).
+4. ``plan.plan_processes``: one :class:`supervisor.ChildSpec` per process of the graph, dependencies
+   first (prefill, decode | agg, router replicas, frontend). Workers and routers run
+   ``python -m dynamo_ext.workers --role R --config FILE --model-dir DIR --index N --metrics-port P``
+   and are ready when their log shows ``DYNAMO_EXT_READY role=R instance_id=ID metrics=URL``; the
+   frontend runs ``python -m dynamo.frontend --http-host 127.0.0.1 --http-port P --router-mode
+   kv|round-robin --namespace NS`` and is ready when ``/v1/models`` lists ``model.name``.
+   Every child gets the loopback environment (``DYN_TCP_RPC_HOST``, ``DYN_EVENT_PLANE_HOST``,
+   ``DYN_EVENT_PLANE=nats``, ``ETCD_ENDPOINTS``, ``NATS_SERVER``, ``HF_HUB_OFFLINE=1``,
+   ``UCX_NET_DEVICES=lo``, ``PYTHONUNBUFFERED=1``).
+5. ``supervisor.Supervisor`` starts each child in its own session / process group, stdout+stderr to
+   ``<log-dir>/<name>.log``, waits (bounded, with a progress line) until all are ready, then watches
+   them. A child that exits unexpectedly is reported with its exit status and its last log lines;
+   serve then stops everything and exits 1 (unless the child's spec tolerates exits and a sibling of
+   the same component is still alive).
+6. Stop (Ctrl-C, SIGTERM, end of ``--once``, a failure): components in reverse start order; each
+   process group gets SIGTERM, a bounded wait, then SIGKILL; a group is only done when ``/proc`` shows
+   no process left in it. Then ``infra.stale_records`` lists keys of the stopped instances (their
+   instance id is their etcd lease) under ``v1/instances/<ns>/``, ``v1/mdc/<ns>/`` and
+   ``dynamo_ext/v1/workers/<ns>/``; leftovers (a worker that had to be SIGKILLed) are removed by
+   revoking their leases. Servers we started are stopped last.
+
+Modules: ``graph`` (typed Graph/Component API), ``infra`` (etcd/NATS probing and starting, etcd JSON
+gateway), ``modeldir``, ``supervisor`` (generic process supervision), ``plan`` (graph + config ->
+child specs), ``serve`` (the orchestration above, and the ``--once`` request).
+"""

@@ -1,0 +1,81 @@
+"""Graph + config -> the child processes of a launch (argv, environment, readiness), in start order.
+
+Protocol
+--------
+* ``child_env(config, etcd_url, nats_url)``: the caller's environment plus what every Dynamo process
+  needs on one host: ``DYN_TCP_RPC_HOST=127.0.0.1``, ``DYN_EVENT_PLANE_HOST=127.0.0.1``,
+  ``DYN_EVENT_PLANE=nats``, ``ETCD_ENDPOINTS``, ``NATS_SERVER`` (always set), and unless already set
+  ``HF_HUB_OFFLINE=1``, ``UCX_NET_DEVICES=lo``, ``ETCD_LEASE_TTL=<discovery.etcd.lease_ttl_s>``;
+  ``PYTHONUNBUFFERED=1`` so readiness lines reach the log at once.
+* ``plan_processes(graph, config, ...)``: for each active component (``Graph.plan``, dependencies
+  first) and each index ``0..count-1`` one :class:`ChildSpec` named ``<component>-<index>``:
+  - workers and routers: ``python -m dynamo_ext.workers --role R --config FILE --model-dir DIR
+    --index N --metrics-port P`` (a free port each), ready on ``DYNAMO_EXT_READY``;
+  - frontend: ``python -m dynamo.frontend --http-host H --http-port P --router-mode kv|round-robin
+    --namespace NS`` (``kv`` under ``router.policy: dynamo-kv``, else it round-robins over our router
+    replicas), ready when ``/v1/models`` lists ``model.name``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from dynamo_ext.config import DynamoExtConfig
+
+from .client import list_models
+from .graph import Graph
+from .infra import free_port
+from .supervisor import Child, ChildSpec, ReadyCheck, ready_line
+
+READY_PREFIX = "DYNAMO_EXT_READY"
+
+
+def child_env(config: DynamoExtConfig, etcd_url: str, nats_url: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update({
+        "DYN_TCP_RPC_HOST": "127.0.0.1", "DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_EVENT_PLANE": "nats",
+        "ETCD_ENDPOINTS": etcd_url, "NATS_SERVER": nats_url, "PYTHONUNBUFFERED": "1",
+    })  # fmt: skip
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("UCX_NET_DEVICES", "lo")
+    env.setdefault("ETCD_LEASE_TTL", str(config.discovery.etcd.lease_ttl_s))
+    return env
+
+
+def frontend_base(host: str, port: int) -> str:
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{client_host}:{port}"
+
+
+def model_listed(base: str, model: str) -> ReadyCheck:
+    def check(_child: Child) -> bool:
+        return model in list_models(base, timeout=0.5)
+
+    return check
+
+
+def plan_processes(
+    graph: Graph, config: DynamoExtConfig, *, config_path: Path, model_dir: Path, port: int, env: dict[str, str],
+    python: str = sys.executable, tolerate_exits: bool = False, stop_timeout: float = 10.0,
+) -> list[ChildSpec]:  # fmt: skip
+    specs: list[ChildSpec] = []
+    host = config.frontend.http_host
+    for comp, count in graph.plan(config):
+        for i in range(count):
+            name = f"{comp.name}-{i}" if count > 1 or comp.role != "frontend" else comp.name
+            if comp.role == "frontend":
+                mode = "kv" if config.router.policy == "dynamo-kv" else "round-robin"
+                argv = [python, "-m", "dynamo.frontend", "--http-host", host, "--http-port", str(port),
+                        "--router-mode", mode, "--namespace", config.discovery.namespace]  # fmt: skip
+                ready = model_listed(frontend_base(host, port), config.model.name)
+                tolerate = False
+            else:
+                argv = [python, "-m", "dynamo_ext.workers", "--role", comp.role, "--config", str(config_path),
+                        "--model-dir", str(model_dir), "--index", str(i), "--metrics-port", str(free_port())]  # fmt: skip
+                ready = ready_line(READY_PREFIX)
+                tolerate = tolerate_exits
+            specs.append(ChildSpec(name, argv, env, component=comp.name, ready=ready, tolerate_exit=tolerate,
+                                   stop_timeout=stop_timeout))  # fmt: skip
+    return specs

@@ -1,0 +1,306 @@
+"""``dynamo-ext serve``: the whole local launch (see the package docstring for the protocol).
+
+Exit status: 0 after a requested stop (Ctrl-C, SIGTERM, SIGHUP) or a successful ``--once``; 1 when a
+child exits unexpectedly, is not ready in time, or the ``--once`` request fails; 2 for a bad config,
+graph, model directory or port; the cleanup runs in every case.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from dynamo_ext.config import ConfigError, DynamoExtConfig, load_config
+
+from . import infra
+from .client import CompletionError, complete, curl_line
+from .graph import GraphError, load_graph
+from .modeldir import ModelDirError, ensure_model_dir
+from .plan import child_env, frontend_base, plan_processes
+from .supervisor import Child, Supervisor, SupervisorError, describe_status, indent
+
+
+@dataclass
+class ServeOptions:
+    graph: str
+    config: str
+    port: int | None = None
+    model_dir: str | None = None
+    log_dir: str | None = None
+    once: str | None = None
+    max_tokens: int = 32
+    ready_timeout: float = 300.0
+    stop_timeout: float = 10.0
+    tolerate_exits: bool = False
+    python: str = sys.executable
+
+
+class _Stop(Exception):
+    """A stop was requested by a signal."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextmanager
+def _signal_handlers(launch: Launch) -> Iterator[None]:
+    """The first SIGTERM/SIGINT/SIGHUP raises :class:`_Stop`; once stopping, later ones are ignored so a
+    second Ctrl-C cannot abort the cleanup half-way."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if not launch.stopping:
+            launch.stopping = True
+            raise _Stop(signum)
+
+    old = {s: signal.signal(s, handler) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Progress:
+    """One status line: rewritten in place on a terminal, printed every few seconds otherwise."""
+
+    def __init__(self, out: TextIO, every: float = 5.0) -> None:
+        self.out, self.every, self.last, self.tty = out, every, 0.0, out.isatty()
+
+    def __call__(self, text: str) -> None:
+        if self.tty:
+            self.out.write(f"\r\033[K[serve] {text}")
+            self.out.flush()
+        elif time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            print(f"[serve] {text}", file=self.out, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _instance_ids(children: list[Child]) -> set[int]:
+    ids = set()
+    for c in children:
+        raw = c.ready_info.get("instance_id")
+        if raw:
+            try:
+                ids.add(int(raw, 0))
+            except ValueError:
+                pass
+    return ids
+
+
+def _answer_text(resp: dict[str, Any]) -> str:
+    choices = resp.get("choices") or [{}]
+    return str(choices[0].get("text", ""))
+
+
+class Launch:
+    """One run of serve; ``run()`` returns the exit status."""
+
+    def __init__(self, opts: ServeOptions, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.opts = opts
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.infra_sup: Supervisor | None = None
+        self.sup: Supervisor | None = None
+        self.etcd: infra.ServerPlan | None = None
+        self.workdir: Path | None = None
+        self.stopping = False
+
+    def say(self, text: str) -> None:
+        print(f"[serve] {text}", file=self.err, flush=True)
+
+    def fail(self, text: str, code: int) -> int:
+        print(f"dynamo-ext serve: {text}", file=self.err, flush=True)
+        return code
+
+    def run(self) -> int:
+        o = self.opts
+        try:
+            config = load_config(o.config)
+            graph = load_graph(o.graph)
+            graph.validate(config)
+        except ConfigError as e:
+            return self.fail(f"{e.source}: invalid config:\n" + "\n".join(f"  {line}" for line in e.lines), 2)
+        except GraphError as e:
+            return self.fail(f"{o.config} does not fit graph {e.graph!r}:\n" + "\n".join(f"  {x}" for x in e.lines), 2)
+        except (ImportError, OSError, SyntaxError) as e:
+            return self.fail(f"cannot load graph {o.graph!r}: {e}", 2)
+        port = o.port or config.frontend.http_port
+        host = config.frontend.http_host
+        if not _port_free(host, port):
+            return self.fail(f"port {port} on {host} is in use (choose another with --port)", 2)
+        try:
+            model_dir, how = ensure_model_dir(config.model, o.model_dir)
+        except ModelDirError as e:
+            return self.fail(str(e), 2)
+        self.say(f"{graph.describe(config)}")
+        self.say(f"model {config.model.name}: {model_dir} ({how})")
+        log_dir = Path(o.log_dir) if o.log_dir else Path(tempfile.mkdtemp(prefix="dynamo-ext-serve-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="dynamo-ext-infra-"))
+        self.infra_sup = Supervisor(log_dir)
+        self.sup = Supervisor(log_dir, on_tolerated=self._tolerated)
+        self.say(f"logs: {log_dir}")
+        code = 1
+        with _signal_handlers(self):
+            try:
+                code = self._start_and_serve(config, graph.describe(config), Path(o.config).resolve(), model_dir, port)
+            except _Stop as s:
+                print(file=self.err)
+                self.say(f"{s} received: stopping")
+                code = 0
+            except SupervisorError as e:
+                code = self.fail(str(e), 1)
+            except infra.InfraError as e:
+                code = self.fail(str(e), 2)
+            finally:
+                self.stopping = True
+                code = self._cleanup(config, code)
+        return code
+
+    def _tolerated(self, child: Child) -> None:
+        self.say(f"{child.name} exited ({describe_status(child.returncode)}); tolerated, siblings still serve; "
+                 f"last lines of {child.log_path}:\n{indent(child.tail())}")  # fmt: skip
+
+    def _start_and_serve(self, config: DynamoExtConfig, title: str, config_path: Path, model_dir: Path,
+                         port: int) -> int:  # fmt: skip
+        assert self.sup is not None and self.infra_sup is not None and self.workdir is not None
+        o = self.opts
+        etcd_urls = config.discovery.etcd.endpoints
+        self.etcd = infra.ensure_etcd(etcd_urls, self.workdir, child_env(config, etcd_urls[0], config.discovery.nats.url))
+        nats = infra.ensure_nats(config.discovery.nats.url, self.workdir, child_env(config, self.etcd.url, config.discovery.nats.url))
+        for srv in (self.etcd, nats):
+            if srv.reused:
+                self.say(f"{srv.name}: using the one at {srv.url}")
+            else:
+                assert srv.spec is not None
+                self.infra_sup.start(srv.spec)
+                self.say(f"{srv.name}: none at {srv.url}, started one (data in {self.workdir})")
+        try:
+            self.infra_sup.wait_ready(30.0)
+        except SupervisorError as e:
+            return self.fail(str(e), 1)
+        env = child_env(config, ",".join(etcd_urls) if self.etcd.reused else self.etcd.url, nats.url)
+        specs = plan_processes(graph=load_graph(o.graph), config=config, config_path=config_path, model_dir=model_dir,
+                               port=port, env=env, python=o.python, tolerate_exits=o.tolerate_exits,
+                               stop_timeout=o.stop_timeout)  # fmt: skip
+        t0 = time.monotonic()
+        for spec in specs:
+            self.sup.start(spec)
+        progress = _Progress(self.err)
+        try:
+            self.sup.wait_ready(o.ready_timeout, progress)
+        except SupervisorError as e:
+            progress.done()
+            return self.fail(str(e), 1)
+        progress.done()
+        base = frontend_base(config.frontend.http_host, port)
+        ids = _instance_ids(self.sup.children)
+        print(f"dynamo-ext serve: ready in {time.monotonic() - t0:.1f}s; {title}", file=self.out)
+        print(f"  OpenAI API: {base}/v1  (model {config.model.name}; {len(ids)} registered instances)", file=self.out)
+        print(f"  try:  {curl_line(base, config.model.name)}", file=self.out, flush=True)
+        if o.once is not None:
+            return self._once(base, config.model.name)
+        print("  Ctrl-C to stop", file=self.out, flush=True)
+        while True:
+            try:
+                self.sup.check()
+                self.infra_sup.check()
+            except SupervisorError as e:
+                return self.fail(str(e), 1)
+            time.sleep(0.5)
+
+    def _once(self, base: str, model: str) -> int:
+        assert self.sup is not None
+        o = self.opts
+        t = time.monotonic()
+        try:
+            resp = complete(base, model, o.once or "", o.max_tokens)
+        except CompletionError as e:
+            self.sup.check()  # a child that died under the request is the better explanation
+            return self.fail(f"--once request failed: {e}", 1)
+        usage = resp.get("usage") or {}
+        print(f"prompt: {o.once!r}", file=self.out)
+        print(f"answer: {_answer_text(resp)!r}", file=self.out)
+        print(f"  ({usage.get('prompt_tokens', '?')} prompt + {usage.get('completion_tokens', '?')} completion tokens, "
+              f"{time.monotonic() - t:.2f}s, finish_reason={(resp.get('choices') or [{}])[0].get('finish_reason')})",
+              file=self.out, flush=True)  # fmt: skip
+        return 0
+
+    def _cleanup(self, config: DynamoExtConfig, code: int) -> int:
+        if self.sup is not None and self.sup.children:
+            self.say("stopping " + ", ".join(c.name for c in reversed(self.sup.children)))
+            for name, how in self.sup.stop_all():
+                self.say(f"  {name}: {how}")
+            code = self._audit(config, code)
+        if self.infra_sup is not None and self.infra_sup.children:
+            for name, how in self.infra_sup.stop_all():
+                self.say(f"  {name}: {how}")
+        left = (self.sup.leftovers() if self.sup else []) + (self.infra_sup.leftovers() if self.infra_sup else [])
+        if left:
+            self.say(f"processes still alive after stop: {left}")
+            code = code or 1
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.say(f"stopped (exit {code})")
+        return code
+
+    def _audit(self, config: DynamoExtConfig, code: int) -> int:
+        """No record of a stopped instance may stay in etcd; leftovers (SIGKILLed workers) get their lease revoked."""
+        assert self.sup is not None
+        if self.etcd is None or not infra.etcd_healthy(self.etcd.url):
+            return code
+        ns = config.discovery.namespace
+        ours = None if not self.etcd.reused else _instance_ids(self.sup.children)  # None: every key is ours
+        try:
+            stale = self._stale(ns, ours)
+            if stale:
+                leases = {lease for _k, lease in stale if lease} | (ours or set())
+                for lease in leases:
+                    infra.revoke_lease(self.etcd.url, lease)
+                still = self._stale(ns, ours)
+                self.say(f"removed {len(stale) - len(still)} stale etcd records by revoking {len(leases)} leases"
+                         + (f"; still there: {[k for k, _ in still]}" if still else ""))  # fmt: skip
+                if still:
+                    return code or 1
+            else:
+                self.say("etcd: no records left under " + ", ".join(p.format(ns=ns) for p in infra.WORKER_PREFIXES))
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            self.say(f"etcd: could not check for stale records: {e}")
+        return code
+
+    def _stale(self, ns: str, ours: set[int] | None) -> list[tuple[str, int]]:
+        assert self.etcd is not None
+        if ours is None:
+            return [kv for p in infra.WORKER_PREFIXES for kv in infra.etcd_keys(self.etcd.url, p.format(ns=ns))]
+        return infra.stale_records(self.etcd.url, ns, ours) if ours else []
+
+
+def serve(opts: ServeOptions, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    return Launch(opts, out, err).run()

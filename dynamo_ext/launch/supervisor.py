@@ -1,0 +1,308 @@
+"""Generic supervision of local child processes: start, readiness, failure reports, orderly stop.
+
+Protocol
+--------
+* :class:`ChildSpec` says what to run (``argv``, full ``env``), under which ``component`` it is grouped
+  for stopping, how readiness is decided (``ready``: a callable on the running :class:`Child`, for
+  example :func:`ready_line` ``("DYNAMO_EXT_READY")``; ``None`` = ready once started), whether an
+  unexpected exit is tolerated (``tolerate_exit``), and how long SIGTERM may take (``stop_timeout``).
+* ``Supervisor.start(spec)`` runs the child in a new session (its own process group, pgid == pid) with
+  stdout and stderr appended to ``<log_dir>/<name>.log``, and asks Linux to SIGTERM it if the
+  supervisor dies (``PR_SET_PDEATHSIG``), so even a SIGKILLed supervisor leaks no direct child.
+* ``wait_ready(timeout, progress)`` polls every child until each is ready; it raises
+  :class:`ChildExited` (exit status + last log lines) as soon as one exits, :class:`ReadyTimeout` (the
+  pending ones, with their last log lines) at the deadline. ``progress`` gets a one-line status.
+* ``check()`` (call it periodically once serving) raises :class:`ChildExited` for the first child
+  that exited unexpectedly, unless its spec tolerates exits and a sibling of its component is alive;
+  tolerated exits are reported once through ``on_tolerated``.
+* ``stop_all()`` stops components in reverse start order. All processes of a component get SIGTERM on
+  their process group together; after ``stop_timeout`` the groups still alive get SIGKILL. A group is
+  done when ``/proc`` shows no live (non-zombie) process with its pgid, so grandchildren are covered.
+  The result lists, per child, how it ended (``exit 0``, ``killed by SIGKILL after SIGTERM timeout``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ReadyCheck = Callable[["Child"], bool]
+
+
+class SupervisorError(Exception):
+    pass
+
+
+class ChildExited(SupervisorError):
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        when = "before it was ready" if child.ready_at is None else "while serving"
+        super().__init__(
+            f"{child.name} exited unexpectedly {when} ({describe_status(child.returncode)}, "
+            f"after {child.uptime():.1f}s); last lines of {child.log_path}:\n{indent(child.tail())}"
+        )
+
+
+class ReadyTimeout(SupervisorError):
+    def __init__(self, pending: list[Child], timeout: float) -> None:
+        self.pending = pending
+        parts = [f"{c.name} (log {c.log_path}):\n{indent(c.tail())}" for c in pending]
+        super().__init__(f"not ready after {timeout:.0f}s: {', '.join(c.name for c in pending)}\n" + "\n".join(parts))
+
+
+def indent(text: str, prefix: str = "    | ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines()) if text else prefix + "(empty log)"
+
+
+def describe_status(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+@dataclass
+class ChildSpec:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    component: str = ""
+    ready: ReadyCheck | None = None
+    tolerate_exit: bool = False
+    stop_timeout: float = 10.0
+    cwd: str | None = None
+
+    def __post_init__(self) -> None:
+        self.component = self.component or self.name
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    started_at: float
+    ready_at: float | None = None
+    ready_info: dict[str, str] = field(default_factory=dict)  # parsed key=value of the readiness line
+    stopping: bool = False
+    reported: bool = False
+    _offset: int = 0
+    _partial: bytes = b""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def new_lines(self) -> list[str]:
+        """Complete log lines written since the last call."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        data = self._partial + data
+        *complete, self._partial = data.split(b"\n")
+        return [line.decode(errors="replace").rstrip("\r") for line in complete]
+
+
+def ready_line(prefix: str) -> ReadyCheck:
+    """Ready once the child's log has a line starting with ``prefix``; its ``k=v`` words go to ready_info."""
+
+    def check(child: Child) -> bool:
+        for line in child.new_lines():
+            if line.startswith(prefix):
+                child.ready_info = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
+                return True
+        return False
+
+    return check
+
+
+_BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)  # the parent blocks them around the spawn
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Supervisor:
+    def __init__(self, log_dir: str | Path, on_tolerated: Callable[[Child], None] | None = None) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self.on_tolerated = on_tolerated
+
+    def start(self, spec: ChildSpec) -> Child:
+        if any(c.name == spec.name for c in self.children):
+            raise SupervisorError(f"duplicate child name {spec.name!r}")
+        log_path = self.log_dir / f"{spec.name}.log"
+        # a stop signal between the spawn and the bookkeeping would leave an untracked child: defer it
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    spec.argv, env=spec.env, cwd=spec.cwd, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+                )  # fmt: skip
+            child = Child(spec, proc, log_path, time.monotonic())
+            self.children.append(child)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if spec.ready is None:
+            child.ready_at = time.monotonic()
+        return child
+
+    # -- readiness ------------------------------------------------------------------------
+
+    def poll_ready(self) -> list[Child]:
+        """Update readiness; raise ChildExited for a child that died before being ready. Returns pending."""
+        pending = []
+        for c in self.children:
+            if c.ready_at is not None or c.stopping:
+                continue
+            if c.spec.ready is not None and c.spec.ready(c):
+                c.ready_at = time.monotonic()
+                continue
+            if not c.alive():
+                c.reported = True
+                raise ChildExited(c)
+            pending.append(c)
+        return pending
+
+    def wait_ready(self, timeout: float, progress: Callable[[str], None] | None = None, interval: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        while True:
+            pending = self.poll_ready()
+            self.check()
+            if progress is not None:
+                ready = [c.name for c in self.children if c.ready_at is not None]
+                progress(f"{time.monotonic() - t0:5.1f}s ready {len(ready)}/{len(self.children)}"
+                         + (f"; waiting for {', '.join(c.name for c in pending)}" if pending else ""))
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise ReadyTimeout(pending, timeout)
+            time.sleep(interval)
+
+    # -- while serving --------------------------------------------------------------------
+
+    def check(self) -> None:
+        for c in self.children:
+            if c.stopping or c.reported or c.alive():
+                continue
+            c.reported = True
+            siblings = [s for s in self.children if s.spec.component == c.spec.component and s is not c and s.alive()]
+            if c.spec.tolerate_exit and siblings:
+                if self.on_tolerated is not None:
+                    self.on_tolerated(c)
+                continue
+            raise ChildExited(c)
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def stop_all(self) -> list[tuple[str, str]]:
+        """Stop every component in reverse start order; returns ``(name, how it ended)`` per child."""
+        order: list[str] = []
+        for c in self.children:
+            if c.spec.component not in order:
+                order.append(c.spec.component)
+        results: list[tuple[str, str]] = []
+        for comp in reversed(order):
+            results += self.stop_group([c for c in self.children if c.spec.component == comp])
+        return results
+
+    def stop_group(self, children: list[Child]) -> list[tuple[str, str]]:
+        for c in children:
+            c.stopping = True
+            if c.alive() or group_members(c.pid):
+                _killpg(c.pid, signal.SIGTERM)
+        timeout = max((c.spec.stop_timeout for c in children), default=0.0)
+        deadline = time.monotonic() + timeout
+        how: dict[str, str] = {}
+        while time.monotonic() < deadline and any(c.alive() or group_members(c.pid) for c in children):
+            time.sleep(0.05)
+        for c in children:
+            if c.alive() or group_members(c.pid):
+                _killpg(c.pid, signal.SIGKILL)
+                how[c.name] = f"killed by SIGKILL after {timeout:.0f}s SIGTERM timeout"
+        for c in children:
+            try:
+                c.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
+                pass
+            end = time.monotonic() + 5
+            while group_members(c.pid) and time.monotonic() < end:
+                _killpg(c.pid, signal.SIGKILL)
+                time.sleep(0.05)
+            how.setdefault(c.name, describe_status(c.returncode))
+        return [(c.name, how[c.name]) for c in children]
+
+    def leftovers(self) -> list[int]:
+        """Live processes still in any child's process group (should be empty after stop_all)."""
+        return [pid for c in self.children for pid in group_members(c.pid)]
