@@ -290,7 +290,7 @@ class Supervisor:
         for c in children:
             if c.alive() or group_members(c.pid):
                 _killpg(c.pid, signal.SIGKILL)
-                how[c.name] = f"killed by SIGKILL after {timeout:.0f}s SIGTERM timeout"
+                how[c.name] = f"killed by SIGKILL after {timeout:g}s SIGTERM timeout"
         for c in children:
             try:
                 c.proc.wait(timeout=5)

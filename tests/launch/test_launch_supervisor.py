@@ -1,0 +1,123 @@
+"""Supervisor on plain child processes: readiness line, failure reports, reverse-order stop, no orphans."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from dynamo_ext.launch.supervisor import ChildExited, ChildSpec, ReadyTimeout, Supervisor, group_members, ready_line
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+READY = """
+    import signal, sys, time
+    def bye(*_):
+        open(sys.argv[1], "a").write(sys.argv[2] + "\\n"); sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
+    print("starting", flush=True)
+    print("DYNAMO_EXT_READY role=agg instance_id=0x2a metrics=http://127.0.0.1:1/metrics", flush=True)
+    while True: time.sleep(0.05)
+"""
+
+
+def spec(name: str, code: str, *args: str, **kw) -> ChildSpec:
+    return ChildSpec(name, py(code) + list(args), dict(os.environ), **kw)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ready_line_and_graceful_reverse_stop(tmp_path):
+    sup = Supervisor(tmp_path / "logs")
+    order = tmp_path / "order"
+    for comp in ("prefill", "decode", "frontend"):
+        sup.start(spec(f"{comp}-0", READY, str(order), comp, component=comp, ready=ready_line("DYNAMO_EXT_READY")))
+    lines = []
+    sup.wait_ready(20, progress=lines.append)
+    assert all(c.ready_info == {"role": "agg", "instance_id": "0x2a", "metrics": "http://127.0.0.1:1/metrics"}
+               for c in sup.children)
+    assert "ready 3/3" in lines[-1]
+    result = sup.stop_all()
+    assert result == [("frontend-0", "exit 0"), ("decode-0", "exit 0"), ("prefill-0", "exit 0")]
+    assert order.read_text().split() == ["frontend", "decode", "prefill"]
+    assert sup.leftovers() == []
+    assert (tmp_path / "logs" / "decode-0.log").read_text().startswith("starting")
+
+
+def test_exit_before_ready_reports_last_log_lines(tmp_path):
+    sup = Supervisor(tmp_path)
+    sup.start(spec("ok", READY, str(tmp_path / "o"), "ok", ready=ready_line("DYNAMO_EXT_READY")))
+    sup.start(spec("bad", "import sys\nfor i in range(30): print(f'line {i}')\nsys.exit(3)",
+                   ready=ready_line("DYNAMO_EXT_READY")))
+    with pytest.raises(ChildExited) as e:
+        sup.wait_ready(20)
+    msg = str(e.value)
+    assert "bad exited unexpectedly before it was ready (exit 3" in msg
+    assert "| line 29" in msg and "| line 10" in msg and "| line 9\n" not in msg
+    sup.stop_all()
+    assert sup.leftovers() == []
+
+
+def test_exit_while_serving_is_reported_and_tolerated_while_siblings_live(tmp_path):
+    tolerated = []
+    sup = Supervisor(tmp_path, on_tolerated=tolerated.append)
+    die = "import time\nprint('DYNAMO_EXT_READY role=decode', flush=True)\ntime.sleep(0.3)\nprint('oops', flush=True)\nraise SystemExit(4)"
+    sup.start(spec("decode-0", die, component="decode", ready=ready_line("DYNAMO_EXT_READY"), tolerate_exit=True))
+    sup.start(spec("decode-1", READY, str(tmp_path / "o"), "d1", component="decode",
+                   ready=ready_line("DYNAMO_EXT_READY"), tolerate_exit=True))
+    sup.start(spec("router-0", die.replace("0.3", "1.0"), component="router", ready=ready_line("DYNAMO_EXT_READY")))
+    sup.wait_ready(20)
+    deadline = time.monotonic() + 10
+    with pytest.raises(ChildExited) as e:
+        while time.monotonic() < deadline:
+            sup.check()
+            time.sleep(0.05)
+    assert [c.name for c in tolerated] == ["decode-0"]
+    assert "router-0 exited unexpectedly while serving (exit 4" in str(e.value) and "| oops" in str(e.value)
+    sup.stop_all()
+
+
+def test_ready_timeout_names_the_pending(tmp_path):
+    sup = Supervisor(tmp_path)
+    sup.start(spec("slow", "import time\nprint('warming up', flush=True)\ntime.sleep(60)", ready=ready_line("X")))
+    with pytest.raises(ReadyTimeout, match=r"not ready after 1s: slow(.|\n)*warming up"):
+        sup.wait_ready(0.6)
+    assert sup.stop_all() == [("slow", "killed by SIGTERM")]
+
+
+def test_stubborn_child_and_grandchild_are_killed_no_orphan(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    code = f"""
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        g = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        open({str(pidfile)!r}, "w").write(str(g.pid))
+        print("DYNAMO_EXT_READY role=router", flush=True)
+        time.sleep(600)
+    """
+    sup = Supervisor(tmp_path)
+    child = sup.start(spec("stubborn", code, ready=ready_line("DYNAMO_EXT_READY"), stop_timeout=0.5))
+    sup.wait_ready(20)
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gpid = int(Path(pidfile).read_text())
+    assert alive(gpid) and set(group_members(child.pid)) == {child.pid, gpid}
+    t = time.monotonic()
+    assert sup.stop_all() == [("stubborn", "killed by SIGKILL after 0.5s SIGTERM timeout")]
+    assert time.monotonic() - t < 5
+    assert not alive(child.pid) and not alive(gpid)
+    assert group_members(child.pid) == [] and sup.leftovers() == []
