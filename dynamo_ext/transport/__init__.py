@@ -34,12 +34,17 @@ from .pool import KvPool, MemoryKind, PoolDescriptor
 from .transfer import RemotePool, TransferHandle, TransferStats, deadline_for, transfer_kv_cache
 
 
-def make_backend(kind: str, agent_name: str, choice: dict | None = None) -> TransferBackend:
-    """Backend by name ("nixl", "tcp", "local"); "auto" = NIXL when importable, else TCP."""
+def make_backend(kind: str, agent_name: str, choice: dict | None = None, *, memory: str | None = None) -> TransferBackend:
+    """Backend by name ("nixl", "tcp", "cma", "local", "cuda_ipc"). "auto": for host pools
+    (``memory="host"``) CMA when the kernel allows it (same-node peers through process_vm_writev,
+    other nodes over its TCP data path), else NIXL when importable, else TCP."""
+    from .fallbacks.cma import CmaBackend, cma_available  # noqa: PLC0415
     from .nixl_backend import NixlBackend, nixl_available  # noqa: PLC0415
 
     if kind == "auto":
-        kind = "nixl" if nixl_available() else "tcp"
+        kind = "cma" if memory == "host" and cma_available() else "nixl" if nixl_available() else "tcp"
+    if kind == "cma":
+        return CmaBackend(agent_name)
     if kind == "nixl":
         return NixlBackend(agent_name, choice)
     if kind == "tcp":
@@ -50,7 +55,7 @@ def make_backend(kind: str, agent_name: str, choice: dict | None = None) -> Tran
         from .fallbacks.cuda_ipc import CudaIpcBackend  # noqa: PLC0415
 
         return CudaIpcBackend(agent_name)
-    raise ValueError(f"unknown transport backend {kind!r} (nixl, tcp, local, cuda_ipc, auto)")
+    raise ValueError(f"unknown transport backend {kind!r} (nixl, tcp, cma, local, cuda_ipc, auto)")
 
 
 def probe_pair(nbytes: int = 256 << 20, **kw):  # type: ignore[no-untyped-def]

@@ -134,11 +134,15 @@ def make_backend(kind: str, name: str, choice: dict[str, Any] | None = None) -> 
         from .fallbacks.tcp import TcpBackend  # noqa: PLC0415
 
         return TcpBackend(name)
+    if kind == "cma":
+        from .fallbacks.cma import CmaBackend  # noqa: PLC0415
+
+        return CmaBackend(name)
     if kind == "cuda_ipc":
         from .fallbacks.cuda_ipc import CudaIpcBackend  # noqa: PLC0415
 
         return CudaIpcBackend(name)
-    raise ValueError(f"backend {kind!r} cannot serve as a peer process (use nixl, tcp or cuda_ipc)")
+    raise ValueError(f"backend {kind!r} cannot serve as a peer process (use nixl, tcp, cma or cuda_ipc)")
 
 
 # -- the peer process ----------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ import pytest
 
 from dynamo_ext.transport import KvLayout, KvPool, PeerInfo, RemotePool, preset
 from dynamo_ext.transport.fallbacks import LocalBackend, TcpBackend
+from dynamo_ext.transport.fallbacks.cma import CmaBackend, cma_available
 from dynamo_ext.transport.nixl_backend import nixl_available
 from dynamo_ext.transport.probe import PeerProcess, digest, pattern
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 PEER_SCRIPT = [sys.executable, str(Path(__file__).with_name("peer_proc.py"))]
-KINDS = (["nixl"] if nixl_available() else []) + ["tcp", "local"]
+KINDS = (["nixl"] if nixl_available() else []) + ["tcp"] + (["cma"] if cma_available() else []) + ["local"]
 
 
 def small_layout(num_blocks: int = 64) -> KvLayout:
@@ -186,7 +187,7 @@ async def pair(transport_kind, module_peers, request) -> Any:
         if not be.has_peer(info.agent_name):
             be.add_peer(info)
     else:
-        be = TcpBackend(f"tcp-a-{os.getpid()}")
+        be = (CmaBackend if transport_kind == "cma" else TcpBackend)(f"{transport_kind}-a-{os.getpid()}")
         await be.start()
         pool = KvPool.allocate_host("kv", layout)
         be.register_pool(pool)
@@ -196,7 +197,7 @@ async def pair(transport_kind, module_peers, request) -> Any:
     ctl = PeerCtl(proc=proc)
     await ctl.fill(7)
     yield Pair(transport_kind, be, pool, RemotePool(info.agent_name, info.pool("kv")), ctl, layout)
-    if transport_kind == "tcp":
+    if transport_kind in ("tcp", "cma"):
         await be.close()
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from dynamo_ext.transport import KvPool, PeerUnreachable, RemotePool, TransferTimeout, transfer_kv_cache
 from dynamo_ext.transport.fallbacks import TcpBackend
+from dynamo_ext.transport.fallbacks.cma import CmaBackend
 from dynamo_ext.transport.probe import probe_layout
 
 from conftest import KINDS, _session_pool, start_peer  # noqa: E402  (tests/transport is on sys.path)
@@ -38,7 +39,7 @@ async def test_peer_sigkill_mid_transfer_fails_fast(kind, direction, shared_etcd
             be = request.getfixturevalue("nixl_backend")
             pool = _session_pool(be, "big", layout)
         else:
-            be = TcpBackend(f"tcp-kill-{os.getpid()}")
+            be = (CmaBackend if kind == "cma" else TcpBackend)(f"{kind}-kill-{os.getpid()}")
             await be.start()
             pool = KvPool.allocate_host("big", layout)
             be.register_pool(pool)
@@ -82,7 +83,7 @@ async def test_peer_sigkill_mid_transfer_fails_fast(kind, direction, shared_etcd
         be.remove_peer(info.agent_name)
         with pytest.raises(PeerUnreachable, match="unknown peer"):
             await transfer_kv_cache(src, dst, [0], backend=be)
-        if kind == "tcp":
+        if kind in ("tcp", "cma"):
             await be.close()
     finally:
         proc.kill()

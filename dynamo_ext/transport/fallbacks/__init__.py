@@ -2,6 +2,8 @@
 
 ``LocalBackend``    same process: memcpy (numpy) / torch copy between two registered pools.
 ``TcpBackend``      host-staged TCP stream on loopback or across nodes: asyncio sockets, framed msgpack.
+``CmaBackend``      host pools of two processes on one node: process_vm_writev/readv with iovec arrays
+                    (kernel scatter/gather, no staging); control and other nodes over TcpBackend.
 ``CudaIpcBackend``  GPU pools of two processes on one node: CUDA IPC handles + cuMemcpyAsync (GPU only).
 """
 

@@ -1,0 +1,111 @@
+"""The fast paths of the transfer layer: CMA (process_vm_writev/readv) and the reader-side executors.
+
+CMA runs here (two real processes, the peer of tests/transport/peer_proc.py); the iovec batching is
+checked against a NumPy model. The GPU executors' host logic (row indices, slicing, the pipelined
+loop) is checked on CPU tensors; their CUDA paths run in `-m gpu` and in benchmarks/transfer.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from dynamo_ext.transport import InvalidBlocks, KvLayout, KvPool, RemotePool, make_backend, plan_transfer, transfer_kv_cache
+from dynamo_ext.transport.fallbacks.cma import IOV_MAX, CmaBackend, _advance, _iov_batches, cma_available
+from dynamo_ext.transport.probe import digest, pattern, probe_layout
+
+from conftest import scattered, start_peer  # noqa: E402
+
+needs_cma = pytest.mark.skipif(not cma_available(), reason="process_vm_readv not permitted here")
+
+
+def test_iov_batches_cover_every_byte_once():
+    rng = np.random.default_rng(3)
+    n = 3 * IOV_MAX + 17
+    d = np.stack([rng.permutation(n) * 4096, rng.permutation(n) * 4096, np.full(n, 4096)], axis=1).astype(np.int64)
+    b = _iov_batches(1 << 40, 1 << 41, d)
+    assert len(b) == 4 and all(len(liov) <= IOV_MAX for liov, _, _ in b)
+    liov = np.concatenate([x[0] for x in b])
+    riov = np.concatenate([x[1] for x in b])
+    assert (liov[:, 0] == (d[:, 0] + (1 << 40)).astype(np.uint64)).all()
+    assert (riov[:, 0] == (d[:, 1] + (1 << 41)).astype(np.uint64)).all()
+    assert sum(x[2] for x in b) == int(d[:, 2].sum())
+    # a descriptor larger than 1 GiB is split, and no call carries more than 1 GiB
+    big = np.array([[0, 0, (5 << 29) + 7]], dtype=np.int64)
+    bb = _iov_batches(0, 0, big)
+    assert sum(x[2] for x in bb) == (5 << 29) + 7 and max(x[2] for x in bb) <= 1 << 30
+
+
+def test_advance_after_partial_call():
+    iov = np.array([[100, 10], [200, 20], [300, 30]], dtype=np.uint64)
+    r = _advance(iov, 15)
+    assert r.tolist() == [[205, 15], [300, 30]]
+    assert _advance(iov, 30).tolist() == [[300, 30]]
+
+
+@needs_cma
+async def test_auto_picks_cma_for_host_pools():
+    be = make_backend("auto", f"auto-{os.getpid()}", memory="host")
+    assert isinstance(be, CmaBackend)
+    await be.close()
+
+
+@needs_cma
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("direction", ["write", "read"])
+async def test_cma_large_scattered_byte_exact(shared_etcd, threads, direction):
+    """300 scattered blocks = 4,800 scattered 8 KiB chunks (37.5 MiB: > IOV_MAX iovecs, threaded path)."""
+    layout = KvLayout(num_layers=8, num_kv_heads=4, head_dim=64, block_size=16, dtype="float16", num_blocks=600)
+    proc, info = start_peer("cma", f"perf-cma-{threads}-{direction}-{os.getpid()}", layout, shared_etcd.url)
+    be = CmaBackend(f"perf-a-{threads}-{direction}-{os.getpid()}", threads=threads)
+    await be.start()
+    try:
+        pool = KvPool.allocate_host("kv", layout)
+        pattern(pool.host_view(), 5)
+        be.register_pool(pool)
+        be.add_peer(info)
+        assert be.is_same_node(info.agent_name)
+        remote = RemotePool(info.agent_name, info.pool("kv"))
+        src, dst = scattered(600, 300, 1), scattered(600, 300, 2)
+        plan = plan_transfer(layout, src, layout, dst, stage=False)
+        assert len(plan.wire) > IOV_MAX and plan.total_bytes > (1 << 20)
+        if direction == "write":
+            st = await (await transfer_kv_cache(pool, remote, (src, dst), backend=be))
+            assert (await proc.acall({"cmd": "digest", "blocks": dst}))["sha256"] == digest(pool.host_view(), layout, src)
+        else:
+            st = await (await transfer_kv_cache(remote, pool, (src, dst), backend=be))
+            assert digest(pool.host_view(), layout, dst) == (await proc.acall({"cmd": "digest", "blocks": src}))["sha256"]
+        assert st.backend == "cma" and st.bytes == plan.total_bytes
+        with pytest.raises(InvalidBlocks, match="out of range"):
+            await transfer_kv_cache(pool, remote, [600], backend=be)
+        with pytest.raises(InvalidBlocks, match="outside the pools"):
+            be.post("write", pool, info.agent_name, remote.pool, [(0, remote.pool.nbytes - 8, 16)])
+    finally:
+        await be.close()
+        proc.close()
+
+
+@needs_cma
+async def test_cma_peer_on_other_node_uses_tcp_data_path(shared_etcd):
+    """A peer whose node identity differs is served over TCP (same frames as TcpBackend)."""
+    import msgspec
+
+    layout = probe_layout(4 << 20, chunk_bytes=64 << 10)
+    proc, info = start_peer("cma", f"perf-cma-remote-{os.getpid()}", layout, shared_etcd.url)
+    be = CmaBackend(f"perf-b-{os.getpid()}")
+    await be.start()
+    try:
+        fake = msgspec.structs.replace(info, agent_metadata=b"\x80")  # empty map: no boot id
+        pool = KvPool.allocate_host("kv", layout)
+        pattern(pool.host_view(), 9)
+        be.register_pool(pool)
+        be.add_peer(fake)
+        assert not be.is_same_node(info.agent_name)
+        ids = list(range(layout.num_blocks))
+        await (await transfer_kv_cache(pool, RemotePool(info.agent_name, info.pool("kv")), ids, backend=be))
+        assert (await proc.acall({"cmd": "digest", "blocks": ids}))["sha256"] == digest(pool.host_view(), layout, ids)
+    finally:
+        await be.close()
+        proc.close()
