@@ -1,0 +1,73 @@
+"""``python -m dynamo_ext.workers --role {agg,prefill,decode,router} --config FILE --model-dir DIR
+[--index N] [--metrics-port P]`` — one worker process (the launcher's interface, see README.md).
+
+Prints exactly one ``DYNAMO_EXT_READY role=<role> instance_id=<id> metrics=<url>`` line on stdout once
+serving; logs go to stderr. SIGTERM/SIGINT: graceful stop, lease revoked, exit 0. Exit 2: bad
+arguments or configuration; exit 1: start-up failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from dynamo_ext.config import ConfigError, load_config
+
+from .runtime import WorkerArgs, apply_env_defaults, setup_logging
+
+ROLES = ("agg", "prefill", "decode", "router")
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerArgs:
+    p = argparse.ArgumentParser(prog="python -m dynamo_ext.workers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--config", required=True, help="dynamo.yaml")
+    p.add_argument("--model-dir", required=True, help="model directory (dynamo-ext model init)")
+    p.add_argument("--index", type=int, default=0, help="replica index (logs only)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics and /health port (0 = free)")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"{e.source}: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not os.path.isdir(a.model_dir):
+        print(f"--model-dir {a.model_dir}: not a directory", file=sys.stderr)
+        raise SystemExit(2)
+    return WorkerArgs(a.role, cfg, os.path.abspath(a.model_dir), a.index, a.metrics_port)
+
+
+def build(args: WorkerArgs):  # type: ignore[no-untyped-def]
+    if args.role in ("agg", "decode"):
+        from .decode import DecodeWorker  # noqa: PLC0415
+
+        return DecodeWorker(args)
+    if args.role == "prefill":
+        from .prefill import PrefillWorker  # noqa: PLC0415
+
+        return PrefillWorker(args)
+    from .router import RouterWorker  # noqa: PLC0415
+
+    return RouterWorker(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.role, args.index)
+    apply_env_defaults(args.config)
+    try:
+        rc = asyncio.run(build(args).main())
+    except Exception:
+        logging.getLogger("dynamo_ext.workers").exception("worker failed")
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)  # the Dynamo runtime's threads must not keep a stopped worker alive
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Decode and aggregated workers: component ``backend``, endpoints ``generate`` (tokens) and ``health``.
+
+Protocol of one ``generate`` request (who calls what, in what order)::
+
+    caller (router / Dynamo frontend)   DecodeWorker                                   elsewhere
+    ---------------------------------------------------------------------------------------------------------
+    generate({token_ids, stop_conditions, sampling_options,
+              kv_handle | prefill_result?})
+                                        1. parse_request -> BadRequest: one error chunk, done
+                                        2. handle present (role decode):
+                                           a. peer = record of handle.worker_id in etcd     (cached per agent)
+                                              -> PeerInfo -> be.add_peer
+                                           b. dst = allocate(len(handle.block_ids))
+                                           c. transfer_kv_cache(RemotePool(prefill), local pool,
+                                              (handle.block_ids, dst))   one planned NIXL READ ==> prefill's pool
+                                           d. release(handle_id) on the prefill worker ---> {"released": true}
+                                              (false = handle already reaped: KV not trusted)
+                                           e. commit full blocks (KV stored events), log one line per transfer
+                                           any failure in a-d: free dst, local prefill (reason counted)
+                                        3. no handle / fallback: prefix match + prefill_only here
+                                        4. yield {"token_ids": [first]}; add_prefilled_request; stream the
+                                           engine's outputs; last chunk: finish_reason + completion_usage
+    client gone (context stopped)       abort in the engine, blocks freed
+
+Registration: role ``agg`` registers the public model (Tokens, Chat|Completions, WorkerType.Aggregated).
+Role ``decode`` registers the public model as WorkerType.Decode only when ``router.policy == dynamo-kv``
+(Dynamo's frontend then runs the disaggregated flow itself and hands us ``prefill_result``). With the
+policies ``dynamo-ext`` and ``round-robin`` the decode workers do NOT call register_model: the router
+component is the only public endpoint of the model, and the workers are known through their
+Dynamo instances (planner) and our etcd records (router).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from dynamo_ext.engine.protocol import OutOfBlocks, Request
+from dynamo_ext.discovery import decode_record
+from dynamo_ext.kv.pool import OutOfBlocks as PoolOutOfBlocks
+from dynamo_ext.transport import PeerInfo, RemotePool, TransferError, transfer_kv_cache
+
+from .engine_worker import EngineWorker
+from .protocol import BadRequest, KvHandle, error_chunk, handle_of, parse_request
+from .runtime import WorkerArgs, worker_key
+
+log = logging.getLogger("dynamo_ext.workers.decode")
+
+
+class StaleHandle(RuntimeError):
+    """The prefill worker no longer held the blocks when we released them: the pulled KV is not trusted."""
+
+
+def _rid(context: Any) -> str:
+    try:
+        return str(context.id())
+    except Exception:  # noqa: BLE001
+        return uuid.uuid4().hex
+
+
+class DecodeWorker(EngineWorker):
+    def __init__(self, args: WorkerArgs) -> None:
+        super().__init__(args)
+        self.disaggregated = args.role == "decode"
+        self.release_client: Any = None
+        self.transfers = 0
+
+    async def setup(self) -> Any:
+        from dynamo.llm import ModelInput, ModelType, WorkerType, register_model  # noqa: PLC0415
+
+        self.start_engine()
+        ep = self.endpoint("generate")
+        self._primary_ep = ep
+        health_ep = self.endpoint("health")
+        await self.start_publishers(ep)
+        if self.disaggregated:
+            await self.start_transport()
+            self.release_client = await self.endpoint("release", component="prefill").client()
+        policy = self.cfg.router.policy
+        if not self.disaggregated or policy == "dynamo-kv":
+            wt = WorkerType.Decode if self.disaggregated else WorkerType.Aggregated
+            await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, ep, self.args.model_dir,
+                                 self.cfg.model.name, worker_type=wt, kv_cache_block_size=self.block_size)
+        self.instance_id = int(ep.connection_id())
+        self.spawn(ep.serve_endpoint(self.generate), "serve-generate")
+        self.spawn(health_ep.serve_endpoint(self.health_handler), "serve-health")
+        await self.wait_serving(ep)
+        return ep
+
+    async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+        yield self.health()
+
+    # -- the KV pull --------------------------------------------------------------------------------
+    async def _remote(self, h: KvHandle) -> RemotePool:
+        be = self.backend
+        assert be is not None and self.store is not None
+        if not be.has_peer(h.agent):
+            key = worker_key(self.namespace, h.component, h.worker_id)
+            blob = await self.store.get(key)
+            if blob is None:
+                raise TransferError(f"no record for prefill worker {h.worker_id} at {key} (gone?)")
+            rec = decode_record(key, blob)
+            info = PeerInfo.decode(rec.nixl_agent_metadata)
+            if info.agent_name != h.agent:
+                raise TransferError(f"record of {h.worker_id} names agent {info.agent_name!r}, handle {h.agent!r}")
+            be.add_peer(info)
+        return RemotePool(h.agent, be.peer(h.agent).pool(h.pool))
+
+    async def _release(self, h: KvHandle, timeout: float = 2.0) -> bool:
+        import asyncio  # noqa: PLC0415
+
+        async def _call() -> bool:
+            stream = await self.release_client.direct({"handle_id": h.handle_id}, h.worker_id)
+            async for item in stream:
+                d = item.data() if hasattr(item, "data") else item
+                return bool(d.get("released"))
+            return False
+
+        return await asyncio.wait_for(_call(), timeout)
+
+    async def pull(self, req: Request, h: KvHandle) -> list[int]:
+        assert self.runner is not None and self.backend is not None and self.kv_pool is not None
+        n = len(req.prompt_token_ids)
+        if h.num_tokens != n:
+            raise BadRequest(f"kv_handle holds {h.num_tokens} tokens, the prompt has {n}")
+        if time.time() > h.deadline:
+            raise StaleHandle(f"handle {h.handle_id} expired {time.time() - h.deadline:.3f} s ago")
+        t0 = time.monotonic()
+        remote = await self._remote(h)
+        dst = await self.runner.allocate(len(h.block_ids))
+        released = False
+        try:
+            th = await transfer_kv_cache(remote, self.kv_pool, (list(h.block_ids), dst), backend=self.backend,
+                                         deadline_s=self.cfg.kv_transfer.timeout_ms / 1000.0)
+            stats = await th
+            released = True  # whatever happens next, do not release twice
+            if not await self._release(h):
+                raise StaleHandle(f"handle {h.handle_id} was no longer held by {h.worker_id}")
+        except BaseException:
+            await self.runner.call(self.runner.pool.free, dst)
+            if not released:
+                try:
+                    await self._release(h, timeout=0.5)
+                except BaseException:  # noqa: BLE001 - the peer may be dead; its blocks die with it
+                    pass
+            if isinstance(getattr(self.backend, "_peers", None), dict) and h.agent in self.backend._peers:
+                try:
+                    self.backend.remove_peer(h.agent)  # re-read its record next time
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
+        await self.runner.commit_pulled(req, dst)
+        self.transfers += 1
+        log.info("kv transfer received: peer=%s agent=%s tokens=%d bytes=%d descriptors=%d path=%s backend=%s "
+                 "latency_ms=%.3f transfer_ms=%.3f", h.worker_id, h.agent, n, stats.bytes, stats.descriptors,
+                 stats.path, stats.backend, (time.monotonic() - t0) * 1e3, stats.seconds * 1e3)
+        return dst
+
+    # -- generate -----------------------------------------------------------------------------------
+    async def generate(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+        assert self.runner is not None and self.metrics is not None
+        t0 = time.monotonic()
+        m = self.metrics
+        if self.stopping:
+            m.requests.labels("refused").inc()
+            yield error_chunk("worker is shutting down")
+            return
+        try:
+            req = parse_request(request, _rid(context), vocab_size=self.vocab_size, max_model_len=self.max_model_len)
+            handle = handle_of(request) if self.disaggregated else None
+        except BadRequest as e:
+            m.requests.labels("bad_request").inc()
+            log.info("bad request: %s", e)
+            yield error_chunk(str(e), len(request.get("token_ids") or []) if isinstance(request, dict) else 0)
+            return
+        n_prompt = len(req.prompt_token_ids)
+        blocks: list[int] | None = None
+        first = 0
+        if handle is not None:
+            try:
+                blocks = await self.pull(req, handle)
+                first = handle.first_token
+            except Exception as e:  # noqa: BLE001 - any failure: prefill here instead
+                reason = type(e).__name__
+                m.local_prefill_fallbacks.labels(reason).inc()
+                log.warning("KV pull from %s failed (%s: %s): prefilling locally", handle.worker_id, reason, e)
+        elif self.disaggregated:
+            m.local_prefill_fallbacks.labels("no_handle").inc()
+        if blocks is None:
+            try:
+                res = await self.runner.prefill(req)
+            except (ValueError, OutOfBlocks, PoolOutOfBlocks) as e:
+                m.requests.labels("rejected").inc()
+                yield error_chunk(f"cannot prefill: {e}", n_prompt)
+                return
+            blocks, first = res.block_ids, res.first_token
+        t_first = time.monotonic()
+        m.ttft.observe(t_first - t0)
+        yield {"token_ids": [first]}
+        n_out = 1
+        t_last = t_first
+        async for o in self.runner.decode(req, blocks, first):
+            if context is not None and hasattr(context, "is_stopped") and context.is_stopped():
+                m.requests.labels("cancelled").inc()
+                return
+            n_out += len(o.new_token_ids)
+            out: dict[str, Any] = {"token_ids": list(o.new_token_ids)}
+            if o.new_token_ids:
+                t_last = time.monotonic()
+            if o.finished:
+                out["finish_reason"] = "cancelled" if o.finish_reason == "abort" else o.finish_reason
+                out["completion_usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                           "total_tokens": n_prompt + n_out}
+                if n_out > 1:
+                    m.tpot.observe((t_last - t_first) / (n_out - 1))
+                m.requests.labels("ok").inc()
+            yield out

@@ -1,0 +1,152 @@
+"""Drive an ``engine.Engine`` from asyncio: one engine thread, one step loop, one queue per request.
+
+Who calls what, in what order::
+
+    worker                                    EngineRunner                          engine thread
+    r = EngineRunner(engine, pool)            single-thread executor
+    task = create_task(r.run())               loop: wait for work -> step() ------> engine.step()
+    await r.call(fn, *args)                   any engine / BlockPool call ----------> fn(*args)
+    res = await r.prefill(req)                prefix hit from the pool, prefill_only, commit full blocks
+    async for out in r.decode(req, blocks, first):
+                                              add_prefilled_request, wake the loop, yield RequestOutputs
+                                              (client gone -> abort)
+    r.stop()                                  the loop ends after the current step
+
+Every engine and ``BlockPool`` call runs on the one engine thread, so the engine, the pool and the
+KV events it publishes are never touched concurrently (``BlockPool`` is not thread-safe). Torch
+releases the GIL during a forward, so the asyncio loop (requests, NIXL polling) keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from dynamo_ext.engine.protocol import Engine, PrefillResult, Request, RequestOutput
+from dynamo_ext.kv.pool import BlockPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Load:
+    waiting: int
+    running: int
+    waiting_tokens: int
+    running_kv_tokens: int
+
+
+class EngineRunner:
+    def __init__(self, engine: Engine, pool: BlockPool) -> None:
+        self.engine = engine
+        self.pool = pool
+        self.block_size = pool.block_size
+        self._ex = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._wake = asyncio.Event()
+        self._stopped = False
+        self.steps = 0
+        self.prefills = 0
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
+
+    # -- the step loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        while not self._stopped:
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outs: list[RequestOutput] = await self.call(self.engine.step)
+            except Exception:  # an engine bug must not kill the worker silently
+                log.exception("engine step failed")
+                await asyncio.sleep(0.05)
+                continue
+            self.steps += 1
+            for o in outs:
+                q = self._queues.get(o.request_id)
+                if q is not None:
+                    q.put_nowait(o)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    def load(self) -> Load:
+        """Approximate (read without the engine thread: counts only)."""
+        e: Any = self.engine
+        waiting = list(getattr(e, "waiting", []))
+        running = list(getattr(e, "running", []))
+        return Load(len(waiting), len(running), sum(len(s.tokens) - s.num_computed for s in waiting),
+                    sum(len(s.tokens) for s in running))
+
+    # -- prefill ----------------------------------------------------------------------------------
+    def _prefill_sync(self, req: Request) -> PrefillResult:
+        bs = self.block_size
+        if -(-(len(req.prompt_token_ids) + 1) // bs) > self.pool.num_blocks:
+            raise ValueError(f"prompt of {len(req.prompt_token_ids)} tokens needs more blocks than the pool has")
+        prefix = self.pool.match_tokens(req.prompt_token_ids)
+        usable = min(len(prefix), (len(req.prompt_token_ids) - 1) // bs)
+        req.prefix_blocks = list(prefix)
+        res = self.engine.prefill_only(req)  # frees prefix blocks beyond `usable`, or all of them on error
+        nfull = len(req.prompt_token_ids) // bs
+        if nfull > usable:  # register the new full blocks (KV stored events go out here)
+            parent = res.block_ids[usable - 1] if usable else None
+            try:
+                self.pool.commit(res.block_ids[usable:nfull], req.prompt_token_ids[usable * bs:nfull * bs], parent)
+            except Exception as e:  # noqa: BLE001 - a cache bookkeeping problem must not fail the request
+                log.warning("commit of prefilled blocks failed: %s", e)
+        self.prefills += 1
+        return res
+
+    async def prefill(self, req: Request) -> PrefillResult:
+        return await self.call(self._prefill_sync, req)
+
+    def _commit_pulled(self, req: Request, block_ids: Sequence[int]) -> None:
+        bs = self.block_size
+        nfull = len(req.prompt_token_ids) // bs
+        if nfull:
+            try:
+                self.pool.commit(list(block_ids[:nfull]), req.prompt_token_ids[: nfull * bs], None)
+            except Exception as e:  # noqa: BLE001
+                log.warning("commit of pulled blocks failed: %s", e)
+
+    async def commit_pulled(self, req: Request, block_ids: Sequence[int]) -> None:
+        await self.call(self._commit_pulled, req, block_ids)
+
+    async def release(self, block_ids: Sequence[int]) -> None:
+        await self.call(self.engine.release, list(block_ids))
+
+    async def allocate(self, n: int) -> list[int]:
+        return await self.call(self.engine.allocator.allocate, n)
+
+    # -- decode -----------------------------------------------------------------------------------
+    async def decode(self, req: Request, block_ids: Sequence[int], first_token: int) -> AsyncIterator[RequestOutput]:
+        """Outputs after ``first_token`` (which the caller has already sent), until finished."""
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = req.request_id
+        self._queues[rid] = q
+        finished = False
+        try:
+            try:
+                await self.call(self.engine.add_prefilled_request, req, list(block_ids), first_token)
+            except BaseException:
+                finished = True  # nothing to abort; the blocks were not handed over
+                await self.call(self.engine.allocator.free, list(block_ids))
+                raise
+            self._wake.set()
+            while True:
+                o = await q.get()
+                yield o
+                if o.finished:
+                    finished = True
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:
+                await self.call(self.engine.abort, rid)

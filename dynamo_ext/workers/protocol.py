@@ -1,0 +1,114 @@
+"""What crosses the wire between frontend, router, prefill and decode workers (plain dicts; msgpack/JSON).
+
+Requests (Dynamo's Tokens contract, notes §4) arrive as dicts::
+
+    {"token_ids": [...], "stop_conditions": {"max_tokens": N, "stop_token_ids_hidden": [...], "ignore_eos": b},
+     "sampling_options": {"temperature": t, "top_p": p, "seed": s}, ...,
+     "kv_handle": {...}                       added by our router (policy dynamo-ext | round-robin)
+     "prefill_result": {"disaggregated_params": {...}}   added by Dynamo's frontend (policy dynamo-kv)}
+
+``parse_request`` turns one into an engine ``Request`` or raises ``BadRequest`` with a message that
+names the field; workers answer a bad request with one terminal error chunk (``error_chunk``) and
+carry on. Output chunks are ``{"token_ids": [t...]}``, the last one with ``finish_reason`` and
+``completion_usage``.
+
+``KvHandle`` is what a prefill worker returns: where the prompt's KV lives (worker instance id,
+NIXL agent, pool name, block ids, layout) and until when it is held (``deadline``, unix seconds).
+Whoever pulls it calls the prefill worker's ``release`` endpoint with ``{"handle_id": ...}``; the
+answer ``{"released": true}`` proves the blocks were still held (not reaped at the deadline and
+reused) while the bytes were read. A handle nobody releases is freed at its deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from dynamo_ext.engine.protocol import Request, SamplingParams
+
+# the largest max_tokens a request may ask for; beyond the context it is clamped by the engine
+MAX_TOKENS_LIMIT = 1 << 20
+
+
+class BadRequest(ValueError):
+    """The request cannot be served as given (the message names the field)."""
+
+
+class KvHandle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    handle_id: str
+    worker_id: int  # Dynamo instance id (= lease id) of the prefill worker
+    component: str  # where its record lives: dynamo_ext/v1/workers/<ns>/<component>/<worker_id>
+    agent: str  # its NIXL agent name
+    pool: str  # its registered pool
+    block_ids: list[int]
+    num_tokens: int  # prompt tokens whose KV the blocks hold
+    first_token: int  # sampled by the prefill worker
+    layout: dict[str, Any]  # KvLayout.to_dict() of the pool
+    deadline: float  # unix seconds; the blocks are freed after it unless released earlier
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "KvHandle":
+        try:
+            return msgspec.convert(d, cls)
+        except (msgspec.ValidationError, TypeError) as e:
+            raise BadRequest(f"malformed kv_handle: {e}") from None
+
+
+def handle_of(request: dict[str, Any]) -> KvHandle | None:
+    """The KV handle a decode request carries: ours (``kv_handle``) or Dynamo's (``prefill_result``)."""
+    h = request.get("kv_handle")
+    if h is None:
+        pr = request.get("prefill_result") or {}
+        h = pr.get("disaggregated_params") if isinstance(pr, dict) else None
+        if isinstance(h, dict) and "kv_handle" in h:
+            h = h["kv_handle"]
+    return None if h is None else KvHandle.from_dict(h)
+
+
+def parse_request(request: Any, request_id: str, *, vocab_size: int, max_model_len: int) -> Request:
+    if not isinstance(request, dict):
+        raise BadRequest(f"request must be a map, got {type(request).__name__}")
+    toks = request.get("token_ids")
+    if not isinstance(toks, list) or not toks:
+        raise BadRequest("token_ids: empty prompt (at least one token is needed)")
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in toks):
+        raise BadRequest(f"token_ids: ids must be integers in [0, {vocab_size})")
+    if len(toks) >= max_model_len:
+        raise BadRequest(f"token_ids: prompt of {len(toks)} tokens does not fit the context of {max_model_len}")
+    stop = request.get("stop_conditions") or {}
+    samp = request.get("sampling_options") or {}
+    if not isinstance(stop, dict) or not isinstance(samp, dict):
+        raise BadRequest("stop_conditions and sampling_options must be maps")
+    mt = stop.get("max_tokens")
+    if mt is None:
+        mt = max_model_len - len(toks)
+    if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1 or mt > MAX_TOKENS_LIMIT:
+        raise BadRequest(f"stop_conditions.max_tokens: {mt!r} is not allowed (1 .. {MAX_TOKENS_LIMIT})")
+    mt = min(mt, max_model_len - len(toks))
+    temp = samp.get("temperature")
+    top_p = samp.get("top_p")
+    seed = samp.get("seed")
+    try:
+        temp = 0.0 if temp is None else float(temp)
+        top_p = 1.0 if top_p is None else float(top_p)
+        if temp < 0:
+            raise ValueError("temperature must be >= 0")
+        if seed is not None and not isinstance(seed, int):
+            raise ValueError("seed must be an integer")
+        stop_ids = tuple(int(t) for t in (stop.get("stop_token_ids_hidden") or stop.get("stop_token_ids") or []))
+        sp = SamplingParams(max_tokens=mt, temperature=temp, top_p=top_p, seed=seed, stop_token_ids=stop_ids,
+                            ignore_eos=bool(stop.get("ignore_eos", False)))
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"sampling: {e}") from None
+    return Request(request_id, list(toks), sp)
+
+
+def error_chunk(message: str, prompt_tokens: int = 0) -> dict[str, Any]:
+    """The one terminal chunk a bad or failed request gets (the stream then ends)."""
+    return {"token_ids": [], "finish_reason": "error", "error": message,
+            "completion_usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                 "total_tokens": prompt_tokens}}

@@ -1,0 +1,183 @@
+"""What every worker process does around its role: runtime, record, metrics, signals, ready line.
+
+Order of a worker's life (``WorkerProcess.main``)::
+
+    1. env defaults from dynamo.yaml (ETCD_ENDPOINTS, NATS_SERVER, DYN_EVENT_PLANE=nats, loopback hosts)
+    2. rt = DistributedRuntime(loop, "etcd", "tcp", event_plane="nats")   instance id = rt lease id
+    3. SIGTERM / SIGINT -> request_stop(): stop accepting, rt.shutdown() (lease revoked: the Dynamo
+       instance, its model card and OUR record vanish at once), then leave main() -> exit 0
+    4. await self.setup()            role: engine, endpoints, register_model, serve_endpoint tasks
+    5. store.put(worker_key, encode_record(WorkerRecord(...)), lease=ep.connection_id())
+    6. /metrics + /health on 127.0.0.1:<--metrics-port> (0 = any free port)
+    7. print("DYNAMO_EXT_READY role=<role> instance_id=<id> metrics=<url>") on stdout, flushed
+    8. wait for the stop request; self.teardown(); return 0
+
+Logs go to stderr. Subclasses: ``decode.DecodeWorker`` (roles decode, agg), ``prefill.PrefillWorker``,
+``router.RouterWorker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable
+
+from dynamo_ext.config import DynamoExtConfig
+from dynamo_ext.discovery import EtcdStore, WorkerRecord, encode_record
+from dynamo_ext.discovery.records import PoolDescriptor as RecordPool
+from dynamo_ext.discovery.records import worker_key
+from dynamo_ext.metrics import MetricsServer, WorkerMetrics, make_worker_metrics, serve_http
+
+log = logging.getLogger("dynamo_ext.workers")
+
+# Component names Dynamo's planner and tools expect (notes §5): decode/agg under "backend".
+COMPONENTS = {"agg": "backend", "decode": "backend", "prefill": "prefill", "router": "router"}
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    role: str
+    config: DynamoExtConfig
+    model_dir: str
+    index: int = 0
+    metrics_port: int = 0
+
+
+def apply_env_defaults(cfg: DynamoExtConfig) -> None:
+    """Environment every Dynamo process needs; values already set (by the launcher) win."""
+    d = cfg.discovery
+    defaults = {
+        "ETCD_ENDPOINTS": ",".join(d.etcd.endpoints),
+        "NATS_SERVER": d.nats.url,
+        "DYN_EVENT_PLANE": "nats",
+        "DYN_TCP_RPC_HOST": "127.0.0.1",
+        "DYN_EVENT_PLANE_HOST": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+        "ETCD_LEASE_TTL": str(d.etcd.lease_ttl_s),
+        "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": os.environ.get("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "upb"),
+    }
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+
+
+class WorkerProcess:
+    role: str = ""
+
+    def __init__(self, args: WorkerArgs) -> None:
+        self.args = args
+        self.cfg = args.config
+        self.namespace = self.cfg.discovery.namespace
+        self.component = COMPONENTS[args.role]
+        self.rt: Any = None
+        self.store: EtcdStore | None = None
+        self.metrics: WorkerMetrics | None = None
+        self.http: MetricsServer | None = None
+        self.stopping = False
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Future[Any]] = []
+        self.instance_id = 0
+        self.started_at = time.time()
+
+    # -- hooks --------------------------------------------------------------------------------------
+    async def setup(self) -> Any:
+        """Create endpoints and start serving; return the primary endpoint (its lease holds the record)."""
+        raise NotImplementedError
+
+    def record_fields(self) -> dict[str, Any]:
+        return {}
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "stopping" if self.stopping else "ok", "role": self.args.role,
+                "instance_id": self.instance_id}
+
+    async def teardown(self) -> None:
+        pass
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def spawn(self, aw: Awaitable[Any], name: str) -> asyncio.Future[Any]:
+        fut = asyncio.ensure_future(aw)
+
+        def _done(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is not None and not self.stopping:
+                log.error("task %s failed: %r", name, f.exception())
+
+        fut.add_done_callback(_done)
+        self._tasks.append(fut)
+        return fut
+
+    def endpoint(self, name: str, component: str | None = None) -> Any:
+        return self.rt.endpoint(f"{self.namespace}.{component or self.component}.{name}")
+
+    async def wait_serving(self, ep: Any, timeout: float = 30.0) -> None:
+        """Until our own instance of ``ep`` is visible in discovery (so the ready line tells the truth)."""
+        client = await ep.client()
+        t_end = time.monotonic() + timeout
+        while self.instance_id not in client.instance_ids():
+            if time.monotonic() > t_end:
+                raise TimeoutError(f"endpoint not visible in discovery after {timeout} s")
+            await asyncio.sleep(0.02)
+
+    def request_stop(self) -> None:
+        if self.stopping:
+            return
+        log.info("stop requested: shutting the runtime down (lease revoked)")
+        self.stopping = True
+        try:
+            self.rt.shutdown()
+        except Exception as e:  # noqa: BLE001
+            log.warning("rt.shutdown failed: %s", e)
+        self._stop.set()
+
+    # -- main ---------------------------------------------------------------------------------------
+    async def main(self) -> int:
+        from dynamo.runtime import DistributedRuntime  # noqa: PLC0415
+
+        loop = asyncio.get_running_loop()
+        self.rt = DistributedRuntime(loop, "etcd", "tcp", event_plane="nats")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        ep = await self.setup()
+        self.instance_id = int(ep.connection_id())
+        self.store = await EtcdStore.connect(os.environ["ETCD_ENDPOINTS"].split(",")[0])
+        rec = WorkerRecord(namespace=self.namespace, component=self.component, role=self.args.role,
+                           instance_id=self.instance_id, model=self.cfg.model.name, host=socket.gethostname(),
+                           pid=os.getpid(), started_at=self.started_at, **self.record_fields())
+        await self.store.put(rec.key, encode_record(rec), lease=self.instance_id)
+        if self.metrics is None:
+            self.metrics = make_worker_metrics(self.args.role, self.instance_id)
+        self.metrics.info.labels(self.args.role, str(self.instance_id)).set(1)
+        self.http = serve_http(self.args.metrics_port, self.health)
+        print(f"DYNAMO_EXT_READY role={self.args.role} instance_id={self.instance_id} metrics={self.http.url}",
+              flush=True)
+        log.info("%s worker %d serving in namespace %s (record %s)", self.args.role, self.instance_id,
+                 self.namespace, rec.key)
+        await self._stop.wait()
+        try:
+            await asyncio.wait_for(self.teardown(), 5.0)
+        except Exception as e:  # noqa: BLE001
+            log.warning("teardown: %r", e)
+        for t in self._tasks:
+            t.cancel()
+        if self.http is not None:
+            self.http.close()
+        return 0
+
+
+def record_pools(pools: list[Any]) -> list[RecordPool]:
+    """Discovery's pool descriptors from transport KvPools."""
+    return [RecordPool(kind=p.kind.value, addr=p.addr, nbytes=p.nbytes, device_id=p.device_id) for p in pools]
+
+
+def setup_logging(role: str, index: int) -> None:
+    logging.basicConfig(stream=sys.stderr, level=os.environ.get("DYNAMO_EXT_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {role}[{index}] %(levelname)s %(name)s: %(message)s")
+
+
+__all__ = ["COMPONENTS", "WorkerArgs", "WorkerProcess", "apply_env_defaults", "record_pools", "setup_logging",
+           "worker_key"]
