@@ -1,0 +1,152 @@
+"""``dynamo-ext serve`` orchestration with stand-in workers and frontend (tests/launch/stub_python.py):
+etcd/NATS auto-start, readiness, --once, failure report, SIGTERM stop, record audit, no orphans."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dynamo_ext.cli import main
+from dynamo_ext.launch import infra
+from dynamo_ext.launch.serve import ServeOptions, serve
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+
+
+@pytest.fixture
+def stub_python(tmp_path, monkeypatch):
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {HERE / 'stub_python.py'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("STUB_MODEL", "stub/model")
+    monkeypatch.setenv("DYNAMO_EXT_CACHE", str(tmp_path / "cache"))  # also marks every child's environment
+    return str(wrapper)
+
+
+def write_config(tmp_path: Path, workers: str, etcd: str, nats: str, policy: str = "dynamo-ext") -> Path:
+    cfg = tmp_path / "dynamo.yaml"
+    cfg.write_text(f"model: {{name: stub/model, preset: tiny}}\nworkers: {workers}\nrouter: {{policy: {policy}}}\n"
+                   f"discovery: {{etcd: {{endpoints: ['{etcd}']}}, nats: {{url: '{nats}'}}}}\n")
+    return cfg
+
+
+def procs_mentioning(text: str, *servers) -> list[int]:
+    """Live processes whose command line or environment mention ``text`` (except this one and the fixtures)."""
+    skip = {os.getpid()} | {s.proc.pid for s in servers}
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = (Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()).decode(
+                errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z" and int(pid) not in skip:
+            found.append(int(pid))
+    return found
+
+
+def run_serve(**kw) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = serve(ServeOptions(**kw), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_once_starts_etcd_and_nats_answers_and_cleans_up(tmp_path, stub_python):
+    etcd, nats = f"http://127.0.0.1:{infra.free_port()}", f"nats://127.0.0.1:{infra.free_port()}"
+    cfg = write_config(tmp_path, "{agg: {count: 2}}", etcd, nats)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    code, out, err = run_serve(graph="graphs/agg.py", config=str(cfg), port=infra.free_port(),
+                               model_dir=str(tmp_path / "model"), log_dir=str(tmp_path / "logs"),
+                               once="Hello there", python=stub_python)
+    assert code == 0, err
+    assert "answer: ' stub answer'" in out and "curl -s http://127.0.0.1:" in out
+    assert f"etcd: none at {etcd}, started one" in err and "nats: none at" in err
+    assert "etcd: no records left under" in err
+    assert "--router-mode round-robin --namespace dynamo" in (tmp_path / "logs" / "frontend.log").read_text()
+    assert {p.name for p in (tmp_path / "logs").iterdir()} >= {"agg-0.log", "agg-1.log", "router-0.log", "etcd.log"}
+    assert not infra.etcd_healthy(etcd) and not infra.nats_answers(nats)
+    assert procs_mentioning(str(tmp_path)) == []
+
+
+def test_reused_etcd_stale_record_of_a_worker_is_revoked(tmp_path, stub_python, etcd_server, nats_server, monkeypatch):
+    monkeypatch.setenv("STUB_NO_REVOKE", "decode")
+    cfg = write_config(tmp_path, "{prefill: {count: 1}, decode: {count: 1}}", etcd_server.url, nats_server.url,
+                       policy="dynamo-kv")
+    code, out, err = run_serve(graph="graphs.disagg", config=str(cfg), port=infra.free_port(),
+                               model_dir=None, log_dir=str(tmp_path / "logs"), once="x", python=stub_python)
+    assert code == 0, err
+    assert f"etcd: using the one at {etcd_server.url}" in err
+    assert "removed 1 stale etcd records" in err
+    assert infra.etcd_keys(etcd_server.url, "dynamo_ext/v1/workers/") == []
+    assert "--router-mode kv" in (tmp_path / "logs" / "frontend.log").read_text()
+    assert not (tmp_path / "logs" / "router-0.log").exists()
+    assert (tmp_path / "cache" / "models" / "tiny-seed0-float32" / "model.safetensors").is_file()  # generated
+    assert etcd_server.proc.poll() is None  # a reused etcd is never stopped
+    assert procs_mentioning(str(tmp_path), etcd_server, nats_server) == []
+
+
+def test_worker_crash_while_serving_is_reported_and_everything_stops(tmp_path, stub_python, etcd_server, nats_server,
+                                                                     monkeypatch):
+    monkeypatch.setenv("STUB_CRASH", "decode")
+    cfg = write_config(tmp_path, "{prefill: {count: 1}, decode: {count: 1}}", etcd_server.url, nats_server.url)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    code, out, err = run_serve(graph="graphs/disagg.py", config=str(cfg), port=infra.free_port(),
+                               model_dir=str(tmp_path / "m"), log_dir=str(tmp_path / "logs"), python=stub_python)
+    assert code == 1
+    assert "decode-0 exited unexpectedly" in err and "(exit 5" in err and "| stub crash" in err
+    assert "stopping frontend, router-0, decode-0, prefill-0" in err
+    assert procs_mentioning(str(tmp_path), etcd_server, nats_server) == []
+
+
+def test_sigterm_stops_a_serving_launch(tmp_path, stub_python, etcd_server, nats_server):
+    cfg = write_config(tmp_path, "{agg: {count: 1}}", etcd_server.url, nats_server.url)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    code = (f"import sys; from dynamo_ext.launch.serve import ServeOptions, serve; "
+            f"sys.exit(serve(ServeOptions(graph='graphs/agg.py', config={str(cfg)!r}, port={infra.free_port()}, "
+            f"model_dir={str(tmp_path / 'm')!r}, python={stub_python!r})))")
+    # the child inherits the marked environment
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if "Ctrl-C to stop" in line:
+                break
+        assert len(procs_mentioning(str(tmp_path), etcd_server, nats_server)) == 4  # serve, frontend, router, agg
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert "SIGTERM received: stopping" in err and "etcd: no records left" in err
+    time.sleep(0.1)
+    assert procs_mentioning(str(tmp_path), etcd_server, nats_server) == []
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert main(["serve", "graphs/disagg.py", "-f", "configs/agg.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit graph 'disagg'" in err and "workers.prefill: required" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers: {agg: {cont: 1}}\n")
+    assert main(["serve", "graphs.agg", "-f", str(bad)]) == 2
+    assert "workers.agg.cont: unknown key (did you mean 'count'?" in capsys.readouterr().err
+    assert main(["serve", "graphs/nope.py", "-f", "configs/agg.yaml"]) == 2
+    assert "cannot load graph" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "graphs/agg.py", "-f", "configs/agg.yaml", "--port", str(s.getsockname()[1])]) == 2
+    assert "is in use" in capsys.readouterr().err
