@@ -35,7 +35,7 @@ from dynamo_ext.topology import collect_local_topology
 from dynamo_ext.transport import KvPool, TransferBackend, make_backend
 
 from .engine_runner import EngineRunner
-from .runtime import WorkerArgs, WorkerProcess, record_pools
+from .runtime import WorkerArgs, WorkerProcess, record_pools, stdout_logs_to_stderr
 
 log = logging.getLogger("dynamo_ext.workers")
 
@@ -115,8 +115,14 @@ class EngineWorker(WorkerProcess):
     async def start_transport(self) -> None:
         assert self.engine is not None
         kind = "nixl" if self.cfg.kv_transfer.backend == "nixl" else "tcp"
+        try:
+            import nixl._api  # noqa: F401, PLC0415 - configures NIXL's logging (to stdout) before we move it
+        except Exception:  # noqa: BLE001
+            pass
+        stdout_logs_to_stderr()
         self.backend = make_backend(kind, f"{self.args.role}-{self.instance_id_hint()}")
         await self.backend.start()
+        stdout_logs_to_stderr()
         self.kv_pool = KvPool.from_tensor(f"kv-{self.args.role}", self.engine.kv_layout, self.engine.kv_buffer())
         self.backend.register_pool(self.kv_pool)
         self.spawn(self.backend.serve(0.01), "transport-progress")  # staged-transfer protocol messages

@@ -174,6 +174,17 @@ def record_pools(pools: list[Any]) -> list[RecordPool]:
     return [RecordPool(kind=p.kind.value, addr=p.addr, nbytes=p.nbytes, device_id=p.device_id) for p in pools]
 
 
+def stdout_logs_to_stderr() -> None:
+    """Move every logging handler that writes to stdout (NIXL configures one) to stderr: stdout carries
+    only the ready line."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout:
+                h.setStream(sys.stderr)
+
+
 def setup_logging(role: str, index: int) -> None:
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("DYNAMO_EXT_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s {role}[{index}] %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,229 @@
+"""Router component: component ``router``, endpoint ``generate``, the model's public endpoint in the
+policies ``dynamo-ext`` and ``round-robin``.
+
+Protocol of one request (who calls what, in what order)::
+
+    Dynamo frontend                 RouterWorker                                 workers
+    ------------------------------------------------------------------------------------------------------------
+    generate({token_ids, stop_conditions, sampling_options, ...})   (tokenized by the frontend)
+                                    1. choose:
+                                       round-robin: next prefill, next decode; prompts shorter than
+                                         router.disagg_min_prompt_tokens (or no prefill worker) -> local on decode
+                                       dynamo-ext: routing.decide(RequestShape, [WorkerSnapshot], LinkTable)
+                                         snapshots from the router's in-flight counters per worker and the
+                                         overlap of KvEventIndexer (NATS kv-events of all our workers)
+                                    2. DISAGG: prefill_client.direct(req, prefill_id) ---------> prefill worker
+                                         one chunk: {kv_handle, token_ids: [first]} <-----------  (holds blocks)
+                                         error chunk -> forwarded to the client, done
+                                         call failed (worker dead) -> no handle: decode prefills locally
+                                    3. decode_client.direct({...req, kv_handle}, decode_id) ---> decode worker
+                                         stream of {token_ids} <--------------------------------  (NIXL READ,
+                                                                                                    release, decode)
+                                       the decode call fails before its first chunk -> once more on another
+                                       decode worker (without the handle); later -> one error chunk
+    chunks forwarded as they come
+
+Visibility: only the router calls register_model (Tokens, Chat|Completions, RouterMode.RoundRobin among
+router replicas). Prefill and decode workers do not register the model in these policies, so the
+frontend can neither list nor reach them; they are Dynamo instances under ``prefill`` / ``backend``
+(found here with ``client.instance_ids()``) and records under dynamo_ext/v1/workers/<ns>/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from dynamo_ext.engine.config import ModelConfig
+from dynamo_ext.kv.indexer import KvEventIndexer, kv_events_subject
+from dynamo_ext.metrics import make_worker_metrics
+from dynamo_ext.routing import LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
+from dynamo_ext.routing import WorkerSnapshot
+
+from .protocol import error_chunk
+from .runtime import WorkerArgs, WorkerProcess
+
+log = logging.getLogger("dynamo_ext.workers.router")
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Estimates for the cost model until measured values are wired in (CPU reference engine, tiny model).
+PREFILL_TOKENS_PER_S = 20_000.0
+DECODE_STEP_S = 0.002
+LINK = LinkInfo(gb_per_s=3.0, latency_s=0.002)
+
+
+class RouterWorker(WorkerProcess):
+    def __init__(self, args: WorkerArgs) -> None:
+        super().__init__(args)
+        self.policy = self.cfg.router.policy
+        self.block_size = self.cfg.model.block_size
+        mc = ModelConfig.from_hf(json.loads((Path(args.model_dir) / "config.json").read_text()))
+        self.kv_bytes_per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * _DTYPE_BYTES.get(mc.dtype, 4)
+        self.prefill_client: Any = None
+        self.decode_client: Any = None
+        self.indexer: KvEventIndexer | None = None
+        self._rr_p = itertools.count()
+        self._rr_d = itertools.count()
+        self.inflight: dict[int, int] = defaultdict(int)  # requests per worker
+        self.inflight_tokens: dict[int, int] = defaultdict(int)  # prompt tokens waiting for prefill per worker
+        self.decisions: dict[str, int] = defaultdict(int)
+
+    async def setup(self) -> Any:
+        from dynamo.llm import ModelInput, ModelType, RouterConfig, RouterMode, WorkerType, register_model  # noqa: PLC0415
+
+        ep = self.endpoint("generate")
+        health_ep = self.endpoint("health")
+        self.prefill_client = await self.endpoint("prefill", component="prefill").client()
+        self.decode_client = await self.endpoint("generate", component="backend").client()
+        self.metrics = make_worker_metrics("router", int(ep.connection_id()))
+        if self.policy == "dynamo-ext":
+            try:
+                self.indexer = KvEventIndexer(self.block_size)
+                await self.indexer.start(self.cfg.discovery.nats.url, kv_events_subject(self.namespace))
+            except Exception as e:  # noqa: BLE001 - routing still works without overlap scores
+                log.warning("KV event indexer unavailable (%s): overlap scores are 0", e)
+                self.indexer = None
+        await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, ep, self.args.model_dir,
+                             self.cfg.model.name, worker_type=WorkerType.Aggregated,
+                             kv_cache_block_size=self.block_size, router_config=RouterConfig(RouterMode.RoundRobin))
+        self.instance_id = int(ep.connection_id())
+        self.spawn(ep.serve_endpoint(self.generate), "serve-generate")
+        self.spawn(health_ep.serve_endpoint(self.health_handler), "serve-health")
+        await self.wait_serving(ep)
+        return ep
+
+    async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+        yield self.health()
+
+    def health(self) -> dict[str, Any]:
+        h = super().health()
+        h.update(policy=self.policy, decisions=dict(self.decisions),
+                 prefill_workers=len(self.prefill_client.instance_ids()) if self.prefill_client else 0,
+                 decode_workers=len(self.decode_client.instance_ids()) if self.decode_client else 0)
+        return h
+
+    async def teardown(self) -> None:
+        if self.indexer is not None:
+            await self.indexer.close()
+
+    # -- choice -------------------------------------------------------------------------------------
+    def choose(self, tokens: list[int], rid: str) -> tuple[int | None, int]:
+        """(prefill worker or None for a local prefill, decode worker)."""
+        decodes = sorted(self.decode_client.instance_ids())
+        prefills = sorted(self.prefill_client.instance_ids())
+        if not decodes:
+            raise RuntimeError("no decode worker is serving")
+        if self.policy == "dynamo-ext":
+            try:
+                return self._decide(tokens, rid, prefills, decodes)
+            except Exception as e:  # noqa: BLE001 - fall back to round-robin rather than fail the request
+                log.warning("routing.decide failed (%s): round-robin", e)
+        d = decodes[next(self._rr_d) % len(decodes)]
+        if not prefills or len(tokens) < self.cfg.router.disagg_min_prompt_tokens:
+            self.decisions["local"] += 1
+            return None, d
+        self.decisions["disagg"] += 1
+        return prefills[next(self._rr_p) % len(prefills)], d
+
+    def _decide(self, tokens: list[int], rid: str, prefills: list[int], decodes: list[int]) -> tuple[int | None, int]:
+        scores = self.indexer.scores(tokens) if self.indexer is not None else {}
+        shape = RequestShape(prompt_tokens=len(tokens), block_size=self.block_size,
+                             kv_bytes_per_token=self.kv_bytes_per_token, request_id=rid)
+        nblocks = self.cfg.workers.decode.num_kv_blocks if self.cfg.workers.decode else 1024
+        snaps = [WorkerSnapshot(worker_id=p, role="prefill", prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
+                                layout_key="model", queue_tokens=self.inflight_tokens[p],
+                                queued_requests=self.inflight[p], free_blocks=nblocks,
+                                overlap_blocks=scores.get(p, 0), node="local") for p in prefills]
+        # a decode worker prefills between decode steps: slower, and it delays its running requests
+        snaps += [WorkerSnapshot(worker_id=d, role="decode", prefill_tokens_per_s=PREFILL_TOKENS_PER_S / 2,
+                                 layout_key="model", queue_tokens=self.inflight_tokens[d],
+                                 free_blocks=nblocks, admission_delay_s=self.inflight[d] * DECODE_STEP_S,
+                                 overlap_blocks=scores.get(d, 0), node="local") for d in decodes]
+        cfg = RoutingConfig(local_prefill_max_tokens=self.cfg.router.disagg_min_prompt_tokens)
+        dec = decide(shape, snaps, LinkTable(default=LINK, same_node=LINK), config=cfg)
+        self.decisions[dec.reason.value if hasattr(dec.reason, "value") else str(dec.reason)] += 1
+        log.debug("decision %s", dec.to_log())
+        c = dec.chosen
+        if c.kind is OptionKind.LOCAL:
+            return None, c.decode_id
+        return c.prefill_id, c.decode_id
+
+    # -- generate -----------------------------------------------------------------------------------
+    async def _prefill(self, request: dict[str, Any], pid: int) -> dict[str, Any] | None:
+        timeout = self.cfg.kv_transfer.timeout_ms / 1000.0 + 30.0
+        stream = await asyncio.wait_for(self.prefill_client.direct(request, pid), timeout)
+        async for item in stream:
+            return item.data()
+        return None
+
+    async def generate(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+        assert self.metrics is not None
+        t0 = time.monotonic()
+        if self.stopping:
+            yield error_chunk("router is shutting down")
+            return
+        tokens = request.get("token_ids") if isinstance(request, dict) else None
+        if not isinstance(tokens, list) or not tokens:
+            self.metrics.requests.labels("bad_request").inc()
+            yield error_chunk("token_ids: empty prompt (at least one token is needed)")
+            return
+        rid = uuid.uuid4().hex
+        try:
+            pid, did = self.choose(tokens, rid)
+        except Exception as e:  # noqa: BLE001
+            self.metrics.requests.labels("no_worker").inc()
+            yield error_chunk(f"no worker available: {e}", len(tokens))
+            return
+        dreq = dict(request)
+        if pid is not None:
+            self.inflight[pid] += 1
+            self.inflight_tokens[pid] += len(tokens)
+            try:
+                chunk = await self._prefill(request, pid)
+            except Exception as e:  # noqa: BLE001 - prefill worker gone: the decode worker prefills
+                log.warning("prefill on %d failed (%s): local prefill on %d", pid, e, did)
+                chunk = None
+            finally:
+                self.inflight[pid] -= 1
+                self.inflight_tokens[pid] -= len(tokens)
+            if chunk is not None and chunk.get("finish_reason") == "error":
+                self.metrics.requests.labels("bad_request").inc()
+                yield chunk
+                return
+            if chunk is not None and "kv_handle" in chunk:
+                dreq["kv_handle"] = chunk["kv_handle"]
+        first = True
+        tried: set[int] = set()
+        while True:
+            tried.add(did)
+            cur = did
+            self.inflight[cur] += 1
+            sent = False
+            try:
+                async for item in await self.decode_client.direct(dreq, did):
+                    d = item.data()
+                    if first:
+                        self.metrics.ttft.observe(time.monotonic() - t0)
+                        first = False
+                    sent = True
+                    yield d
+                self.metrics.requests.labels("ok").inc()
+                return
+            except Exception as e:  # noqa: BLE001
+                others = [w for w in self.decode_client.instance_ids() if w not in tried]
+                if sent or not others:
+                    self.metrics.requests.labels("failed").inc()
+                    yield error_chunk(f"decode worker {did} failed: {e}", len(tokens))
+                    return
+                log.warning("decode on %d failed before its first token (%s): retrying on %d", did, e, others[0])
+                dreq.pop("kv_handle", None)
+                did = others[0]
+            finally:
+                self.inflight[cur] -= 1
