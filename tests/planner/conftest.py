@@ -1,27 +1,9 @@
-"""Planner tests: put the aisimulate_core STAND-IN on sys.path when the real package is absent.
-
-Dynamo 1.6's planner (even `dynamo.planner.plugins.types`) imports NVIDIA's `aisimulate_core`,
-which cannot be installed here. `tests/planner/standin/` holds a minimal stand-in (see its
-docstring and planner/README.md); it is test-only and never shipped. With the real package
-installed it is not used. Subprocesses get it through `planner_env()`.
-"""
+"""Planner tests: put the aisimulate_core stand-in on sys.path when the real package is absent (planner_support)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
-STANDIN = Path(__file__).parent / "standin"
-ROOT = Path(__file__).resolve().parents[2]
-USING_STANDIN = importlib.util.find_spec("aisimulate_core") is None
-if USING_STANDIN:
-    sys.path.insert(0, str(STANDIN))
-
-
-def planner_env(**extra: str) -> dict[str, str]:
-    """Environment for a subprocess that imports dynamo.planner and our planner/ package."""
-    paths = ([str(STANDIN)] if USING_STANDIN else []) + [str(ROOT)]
-    old = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths + ([old] if old else [])), **extra)
+sys.path.insert(0, str(Path(__file__).parent))
+import planner_support  # noqa: E402,F401  (side effect: stand-in on sys.path)

@@ -119,7 +119,7 @@ async def test_constrain_link_domains_from_provider():
     assert targets(await static.Constrain(ConstrainStageRequest(context=ctx(1, 2, proposal=prop5)))) == {("decode", OverrideType.AT_MOST): 3}
 
 
-def _orchestrator():
+def _orchestrator(allow_insecure_grpc: bool = False):
     from dynamo.planner.plugins.clock import VirtualClock
     from dynamo.planner.plugins.orchestrator.orchestrator import LocalPlannerOrchestrator
     from dynamo.planner.plugins.registry.auth import AllowUnauthenticatedAuth
@@ -130,7 +130,7 @@ def _orchestrator():
 
     clk = VirtualClock()
     cb = CircuitBreaker(clk, failure_threshold=3, cooldown_seconds=30.0)
-    tc = TransportConfig(request_timeout_seconds=5.0)
+    tc = TransportConfig(request_timeout_seconds=5.0, allow_insecure_grpc=allow_insecure_grpc)
 
     def factory(plugin_id, endpoint, *, in_process_instance=None):
         return make_transport_for_endpoint(plugin_id, endpoint, tc, in_process_instance=in_process_instance)
