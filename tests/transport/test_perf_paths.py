@@ -109,3 +109,114 @@ async def test_cma_peer_on_other_node_uses_tcp_data_path(shared_etcd):
     finally:
         await be.close()
         proc.close()
+
+
+# -- rowcopy executors: host logic on CPU tensors (CUDA streams/events faked as synchronous) ------------
+torch = pytest.importorskip("torch")
+
+
+class _FakeStream:
+    def __init__(self, *a, **k) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, ev) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _FakeEvent(_FakeStream):
+    def record(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CPU tensors listed in the returned set count as 'on a GPU'; streams run synchronously."""
+    import contextlib
+
+    from dynamo_ext.transport import rowcopy
+
+    gpu: set[int] = set()
+    monkeypatch.setattr(rowcopy, "_on_gpu", lambda t: t.data_ptr() in gpu)
+    monkeypatch.setattr(rowcopy, "_keep", lambda t, s: None)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: _FakeStream())
+    monkeypatch.setattr(rowcopy, "_streams", {})
+    monkeypatch.setattr(rowcopy, "_bufs", {})
+    return gpu
+
+
+def _kv_case(num_blocks: int = 96, k: int = 40, seed: int = 0):
+    from dynamo_ext.transport import plan_transfer, preset
+
+    lay = preset("tiny", num_blocks)
+    rng = np.random.default_rng(seed)
+    s = [int(x) for x in rng.permutation(num_blocks)[:k]]
+    d = [int(x) for x in rng.permutation(num_blocks)[:k]]
+    plan = plan_transfer(lay, s, lay, d, stage=False)
+    src = torch.from_numpy(rng.integers(0, 255, lay.pool_bytes, dtype=np.uint8))
+    dst = torch.from_numpy(rng.integers(0, 255, lay.pool_bytes, dtype=np.uint8))
+    want = dst.clone()
+    for so, do, n in plan.wire.array.tolist():
+        want[do:do + n] = src[so:so + n]
+    return lay, plan, src, dst, want
+
+
+@pytest.mark.parametrize("tmp_rows", [1, 3, 1 << 20])
+def test_copy_rows_torch_slices_byte_exact(monkeypatch, tmp_rows):
+    from dynamo_ext.transport import rowcopy
+
+    lay, plan, src, dst, want = _kv_case()
+    monkeypatch.setattr(rowcopy, "SLICE_TMP_BYTES", tmp_rows * lay.chunk_bytes)
+    assert rowcopy.copy_rows(src, dst, plan.wire, use_triton=False) == plan.total_bytes
+    assert torch.equal(dst, want)
+
+
+def test_copy_rows_bounds_checked_before_launch():
+    from dynamo_ext.transport import rowcopy
+
+    a = torch.zeros(4096, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="outside"):
+        rowcopy.copy_rows(a, a.clone(), [(0, 4000, 128)])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernel on CPU needs TRITON_INTERPRET=1")
+def test_copy_rows_triton_kernel_interpreted():
+    from dynamo_ext.transport import rowcopy
+
+    if not rowcopy.triton_available():
+        pytest.skip("triton not importable")
+    _, plan, src, dst, want = _kv_case()
+    rowcopy.copy_rows(src, dst, plan.wire, use_triton=True)
+    assert torch.equal(dst, want)
+
+
+@pytest.mark.parametrize("slice_chunks,slots", [(7, 2), (7, 3), (10_000, 2), (1, 1)])
+def test_copy_cross_device_pipeline_byte_exact(fake_cuda, slice_chunks, slots):
+    from dynamo_ext.transport import rowcopy
+
+    lay, plan, src, dst, want = _kv_case(seed=slots)
+    n = rowcopy.copy_cross_device(src, dst, plan.wire, slice_bytes=slice_chunks * lay.chunk_bytes, slots=slots,
+                                  use_triton=False)
+    assert n == plan.total_bytes and torch.equal(dst, want)
+
+
+@pytest.mark.parametrize("slice_chunks,slots,threads", [(5, 3, 2), (5, 2, 1), (64, 3, 4), (10_000, 3, 2)])
+def test_copy_device_to_host_pipeline_byte_exact(fake_cuda, slice_chunks, slots, threads):
+    from dynamo_ext.transport import rowcopy
+
+    lay, plan, src, dst, want = _kv_case(seed=threads)
+    fake_cuda.add(src.data_ptr())
+    n = rowcopy.copy_device_to_host(src, dst, plan.wire, slice_bytes=slice_chunks * lay.chunk_bytes, slots=slots,
+                                    threads=threads)
+    assert n == plan.total_bytes and torch.equal(dst, want)

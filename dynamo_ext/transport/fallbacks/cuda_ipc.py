@@ -8,10 +8,11 @@ Protocol::
                                                       bytes/ints, sent msgpack'd in PeerInfo.agent_metadata
     initiator: be.add_peer(info)                   -> torch.UntypedStorage._new_shared_cuda(*args) maps each
                                                       remote pool into this process (same node only)
-               be.post(op, local, peer, remote, d) -> copies on the local device's current stream:
-                                                      same device: one vectorised index copy
-                                                      (staging.copy_descriptors); other device: gather into
-                                                      a packed buffer, one peer copy, scatter
+               be.post(op, local, peer, remote, d) -> copies enqueued on the current streams (rowcopy.py):
+                                                      same device: one pass per byte (Triton row kernel,
+                                                      else sliced index_select/index_copy_); other
+                                                      device: gather -> peer copy -> scatter pipelined
+                                                      over 64 MiB slices on three streams
                req.poll()                          -> a CUDA event recorded after the copies: event.query()
 
 No notifications (the owner learns of a write through the caller's own channel). torch is imported
@@ -102,7 +103,7 @@ class CudaIpcBackend(TransferBackend):
     def _post(self, op: Op, local: KvPool, peer: str, remote: PoolDescriptor, descs: np.ndarray,
               notif: bytes) -> XferRequest:
         torch = self._torch
-        from ..staging import copy_descriptors  # noqa: PLC0415
+        from ..rowcopy import copy_cross_device, copy_rows  # noqa: PLC0415
 
         rt = self._remote.get((peer, remote.name))
         if rt is None:
@@ -110,21 +111,12 @@ class CudaIpcBackend(TransferBackend):
         lt = local.tensor_u8()
         src, dst, d = (lt, rt, descs) if op == "write" else (rt, lt, descs[:, [1, 0, 2]])
         keep: tuple[Any, ...] = ()
-        if src.device == dst.device:
+        if src.device == dst.device:  # one pass per byte (Triton row kernel, or sliced torch)
             with torch.cuda.device(dst.device):
-                copy_descriptors(src, dst, d)
-        else:
-            n = d[:, 2]
-            pos = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-            total = int(n.sum())
-            with torch.cuda.device(src.device):
-                a = torch.empty(total, dtype=torch.uint8, device=src.device)
-                copy_descriptors(src, a, np.column_stack([d[:, 0], pos, n]))
+                copy_rows(src, dst, d)
+        else:  # gather (src GPU) -> peer copy -> scatter (dst GPU), pipelined over slices
             with torch.cuda.device(dst.device):
-                b = torch.empty(total, dtype=torch.uint8, device=dst.device)
-                b.copy_(a, non_blocking=True)
-                copy_descriptors(b, dst, np.column_stack([pos, d[:, 1], n]))
-            keep = (a, b)
+                copy_cross_device(src, dst, d)
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(dst.device))
         return _EventRequest(ev, keep)

@@ -31,7 +31,8 @@ _LOCAL: "weakref.WeakValueDictionary[str, LocalBackend]" = weakref.WeakValueDict
 
 def copy_ranges(src: KvPool, dst: KvPool, triples: Any, stream: Any = None) -> None:
     """Copy (src_off, dst_off, n) ranges between two local pools of any kind except file."""
-    triples = as_triples(triples).tolist()
+    arr = as_triples(triples)
+    triples = arr.tolist() if not (src.kind is MemoryKind.DEVICE and arr.shape[0] > 1) else []
     if src.kind is MemoryKind.HOST and dst.kind is MemoryKind.HOST:
         s, d = src.host_view(), dst.host_view()
         for so, do, n in triples:
@@ -40,6 +41,20 @@ def copy_ranges(src: KvPool, dst: KvPool, triples: Any, stream: Any = None) -> N
     import torch  # noqa: PLC0415
 
     st, dt = src.tensor_u8(), dst.tensor_u8()
+    if src.kind is MemoryKind.DEVICE and arr.shape[0] > 1:  # owner-process copies: vectorised executors
+        from ..rowcopy import copy_cross_device, copy_device_to_host, copy_rows  # noqa: PLC0415
+
+        ctx2 = torch.cuda.stream(stream) if stream is not None else _nullctx()
+        with torch.cuda.device(st.device), ctx2:
+            if dst.kind is MemoryKind.HOST:
+                copy_device_to_host(st, dt, arr)  # returns when the bytes are on the host
+                return
+            if st.device == dt.device:
+                copy_rows(st, dt, arr)
+            else:
+                copy_cross_device(st, dt, arr)
+            torch.cuda.current_stream(dt.device).synchronize()
+        return
     on_gpu = src.kind is MemoryKind.DEVICE or dst.kind is MemoryKind.DEVICE
     ctx = torch.cuda.stream(stream) if (on_gpu and stream is not None) else _nullctx()
     with ctx:
