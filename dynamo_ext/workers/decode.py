@@ -42,6 +42,7 @@ from dynamo_ext.discovery import decode_record
 from dynamo_ext.kv.pool import OutOfBlocks as PoolOutOfBlocks
 from dynamo_ext.transport import PeerInfo, RemotePool, TransferError, transfer_kv_cache
 
+from .engine_runner import NoRoom
 from .engine_worker import EngineWorker
 from .protocol import BadRequest, KvHandle, error_chunk, handle_of, parse_request
 from .runtime import WorkerArgs, worker_key
@@ -139,7 +140,7 @@ class DecodeWorker(EngineWorker):
             if not await self._release(h):
                 raise StaleHandle(f"handle {h.handle_id} was no longer held by {h.worker_id}")
         except BaseException:
-            await self.runner.call(self.runner.pool.free, dst)
+            await self.runner.free(dst)
             if not released:
                 try:
                     await self._release(h, timeout=0.5)
@@ -191,7 +192,7 @@ class DecodeWorker(EngineWorker):
         if blocks is None:
             try:
                 res = await self.runner.prefill(req)
-            except (ValueError, OutOfBlocks, PoolOutOfBlocks) as e:
+            except (ValueError, OutOfBlocks, PoolOutOfBlocks, NoRoom) as e:
                 m.requests.labels("rejected").inc()
                 yield error_chunk(f"cannot prefill: {e}", n_prompt)
                 return

@@ -39,6 +39,10 @@ class Load:
     running_kv_tokens: int
 
 
+class NoRoom(RuntimeError):
+    """Not enough free blocks right now (the caller waits for blocks to be freed and retries)."""
+
+
 class EngineRunner:
     def __init__(self, engine: Engine, pool: BlockPool) -> None:
         self.engine = engine
@@ -47,7 +51,10 @@ class EngineRunner:
         self._ex = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wake = asyncio.Event()
+        self._freed = asyncio.Event()  # set whenever blocks may have been freed
         self._stopped = False
+        #: blocks kept free for running sequences to grow into (one per running sequence, at least this many)
+        self.headroom = 4
         self.steps = 0
         self.prefills = 0
 
@@ -68,6 +75,8 @@ class EngineRunner:
                 await asyncio.sleep(0.05)
                 continue
             self.steps += 1
+            if any(o.finished for o in outs):
+                self._freed.set()
             for o in outs:
                 q = self._queues.get(o.request_id)
                 if q is not None:
@@ -85,11 +94,35 @@ class EngineRunner:
         return Load(len(waiting), len(running), sum(len(s.tokens) - s.num_computed for s in waiting),
                     sum(len(s.tokens) for s in running))
 
+    def _room(self, need: int) -> bool:
+        running = len(getattr(self.engine, "running", ()))
+        return self.pool.num_free >= need + max(self.headroom, running)
+
+    async def wait_room(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> Any:
+        """``await self.call(fn, *args)``, retried while it raises NoRoom, each time after blocks were freed."""
+        loop = asyncio.get_running_loop()
+        t_end = loop.time() + timeout
+        while True:
+            self._freed.clear()
+            try:
+                return await self.call(fn, *args)
+            except NoRoom:
+                left = t_end - loop.time()
+                if left <= 0:
+                    raise
+                try:
+                    await asyncio.wait_for(self._freed.wait(), min(left, 0.5))
+                except asyncio.TimeoutError:
+                    pass
+
     # -- prefill ----------------------------------------------------------------------------------
     def _prefill_sync(self, req: Request) -> PrefillResult:
         bs = self.block_size
-        if -(-(len(req.prompt_token_ids) + 1) // bs) > self.pool.num_blocks:
+        need = -(-(len(req.prompt_token_ids) + 1) // bs)
+        if need > self.pool.num_blocks:
             raise ValueError(f"prompt of {len(req.prompt_token_ids)} tokens needs more blocks than the pool has")
+        if not self._room(need):
+            raise NoRoom(f"{need} blocks needed, {self.pool.num_free} free")
         prefix = self.pool.match_tokens(req.prompt_token_ids)
         usable = min(len(prefix), (len(req.prompt_token_ids) - 1) // bs)
         req.prefix_blocks = list(prefix)
@@ -105,7 +138,8 @@ class EngineRunner:
         return res
 
     async def prefill(self, req: Request) -> PrefillResult:
-        return await self.call(self._prefill_sync, req)
+        """Prefill now, or as soon as the pool has room (NoRoom after ``wait_room``'s timeout)."""
+        return await self.wait_room(self._prefill_sync, req)
 
     def _commit_pulled(self, req: Request, block_ids: Sequence[int]) -> None:
         bs = self.block_size
@@ -121,9 +155,20 @@ class EngineRunner:
 
     async def release(self, block_ids: Sequence[int]) -> None:
         await self.call(self.engine.release, list(block_ids))
+        self._freed.set()
+
+    def _allocate_sync(self, n: int) -> list[int]:
+        if not self._room(n):
+            raise NoRoom(f"{n} blocks needed, {self.pool.num_free} free")
+        return self.engine.allocator.allocate(n)
 
     async def allocate(self, n: int) -> list[int]:
-        return await self.call(self.engine.allocator.allocate, n)
+        """``n`` blocks for incoming KV, as soon as the pool has room."""
+        return await self.wait_room(self._allocate_sync, n)
+
+    async def free(self, block_ids: Sequence[int]) -> None:
+        await self.call(self.engine.allocator.free, list(block_ids))
+        self._freed.set()
 
     # -- decode -----------------------------------------------------------------------------------
     async def decode(self, req: Request, block_ids: Sequence[int], first_token: int) -> AsyncIterator[RequestOutput]:

@@ -36,6 +36,7 @@ from typing import Any, AsyncIterator
 from dynamo_ext.engine.protocol import OutOfBlocks
 from dynamo_ext.kv.pool import OutOfBlocks as PoolOutOfBlocks
 
+from .engine_runner import NoRoom
 from .engine_worker import EngineWorker
 from .protocol import BadRequest, KvHandle, error_chunk, parse_request
 from .runtime import WorkerArgs
@@ -131,7 +132,7 @@ class PrefillWorker(EngineWorker):
         n = len(req.prompt_token_ids)
         try:
             res = await self.runner.prefill(req)
-        except (ValueError, OutOfBlocks, PoolOutOfBlocks) as e:
+        except (ValueError, OutOfBlocks, PoolOutOfBlocks, NoRoom) as e:
             self.metrics.requests.labels("rejected").inc()
             return error_chunk(f"cannot prefill: {e}", n)
         deadline = time.time() + self.hold_s

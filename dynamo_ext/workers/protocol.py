@@ -109,6 +109,7 @@ def parse_request(request: Any, request_id: str, *, vocab_size: int, max_model_l
 
 def error_chunk(message: str, prompt_tokens: int = 0) -> dict[str, Any]:
     """The one terminal chunk a bad or failed request gets (the stream then ends)."""
-    return {"token_ids": [], "finish_reason": "error", "error": message,
+    # Dynamo's frontend reads the message from the finish reason ("error: <message>")
+    return {"token_ids": [], "finish_reason": f"error: {message}", "error": message,
             "completion_usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
                                  "total_tokens": prompt_tokens}}

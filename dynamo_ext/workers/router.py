@@ -193,7 +193,7 @@ class RouterWorker(WorkerProcess):
             finally:
                 self.inflight[pid] -= 1
                 self.inflight_tokens[pid] -= len(tokens)
-            if chunk is not None and chunk.get("finish_reason") == "error":
+            if chunk is not None and str(chunk.get("finish_reason") or "").startswith("error"):
                 self.metrics.requests.labels("bad_request").inc()
                 yield chunk
                 return

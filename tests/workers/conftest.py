@@ -94,8 +94,8 @@ class Graph:
         cfg: dict[str, Any] = {
             "model": {"name": "dx/tiny", "preset": "tiny", "block_size": 16, "dtype": "float32"},
             "kv_transfer": {"backend": "nixl", "timeout_ms": 2000},
-            "workers": {"agg": {"count": 1, "num_kv_blocks": 256}, "prefill": {"count": 1, "num_kv_blocks": 256},
-                        "decode": {"count": 2, "num_kv_blocks": 256}},
+            "workers": {"agg": {"count": 1, "num_kv_blocks": 1024}, "prefill": {"count": 1, "num_kv_blocks": 1024},
+                        "decode": {"count": 2, "num_kv_blocks": 1024}},
             "router": {"policy": "round-robin", "disagg_min_prompt_tokens": 0},
             "discovery": {"namespace": namespace, "etcd": {"endpoints": [etcd], "lease_ttl_s": 10},
                           "nats": {"url": nats}},
@@ -106,12 +106,22 @@ class Graph:
         self.config.write_text(yaml.safe_dump(cfg))
         self.procs: list[Proc] = []
 
-    def start(self, role: str, extra_env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+    def write_config(self, name: str, **over: Any) -> Path:
+        """Another dynamo.yaml for this graph (same namespace), with top-level sections updated."""
+        cfg = yaml.safe_load(self.config.read_text())
+        for k, v in over.items():
+            cfg[k] = {**cfg.get(k, {}), **v}
+        path = self.workdir / f"{self.namespace}-{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def start(self, role: str, extra_env: dict[str, str] | None = None, wait: bool = True,
+              config: Path | None = None) -> Proc:
         i = sum(1 for p in self.procs if p.name.startswith(role))
         name = f"{role}{i}"
         out, err = self.workdir / f"{self.namespace}-{name}.out", self.workdir / f"{self.namespace}-{name}.err"
         popen = subprocess.Popen(
-            [PY, "-m", "dynamo_ext.workers", "--role", role, "--config", str(self.config), "--model-dir",
+            [PY, "-m", "dynamo_ext.workers", "--role", role, "--config", str(config or self.config), "--model-dir",
              str(self.model_dir), "--index", str(i)],
             cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=open(out, "wb"), stderr=open(err, "wb"),
             start_new_session=True)

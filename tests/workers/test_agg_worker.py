@@ -52,13 +52,13 @@ def test_agg_worker_serves_and_stops(servers, model_dir, tmp_path):
                {"token_ids": [1, 99999], "stop_conditions": {"max_tokens": 4}}]
         res = g.call("aggt.backend.generate", reqs + bad)
         # reference: the engine in this process, greedy
-        eng = LlmEngine(load_model(model_dir), EngineConfig(num_blocks=256))
+        eng = LlmEngine(load_model(model_dir), EngineConfig(num_blocks=1024))
         ref = eng.generate(prompts, SamplingParams(max_tokens=8))
         assert [tokens_of(r) for r in res[:3]] == ref
         assert all(r[-1]["finish_reason"] in ("length", "stop") and r[-1]["completion_usage"]["completion_tokens"]
                    == len(tokens_of(r)) for r in res[:3])
         for r in res[3:]:
-            assert len(r) == 1 and r[0]["finish_reason"] == "error" and r[0]["error"], r
+            assert len(r) == 1 and r[0]["finish_reason"].startswith("error: ") and r[0]["error"], r
         assert "empty prompt" in res[3][0]["error"] and "max_tokens" in res[4][0]["error"]
         assert "max_tokens" in res[5][0]["error"] and "context" in res[6][0]["error"]
         # still serving after bad input
