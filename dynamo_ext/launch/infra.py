@@ -73,6 +73,8 @@ def nats_answers(url: str, timeout: float = 1.0) -> bool:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # like the servers themselves: TIME_WAIT leftovers of a previous run do not make a port busy
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True

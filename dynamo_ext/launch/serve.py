@@ -96,6 +96,8 @@ class _Progress:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # like the servers themselves: TIME_WAIT leftovers of a previous run do not make a port busy
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
@@ -161,7 +163,8 @@ class Launch:
         except ModelDirError as e:
             return self.fail(str(e), 2)
         self.say(f"{graph.describe(config)}")
-        self.say(f"model {config.model.name}: {model_dir} ({how})")
+        noise = "; random weights: its text is noise, the path is the point" if how in ("cached", "generated") else ""
+        self.say(f"model {config.model.name}: {model_dir} ({how}{noise})")
         log_dir = Path(o.log_dir) if o.log_dir else Path(tempfile.mkdtemp(prefix="dynamo-ext-serve-"))
         self.workdir = Path(tempfile.mkdtemp(prefix="dynamo-ext-infra-"))
         self.infra_sup = Supervisor(log_dir)
