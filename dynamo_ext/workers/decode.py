@@ -32,7 +32,9 @@ Dynamo instances (planner) and our etcd records (router).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -48,6 +50,9 @@ from .protocol import BadRequest, KvHandle, error_chunk, handle_of, parse_reques
 from .runtime import WorkerArgs, worker_key
 
 log = logging.getLogger("dynamo_ext.workers.decode")
+
+# Tests only (tests/workers/test_failures.py): seconds to wait between receiving a handle and reading it.
+_TEST_PULL_DELAY_S = float(os.environ.get("DYNAMO_EXT_TEST_PULL_DELAY_S", "0") or 0)
 
 
 class StaleHandle(RuntimeError):
@@ -110,8 +115,6 @@ class DecodeWorker(EngineWorker):
         return RemotePool(h.agent, be.peer(h.agent).pool(h.pool))
 
     async def _release(self, h: KvHandle, timeout: float = 2.0) -> bool:
-        import asyncio  # noqa: PLC0415
-
         async def _call() -> bool:
             stream = await self.release_client.direct({"handle_id": h.handle_id}, h.worker_id)
             async for item in stream:
@@ -129,6 +132,8 @@ class DecodeWorker(EngineWorker):
         if time.time() > h.deadline:
             raise StaleHandle(f"handle {h.handle_id} expired {time.time() - h.deadline:.3f} s ago")
         t0 = time.monotonic()
+        if _TEST_PULL_DELAY_S > 0:  # test hook: widen the window between the hand-off and the READ
+            await asyncio.sleep(_TEST_PULL_DELAY_S)
         remote = await self._remote(h)
         dst = await self.runner.allocate(len(h.block_ids))
         released = False
