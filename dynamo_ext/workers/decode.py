@@ -86,9 +86,11 @@ class DecodeWorker(EngineWorker):
             self.release_client = await self.endpoint("release", component="prefill").client()
         policy = self.cfg.router.policy
         if not self.disaggregated or policy == "dynamo-kv":
-            wt = WorkerType.Decode if self.disaggregated else WorkerType.Aggregated
+            kw: dict[str, Any] = {"worker_type": WorkerType.Aggregated}
+            if self.disaggregated:  # Dynamo requires the peer role a disaggregated worker depends on
+                kw = {"worker_type": WorkerType.Decode, "needs": [[WorkerType.Prefill]]}
             await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, ep, self.args.model_dir,
-                                 self.cfg.model.name, worker_type=wt, kv_cache_block_size=self.block_size)
+                                 self.cfg.model.name, kv_cache_block_size=self.block_size, **kw)
         self.instance_id = int(ep.connection_id())
         self.spawn(ep.serve_endpoint(self.generate), "serve-generate")
         self.spawn(health_ep.serve_endpoint(self.health_handler), "serve-health")

@@ -71,7 +71,8 @@ class PrefillWorker(EngineWorker):
         await self.start_transport()
         if self.cfg.router.policy == "dynamo-kv":
             await register_model(ModelInput.Tokens, ModelType.Prefill, gen_ep, self.args.model_dir, self.cfg.model.name,
-                                 worker_type=WorkerType.Prefill, kv_cache_block_size=self.block_size)
+                                 worker_type=WorkerType.Prefill, kv_cache_block_size=self.block_size,
+                                 needs=[[WorkerType.Decode]])
         self.instance_id = int(ep.connection_id())
         self.spawn(ep.serve_endpoint(self.prefill), "serve-prefill")
         self.spawn(gen_ep.serve_endpoint(self.generate), "serve-generate")
