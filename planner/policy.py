@@ -19,6 +19,8 @@ Per tick and per role the policy votes UP, DOWN or HOLD, then applies, in this o
    - DOWN only if the load *projected onto one worker fewer* (x n/(n-1)) stays below
      `headroom` x the UP threshold, and KV usage is below `kv_low`; this projection is what stops
      the 2 <-> 1 oscillation (dynamo PR #9294): a role is never shrunk into a state that would vote UP.
+     Shrinking under traffic needs evidence (TTFT for prefill, KV usage or ITL for decode); with no
+     such metric a role only shrinks through the zero-traffic rule.
 4. Hysteresis: UP needs `up_ticks` consecutive UP votes, DOWN `down_ticks`; any other vote resets.
 5. Cool-down: after a change of a role, no UP for `up_cooldown_s`, no DOWN for `down_cooldown_s`.
 6. Zero traffic (dynamo#6985): `idle_ticks` ticks with no requests and empty queues set both roles
@@ -145,7 +147,8 @@ class ScalingPolicy:
         p = _proj(n)
         q_ok = s.prefill_queue == 0 or (n > 1 and s.prefill_queue / (n - 1) <= c.queue_high * c.headroom)
         ttft_ok = ttft is None or ttft * p < c.high * c.headroom
-        if n > 0 and q_ok and ttft_ok and warm:
+        # Shrinking needs evidence: an empty queue alone may just mean the workers keep up.
+        if n > 0 and ttft is not None and q_ok and ttft_ok and warm:
             return _RoleVote(Vote.DOWN, 0.0, "prefill load fits on one worker fewer")
         return _RoleVote(Vote.HOLD, 0.0, "prefill within band")
 
@@ -169,7 +172,8 @@ class ScalingPolicy:
         kv_ok = kv is None or (kv < c.kv_low and kv * p < c.kv_high * c.headroom)
         itl_ok = itl is None or itl * p < c.high * c.headroom
         q_ok = s.decode_queue == 0 or (n > 1 and s.decode_queue / (n - 1) <= c.queue_high * c.headroom)
-        if n > 0 and kv_ok and itl_ok and q_ok and warm:
+        evidence = kv is not None or itl is not None
+        if n > 0 and evidence and kv_ok and itl_ok and q_ok and warm:
             return _RoleVote(Vote.DOWN, 0.0, "decode load fits on one worker fewer")
         return _RoleVote(Vote.HOLD, 0.0, "decode within band")
 

@@ -176,3 +176,19 @@ def test_summarize_fpm():
     assert (s.prefill_queue, s.decode_queue, s.engines) == (5.0, 1.0, 4)
     assert s.kv_usage == pytest.approx(0.8)
     assert summarize_fpm([], []).kv_usage is None
+
+
+def test_no_shrink_under_traffic_without_evidence():
+    # Traffic flows, queues are empty, but no latency/KV metrics: hold (an empty queue may mean "just keeping up").
+    pol = warm_policy(down_cooldown_s=0.0)
+    props = run(pol, [dict(ready_prefill=3, ready_decode=6, requests=40.0)] + [dict(requests=40.0) for _ in range(10)])
+    assert all((p.prefill, p.decode) == (3, 6) for p in props)
+
+
+def test_scale_down_one_step_at_a_time_under_light_load():
+    pol = warm_policy(down_cooldown_s=60.0)
+    props = run(pol, [busy(ready_prefill=3, ready_decode=6, kv_usage=0.05, ttft_s=0.05, itl_s=0.005)]
+                + [busy(kv_usage=0.05, ttft_s=0.05, itl_s=0.005) for _ in range(40)])
+    decodes = [p.decode for p in props]
+    steps = [a - b for a, b in zip(decodes, decodes[1:]) if a != b]
+    assert steps and all(s == 1 for s in steps) and min(decodes) >= 1
