@@ -24,6 +24,7 @@ Protocol
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ReadyCheck = Callable[["Child"], bool]
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in Dynamo's logs, noise in a report
 
 
 class SupervisorError(Exception):
@@ -121,7 +123,7 @@ class Child:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - 64 * 1024))
-                lines = f.read().decode(errors="replace").splitlines()
+                lines = _ANSI.sub("", f.read().decode(errors="replace")).splitlines()
         except OSError:
             return ""
         return "\n".join(lines[-n:])

@@ -4,13 +4,10 @@ record is left (the etcd serve started is gone too)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from dynamo_ext.launch import infra
 
@@ -58,19 +55,49 @@ def test_serve_once_agg_graph_dynamo_kv(tmp_path):
     assert "agg-0: exit 0" in r.stderr and "agg-1: exit 0" in r.stderr  # graceful: leases revoked by the workers
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-@pytest.mark.skipif(not _has("dynamo_ext.workers.prefill"), reason="prefill worker not written yet")
-@pytest.mark.xfail(reason="workers: under dynamo-kv, register_model(worker_type=Prefill|Decode) raises "
-                   "'requires a non-empty `needs`' (the launcher reports it and cleans up)", strict=False)
 def test_serve_once_disagg_graph_dynamo_kv(tmp_path):
     r = serve_once(tmp_path, "graphs/disagg.py", "{prefill: {count: 1}, decode: {count: 1}}", "dynamo-kv")
     assert "prefill-0: exit 0" in r.stderr and "decode-0: exit 0" in r.stderr
 
 
-@pytest.mark.skipif(not _has("dynamo_ext.workers.router"), reason="router component not written yet")
 def test_serve_once_disagg_graph_dynamo_ext_router(tmp_path):
     r = serve_once(tmp_path, "graphs.disagg", "{prefill: {count: 1}, decode: {count: 1}}", "dynamo-ext")
     assert "router-0: exit 0" in r.stderr
+
+
+def test_sigkilled_worker_tolerated_then_sigterm_revokes_its_records(tmp_path):
+    """--tolerate-exits: a SIGKILLed agg worker is reported and serving goes on; at SIGTERM the stale
+    records of the killed worker (its lease outlives it) are removed by revoking that lease."""
+    import signal
+    import time
+
+    port, etcd = infra.free_port(), f"http://127.0.0.1:{infra.free_port()}"
+    cfg = tmp_path / "dynamo.yaml"
+    cfg.write_text(f"model: {{name: dynamo-ext/tiny, preset: tiny}}\nworkers: {{agg: {{count: 2}}}}\n"
+                   f"router: {{policy: dynamo-kv}}\ndiscovery: {{etcd: {{endpoints: ['{etcd}']}}, "
+                   f"nats: {{url: 'nats://127.0.0.1:{infra.free_port()}'}}}}\n")  # fmt: skip
+    env = dict(os.environ, DYNAMO_EXT_CACHE=str(tmp_path / "cache"))
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "w") as o, open(err, "w") as e:
+        p = subprocess.Popen([sys.executable, "-m", "dynamo_ext.cli", "serve", "graphs/agg.py", "-f", str(cfg),
+                              "--port", str(port), "--tolerate-exits", "--log-dir", str(tmp_path / "logs")],
+                             cwd=ROOT, env=env, stdout=o, stderr=e)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C to stop" not in out.read_text() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert p.poll() is None, err.read_text()
+        victim = next(pid for pid in live_procs_with_env(str(tmp_path / "cache"))
+                      if b"--index\x001" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        os.kill(victim, signal.SIGKILL)
+        while "tolerated" not in err.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "agg-1 exited (killed by SIGKILL); tolerated" in err.read_text()
+        assert p.poll() is None  # still serving
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0, err.read_text()
+    finally:
+        p.kill()
+    text = err.read_text()
+    assert "agg-0: exit 0" in text and "removed " in text and "stale etcd records by revoking 1 leases" in text, text
+    assert live_procs_with_env(str(tmp_path / "cache")) == []
