@@ -8,7 +8,9 @@ not TTFT, ITL, `kv_cache_usage_perc` or the KV transfer time. `MetricsScraper` r
 
 `window` is pure: TTFT and ITL are means over the window from histogram `_sum` / `_count`
 deltas, `requests` is the TTFT count delta, `transfer_share` = mean transfer seconds / mean TTFT,
-`kv_usage` is the max of the usage gauges, `queue` the sum of the queue gauges. The first scrape
+`kv_usage` is the max of the usage gauges of non-prefill endpoints (an endpoint whose
+`dynamo_ext_worker_info` says role="prefill" holds KV only until decode pulls it), `queue` the sum
+of the queue gauges. The first scrape
 yields only gauges (no window yet). Counter resets (a restarted process) make a delta negative;
 that window's latency fields are then None.
 
@@ -31,6 +33,7 @@ class MetricNames:
     transfer: str = "dynamo_ext_kv_transfer_seconds"
     kv_usage: tuple[str, ...] = ("dynamo_ext_kv_cache_usage_perc", "kv_cache_usage_perc")
     queue: tuple[str, ...] = ("dynamo_frontend_queued_requests",)
+    worker_info: str = "dynamo_ext_worker_info"  # label `role`: KV usage of "prefill" endpoints is not decode load
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Snapshot:
     sums: dict[str, float] = field(default_factory=dict)  # "<histogram>_sum" / "_count" totals
     kv_usage: float | None = None
     queue: float | None = None
+    role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ def parse(text: str, names: MetricNames, into: dict[str, float] | None = None) -
     sums: dict[str, float] = dict(into or {})
     kv: float | None = None
     queue: float | None = None
+    role: str | None = None
     hist = {names.ttft, names.itl, names.transfer}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -67,7 +72,9 @@ def parse(text: str, names: MetricNames, into: dict[str, float] | None = None) -
                 kv = v if kv is None else max(kv, v)
             elif s.name in names.queue:
                 queue = (queue or 0.0) + float(s.value)
-    return Snapshot(sums=sums, kv_usage=kv, queue=queue)
+            elif s.name == names.worker_info and s.value:
+                role = s.labels.get("role", role)
+    return Snapshot(sums=sums, kv_usage=kv, queue=queue, role=role)
 
 
 def merge(snaps: list[Snapshot]) -> Snapshot:
@@ -77,7 +84,7 @@ def merge(snaps: list[Snapshot]) -> Snapshot:
     for sn in snaps:
         for k, v in sn.sums.items():
             sums[k] = sums.get(k, 0.0) + v
-        if sn.kv_usage is not None:
+        if sn.kv_usage is not None and sn.role != "prefill":
             kv = sn.kv_usage if kv is None else max(kv, sn.kv_usage)
         if sn.queue is not None:
             queue = (queue or 0.0) + sn.queue

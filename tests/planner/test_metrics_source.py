@@ -71,3 +71,16 @@ def test_scraper_over_http():
         assert MetricsScraper(["http://127.0.0.1:1/metrics"], timeout_s=0.5).sample().ttft_s is None
     finally:
         srv.shutdown()
+
+
+def test_prefill_endpoint_kv_usage_not_counted_as_decode_load():
+    from planner.metrics_source import merge
+
+    def endpoint(role, usage):
+        reg = CollectorRegistry()
+        Gauge("dynamo_ext_worker_info", "", ["role", "instance_id"], registry=reg).labels(role, "1").set(1)
+        Gauge("dynamo_ext_kv_cache_usage_perc", "", registry=reg).set(usage)
+        return parse(generate_latest(reg).decode(), N)
+
+    m = merge([endpoint("prefill", 0.95), endpoint("decode", 0.4), endpoint("decode", 0.6)])
+    assert m.kv_usage == pytest.approx(0.6)
