@@ -80,6 +80,7 @@ def test_agg_worker_serves_and_stops(servers, model_dir, tmp_path):
         exited = time.monotonic() - t0
         rec, _ = _record(etcd.url, key)
         assert rec is None, "record must vanish with the lease on SIGTERM"
+        print(f"SIGTERM -> exit 0 in {exited:.2f} s")
         assert exited < 10
     finally:
         g.stop()
