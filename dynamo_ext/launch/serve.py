@@ -24,7 +24,7 @@ from dynamo_ext.config import ConfigError, DynamoExtConfig, load_config
 
 from . import infra
 from .client import CompletionError, complete, curl_line
-from .graph import GraphError, load_graph
+from .graph import Graph, GraphError, load_graph
 from .modeldir import ModelDirError, ensure_model_dir
 from .plan import child_env, frontend_base, plan_processes
 from .supervisor import Child, Supervisor, SupervisorError, describe_status, indent
@@ -162,6 +162,8 @@ class Launch:
             model_dir, how = ensure_model_dir(config.model, o.model_dir)
         except ModelDirError as e:
             return self.fail(str(e), 2)
+        except (ImportError, OSError, ValueError) as e:  # the engine (torch) missing, a cache we cannot write
+            return self.fail(f"cannot generate the model directory for preset {config.model.preset!r}: {e}", 2)
         self.say(f"{graph.describe(config)}")
         noise = "; random weights: its text is noise, the path is the point" if how in ("cached", "generated") else ""
         self.say(f"model {config.model.name}: {model_dir} ({how}{noise})")
@@ -173,7 +175,7 @@ class Launch:
         code = 1
         with _signal_handlers(self):
             try:
-                code = self._start_and_serve(config, graph.describe(config), Path(o.config).resolve(), model_dir, port)
+                code = self._start_and_serve(config, graph, Path(o.config).resolve(), model_dir, port)
             except _Stop as s:
                 print(file=self.err)
                 self.say(f"{s} received: stopping")
@@ -191,7 +193,7 @@ class Launch:
         self.say(f"{child.name} exited ({describe_status(child.returncode)}); tolerated, siblings still serve; "
                  f"last lines of {child.log_path}:\n{indent(child.tail())}")  # fmt: skip
 
-    def _start_and_serve(self, config: DynamoExtConfig, title: str, config_path: Path, model_dir: Path,
+    def _start_and_serve(self, config: DynamoExtConfig, graph: Graph, config_path: Path, model_dir: Path,
                          port: int) -> int:  # fmt: skip
         assert self.sup is not None and self.infra_sup is not None and self.workdir is not None
         o = self.opts
@@ -210,7 +212,7 @@ class Launch:
         except SupervisorError as e:
             return self.fail(str(e), 1)
         env = child_env(config, ",".join(etcd_urls) if self.etcd.reused else self.etcd.url, nats.url)
-        specs = plan_processes(graph=load_graph(o.graph), config=config, config_path=config_path, model_dir=model_dir,
+        specs = plan_processes(graph=graph, config=config, config_path=config_path, model_dir=model_dir,
                                port=port, env=env, python=o.python, tolerate_exits=o.tolerate_exits,
                                stop_timeout=o.stop_timeout)  # fmt: skip
         t0 = time.monotonic()
@@ -219,13 +221,14 @@ class Launch:
         progress = _Progress(self.err)
         try:
             self.sup.wait_ready(o.ready_timeout, progress)
+            self.infra_sup.check()
         except SupervisorError as e:
             progress.done()
             return self.fail(str(e), 1)
         progress.done()
         base = frontend_base(config.frontend.http_host, port)
         ids = _instance_ids(self.sup.children)
-        print(f"dynamo-ext serve: ready in {time.monotonic() - t0:.1f}s; {title}", file=self.out)
+        print(f"dynamo-ext serve: ready in {time.monotonic() - t0:.1f}s; {graph.describe(config)}", file=self.out)
         print(f"  OpenAI API: {base}/v1  (model {config.model.name}; {len(ids)} registered instances)", file=self.out)
         print(f"  try:  {curl_line(base, config.model.name)}", file=self.out, flush=True)
         if o.once is not None:

@@ -143,12 +143,15 @@ class Child:
 
 
 def ready_line(prefix: str) -> ReadyCheck:
-    """Ready once the child's log has a line starting with ``prefix``; its ``k=v`` words go to ready_info."""
+    """Ready once the child's log has a line with a word starting ``prefix`` (stdout and stderr share the
+    log, so another stream's unfinished line may precede it); the ``k=v`` words after it go to ready_info."""
 
     def check(child: Child) -> bool:
         for line in child.new_lines():
-            if line.startswith(prefix):
-                child.ready_info = dict(w.split("=", 1) for w in line.split()[1:] if "=" in w)
+            at = line.find(prefix)
+            if at >= 0 and (at == 0 or line[at - 1].isspace() or not line[at - 1].isalnum()):
+                words = line[at:].split()[1:]
+                child.ready_info = dict(w.split("=", 1) for w in words if "=" in w)
                 return True
         return False
 

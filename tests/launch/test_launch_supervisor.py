@@ -121,3 +121,13 @@ def test_stubborn_child_and_grandchild_are_killed_no_orphan(tmp_path):
     assert time.monotonic() - t < 5
     assert not alive(child.pid) and not alive(gpid)
     assert group_members(child.pid) == [] and sup.leftovers() == []
+
+
+def test_ready_line_after_another_streams_unfinished_line(tmp_path):
+    code = "import sys\nsys.stderr.write('partial warning without newline '); sys.stderr.flush()\n" \
+           "print('DYNAMO_EXT_READY role=decode instance_id=7 metrics=m', flush=True)\nimport time; time.sleep(30)"
+    sup = Supervisor(tmp_path)
+    c = sup.start(spec("w", code, ready=ready_line("DYNAMO_EXT_READY")))
+    sup.wait_ready(20)
+    assert c.ready_info == {"role": "decode", "instance_id": "7", "metrics": "m"}
+    sup.stop_all()
