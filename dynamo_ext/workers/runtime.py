@@ -4,8 +4,10 @@ Order of a worker's life (``WorkerProcess.main``)::
 
     1. env defaults from dynamo.yaml (ETCD_ENDPOINTS, NATS_SERVER, DYN_EVENT_PLANE=nats, loopback hosts)
     2. rt = DistributedRuntime(loop, "etcd", "tcp", event_plane="nats")   instance id = rt lease id
-    3. SIGTERM / SIGINT -> request_stop(): stop accepting, rt.shutdown() (lease revoked: the Dynamo
-       instance, its model card and OUR record vanish at once), then leave main() -> exit 0
+    3. SIGTERM / SIGINT -> request_stop(): our record is deleted at once, rt.shutdown(): Dynamo
+       unregisters the endpoints (no new requests; any that still reach us get an error chunk), waits
+       for in-flight requests (we wait up to DYNAMO_EXT_DRAIN_S, default 30 s), then revokes the lease
+       (instance, model card gone); leave main() -> exit 0
     4. await self.setup()            role: engine, endpoints, register_model, serve_endpoint tasks
     5. store.put(worker_key, encode_record(WorkerRecord(...)), lease=ep.connection_id())
     6. /metrics + /health on 127.0.0.1:<--metrics-port> (0 = any free port)
@@ -37,6 +39,9 @@ from dynamo_ext.metrics import MetricsServer, WorkerMetrics, make_worker_metrics
 log = logging.getLogger("dynamo_ext.workers")
 
 # Component names Dynamo's planner and tools expect (notes §5): decode/agg under "backend".
+# seconds a stopping worker waits for its in-flight requests (DYNAMO_EXT_DRAIN_S)
+DRAIN_S = float(os.environ.get("DYNAMO_EXT_DRAIN_S", "30"))
+
 COMPONENTS = {"agg": "backend", "decode": "backend", "prefill": "prefill", "router": "router"}
 
 
@@ -81,7 +86,9 @@ class WorkerProcess:
         self.stopping = False
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Future[Any]] = []
+        self._task_names: list[str] = []
         self.instance_id = 0
+        self.record_key = ""
         self.started_at = time.time()
 
     # -- hooks --------------------------------------------------------------------------------------
@@ -109,6 +116,7 @@ class WorkerProcess:
 
         fut.add_done_callback(_done)
         self._tasks.append(fut)
+        self._task_names.append(name)
         return fut
 
     def endpoint(self, name: str, component: str | None = None) -> Any:
@@ -128,11 +136,21 @@ class WorkerProcess:
             return
         log.info("stop requested: shutting the runtime down (lease revoked)")
         self.stopping = True
+        if self.store is not None and self.record_key:
+            self.spawn(self._delete_record(), "delete-record")
         try:
             self.rt.shutdown()
         except Exception as e:  # noqa: BLE001
             log.warning("rt.shutdown failed: %s", e)
         self._stop.set()
+
+    async def _delete_record(self) -> None:
+        """Our record goes at once; the lease (Dynamo's instance, card) goes after the drain."""
+        try:
+            assert self.store is not None
+            await asyncio.wait_for(self.store.delete(self.record_key), 2.0)
+        except Exception as e:  # noqa: BLE001 - the lease removes it anyway
+            log.warning("record delete failed (%r): it goes with the lease", e)
 
     # -- main ---------------------------------------------------------------------------------------
     async def main(self) -> int:
@@ -148,6 +166,7 @@ class WorkerProcess:
         rec = WorkerRecord(namespace=self.namespace, component=self.component, role=self.args.role,
                            instance_id=self.instance_id, model=self.cfg.model.name, host=socket.gethostname(),
                            pid=os.getpid(), started_at=self.started_at, **self.record_fields())
+        self.record_key = rec.key
         await self.store.put(rec.key, encode_record(rec), lease=self.instance_id)
         if self.metrics is None:
             self.metrics = make_worker_metrics(self.args.role, self.instance_id)
@@ -158,6 +177,12 @@ class WorkerProcess:
         log.info("%s worker %d serving in namespace %s (record %s)", self.args.role, self.instance_id,
                  self.namespace, rec.key)
         await self._stop.wait()
+        # Dynamo's graceful shutdown: serve_endpoint returns once in-flight requests finished (bounded)
+        serving = [t for t, n in zip(self._tasks, self._task_names) if n.startswith("serve-")]
+        if serving:
+            done, pending = await asyncio.wait(serving, timeout=DRAIN_S)
+            if pending:
+                log.warning("%d endpoints still busy after %.0f s: exiting anyway", len(pending), DRAIN_S)
         try:
             await asyncio.wait_for(self.teardown(), 5.0)
         except Exception as e:  # noqa: BLE001

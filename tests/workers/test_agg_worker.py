@@ -4,9 +4,12 @@ health, SIGTERM (exit 0, record gone at once)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import time
+from pathlib import Path
 
-from conftest import Graph, tokens_of
+from conftest import PY, REPO, Graph, tokens_of
 
 from dynamo_ext.discovery import EtcdStore, decode_record
 from dynamo_ext.discovery.records import worker_key
@@ -74,13 +77,30 @@ def test_agg_worker_serves_and_stops(servers, model_dir, tmp_path):
         assert "dynamo_ext_worker_ttft_seconds_count 4.0" in m and "dynamo_ext_kv_cache_usage_perc" in m
         assert "dynamo_ext_worker_tpot_seconds_count" in m and "dynamo_ext_worker_queue_length" in m
 
+        # SIGTERM with a request in flight: our record gone at once, the stream drains, exit 0
+        client = subprocess.Popen([PY, str(Path(__file__).parent / "dyn_client.py"), "aggt.backend.generate"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, env=g.env, cwd=REPO)
+        client.stdin.write(json.dumps([{"token_ids": [1, 2, 3],
+                                        "stop_conditions": {"max_tokens": 1000, "ignore_eos": True}}]))
+        client.stdin.close()
+        t_end = time.monotonic() + 30
+        while w.health()["running"] == 0:
+            assert time.monotonic() < t_end
+            time.sleep(0.02)
         t0 = time.monotonic()
         w.popen.terminate()
-        assert w.popen.wait(15) == 0
-        exited = time.monotonic() - t0
-        rec, _ = _record(etcd.url, key)
+        while (rec := _record(etcd.url, key)[0]) is not None and time.monotonic() - t0 < 20:
+            time.sleep(0.05)
+        gone = time.monotonic() - t0
         assert rec is None, "record must vanish with the lease on SIGTERM"
-        print(f"SIGTERM -> exit 0 in {exited:.2f} s")
-        assert exited < 10
+        assert w.popen.poll() is None, "still draining"
+        assert w.popen.wait(40) == 0
+        exited = time.monotonic() - t0
+        out = json.loads([ln for ln in client.stdout.read().splitlines() if ln.startswith("[")][-1])[0]
+        client.wait(10)
+        assert len(tokens_of(out)) == 1000 and out[-1]["finish_reason"] == "length", out[-1]
+        print(f"SIGTERM: record gone after {gone:.2f} s, in-flight request drained, exit 0 after {exited:.2f} s")
+        assert exited < 30
     finally:
         g.stop()
