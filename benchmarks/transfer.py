@@ -18,6 +18,15 @@ Protocol::
              raw-single     one descriptor of the same bytes, pool -> pool (NIXL ceiling)
              memcpy / torch-copy   one local copy of the same bytes on the same devices (copy ceiling)
              cuda-ipc       (GPU->GPU paths) planned transfer through the CUDA IPC fallback backend
+                            (rowcopy: Triton row kernel on one GPU; gather -> peer copy -> scatter
+                            pipelined over 64 MiB slices across GPUs); cuda-ipc-torch: same, torch ops
+             planned        on host->host: through make_backend("auto", memory="host") = the cma backend
+                            (process_vm_writev, iovec arrays) when the kernel allows it; then the
+                            NIXL row is called planned-nixl; cma-2t/-4t: cma with 2/4 copy threads
+             owner-copy     (GPU->host) the GPU owner copies into its own pinned host pool:
+                            transfer_kv_cache(gpu_pool, host_pool) (gather -> D2H slots -> threaded
+                            host scatter); owner-copy-zc: the row kernel stores into pinned host
+                            memory directly (UVA zero-copy)
       -> JSON {"machine", "size_bytes", "layout", "results": [{path, method, gbps, descriptors, verified}]}
          + a markdown table and a PNG bar chart next to it (benchmarks/results/ by default)
 
@@ -55,6 +64,7 @@ PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination dev
     "GPU0->host": (0, -1),
 }
 METHODS = ["naive", "planned", "planned-staged", "raw-single", "copy"]
+EXTRA = ["planned-nixl", "cma-2t", "cma-4t", "cuda-ipc", "cuda-ipc-torch", "owner-copy", "owner-copy-zc"]
 
 
 def _gpus() -> list[str]:
@@ -66,6 +76,15 @@ def _gpus() -> list[str]:
         return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:
         return []
+
+
+def _triton() -> bool:
+    try:
+        from dynamo_ext.transport.rowcopy import triton_available
+
+        return triton_available()
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def machine_string() -> str:
@@ -99,9 +118,11 @@ def parse_size(s: str) -> int:
 class _Bench:
     """One NIXL agent for the whole run; pools registered once per device."""
 
-    def __init__(self, size_bytes: int, layout_name: str, reps: int, progress: Any) -> None:
+    def __init__(self, size_bytes: int, layout_name: str, reps: int, progress: Any,
+                 methods: Sequence[str] | None = None) -> None:
         from dynamo_ext.transport.nixl_backend import NixlBackend
 
+        self.methods = set(methods) if methods else None
         self.be = NixlBackend(f"bench-{os.getpid()}")
         self.size, self.layout_name, self.reps, self.bar = size_bytes, layout_name, reps, progress
         lay1 = preset(layout_name, 1)
@@ -129,6 +150,11 @@ class _Bench:
             self.pools[dev] = (pool, stg)
         return self.pools[dev]
 
+    def want(self, method: str, path: str | None = None) -> bool:
+        """``methods`` entries: a method name (every path) or ``path:method`` (that path only)."""
+        path = path or self.path
+        return self.methods is None or method in self.methods or f"{path}:{method}" in self.methods
+
     async def _timed(self, fn: Callable[[], Any]) -> list[float]:
         times = []
         for i in range(self.reps + 1):
@@ -141,8 +167,39 @@ class _Bench:
         return times
 
     async def run_path(self, path: str) -> list[dict[str, Any]]:
+        from dynamo_ext.transport.fallbacks.cma import cma_available
+
         sdev, ddev = PATHS[path]
+        self.path = path
         pool, stg = self.local(sdev)
+        auto_cma = sdev < 0 and ddev < 0 and cma_available()  # what make_backend("auto", memory="host") picks
+        names = {m: ("planned-nixl" if (m == "planned" and auto_cma) else m) for m in METHODS}
+        todo = [m for m in METHODS if self.want(names[m])]
+        out: list[dict[str, Any]] = []
+        if todo:
+            out += await self._nixl_methods(path, sdev, ddev, pool, todo, names)
+        if auto_cma:
+            for threads, name in ((1, "planned"), (2, "cma-2t"), (4, "cma-4t")):
+                if self.want(name):
+                    out.append(await self._cma(path, pool, threads, name))
+        if sdev >= 0 and ddev >= 0:
+            from dynamo_ext.transport import rowcopy
+
+            for name, prefer in (("cuda-ipc", True), ("cuda-ipc-torch", False)):
+                if self.want(name):
+                    rowcopy.PREFER_TRITON = prefer
+                    try:
+                        out.append(await self._cuda_ipc(path, sdev, ddev, pool, name))
+                    finally:
+                        rowcopy.PREFER_TRITON = True
+        if sdev >= 0 and ddev < 0:
+            for name in ("owner-copy", "owner-copy-zc"):
+                if self.want(name):
+                    out.append(await self._owner_copy(path, pool, name))
+        return out
+
+    async def _nixl_methods(self, path: str, sdev: int, ddev: int, pool: KvPool, todo: list[str],
+                            names: dict[str, str]) -> list[dict[str, Any]]:
         peer = PeerProcess.start(backend="nixl", name=f"bench-peer-{path.replace('>', '').replace('-', '')}-{os.getpid()}",
                                  layout=self.layout, seed=11,
                                  extra=["--device", str(ddev), "--staging-bytes", str(self.nbytes)], timeout=120)
@@ -176,6 +233,8 @@ class _Bench:
                 return (await h).descriptors
 
             for seed, method in enumerate(METHODS, start=20):
+                if method not in todo:
+                    continue
                 await peer.acall({"cmd": "fill", "seed": seed}, timeout=120)
                 ndesc = 1
                 if method in ("naive", "planned"):
@@ -196,17 +255,85 @@ class _Bench:
                     method = "memcpy" if sdev < 0 and ddev < 0 else "torch-copy"
                     times, ok = await self._copy_ceiling(sdev, ddev)
                 gbps = self.nbytes / statistics.median(times) / 1e9
-                out.append({"path": path, "method": method, "gbps": round(gbps, 3), "descriptors": int(ndesc),
-                            "verified": bool(ok)})
+                is_copy = method in ("memcpy", "torch-copy")
+                out.append({"path": path, "method": names.get(method, method), "gbps": round(gbps, 3),
+                            "descriptors": int(ndesc), "verified": bool(ok),
+                            "backend": "local" if is_copy else "nixl"})
                 self.bar.set_postfix_str(f"{path} {method} {gbps:.2f} GB/s")
         finally:
             self.be.remove_peer(peer.info.agent_name)
             peer.close()
-        if sdev >= 0 and ddev >= 0:
-            out.append(await self._cuda_ipc(path, sdev, ddev, pool))
         return out
 
-    async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool) -> dict[str, Any]:
+    async def _cma(self, path: str, pool: KvPool, threads: int, name: str) -> dict[str, Any]:
+        """planned (stage=False) WRITEs through the cma backend to a cma peer process."""
+        from dynamo_ext.transport import make_backend
+        from dynamo_ext.transport.fallbacks.cma import CmaBackend
+
+        be = make_backend("auto", f"bench-cma{threads}-{os.getpid()}", memory="host")
+        assert isinstance(be, CmaBackend), type(be)
+        be.threads = threads
+        await be.start()
+        lpool = KvPool.from_host_array(pool.name, pool.layout, pool.host_view())  # same bytes, cma-registered
+        be.register_pool(lpool)
+        peer = PeerProcess.start(backend="cma", name=f"bench-cma-peer{threads}-{os.getpid()}", layout=self.layout,
+                                 seed=17, timeout=120)
+        try:
+            be.add_peer(peer.info)
+            remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+            nd = [0]
+
+            async def go() -> None:
+                h = await transfer_kv_cache(lpool, remote, (self.src_ids, self.dst_ids), backend=be, deadline_s=120,
+                                            metrics=None, stage=False)
+                nd[0] = (await h).descriptors
+
+            times = await self._timed(go)
+            ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
+                digest(pool_bytes(pool), self.layout, self.src_ids)
+        finally:
+            peer.close()
+            await be.close()
+        gbps = self.nbytes / statistics.median(times) / 1e9
+        self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
+        return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
+                "backend": f"cma x{threads}"}
+
+    async def _owner_copy(self, path: str, pool: KvPool, name: str) -> dict[str, Any]:
+        """GPU -> host tier inside the owner process (no peer): the pool's own pinned host tier."""
+        import torch
+
+        from dynamo_ext.transport import rowcopy
+
+        if getattr(self, "tier", None) is None:
+            self.tier = KvPool.allocate_host("tier", self.layout, pin=True)
+        tier = self.tier
+        tier.host_view().fill(0)
+        nd = [0]
+
+        async def go() -> None:
+            h = await transfer_kv_cache(pool, tier, (self.src_ids, self.dst_ids), metrics=None)
+            nd[0] = (await h).descriptors
+
+        async def go_zc() -> None:
+            plan = plan_transfer(pool.layout, self.src_ids, tier.layout, self.dst_ids, stage=False)
+            with torch.cuda.device(pool.device_id):
+                rowcopy.copy_device_to_host(pool.tensor_u8(), tier.tensor_u8(), plan.wire, zerocopy=True)
+            nd[0] = len(plan.wire)
+
+        try:
+            times = await self._timed(go if name == "owner-copy" else go_zc)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+            print(f"{path} {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return {"path": path, "method": name, "gbps": 0.0, "descriptors": 0, "verified": False,
+                    "backend": "local", "error": f"{type(e).__name__}: {e}"[:300]}
+        ok = digest(tier.host_view(), self.layout, self.dst_ids) == digest(pool_bytes(pool), self.layout, self.src_ids)
+        gbps = self.nbytes / statistics.median(times) / 1e9
+        self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
+        return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
+                "backend": "local (owner)" if name == "owner-copy" else "local (zero-copy kernel)"}
+
+    async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool, name: str = "cuda-ipc") -> dict[str, Any]:
         """planned transfer through the CUDA IPC fallback (a second peer process, same node)."""
         from dynamo_ext.transport.fallbacks.cuda_ipc import CudaIpcBackend
 
@@ -215,7 +342,7 @@ class _Bench:
         ipc = self.ipc
         if not ipc.is_registered(pool):
             ipc.register_pool(pool)
-        peer = PeerProcess.start(backend="cuda_ipc", name=f"bench-ipc-peer-{sdev}{ddev}-{os.getpid()}",
+        peer = PeerProcess.start(backend="cuda_ipc", name=f"bench-{name}-peer-{sdev}{ddev}-{os.getpid()}",
                                  layout=self.layout, seed=13, extra=["--device", str(ddev)], timeout=120)
         try:
             ipc.add_peer(peer.info)
@@ -234,8 +361,9 @@ class _Bench:
         finally:
             peer.close()
         gbps = self.nbytes / statistics.median(times) / 1e9
-        self.bar.set_postfix_str(f"{path} cuda-ipc {gbps:.2f} GB/s")
-        return {"path": path, "method": "cuda-ipc", "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok)}
+        self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
+        return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
+                "backend": "cuda_ipc" + (" (triton)" if name == "cuda-ipc" and _triton() else " (torch)")}
 
     async def _copy_ceiling(self, sdev: int, ddev: int) -> tuple[list[float], bool]:
         n = self.nbytes
@@ -267,17 +395,27 @@ class _Bench:
         return times, bool(torch.equal(a.cpu(), b.cpu()))
 
 
-def write_outputs(result: dict[str, Any], json_path: Path) -> tuple[Path, Path]:
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = [f"# KV transfer benchmark: {result['layout']}, {result['size_bytes'] / 2**30:.3f} GiB",
+             "", f"Machine: {result['machine']}", "",
+             f"Median of {result.get('reps', '?')} timed repetitions after one warm-up; every row verified byte "
+             "for byte (sha256 of the destination chunks vs the source chunks).", "",
+             "| path | method | backend | GB/s | descriptors | verified |", "|---|---|---|---:|---:|---|"]
+    for r in result["results"]:
+        err = f" ({r['error']})" if r.get("error") else ""
+        lines.append(f"| {r['path']} | {r['method']} | {r.get('backend', '')} | {r['gbps']:.2f} | {r['descriptors']} | "
+                     f"{r['verified']}{err} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict[str, Any], json_path: Path, png: bool = True) -> tuple[Path, Path]:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md = json_path.with_suffix(".md")
-    lines = [f"# KV transfer benchmark: {result['layout']}, {result['size_bytes'] / 2**30:.3f} GiB",
-             "", f"Machine: {result['machine']}", "",
-             "| path | method | GB/s | descriptors | verified |", "|---|---|---:|---:|---|"]
-    for r in result["results"]:
-        lines.append(f"| {r['path']} | {r['method']} | {r['gbps']:.2f} | {r['descriptors']} | {r['verified']} |")
-    md.write_text("\n".join(lines) + "\n")
-    png = json_path.with_suffix(".png")
+    md.write_text(markdown_table(result))
+    png_path = json_path.with_suffix(".png")
+    if not png:
+        return md, png_path
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,27 +430,44 @@ def write_outputs(result: dict[str, Any], json_path: Path) -> tuple[Path, Path]:
     ax.set_ylabel("GB/s (1e9 B/s)")
     ax.set_title(f"{result['layout']} KV, {result['size_bytes'] / 2**30:.2f} GiB, two processes")
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    fig.savefig(png_path, dpi=120)
     plt.close(fig)
-    return md, png
+    return md, png_path
 
 
 def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b", json_path: str | Path | None = None,
-                       paths: Sequence[str] | None = None, reps: int = 5) -> dict[str, Any]:
+                       paths: Sequence[str] | None = None, reps: int = 5,
+                       methods: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     paths = list(paths or default_paths())
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         raise ValueError(f"unknown paths {unknown}; known: {list(PATHS)}")
-    n_ipc = sum(1 for p in paths if min(PATHS[p]) >= 0)
-    bar = tqdm(total=(len(paths) * len(METHODS) + n_ipc) * (reps + 1), desc="kv-transfer", unit="xfer", file=sys.stderr)
-    bench = _Bench(size_bytes, layout_name, reps, bar)
+    bad = [m for m in (methods or []) if m.rsplit(":", 1)[-1] not in METHODS + EXTRA]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; known: {METHODS + EXTRA}")
+    n = len(methods) if methods else len(METHODS) + 2
+    bar = tqdm(total=len(paths) * n * (reps + 1), desc="kv-transfer", unit="xfer", file=sys.stderr)
+    bench = _Bench(size_bytes, layout_name, reps, bar, methods)
+
+    if json_path is None:
+        tag = "gpu" if _gpus() else "cpu"
+        json_path = RESULTS / f"transfer-{tag}-{layout_name}-{size_bytes >> 20}MiB.json"
+
+    def result_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"machine": machine_string(), "size_bytes": int(bench.nbytes), "layout": layout_name, "reps": reps,
+                "results": rows}
 
     async def main() -> list[dict[str, Any]]:
-        res = []
+        res: list[dict[str, Any]] = []
         for p in paths:
-            res += await bench.run_path(p)
+            rows = await bench.run_path(p)
+            res += rows
+            for r in rows:  # progress on stdout, and partial outputs in case the run is cut short
+                print(f"{r['path']:12s} {r['method']:15s} {r['gbps']:10.2f} GB/s {r['descriptors']:6d} desc "
+                      f"verified={r['verified']} {r.get('error', '')}", flush=True)
+            write_outputs(result_of(res), Path(json_path), png=False)
         return res
 
     try:
@@ -320,10 +475,7 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
     finally:
         bar.close()
         bench.be.close_sync()
-    result = {"machine": machine_string(), "size_bytes": int(bench.nbytes), "layout": layout_name, "results": results}
-    if json_path is None:
-        tag = "gpu" if _gpus() else "cpu"
-        json_path = RESULTS / f"transfer-{tag}-{layout_name}-{size_bytes >> 20}MiB.json"
+    result = result_of(results)
     write_outputs(result, Path(json_path))
     return result
 
@@ -335,11 +487,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--paths", default="", help=f"comma-separated subset of {list(PATHS)}")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--methods", default="", help=f"comma-separated subset of {METHODS + EXTRA} (default: all)")
     a = p.parse_args(argv)
-    r = run_transfer_bench(parse_size(a.size), a.layout, a.json, [x for x in a.paths.split(",") if x] or None, a.reps)
-    for row in r["results"]:
-        print(f"{row['path']:12s} {row['method']:15s} {row['gbps']:9.2f} GB/s  {row['descriptors']:6d} desc  "
-              f"verified={row['verified']}")
+    r = run_transfer_bench(parse_size(a.size), a.layout, a.json, [x for x in a.paths.split(",") if x] or None, a.reps,
+                           [x for x in a.methods.split(",") if x] or None)
+    print(markdown_table(r), flush=True)  # the table, last
     return 0
 
 

@@ -220,3 +220,36 @@ def test_copy_device_to_host_pipeline_byte_exact(fake_cuda, slice_chunks, slots,
     n = rowcopy.copy_device_to_host(src, dst, plan.wire, slice_bytes=slice_chunks * lay.chunk_bytes, slots=slots,
                                     threads=threads)
     assert n == plan.total_bytes and torch.equal(dst, want)
+
+
+# -- the same executors on CUDA (skipped without it; `-m gpu`) ---------------------------------------
+def _ngpu() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_ngpu() < 1, reason="needs CUDA")
+@pytest.mark.parametrize("use_triton", [False, None])
+def test_cuda_copy_rows_and_owner_copy_byte_exact(use_triton):
+    from dynamo_ext.transport import rowcopy
+
+    _, plan, src, dst, want = _kv_case(num_blocks=300, k=150)
+    s, d = src.cuda(), dst.cuda()
+    rowcopy.copy_rows(s, d, plan.wire, use_triton=use_triton)
+    torch.cuda.synchronize()
+    assert torch.equal(d.cpu(), want)
+    h = dst.clone().pin_memory()
+    rowcopy.copy_device_to_host(s, h, plan.wire, slice_bytes=1 << 20)
+    assert torch.equal(h, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_ngpu() < 2, reason="needs two GPUs")
+def test_cuda_copy_cross_device_byte_exact():
+    from dynamo_ext.transport import rowcopy
+
+    _, plan, src, dst, want = _kv_case(num_blocks=300, k=150)
+    s, d = src.to("cuda:0"), dst.to("cuda:1")
+    rowcopy.copy_cross_device(s, d, plan.wire, slice_bytes=1 << 20)
+    torch.cuda.synchronize(1)
+    assert torch.equal(d.cpu(), want)
