@@ -4,11 +4,14 @@
 * ``complete(base, model, prompt, max_tokens)``: ``POST <base>/v1/completions`` with temperature 0,
   not streamed -> the parsed JSON response; :class:`CompletionError` carries the HTTP status and body.
 * ``curl_line(...)``: the same request as a ready-to-paste shell command.
+* ``scrape(url, metric)``: the samples of one metric from a worker's Prometheus ``/metrics`` (the URL of
+  its ``DYNAMO_EXT_READY`` line) as ``(labels, value)``; ``[]`` when it does not answer.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import urllib.error
 import urllib.request
@@ -47,3 +50,24 @@ def complete(base: str, model: str, prompt: str, max_tokens: int = 32, timeout: 
 def curl_line(base: str, model: str, prompt: str = "Hello, my name is", max_tokens: int = 16) -> str:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens})
     return f"curl -s {base}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+
+
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(url: str, metric: str, timeout: float = 2.0) -> list[tuple[dict[str, str], float]]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            text = r.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return []
+    out = []
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m["name"] == metric:
+            try:
+                out.append((dict(_LABEL.findall(m["labels"] or "")), float(m["value"])))
+            except ValueError:
+                continue
+    return out

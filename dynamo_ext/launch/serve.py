@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from dynamo_ext.config import ConfigError, DynamoExtConfig, load_config
 
 from . import infra
-from .client import CompletionError, complete, curl_line
+from .client import CompletionError, complete, curl_line, scrape
 from .graph import Graph, GraphError, load_graph
 from .modeldir import ModelDirError, ensure_model_dir
 from .plan import child_env, frontend_base, plan_processes
@@ -257,7 +257,20 @@ class Launch:
         print(f"  ({usage.get('prompt_tokens', '?')} prompt + {usage.get('completion_tokens', '?')} completion tokens, "
               f"{time.monotonic() - t:.2f}s, finish_reason={(resp.get('choices') or [{}])[0].get('finish_reason')})",
               file=self.out, flush=True)  # fmt: skip
+        print(f"  {self._kv_moved()}", file=self.out, flush=True)
         return 0
+
+    def _kv_moved(self) -> str:
+        """Whether the request was disaggregated, from the workers' ``dynamo_ext_kv_transfer_bytes_total``."""
+        assert self.sup is not None
+        moved = []
+        for c in self.sup.children:
+            url = c.ready_info.get("metrics", "")
+            for labels, value in scrape(url, "dynamo_ext_kv_transfer_bytes_total") if url.startswith("http") else []:
+                if value > 0:
+                    how = " ".join(labels.get(k, "?") for k in ("backend", "direction", "path"))
+                    moved.append(f"{c.name} {int(value):,} bytes ({how})")
+        return "KV moved between workers: " + ("; ".join(moved) if moved else "none (served without a KV transfer)")
 
     def _cleanup(self, config: DynamoExtConfig, code: int) -> int:
         if self.sup is not None and self.sup.children:

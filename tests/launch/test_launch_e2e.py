@@ -53,16 +53,19 @@ def serve_once(tmp_path: Path, graph: str, workers: str, policy: str, timeout: f
 def test_serve_once_agg_graph_dynamo_kv(tmp_path):
     r = serve_once(tmp_path, "graphs/agg.py", "{agg: {count: 2}}", "dynamo-kv")
     assert "agg-0: exit 0" in r.stderr and "agg-1: exit 0" in r.stderr  # graceful: leases revoked by the workers
+    assert "KV moved between workers: none" in r.stdout
 
 
 def test_serve_once_disagg_graph_dynamo_kv(tmp_path):
     r = serve_once(tmp_path, "graphs/disagg.py", "{prefill: {count: 1}, decode: {count: 1}}", "dynamo-kv")
     assert "prefill-0: exit 0" in r.stderr and "decode-0: exit 0" in r.stderr
+    assert "KV moved between workers: decode-0 " in r.stdout and "(nixl read host->host)" in r.stdout
 
 
 def test_serve_once_disagg_graph_dynamo_ext_router(tmp_path):
     r = serve_once(tmp_path, "graphs.disagg", "{prefill: {count: 1}, decode: {count: 1}}", "dynamo-ext")
     assert "router-0: exit 0" in r.stderr
+    assert "KV moved between workers: decode-0 " in r.stdout and "(nixl read host->host)" in r.stdout
 
 
 def test_sigkilled_worker_tolerated_then_sigterm_revokes_its_records(tmp_path):
