@@ -41,11 +41,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from dynamo_ext.discovery import EtcdStore, WorkerRecord, WorkerRegistry
 from dynamo_ext.engine.config import ModelConfig
 from dynamo_ext.kv.indexer import KvEventIndexer, kv_events_subject
 from dynamo_ext.metrics import make_worker_metrics
 from dynamo_ext.routing import LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
 from dynamo_ext.routing import WorkerSnapshot
+from dynamo_ext.topology import Endpoint, NodeTopology, select_transport
 
 from .protocol import error_chunk
 from .runtime import WorkerArgs, WorkerProcess
@@ -74,6 +76,10 @@ class RouterWorker(WorkerProcess):
         self.inflight: dict[int, int] = defaultdict(int)  # requests per worker
         self.inflight_tokens: dict[int, int] = defaultdict(int)  # prompt tokens waiting for prefill per worker
         self.decisions: dict[str, int] = defaultdict(int)
+        self.registry: WorkerRegistry | None = None
+        self._reg_store: EtcdStore | None = None
+        self._links: dict[tuple[int, int, float, float], LinkInfo] = {}  # (p, d, started_at p, d) -> expectation
+        self.link_kinds: dict[str, str] = {}
 
     async def setup(self) -> Any:
         from dynamo.llm import ModelInput, ModelType, RouterConfig, RouterMode, WorkerType, register_model  # noqa: PLC0415
@@ -84,6 +90,15 @@ class RouterWorker(WorkerProcess):
         self.decode_client = await self.endpoint("generate", component="backend").client()
         self.metrics = make_worker_metrics("router", int(ep.connection_id()))
         if self.policy == "dynamo-ext":
+            try:  # worker records: layouts, nodes and topologies for the link table
+                import os  # noqa: PLC0415
+
+                self._reg_store = await EtcdStore.connect(os.environ["ETCD_ENDPOINTS"].split(",")[0])
+                self.registry = WorkerRegistry(self._reg_store, self.namespace)
+                await self.registry.start()
+            except Exception as e:  # noqa: BLE001
+                log.warning("worker registry unavailable (%s): default links and layouts", e)
+                self.registry = None
             try:
                 self.indexer = KvEventIndexer(self.block_size)
                 await self.indexer.start(self.cfg.discovery.nats.url, kv_events_subject(self.namespace))
@@ -104,7 +119,7 @@ class RouterWorker(WorkerProcess):
 
     def health(self) -> dict[str, Any]:
         h = super().health()
-        h.update(policy=self.policy, decisions=dict(self.decisions),
+        h.update(policy=self.policy, decisions=dict(self.decisions), links=dict(self.link_kinds),
                  prefill_workers=len(self.prefill_client.instance_ids()) if self.prefill_client else 0,
                  decode_workers=len(self.decode_client.instance_ids()) if self.decode_client else 0)
         return h
@@ -112,6 +127,8 @@ class RouterWorker(WorkerProcess):
     async def teardown(self) -> None:
         if self.indexer is not None:
             await self.indexer.close()
+        if self.registry is not None:
+            await self.registry.stop()
 
     # -- choice -------------------------------------------------------------------------------------
     def choose(self, tokens: list[int], rid: str) -> tuple[int | None, int]:
@@ -132,22 +149,60 @@ class RouterWorker(WorkerProcess):
         self.decisions["disagg"] += 1
         return prefills[next(self._rr_p) % len(prefills)], d
 
+    def _record(self, component: str, iid: int) -> WorkerRecord | None:
+        return self.registry.get(component, iid) if self.registry is not None else None
+
+    @staticmethod
+    def _layout_key(rec: WorkerRecord | None) -> str:
+        if rec is None or not rec.kv_layout:
+            return "model"
+        k = rec.kv_layout
+        return f"{k.get('num_layers')}/{k.get('num_kv_heads')}/{k.get('head_dim')}/{k.get('block_size')}/{k.get('dtype')}"
+
+    @staticmethod
+    def _node(rec: WorkerRecord | None) -> str:
+        host = (rec.topology or {}).get("host", {}) if rec is not None else {}
+        return str(host.get("host_id") or (rec.host if rec is not None else "local"))
+
+    def _link(self, p: int, d: int) -> LinkInfo:
+        """Expected link p -> d from the two workers' topologies (topology.select_transport), cached."""
+        rp, rd = self._record("prefill", p), self._record("backend", d)
+        if rp is None or rd is None or not rp.topology or not rd.topology:
+            return LINK
+        key = (p, d, rp.started_at, rd.started_at)
+        link = self._links.get(key)
+        if link is None:
+            try:
+                a = Endpoint(NodeTopology.from_dict(rp.topology), rp.pid, "host")
+                b = Endpoint(NodeTopology.from_dict(rd.topology), rd.pid, "host")
+                c = select_transport(a, b, self.cfg.kv_transfer.transport)
+                link = LinkInfo(gb_per_s=max(c.expected_gbps, 1e-3), latency_s=max(c.expected_latency_us, 0) * 1e-6)
+                self.link_kinds[f"{p}->{d}"] = f"{c.kind} {c.expected_gbps:g} GB/s"
+            except Exception as e:  # noqa: BLE001
+                log.warning("no link expectation for %d -> %d (%s): default", p, d, e)
+                link = LINK
+            self._links[key] = link
+        return link
+
     def _decide(self, tokens: list[int], rid: str, prefills: list[int], decodes: list[int]) -> tuple[int | None, int]:
         scores = self.indexer.scores(tokens) if self.indexer is not None else {}
         shape = RequestShape(prompt_tokens=len(tokens), block_size=self.block_size,
                              kv_bytes_per_token=self.kv_bytes_per_token, request_id=rid)
         nblocks = self.cfg.workers.decode.num_kv_blocks if self.cfg.workers.decode else 1024
+        rec = {("p", p): self._record("prefill", p) for p in prefills}
+        rec.update({("d", d): self._record("backend", d) for d in decodes})
         snaps = [WorkerSnapshot(worker_id=p, role="prefill", prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
-                                layout_key="model", queue_tokens=self.inflight_tokens[p],
+                                layout_key=self._layout_key(rec["p", p]), queue_tokens=self.inflight_tokens[p],
                                 queued_requests=self.inflight[p], free_blocks=nblocks,
-                                overlap_blocks=scores.get(p, 0), node="local") for p in prefills]
+                                overlap_blocks=scores.get(p, 0), node=self._node(rec["p", p])) for p in prefills]
         # a decode worker prefills between decode steps: slower, and it delays its running requests
         snaps += [WorkerSnapshot(worker_id=d, role="decode", prefill_tokens_per_s=PREFILL_TOKENS_PER_S / 2,
-                                 layout_key="model", queue_tokens=self.inflight_tokens[d],
+                                 layout_key=self._layout_key(rec["d", d]), queue_tokens=self.inflight_tokens[d],
                                  free_blocks=nblocks, admission_delay_s=self.inflight[d] * DECODE_STEP_S,
-                                 overlap_blocks=scores.get(d, 0), node="local") for d in decodes]
+                                 overlap_blocks=scores.get(d, 0), node=self._node(rec["d", d])) for d in decodes]
         cfg = RoutingConfig(local_prefill_max_tokens=self.cfg.router.disagg_min_prompt_tokens)
-        dec = decide(shape, snaps, LinkTable(default=LINK, same_node=LINK), config=cfg)
+        links = LinkTable({(p, d): self._link(p, d) for p in prefills for d in decodes}, default=LINK)
+        dec = decide(shape, snaps, links, config=cfg)
         self.decisions[dec.reason.value if hasattr(dec.reason, "value") else str(dec.reason)] += 1
         log.debug("decision %s", dec.to_log())
         c = dec.chosen

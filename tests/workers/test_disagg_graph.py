@@ -85,6 +85,9 @@ def test_disagg_equals_agg_through_frontend(servers, model_dir, tmp_path):
         assert [tokens_of(x) for x in via_ext] == [tokens_of(x) for x in via_agg]
         h2 = r2.health()
         assert sum(h2["decisions"].values()) == len(reqs) and h2["decisions"].get("short_prompt", 0) >= 1, h2
+        print("dynamo-ext router:", h2["decisions"], h2["links"])
+        # links come from the workers' topologies in their records (same host, two processes: host-shm)
+        assert h2["links"] and all(v.startswith("host-shm") for v in h2["links"].values()), h2
     finally:
         dis.stop()
         agg.stop()
