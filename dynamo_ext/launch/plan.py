@@ -32,7 +32,9 @@ from .supervisor import Child, ChildSpec, ReadyCheck, ready_line
 READY_PREFIX = "DYNAMO_EXT_READY"
 
 
-def child_env(config: DynamoExtConfig, etcd_url: str, nats_url: str, base: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(
+    config: DynamoExtConfig, etcd_url: str, nats_url: str, base: dict[str, str] | None = None
+) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.update({
         "DYN_TCP_RPC_HOST": "127.0.0.1", "DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_EVENT_PLANE": "nats",
@@ -73,7 +75,8 @@ def plan_processes(
                 tolerate = False
             else:
                 argv = [python, "-m", "dynamo_ext.workers", "--role", comp.role, "--config", str(config_path),
-                        "--model-dir", str(model_dir), "--index", str(i), "--metrics-port", str(free_port())]  # fmt: skip
+                        "--model-dir", str(model_dir), "--index", str(i),
+                        "--metrics-port", str(free_port())]  # fmt: skip
                 ready = ready_line(READY_PREFIX)
                 tolerate = tolerate_exits
             specs.append(ChildSpec(name, argv, env, component=comp.name, ready=ready, tolerate_exit=tolerate,

@@ -198,8 +198,9 @@ class Launch:
         assert self.sup is not None and self.infra_sup is not None and self.workdir is not None
         o = self.opts
         etcd_urls = config.discovery.etcd.endpoints
-        self.etcd = infra.ensure_etcd(etcd_urls, self.workdir, child_env(config, etcd_urls[0], config.discovery.nats.url))
-        nats = infra.ensure_nats(config.discovery.nats.url, self.workdir, child_env(config, self.etcd.url, config.discovery.nats.url))
+        nats_url = config.discovery.nats.url
+        self.etcd = infra.ensure_etcd(etcd_urls, self.workdir, child_env(config, etcd_urls[0], nats_url))
+        nats = infra.ensure_nats(nats_url, self.workdir, child_env(config, self.etcd.url, nats_url))
         for srv in (self.etcd, nats):
             if srv.reused:
                 self.say(f"{srv.name}: using the one at {srv.url}")

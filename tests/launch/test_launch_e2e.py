@@ -27,7 +27,8 @@ def live_procs_with_env(marker: str) -> list[int]:
     return found
 
 
-def serve_once(tmp_path: Path, graph: str, workers: str, policy: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def serve_once(tmp_path: Path, graph: str, workers: str, policy: str,
+               timeout: float = 240) -> subprocess.CompletedProcess:  # fmt: skip
     cfg = tmp_path / "dynamo.yaml"
     cfg.write_text(
         "model: {name: dynamo-ext/tiny, preset: tiny, block_size: 16}\n"
@@ -42,7 +43,8 @@ def serve_once(tmp_path: Path, graph: str, workers: str, policy: str, timeout: f
          "--log-dir", str(tmp_path / "logs"), "--once", prompt, "--max-tokens", "8"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
-    logs = "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((tmp_path / "logs").glob("*.log")))
+    logs = "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted((tmp_path / "logs").glob("*.log")))
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{logs}"
     assert "answer: " in r.stdout and "8 completion tokens" in r.stdout, r.stdout
     assert "etcd: no records left under" in r.stderr, r.stderr

@@ -54,7 +54,8 @@ def test_non_loopback_or_taken_port_is_an_error(tmp_path):
 
 
 def _gw(url: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
 
@@ -67,7 +68,8 @@ def test_stale_records_and_revoke(etcd_server):
     url = etcd_server.url
     lease = int(_gw(url, "/v3/lease/grant", {"TTL": 60})["ID"])
     other = int(_gw(url, "/v3/lease/grant", {"TTL": 60})["ID"])
-    keys = {f"v1/instances/ns1/backend/generate/{lease:x}": lease, f"dynamo_ext/v1/workers/ns1/decode/{lease}": lease,
+    keys = {f"v1/instances/ns1/backend/generate/{lease:x}": lease,
+            f"dynamo_ext/v1/workers/ns1/decode/{lease}": lease,
             f"v1/instances/ns1/backend/generate/{other:x}": other, f"v1/instances/ns2/backend/generate/{lease:x}": lease}
     for k, lid in keys.items():
         _gw(url, "/v3/kv/put", {"key": _b64(k), "value": _b64("x"), "lease": str(lid)})

@@ -117,7 +117,8 @@ def test_sigterm_stops_a_serving_launch(tmp_path, stub_python, etcd_server, nats
             f"sys.exit(serve(ServeOptions(graph='graphs/agg.py', config={str(cfg)!r}, port={infra.free_port()}, "
             f"model_dir={str(tmp_path / 'm')!r}, python={stub_python!r})))")
     # the child inherits the marked environment
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     try:
         for line in p.stdout:
             if "Ctrl-C to stop" in line:

@@ -74,7 +74,8 @@ def test_exit_before_ready_reports_last_log_lines(tmp_path):
 def test_exit_while_serving_is_reported_and_tolerated_while_siblings_live(tmp_path):
     tolerated = []
     sup = Supervisor(tmp_path, on_tolerated=tolerated.append)
-    die = "import time\nprint('DYNAMO_EXT_READY role=decode', flush=True)\ntime.sleep(0.3)\nprint('oops', flush=True)\nraise SystemExit(4)"
+    die = ("import time\nprint('DYNAMO_EXT_READY role=decode', flush=True)\ntime.sleep(0.3)\n"
+           "print('oops', flush=True)\nraise SystemExit(4)")
     sup.start(spec("decode-0", die, component="decode", ready=ready_line("DYNAMO_EXT_READY"), tolerate_exit=True))
     sup.start(spec("decode-1", READY, str(tmp_path / "o"), "d1", component="decode",
                    ready=ready_line("DYNAMO_EXT_READY"), tolerate_exit=True))
@@ -103,7 +104,8 @@ def test_stubborn_child_and_grandchild_are_killed_no_orphan(tmp_path):
     code = f"""
         import signal, subprocess, sys, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        g = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+        g = subprocess.Popen([sys.executable, "-c", ignore])
         open({str(pidfile)!r}, "w").write(str(g.pid))
         print("DYNAMO_EXT_READY role=router", flush=True)
         time.sleep(600)
