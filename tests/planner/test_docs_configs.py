@@ -33,3 +33,19 @@ def test_kubernetes_doc_configs_validate():
     base = {k: v for k, v in route_a.items() if k != "plugin_registration"}
     b = PlannerConfig.model_validate({**base, **yaml.safe_load(text_b)})
     assert [e.plugin_id for e in b.scheduling.external_plugins] == ["dynamo-ext-sla-propose", "dynamo-ext-ratio-links"]
+
+
+def test_dynamo_yaml_planner_section_becomes_a_valid_planner_config(tmp_path):
+    from dynamo_ext.config import load_config
+    from planner.dynamo_plugins import RatioLinkConstrain, SlaPropose
+    from planner.local_config import write_planner_config
+
+    cfg = load_config(ROOT / "configs/disagg.yaml")
+    path = write_planner_config(tmp_path / "planner.yaml", cfg, ["http://127.0.0.1:8000/metrics"])
+    pc = PlannerConfig.model_validate(yaml.safe_load(path.read_text()))
+    assert pc.environment == "virtual" and pc.mode == "disagg"
+    propose, constrain = pc.plugin_registration.in_process_plugins
+    sla = SlaPropose(**propose.kwargs)
+    assert sla.policy.config.ttft_sla_s == cfg.planner.sla.ttft_ms / 1000 and sla.policy.config.up_cooldown_s == cfg.planner.cooldown_s
+    rl = RatioLinkConstrain(**constrain.kwargs)
+    assert (rl.config.min_ratio, rl.config.max_ratio) == (2.0, 3.0)
