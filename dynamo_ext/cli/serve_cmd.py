@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of the --once request (default 32)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness (default 300)")
     p.add_argument("--stop-timeout", type=float, default=10.0,
-                   help="seconds between SIGTERM and SIGKILL per component (default 10)")
+                   help="seconds between SIGTERM and SIGKILL per component (default 10; workers get "
+                        "DYNAMO_EXT_DRAIN_S = this - 3 to drain in-flight requests)")
     p.add_argument("--tolerate-exits", action="store_true",
                    help="keep serving when a worker exits while others of its component still run")
     p.set_defaults(func=run)

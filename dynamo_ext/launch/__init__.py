@@ -21,7 +21,8 @@ Protocol (what ``dynamo-ext serve GRAPH -f CONFIG`` does, in order)
    kv|round-robin --namespace NS`` and is ready when ``/v1/models`` lists ``model.name``.
    Every child gets the loopback environment (``DYN_TCP_RPC_HOST``, ``DYN_EVENT_PLANE_HOST``,
    ``DYN_EVENT_PLANE=nats``, ``ETCD_ENDPOINTS``, ``NATS_SERVER``, ``HF_HUB_OFFLINE=1``,
-   ``UCX_NET_DEVICES=lo``, ``PYTHONUNBUFFERED=1``).
+   ``UCX_NET_DEVICES=lo``, ``PYTHONUNBUFFERED=1``; ``DYNAMO_EXT_DRAIN_S`` = stop timeout - 3 s so a
+   worker's drain of in-flight requests ends before the SIGKILL).
 5. ``supervisor.Supervisor`` starts each child in its own session / process group, stdout+stderr to
    ``<log-dir>/<name>.log``, waits (bounded, with a progress line) until all are ready, then watches
    them. A child that exits unexpectedly is reported with its exit status and its last log lines;

@@ -213,6 +213,8 @@ class Launch:
         except SupervisorError as e:
             return self.fail(str(e), 1)
         env = child_env(config, ",".join(etcd_urls) if self.etcd.reused else self.etcd.url, nats.url)
+        # a stopping worker drains in-flight requests for DYNAMO_EXT_DRAIN_S: finish before our SIGKILL
+        env.setdefault("DYNAMO_EXT_DRAIN_S", f"{max(1.0, o.stop_timeout - 3.0):g}")
         specs = plan_processes(graph=graph, config=config, config_path=config_path, model_dir=model_dir,
                                port=port, env=env, python=o.python, tolerate_exits=o.tolerate_exits,
                                stop_timeout=o.stop_timeout)  # fmt: skip
