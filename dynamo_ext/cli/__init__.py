@@ -2,7 +2,9 @@
 
     dynamo-ext config check FILE...      validate dynamo.yaml files (exit 0 valid, 2 invalid)
     dynamo-ext topology [--json] [--probe]
-    dynamo-ext bench transfer [...]
+    dynamo-ext bench transfer|engine|routing [...]
+    dynamo-ext model init|show, dynamo-ext generate   (reference engine)
+    dynamo-ext serve GRAPH -f CONFIG [--once PROMPT]   (local graph: etcd, NATS, frontend, router, workers)
 
 Each module in this package exposes ``add_parser(subparsers)`` (registers its verb and sets
 ``func``) and ``run(args) -> int``. Only this package and ``workers/`` wire layers together.
