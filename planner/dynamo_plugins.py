@@ -15,7 +15,8 @@ pydantic mirrors of ``plugin.proto`` from ``dynamo.planner.plugins.types``):
 - `SlaPropose` turns the context (+ a scrape of TTFT/ITL/KV usage/transfer metrics, see
   `planner.metrics_source`) into `planner.signals.Signals`, runs `planner.policy.ScalingPolicy`
   and answers SET prefill and decode (also when holding: with a priority below the builtin load
-  plugin's 10 our targets win the SET merge). With no WorkerState it answers Accept (no opinion).
+  plugin's 10 our targets win the SET merge). With no WorkerState it answers Accept (no opinion);
+  during the policy's start-up hold it answers Reject, which skips the whole tick.
 - `RatioLinkConstrain` runs `planner.constraints.constrain` on the merged proposal and answers
   AT_LEAST / AT_MOST targets (SET is dropped by Dynamo in CONSTRAIN), or Accept when nothing binds.
 
@@ -45,6 +46,7 @@ from dynamo.planner.plugins.types import (
     PipelineContext,
     ProposeStageRequest,
     ProposeStageResponse,
+    RejectResult,
 )
 
 from planner.constraints import LinkDomain, RatioConfig, constrain
@@ -152,6 +154,8 @@ class SlaPropose:
             return ProposeStageResponse(accept=AcceptResult())
         prop = self.policy.step(sig)
         self.last = prop
+        if prop.no_decision:
+            return ProposeStageResponse(reject=RejectResult(reason=f"dynamo_ext SlaPropose: {prop.reason}"))
         if prop.changed:
             log.info("dynamo_ext SlaPropose: %s", prop.reason)
         if not prop.changed and self.hold_as == "accept":

@@ -5,6 +5,9 @@ Pure: `ScalingPolicy.step(signals) -> Proposal`. Plain dataclasses in and out, t
 
 Per tick and per role the policy votes UP, DOWN or HOLD, then applies, in this order:
 
+0. Start-up: for `startup_hold_s` after the policy starts it makes no decision at all (the adapter
+   REJECTs the tick, so neither our plugin nor Dynamo's builtins scale): workers are still
+   registering, and a target computed from ready=0 would tear down what the launcher started.
 1. Don't chase a moving target: while a previous decision has not landed (`scaling_in_progress`,
    or ready replicas differ from our last target) it holds.
 2. Cold start (dynamo#12430): after a role's ready count changes, or when the policy starts, its
@@ -68,6 +71,7 @@ class PolicyConfig:
     min_requests: float = 5.0
     max_step_up: int = 2
     landing_timeout_s: float = 300.0  # give up waiting for a decision to land after this
+    startup_hold_s: float = 60.0  # after the policy starts: no decisions while workers register
 
     def __post_init__(self) -> None:
         if not (0 <= self.min_prefill <= self.max_prefill) or not (0 <= self.min_decode <= self.max_decode):
@@ -84,6 +88,7 @@ class Proposal:
     decode: int
     changed: bool
     reason: str
+    no_decision: bool = False  # start-up hold: the whole tick must not scale anything (adapter: REJECT)
 
 
 @dataclass
@@ -102,6 +107,7 @@ class PolicyState:
     decode: _RoleState = field(default_factory=_RoleState)
     idle_run: int = 0
     started_at: float | None = None
+    live: bool = False  # past the start-up hold
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,14 @@ class ScalingPolicy:
             st.started_at = s.t
         self._observe_ready(st.prefill, s.ready_prefill, s.t)
         self._observe_ready(st.decode, s.ready_decode, s.t)
+        if s.t - st.started_at < c.startup_hold_s:
+            # Workers may still be registering (ready counts climbing from 0): follow them, decide nothing.
+            st.prefill.target, st.decode.target = s.ready_prefill, s.ready_decode
+            left = c.startup_hold_s - (s.t - st.started_at)
+            return Proposal(s.ready_prefill, s.ready_decode, False, f"start-up hold, {left:.0f}s left", no_decision=True)
+        if not st.live:  # first tick after the hold: start from what registered
+            st.live = True
+            st.prefill.target, st.decode.target = s.ready_prefill, s.ready_decode
         # Bring an initial target inside [min, max] (counts as a change for cool-down purposes only
         # when it moves).
         for rs, lo, hi in ((st.prefill, c.min_prefill, c.max_prefill), (st.decode, c.min_decode, c.max_decode)):

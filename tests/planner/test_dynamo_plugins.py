@@ -76,7 +76,7 @@ def test_signals_from_context_decodes_fpm():
 
 async def test_propose_roundtrips_dynamo_types_and_scales_on_kv():
     clk = Clock()
-    plug = SlaPropose(warmup_s=0, up_ticks=2, up_cooldown_s=0, kv_capacity_tokens=1000, clock=clk)
+    plug = SlaPropose(warmup_s=0, startup_hold_s=0, up_ticks=2, up_cooldown_s=0, kv_capacity_tokens=1000, clock=clk)
     req = roundtrip(ProposeStageRequest(context=ctx(1, 2, kv_tokens=950)))
     r1 = await plug.Propose(req)
     assert isinstance(r1, ProposeStageResponse) and r1.result_kind == "override"
@@ -87,7 +87,7 @@ async def test_propose_roundtrips_dynamo_types_and_scales_on_kv():
 
 
 async def test_propose_accepts_without_worker_inventory_and_hold_as_accept():
-    plug = SlaPropose(hold_as="accept")
+    plug = SlaPropose(hold_as="accept", startup_hold_s=0)
     assert (await plug.Propose(ProposeStageRequest(context=PipelineContext()))).result_kind == "accept"
     assert (await plug.Propose(ProposeStageRequest(context=ctx(1, 2)))).result_kind == "accept"
     with pytest.raises(TypeError):
@@ -149,7 +149,7 @@ async def test_loaded_by_dynamos_in_process_loader_from_configs_planner_yaml():
     raw = yaml.safe_load((ROOT / "configs/planner.yaml").read_text())
     specs = PlannerConfig.model_validate(raw).plugin_registration.in_process_plugins
     # no scraping in a unit test, and no warm-up/hysteresis so one tick decides
-    specs[0] = specs[0].model_copy(update={"kwargs": {**specs[0].kwargs, "metrics_urls": [], "warmup_s": 0,
+    specs[0] = specs[0].model_copy(update={"kwargs": {**specs[0].kwargs, "metrics_urls": [], "warmup_s": 0, "startup_hold_s": 0,
                                                         "up_ticks": 1, "kv_capacity_tokens": 1000}})
     orch, server = _orchestrator()
     load_in_process_plugins(orch, specs)
@@ -163,3 +163,12 @@ async def test_loaded_by_dynamos_in_process_loader_from_configs_planner_yaml():
     # propose: decode 3 -> 4 (KV 0.95 > 0.8); constrain: 4/1 > 3:1 -> prefill AT_LEAST 2
     assert out.execute_action == "apply", out
     assert final == {"prefill": 2, "decode": 4}
+
+
+async def test_propose_rejects_the_tick_during_startup_hold():
+    clk = Clock()
+    plug = SlaPropose(startup_hold_s=30, clock=clk)
+    r = roundtrip(await plug.Propose(ProposeStageRequest(context=ctx(0, 0))))
+    assert r.result_kind == "reject" and "start-up hold" in r.reject.reason
+    clk.t = 31.0
+    assert (await plug.Propose(ProposeStageRequest(context=ctx(1, 2)))).result_kind == "override"

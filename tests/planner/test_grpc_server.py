@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 async def test_grpc_transport_round_trip():
     server, port = await start_server({
-        "propose": SlaPropose(warmup_s=0, up_ticks=1, kv_capacity_tokens=1000),
+        "propose": SlaPropose(warmup_s=0, startup_hold_s=0, up_ticks=1, kv_capacity_tokens=1000),
         "constrain": RatioLinkConstrain(),
     })
     try:
@@ -51,7 +51,7 @@ async def test_registered_as_external_plugins_in_dynamos_orchestrator():
     from dynamo.planner.config.planner_config import ExternalPluginEntry
     from dynamo.planner.plugins.merge.types import ComponentKey
 
-    server, port = await start_server({"propose": SlaPropose(warmup_s=0, up_ticks=1, kv_capacity_tokens=1000),
+    server, port = await start_server({"propose": SlaPropose(warmup_s=0, startup_hold_s=0, up_ticks=1, kv_capacity_tokens=1000),
                                        "constrain": RatioLinkConstrain()})
     try:
         orch, _ = _orchestrator(allow_insecure_grpc=True)

@@ -55,7 +55,7 @@ _EXECUTOR = textwrap.dedent('''
 def test_real_planner_publishes_our_decision_to_executor(etcd_server, nats_server, tmp_path):
     cfg = yaml.safe_load((ROOT / "configs/planner.yaml").read_text())
     cfg["load_adjustment_interval_seconds"] = 2
-    cfg["plugin_registration"]["in_process_plugins"][0]["kwargs"]["metrics_urls"] = []
+    cfg["plugin_registration"]["in_process_plugins"][0]["kwargs"].update(metrics_urls=[], startup_hold_s=0)
     cfg_path = tmp_path / "planner.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = planner_env(ETCD_ENDPOINTS=etcd_server.url, NATS_SERVER=nats_server.url)

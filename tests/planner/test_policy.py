@@ -33,7 +33,7 @@ def run(policy: ScalingPolicy, series, ready_follows: bool = True, t0: float = 0
 
 
 def warm_policy(**kw) -> ScalingPolicy:
-    cfg = PolicyConfig(**{"warmup_s": 0.0, "up_cooldown_s": 30.0, "down_cooldown_s": 120.0, **kw})
+    cfg = PolicyConfig(**{"warmup_s": 0.0, "startup_hold_s": 0.0, "up_cooldown_s": 30.0, "down_cooldown_s": 120.0, **kw})
     return ScalingPolicy(cfg)
 
 
@@ -192,3 +192,13 @@ def test_scale_down_one_step_at_a_time_under_light_load():
     decodes = [p.decode for p in props]
     steps = [a - b for a, b in zip(decodes, decodes[1:]) if a != b]
     assert steps and all(s == 1 for s in steps) and min(decodes) >= 1
+
+
+def test_startup_hold_follows_registering_workers_and_decides_nothing():
+    # The launcher started 2 prefill + 6 decode; they register over the first ticks (ready 0 -> 8).
+    pol = ScalingPolicy(PolicyConfig(startup_hold_s=30.0, warmup_s=0.0, down_cooldown_s=0.0))
+    ready = [(0, 0), (1, 2), (2, 5), (2, 6)]
+    props = [pol.step(Signals(t=10.0 * i, ready_prefill=p, ready_decode=d, requests=0.0)) for i, (p, d) in enumerate(ready)]
+    assert all(p.no_decision and not p.changed for p in props[:3]) and "start-up hold" in props[0].reason
+    # after the hold the targets are what registered, not the (0, 0) seen at the start
+    assert (props[3].prefill, props[3].decode) == (2, 6) and not props[3].no_decision

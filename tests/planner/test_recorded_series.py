@@ -46,7 +46,7 @@ def replay(rows: list[dict], cfg: PolicyConfig, prefill: int = 1, decode: int = 
 
 CFG = PolicyConfig(min_prefill=1, max_prefill=4, min_decode=2, max_decode=8, ttft_sla_s=0.08, itl_sla_s=0.05,
                    queue_high=4.0, up_ticks=2, down_ticks=3, idle_ticks=3, up_cooldown_s=20, down_cooldown_s=20,
-                   warmup_s=10, min_requests=5)
+                   warmup_s=10, startup_hold_s=10, min_requests=5)
 
 
 @pytest.fixture(scope="module")
