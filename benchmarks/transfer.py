@@ -24,9 +24,10 @@ Protocol::
                             (process_vm_writev, iovec arrays) when the kernel allows it; then the
                             NIXL row is called planned-nixl; cma-2t/-4t: cma with 2/4 copy threads
              owner-copy     (GPU->host) the GPU owner copies into its own pinned host pool:
-                            transfer_kv_cache(gpu_pool, host_pool) (gather -> D2H slots -> threaded
-                            host scatter); owner-copy-zc: the row kernel stores into pinned host
-                            memory directly (UVA zero-copy)
+                            transfer_kv_cache(gpu_pool, host_pool) (rowcopy.copy_device_to_host,
+                            zero-copy when pinned + Triton); owner-copy-staged: gather -> D2H slots ->
+                            threaded host scatter; owner-copy-zc: the row kernel stores into pinned
+                            host memory directly (UVA zero-copy)
       -> JSON {"machine", "size_bytes", "layout", "results": [{path, method, gbps, descriptors, verified}]}
          + a markdown table and a PNG bar chart next to it (benchmarks/results/ by default)
 
@@ -64,7 +65,8 @@ PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination dev
     "GPU0->host": (0, -1),
 }
 METHODS = ["naive", "planned", "planned-staged", "raw-single", "copy"]
-EXTRA = ["planned-nixl", "cma-2t", "cma-4t", "cuda-ipc", "cuda-ipc-torch", "owner-copy", "owner-copy-zc"]
+EXTRA = ["planned-nixl", "cma-2t", "cma-4t", "cuda-ipc", "cuda-ipc-torch", "owner-copy", "owner-copy-staged",
+         "owner-copy-zc"]
 
 
 def _gpus() -> list[str]:
@@ -179,7 +181,7 @@ class _Bench:
         if todo:
             out += await self._nixl_methods(path, sdev, ddev, pool, todo, names)
         if auto_cma:
-            for threads, name in ((1, "planned"), (2, "cma-2t"), (4, "cma-4t")):
+            for threads, name in ((None, "planned"), (2, "cma-2t"), (4, "cma-4t")):
                 if self.want(name):
                     out.append(await self._cma(path, pool, threads, name))
         if sdev >= 0 and ddev >= 0:
@@ -193,7 +195,7 @@ class _Bench:
                     finally:
                         rowcopy.PREFER_TRITON = True
         if sdev >= 0 and ddev < 0:
-            for name in ("owner-copy", "owner-copy-zc"):
+            for name in ("owner-copy", "owner-copy-staged", "owner-copy-zc"):
                 if self.want(name):
                     out.append(await self._owner_copy(path, pool, name))
         return out
@@ -265,14 +267,14 @@ class _Bench:
             peer.close()
         return out
 
-    async def _cma(self, path: str, pool: KvPool, threads: int, name: str) -> dict[str, Any]:
+    async def _cma(self, path: str, pool: KvPool, threads: int | None, name: str) -> dict[str, Any]:
         """planned (stage=False) WRITEs through the cma backend to a cma peer process."""
         from dynamo_ext.transport import make_backend
         from dynamo_ext.transport.fallbacks.cma import CmaBackend
 
         be = make_backend("auto", f"bench-cma{threads}-{os.getpid()}", memory="host")
         assert isinstance(be, CmaBackend), type(be)
-        be.threads = threads
+        be.threads = threads or be.threads  # None: the backend's default
         await be.start()
         lpool = KvPool.from_host_array(pool.name, pool.layout, pool.host_view())  # same bytes, cma-registered
         be.register_pool(lpool)
@@ -297,7 +299,7 @@ class _Bench:
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": f"cma x{threads}"}
+                "backend": f"cma x{be.threads}"}
 
     async def _owner_copy(self, path: str, pool: KvPool, name: str) -> dict[str, Any]:
         """GPU -> host tier inside the owner process (no peer): the pool's own pinned host tier."""
@@ -315,14 +317,15 @@ class _Bench:
             h = await transfer_kv_cache(pool, tier, (self.src_ids, self.dst_ids), metrics=None)
             nd[0] = (await h).descriptors
 
-        async def go_zc() -> None:
+        async def go_direct() -> None:  # the executor itself, zero-copy forced on or off
             plan = plan_transfer(pool.layout, self.src_ids, tier.layout, self.dst_ids, stage=False)
             with torch.cuda.device(pool.device_id):
-                rowcopy.copy_device_to_host(pool.tensor_u8(), tier.tensor_u8(), plan.wire, zerocopy=True)
+                rowcopy.copy_device_to_host(pool.tensor_u8(), tier.tensor_u8(), plan.wire,
+                                            zerocopy=name == "owner-copy-zc")
             nd[0] = len(plan.wire)
 
         try:
-            times = await self._timed(go if name == "owner-copy" else go_zc)
+            times = await self._timed(go if name == "owner-copy" else go_direct)
         except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
             print(f"{path} {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
             return {"path": path, "method": name, "gbps": 0.0, "descriptors": 0, "verified": False,
@@ -331,7 +334,8 @@ class _Bench:
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": "local (owner)" if name == "owner-copy" else "local (zero-copy kernel)"}
+                "backend": {"owner-copy": "local (transfer_kv_cache)", "owner-copy-staged": "local (staged + host scatter)",
+                            "owner-copy-zc": "local (zero-copy kernel)"}[name]}
 
     async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool, name: str = "cuda-ipc") -> dict[str, Any]:
         """planned transfer through the CUDA IPC fallback (a second peer process, same node)."""
@@ -363,7 +367,7 @@ class _Bench:
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": "cuda_ipc" + (" (triton)" if name == "cuda-ipc" and _triton() else " (torch)")}
+                "backend": "cuda_ipc" + (" (triton)" if name == "cuda-ipc" and _triton() and sdev == ddev else " (torch)")}
 
     async def _copy_ceiling(self, sdev: int, ddev: int) -> tuple[list[float], bool]:
         n = self.nbytes

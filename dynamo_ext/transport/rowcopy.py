@@ -18,7 +18,8 @@ int64 elements when aligned.
 ``copy_device_to_host(src_u8, dst_u8, descs)``  GPU -> host (owner process): gather on the GPU into a
                                           device slot, D2H into a pinned host slot, host scatter by a
                                           thread pool (NumPy, GIL released) while the GPU does the next
-                                          slices. ``zerocopy=True``: the kernel writes the destination
+                                          slices. ``zerocopy`` (default when the destination is pinned
+                                          and Triton imports): the row kernel stores the destination
                                           rows straight into pinned host memory (UVA), no host copy.
 
 All calls enqueue on / order against the current streams of the devices involved and return after
@@ -222,7 +223,8 @@ def copy_cross_device(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, *,
         (didx,) = _upload([drows], ddev)
     src2d, a2d = _as_rows(src_u8, unit, stg_a), _as_rows(stg_a, unit, src_u8)
     b2d, dst2d = _as_rows(stg_b, unit, dst_u8), _as_rows(dst_u8, unit, stg_b)
-    tg, ts = _use_triton(src_u8, use_triton), _use_triton(dst_u8, use_triton)
+    # default: torch ops (measured on 2x H200, 1 GiB: 213 GB/s vs 126 with the Triton kernel here)
+    tg, ts = (_use_triton(src_u8, use_triton), _use_triton(dst_u8, use_triton)) if use_triton else (False, False)
     ev_w: list[Any] = []
     ev_s: list[Any] = []
     for k, (a, b) in enumerate(_slices(n, rows_per)):
@@ -283,8 +285,10 @@ def _host_scatter(src2d: np.ndarray, dst2d: np.ndarray, drows: np.ndarray, threa
 
 def copy_device_to_host(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, *,
                         slice_bytes: int = D2H_SLICE_BYTES, slots: int = 3, threads: int | None = None,
-                        zerocopy: bool = False) -> int:
-    """Owner-process GPU -> host scattered copy; returns (bytes) when every byte is in ``dst_u8``."""
+                        zerocopy: bool | None = None) -> int:
+    """Owner-process GPU -> host scattered copy; returns (bytes) when every byte is in ``dst_u8``.
+    ``zerocopy`` None = when the destination is pinned and Triton imports (measured on 2x H200, 1 GiB:
+    45.6 GB/s zero-copy vs 21.5 staged + host scatter, PCIe copy ceiling 52)."""
     _check_tensor(src_u8, "source")
     _check_tensor(dst_u8, "destination")
     if not _on_gpu(src_u8) or _on_gpu(dst_u8):
@@ -295,6 +299,8 @@ def copy_device_to_host(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, 
         return 0
     dev = src_u8.device
     cur = torch.cuda.current_stream(dev)
+    if zerocopy is None:
+        zerocopy = PREFER_TRITON and triton_available() and bool(dst_u8.is_pinned())
     if zerocopy:  # the kernel stores straight into pinned host memory through its UVA mapping
         if not (dst_u8.is_pinned() and triton_available()):
             raise RuntimeError("zerocopy needs a pinned destination and Triton")

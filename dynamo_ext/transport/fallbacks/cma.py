@@ -186,12 +186,14 @@ class CmaBackend(TcpBackend):
     name = "cma"
     default_gbps = 2.0
 
-    def __init__(self, agent_name: str, host: str = "127.0.0.1", port: int = 0, threads: int = 1) -> None:
+    def __init__(self, agent_name: str, host: str = "127.0.0.1", port: int = 0, threads: int | None = None) -> None:
         super().__init__(agent_name, host, port)
         if not cma_available():
             raise BackendError("process_vm_readv/writev is not available here (not Linux, or blocked by "
                                "seccomp/ptrace policy); use the tcp or nixl backend")
-        self.threads = max(1, int(threads))
+        # copy threads: 1 on the 2-core box (2 threads were slower there), 4 on a 32-core host (1 GiB of
+        # scattered 32 KiB chunks: 13.1 GB/s with 4 vs 3.7 with 1, single-thread memcpy 8.3)
+        self.threads = max(1, int(threads if threads is not None else min(4, (os.cpu_count() or 1) // 4)))
         self._cma: dict[str, _Peer] = {}  # peers on this node (others use the TCP data path)
         self._exec: ThreadPoolExecutor | None = None
 
