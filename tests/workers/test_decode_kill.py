@@ -1,0 +1,163 @@
+"""A decode worker SIGKILLed while requests stream through it (real processes: Dynamo's HTTP frontend,
+router policy round-robin, 1 prefill + 2 decode workers, tiny CPU model, KV by NIXL).
+
+Six long streaming completions (ignore_eos, many tokens) are started; once every stream has produced
+tokens, the decode worker serving some of them is SIGKILLed. Asserted:
+
+- every in-flight stream ends, bounded by a timeout (none hangs; measured: ~0.5 s after the kill);
+- the streams on the killed worker end with an error: the router yields an error chunk
+  ``decode worker <id> failed: Unavailable: Stream ended before generation completed`` (no migration of
+  running requests: README "Not done"), which Dynamo's frontend logs and turns into an SSE error event
+  ``{"error": {"message": "Internal server error", "code": 500}}`` (never a normal ``length`` finish with
+  missing tokens); the streams on the other worker complete every token;
+- the graph keeps serving: new requests complete, on the surviving decode worker (its
+  ``dynamo_ext_worker_requests_total{outcome="ok"}`` grows by their number), also while the dead
+  worker's instance may still be listed (until its lease expires, a call to it fails before the first
+  token and the router retries on the other one).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from conftest import Graph
+
+N_STREAMS = 6
+LONG = 1500  # tokens per in-flight stream: seconds of decoding on 2 cores
+END_TIMEOUT_S = 20.0
+
+
+@dataclass
+class Stream:
+    prompt: str
+    max_tokens: int
+    status: int = 0
+    chunks: int = 0  # SSE data chunks with a choice (the detokenizer may hold bytes back: text can be empty)
+    tokens: int = 0  # usage.completion_tokens of the final chunk
+    finish: str | None = None
+    error: str | None = None
+    done: float = 0.0
+    events: list[str] = field(default_factory=list)
+
+
+def _stream(base: str, s: Stream, timeout: float = 60.0) -> None:
+    u = urlparse(base)
+    body = json.dumps({"model": "dx/tiny", "prompt": s.prompt, "max_tokens": s.max_tokens, "temperature": 0,
+                       "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}})
+    try:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        s.status = r.status
+        if r.status != 200:
+            s.error = f"HTTP {r.status}: {r.read()[:500]!r}"
+            return
+        for raw in r:
+            line = raw.decode(errors="replace").strip()
+            if not line:
+                continue
+            s.events.append(line[:300])
+            if line.startswith("event:") and "error" in line:
+                s.error = s.error or line
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                d = json.loads(data)
+            except ValueError:
+                s.error = s.error or data[:300]
+                continue
+            if "error" in d and not d.get("choices"):
+                s.error = s.error or json.dumps(d)[:300]
+            if d.get("usage"):
+                s.tokens = int(d["usage"].get("completion_tokens") or 0)
+            for c in d.get("choices") or []:
+                s.chunks += 1
+                if c.get("finish_reason"):
+                    s.finish = c["finish_reason"]
+    except Exception as e:  # noqa: BLE001 - connection closed mid-stream counts as an error end
+        s.error = s.error or f"{type(e).__name__}: {e}"
+    finally:
+        s.done = time.monotonic()
+
+
+def _ok_count(metrics: str) -> float:
+    m = re.search(r'^dynamo_ext_worker_requests_total\{[^}]*outcome="ok"[^}]*\} (\S+)$', metrics, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_decode_worker_killed_mid_stream(servers, model_dir, tmp_path):
+    etcd, nats = servers
+    g = Graph(etcd.url, nats.url, tmp_path, model_dir, namespace="dkill")
+    try:
+        p = g.start("prefill", wait=False)
+        d0, d1 = g.start("decode", wait=False), g.start("decode", wait=False)
+        r = g.start("router", wait=False)
+        g.wait_ready([p, d0, d1, r])
+        base = g.frontend("round-robin")
+
+        streams = [Stream(f"stream number {i} tells a long story about", LONG) for i in range(N_STREAMS)]
+        threads = [threading.Thread(target=_stream, args=(base, s), daemon=True) for s in streams]
+        for t in threads:
+            t.start()
+        t_end = time.monotonic() + 30
+        while not all(s.chunks > 0 or s.done for s in streams):
+            assert time.monotonic() < t_end, [(s.chunks, s.error) for s in streams]
+            time.sleep(0.05)
+        running = [d0.health()["running"], d1.health()["running"]]
+        assert sum(running) == N_STREAMS and min(running) > 0, running  # round-robin split them
+        victim, survivor = d0, d1
+        on_victim = running[0]
+        ok_before = _ok_count(survivor.metrics())
+
+        t_kill = time.monotonic()
+        victim.popen.kill()
+        victim.popen.wait()
+        for t in threads:
+            t.join(max(0.1, t_kill + END_TIMEOUT_S - time.monotonic()))
+        hung = [i for i, t in enumerate(threads) if t.is_alive()]
+        assert not hung, f"streams {hung} still open {END_TIMEOUT_S} s after the kill"
+        ends = [round(s.done - t_kill, 2) for s in streams]
+        failed = [s for s in streams if s.error or s.finish not in ("length", "stop")]
+        completed = [s for s in streams if s not in failed]
+        summary = [(s.chunks, s.tokens, s.finish, s.error) for s in streams]
+        print("stream ends after the kill (s):", ends)
+        print("streams (chunks, tokens, finish, error):", summary)
+        # the killed worker's streams end with an error, the others complete every token
+        assert len(failed) == on_victim, summary
+        assert all(s.tokens == LONG and s.finish == "length" for s in completed), summary
+        assert all(s.chunks < LONG and s.tokens == 0 for s in failed), summary
+        assert all(s.error or (s.finish or "").startswith("error") for s in failed), summary
+
+        # the client sees Dynamo's generic SSE error (500 "Internal server error"); the router's message,
+        # naming the dead worker, is in the frontend's log
+        front = next(x for x in g.procs if x.name == "frontend")
+        flog = re.sub(r"\x1b\[[0-9;]*m", "", front.err_path.read_text(errors="replace"))
+        assert f"decode worker {victim.instance_id} failed" in flog, flog[-3000:]
+        # the graph keeps serving, on the surviving decode worker
+        fresh = [Stream(f"after the kill {i}", 8) for i in range(6)]
+        t0 = time.monotonic()
+        ths = [threading.Thread(target=_stream, args=(base, s), daemon=True) for s in fresh]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(30)
+        summary = [(s.chunks, s.tokens, s.finish, s.error) for s in fresh]
+        print(f"6 new requests after the kill: {time.monotonic() - t0:.2f} s;", summary)
+        assert all(s.finish == "length" and s.tokens == 8 and not s.error for s in fresh), summary
+        ok_after = _ok_count(survivor.metrics())
+        assert ok_after - ok_before == len(completed) + len(fresh), (ok_before, ok_after)
+        assert survivor.health()["status"] == "ok" and p.health()["status"] == "ok"
+        assert r.popen.poll() is None
+        rlog = re.sub(r"\x1b\[[0-9;]*m", "", r.err_path.read_text(errors="replace"))
+        print("router retries on the surviving worker:", rlog.count("failed before its first token"))
+    finally:
+        g.stop()
