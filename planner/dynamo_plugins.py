@@ -103,6 +103,8 @@ def signals_from_context(
         transfer_share=window.transfer_share,
         requests=window.requests,
         scaling_in_progress=bool(w.prefill_scaling_in_progress or w.decode_scaling_in_progress),
+        expected_prefill=w.expected_prefill,
+        expected_decode=w.expected_decode,
     )
 
 

@@ -9,7 +9,9 @@ Per tick and per role the policy votes UP, DOWN or HOLD, then applies, in this o
    REJECTs the tick, so neither our plugin nor Dynamo's builtins scale): workers are still
    registering, and a target computed from ready=0 would tear down what the launcher started.
 1. Don't chase a moving target: while a previous decision has not landed (`scaling_in_progress`,
-   or ready replicas differ from our last target) it holds.
+   or ready replicas differ from our last target) it holds. When the deployment's desired count
+   (`expected_*`) differs from our last target, a later stage changed our decision (e.g. CONSTRAIN
+   clamped it to the ratio): that count becomes the target instead of waiting for ours.
 2. Cold start (dynamo#12430): after a role's ready count changes, or when the policy starts, its
    latency and KV samples are ignored for `warmup_s` (new workers have cold caches and first-call
    costs); latency from fewer than `min_requests` requests in the window is ignored too.
@@ -27,7 +29,8 @@ Per tick and per role the policy votes UP, DOWN or HOLD, then applies, in this o
 4. Hysteresis: UP needs `up_ticks` consecutive UP votes, DOWN `down_ticks`; any other vote resets.
 5. Cool-down: after a change of a role, no UP for `up_cooldown_s`, no DOWN for `down_cooldown_s`.
 6. Zero traffic (dynamo#6985): `idle_ticks` ticks with no requests and empty queues set both roles
-   to their minimum (subject to the down cool-down), even though latency metrics are absent.
+   to their minimum in one decision (once neither is in its down cool-down), even though latency
+   metrics are absent.
 7. Step: DOWN is -1; UP is +1, or up to `max_step_up` when the worst pressure ratio is large.
 
 The ratio and link-domain bounds are not applied here; `planner.constraints` does that (CONSTRAIN stage).
@@ -224,6 +227,10 @@ class ScalingPolicy:
     def _observe_ready(self, rs: _RoleState, ready: int, t: float) -> None:
         if rs.last_ready is not None and ready != rs.last_ready:
             rs.ready_changed_at = t
+            if rs.target == rs.last_ready:
+                # Not waiting for a decision of ours: the CONSTRAIN stage, an operator or a crash moved
+                # the count. Start from reality.
+                rs.target = ready
         rs.last_ready = ready
         if rs.target is None:
             rs.target = ready
@@ -259,6 +266,11 @@ class ScalingPolicy:
             # after landing_timeout_s the observed count becomes the target again.
             if rs.changed_at is not None and ready != rs.target and s.t - rs.changed_at >= c.landing_timeout_s:
                 rs.target = ready
+        for rs, exp in ((st.prefill, s.expected_prefill), (st.decode, s.expected_decode)):
+            # Our last decision was changed downstream (CONSTRAIN clamped it, or another plugin won the
+            # merge): the deployment's desired count is the truth, don't wait for ours to land.
+            if exp is not None and rs.changed_at is not None and exp != rs.target and not s.scaling_in_progress:
+                rs.target = exp
         p0, d0 = st.prefill.target, st.decode.target
         if s.scaling_in_progress or (st.prefill.changed_at is not None and s.ready_prefill != p0) or (
             st.decode.changed_at is not None and s.ready_decode != d0
@@ -271,19 +283,23 @@ class ScalingPolicy:
         )
         st.idle_run = st.idle_run + 1 if idle else 0
         if st.idle_run >= c.idle_ticks and (p0 > c.min_prefill or d0 > c.min_decode):
-            reasons = []
-            for rs, lo, role in ((st.prefill, c.min_prefill, "prefill"), (st.decode, c.min_decode, "decode")):
-                since = math.inf if rs.changed_at is None else s.t - rs.changed_at
-                if rs.target is not None and rs.target > lo:
-                    if since >= c.down_cooldown_s:
-                        reasons.append(f"{role}: {rs.target} -> {lo}")
-                        rs.target, rs.changed_at = lo, s.t
-                    else:
-                        reasons.append(f"{role}: idle, down cooling down {since:.0f}/{c.down_cooldown_s:g}s")
+            # Both roles go to their minimum in ONE decision (once neither is cooling down), so the
+            # ratio constraint sees (min_prefill, min_decode) and not a half-shrunk pair it must undo.
+            roles = ((st.prefill, c.min_prefill, "prefill"), (st.decode, c.min_decode, "decode"))
+            for rs, _, _ in roles:
                 rs.up_run = rs.down_run = 0
+            waits = [(role, s.t - rs.changed_at) for rs, lo, role in roles
+                     if rs.target is not None and rs.target > lo and rs.changed_at is not None
+                     and s.t - rs.changed_at < c.down_cooldown_s]
+            if waits:
+                why = ", ".join(f"{r} {w:.0f}/{c.down_cooldown_s:g}s" for r, w in waits)
+                return Proposal(p0, d0, False, f"zero traffic for {st.idle_run} ticks; down cooling down: {why}")
+            for rs, lo, _ in roles:
+                if rs.target is not None and rs.target > lo:
+                    rs.target, rs.changed_at = lo, s.t
             p1, d1 = st.prefill.target, st.decode.target
             assert p1 is not None and d1 is not None
-            return Proposal(p1, d1, (p1, d1) != (p0, d0), f"zero traffic for {st.idle_run} ticks: " + "; ".join(reasons))
+            return Proposal(p1, d1, True, f"zero traffic for {st.idle_run} ticks: ({p0}, {d0}) -> ({p1}, {d1})")
         if idle:
             st.prefill.up_run = st.decode.up_run = 0
             return Proposal(p0, d0, False, f"idle {st.idle_run}/{c.idle_ticks} ticks")

@@ -7,6 +7,7 @@ Where each field comes from (filled by the adapters in `planner.dynamo_plugins`,
 | t                | the caller's clock, seconds (monotonic); policies never read the clock themselves  |
 | ready_prefill/_decode | Dynamo `WorkerState.ready_*` (workers registered at `prefill` / `backend`)    |
 | scaling_in_progress   | Dynamo `WorkerState.*_scaling_in_progress` (a previous decision not landed)   |
+| expected_prefill/_decode | Dynamo `WorkerState.expected_*`: the desired counts the planner last published |
 | prefill_queue    | FPM `queued_requests.num_prefill_requests` summed over prefill engines, plus the   |
 |                  | frontend's `queued_requests` gauge (requests still waiting for a first token)      |
 | decode_queue     | FPM queued requests on decode engines (waiting or preempted)                        |
@@ -40,6 +41,8 @@ class Signals:
     transfer_share: float | None = None
     requests: float | None = None
     scaling_in_progress: bool = False
+    expected_prefill: int | None = None  # the deployment's desired counts (what the planner last published)
+    expected_decode: int | None = None
 
 
 @dataclass(frozen=True)

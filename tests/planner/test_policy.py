@@ -202,3 +202,24 @@ def test_startup_hold_follows_registering_workers_and_decides_nothing():
     assert all(p.no_decision and not p.changed for p in props[:3]) and "start-up hold" in props[0].reason
     # after the hold the targets are what registered, not the (0, 0) seen at the start
     assert (props[3].prefill, props[3].decode) == (2, 6) and not props[3].no_decision
+
+
+def test_count_moved_by_someone_else_becomes_the_target():
+    pol = warm_policy(up_ticks=1, up_cooldown_s=0.0)
+    run(pol, [busy(ready_prefill=1, ready_decode=2)])
+    # CONSTRAIN raised decode to 4 (ratio), or an operator did: the policy adopts it instead of proposing 2 again
+    props = run(pol, [busy(ready_prefill=2, ready_decode=4)], t0=10.0, ready_follows=False)
+    assert (props[0].prefill, props[0].decode) == (2, 4) and "not landed" not in props[0].reason
+    # a crashed decode worker: the count drops and the policy starts from 3
+    props = run(pol, [busy(ready_prefill=2, ready_decode=3)], t0=20.0, ready_follows=False)
+    assert props[0].decode == 3
+
+
+def test_decision_clamped_downstream_does_not_freeze_the_policy():
+    pol = warm_policy(down_cooldown_s=0.0, down_ticks=1)
+    light = dict(kv_usage=0.05, itl_s=0.005, ttft_s=0.05, requests=50.0)
+    props = run(pol, [dict(ready_prefill=2, ready_decode=4, expected_prefill=2, expected_decode=4, **light)], ready_follows=False)
+    assert props[0].decode == 3  # propose 4 -> 3 ...
+    # ... CONSTRAIN kept decode at 4 (ratio 2:1): desired stays 4, nothing is scaling
+    props = run(pol, [dict(ready_prefill=2, ready_decode=4, expected_prefill=2, expected_decode=4, **light)], t0=10.0, ready_follows=False)
+    assert "not landed" not in props[0].reason

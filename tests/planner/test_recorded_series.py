@@ -96,3 +96,23 @@ def test_strict_hysteresis_never_flaps_on_the_recording(rows):
             if not dirs or dirs[-1] != d:
                 dirs.append(d)
     assert dirs in ([], ["up"], ["up", "down"], ["down"]), (dirs, [p.reason for p in props])
+
+
+def test_propose_then_constrain_keeps_ratio_on_the_recording(rows):
+    from planner.constraints import RatioConfig, constrain
+
+    pol = ScalingPolicy(CFG)
+    rc = RatioConfig(min_ratio=2.0, max_ratio=3.0, min_prefill=1, max_prefill=4, min_decode=2, max_decode=8)
+    p, d = 1, 2
+    for r in rows:
+        prop = pol.step(Signals(t=r["t"], ready_prefill=p, ready_decode=d, prefill_queue=r["queue"] or 0.0,
+                                kv_usage=r["kv_usage"], ttft_s=r["ttft_s"], itl_s=r["itl_s"],
+                                transfer_share=r["transfer_share"], requests=r["requests"],
+                                expected_prefill=p, expected_decode=d))
+        if prop.no_decision:
+            continue
+        c = constrain(prop.prefill, prop.decode, p, d, rc)
+        p, d = c.prefill, c.decode  # what Dynamo would publish and the executor land
+        assert 2 * p <= d <= 3 * p, (r["t"], prop, c)
+        assert "not landed" not in prop.reason  # a decision clamped by CONSTRAIN must not freeze the policy
+    assert p == 1 and d == 2  # back to the minimum pair after the tail
