@@ -251,6 +251,11 @@ class ScalingPolicy:
         if not st.live:  # first tick after the hold: start from what registered
             st.live = True
             st.prefill.target, st.decode.target = s.ready_prefill, s.ready_decode
+        for rs, exp in ((st.prefill, s.expected_prefill), (st.decode, s.expected_decode)):
+            # Our last decision was changed downstream (CONSTRAIN clamped it, or another plugin won the
+            # merge): the deployment's desired count is the truth, don't wait for ours to land.
+            if exp is not None and rs.changed_at is not None and exp != rs.target and not s.scaling_in_progress:
+                rs.target = exp
         # Bring an initial target inside [min, max] (counts as a change for cool-down purposes only
         # when it moves).
         for rs, lo, hi in ((st.prefill, c.min_prefill, c.max_prefill), (st.decode, c.min_decode, c.max_decode)):
@@ -266,11 +271,6 @@ class ScalingPolicy:
             # after landing_timeout_s the observed count becomes the target again.
             if rs.changed_at is not None and ready != rs.target and s.t - rs.changed_at >= c.landing_timeout_s:
                 rs.target = ready
-        for rs, exp in ((st.prefill, s.expected_prefill), (st.decode, s.expected_decode)):
-            # Our last decision was changed downstream (CONSTRAIN clamped it, or another plugin won the
-            # merge): the deployment's desired count is the truth, don't wait for ours to land.
-            if exp is not None and rs.changed_at is not None and exp != rs.target and not s.scaling_in_progress:
-                rs.target = exp
         p0, d0 = st.prefill.target, st.decode.target
         if s.scaling_in_progress or (st.prefill.changed_at is not None and s.ready_prefill != p0) or (
             st.decode.changed_at is not None and s.ready_decode != d0
