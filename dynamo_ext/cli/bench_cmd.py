@@ -19,6 +19,7 @@ BENCHMARKS = {
     "transfer": ("transfer", "KV transfer between two processes: naive / planned / staged / raw / copy"),
     "engine": ("engine", "reference engine: prefill tokens/s and decode step vs dense SDPA"),
     "routing": ("routing_latency", "routing decision latency p50/p99 at 16, 256, 1024 workers"),
+    "serve": ("serve", "agg vs disagg graphs through the HTTP frontend: TTFT/TPOT p50/p99, throughput, KV share"),
 }
 
 
