@@ -29,7 +29,8 @@ want=$(cat requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[bootstrap] installing Python dependencies (about 80 s the first time)"
   .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/pip install -q -c requirements/constraints.txt -r requirements/base.txt -r requirements/test.txt 2>&1 \
+  .venv/bin/pip install -q -c requirements/constraints.txt -r requirements/base.txt -r requirements/test.txt \
+    -r requirements/planner.txt 2>&1 \
     | grep -vE "^WARNING: Location|aisimulate|certifi" || true
   # ai-dynamo depends on `aisimulate`, a vendor stub that cannot be installed offline: --no-deps,
   # with what its frontend/planner/mocker import listed in requirements/base.txt.
