@@ -1,7 +1,7 @@
 """Serving benchmark: aggregated vs disaggregated graphs through Dynamo's OpenAI HTTP frontend.
 
     dynamo-ext bench serve                                   # tiny on CPU (committed results, ~2 min on 2 cores)
-    python benchmarks/serve.py --rates 2,4,8,16,32 --requests 40 --prompt-len 256 --prompt-len-jitter 0.25 \
+    python benchmarks/serve.py --rates 2,4,8,16,32,64 --requests 40 --prompt-len 256 --prompt-len-jitter 0.25 \
         --output-len 32 --graphs agg,disagg
 
 For each graph (real processes, the same helpers as tests/workers: etcd + NATS on loopback, workers via
@@ -322,44 +322,46 @@ def _f(x: Any, fmt: str = "{:.1f}") -> str:
 
 
 def table(res: dict) -> str:
+    """The markdown: setup and notes first, the results table last."""
     m, p = res["machine"], res["params"]
     lines = [f"# Serving benchmark: agg vs disagg, {p['preset']} on {m['device']} through Dynamo's HTTP frontend", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores (shared), Python {m['python']}, ai-dynamo {m.get('ai-dynamo')}, "
-             f"torch {m.get('torch')}; load average at start {m['load_avg_1m']}.", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores (shared), Python {m['python']}, "
+             f"ai-dynamo {m.get('ai-dynamo')}, torch {m.get('torch')}; load average at start {m['load_avg_1m']}.", "",
              f"Graphs: agg = frontend -> router ({p['policy']}) -> {p['agg_workers']} aggregated worker(s); "
              f"disagg = frontend -> router ({p['policy']}) -> {p['prefill_workers']} prefill + {p['decode_workers']} "
              f"decode worker(s), KV by NIXL in host memory. Start-up: "
              + ", ".join(f"{k} {v:.1f} s" for k, v in res["startup_s"].items()) + ".", "",
              f"Load: {p['requests']} streaming completions per rate, Poisson arrivals, prompts {p['prompt_len']} "
              f"tokens +-{p['prompt_len_jitter']:.0%} (uniform), outputs {p['output_len']} tokens "
-             f"+-{p['output_len_jitter']:.0%} "
-             f"(ignore_eos), greedy; {p['warmup']} warm-up requests per graph. TTFT = first SSE chunk - send; "
-             "TPOT = (last - first chunk) / (tokens - 1); throughput over first send -> last completion. "
-             f"With {p['requests']} requests p99 is about the maximum. Total wall {res['wall_s']} s.", "",
-             "| graph | rate (req/s) | done | prompt tok (mean) | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | "
-             "TPOT p99 (ms) | "
-             "output tok/s | req/s | KV transfer mean (ms) | KV share of TTFT |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"+-{p['output_len_jitter']:.0%} (ignore_eos), greedy; {p['warmup']} warm-up requests per graph. "
+             "TTFT = first SSE chunk - send; TPOT = (last - first chunk) / (tokens - 1); throughput over first "
+             f"send -> last completion. With {p['requests']} requests p99 is about the maximum. "
+             f"Total wall {res['wall_s']} s.", "",
+             "KV share of TTFT = mean `dynamo_ext_kv_transfer_seconds` (decode workers, sum/count over the rate's "
+             "requests) / mean TTFT; it times the NIXL READ only (add_peer, the prefill -> router -> decode "
+             "hand-off and the release call are not in it: they are part of the disagg - agg TTFT difference, with "
+             f"the extra hop). The tiny model's KV per request is small ({_kv_bytes(res)}), moved by NIXL/UCX in "
+             f"host memory; TTFT here is mostly HTTP + frontend + router + queueing on {m['cores']} cores shared by "
+             "every process (the load generator included), so these numbers say little about GPU serving. TPOT is "
+             "measured at the client: when the frontend or the client falls behind, chunks arrive in bursts, so "
+             "TPOT p50 can drop while TTFT and TPOT p99 rise at the highest rates.", "",
+             "**Not run here (no GPU in this session):** the GPU part of issue 5 (llama3-70b-shape layers "
+             "in-process, 4K-token prompts, KV over NVLink; target: KV transfer <= 3% of TTFT). Run on a GPU box "
+             "with `dynamo-ext bench serve` once the engine runs on CUDA in the workers (the workers' pools are "
+             "host memory today, workers/README \"Not done\")."]
+    if res.get("note"):
+        lines += ["", res["note"]]
+    lines += ["", "| graph | rate (req/s) | done | prompt tok (mean) | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
+              "| TPOT p99 (ms) | output tok/s | req/s | KV transfer mean (ms) | KV share of TTFT |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["results"]:
         share = r.get("kv_share_of_ttft")
         lines.append(f"| {r['graph']} | {r['rate']:g} | {r['completed']}/{r['requests']} | "
-                     f"{_f(r['prompt_tokens_mean'], '{:.0f}')} | "
-                     f"{_f(r['ttft_p50_ms'])} | "
-                     f"{_f(r['ttft_p99_ms'])} | {_f(r['tpot_p50_ms'], '{:.2f}')} | {_f(r['tpot_p99_ms'], '{:.2f}')} | "
+                     f"{_f(r['prompt_tokens_mean'], '{:.0f}')} | {_f(r['ttft_p50_ms'])} | {_f(r['ttft_p99_ms'])} | "
+                     f"{_f(r['tpot_p50_ms'], '{:.2f}')} | {_f(r['tpot_p99_ms'], '{:.2f}')} | "
                      f"{_f(r['output_tok_s'])} | {_f(r['req_s'], '{:.2f}')} | "
                      f"{_f(r.get('kv_transfer_mean_ms'), '{:.2f}')} | "
                      f"{_f(None if share is None else share * 100, '{:.1f}%')} |")
-    lines += ["", "KV share of TTFT = mean `dynamo_ext_kv_transfer_seconds` (decode workers, sum/count over the rate's "
-              "requests) / mean TTFT; it times the NIXL READ only (add_peer, the prefill -> router -> decode hand-off "
-              "and "
-              "the release call are not in it: they are part of the disagg - agg TTFT difference, with the extra hop). "
-              f"The tiny model's KV per request is small ({_kv_bytes(res)}), moved by NIXL/UCX in host memory; "
-              "TTFT here is mostly HTTP + frontend + router + queueing on 2 cores shared by every process "
-              "(the load generator included), so these numbers say little about GPU serving.", "",
-              "**Not run here (no GPU in this session):** the GPU part of issue 5 (llama3-70b-shape layers in-process, "
-              "4K-token prompts, KV over NVLink; target: KV transfer <= 3% of TTFT). Run on a GPU box with "
-              "`dynamo-ext bench serve` once the engine runs on CUDA in the workers (the workers' pools are host "
-              "memory today, workers/README \"Not done\")."]
     return "\n".join(lines) + "\n"
 
 
@@ -375,19 +377,19 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axs = plt.subplots(1, 3, figsize=(13, 4))
-    for kind, style in (("agg", "o-"), ("disagg", "s--")):
+    for kind, style, color in (("agg", "o-", "tab:blue"), ("disagg", "s--", "tab:orange")):
         rs = [r for r in res["results"] if r["graph"] == kind]
         if not rs:
             continue
         x = [r["rate"] for r in rs]
-        axs[0].plot(x, [r["ttft_p50_ms"] for r in rs], style, label=f"{kind} p50")
-        axs[0].plot(x, [r["ttft_p99_ms"] for r in rs], style, alpha=0.45, label=f"{kind} p99")
-        axs[1].plot(x, [r["tpot_p50_ms"] for r in rs], style, label=f"{kind} p50")
-        axs[1].plot(x, [r["tpot_p99_ms"] for r in rs], style, alpha=0.45, label=f"{kind} p99")
-        axs[2].plot(x, [r["output_tok_s"] for r in rs], style, label=kind)
+        for ax, key in ((axs[0], "ttft"), (axs[1], "tpot")):
+            ax.plot(x, [r[f"{key}_p50_ms"] for r in rs], style, color=color, label=f"{kind} p50")
+            ax.plot(x, [r[f"{key}_p99_ms"] for r in rs], style, color=color, alpha=0.4, label=f"{kind} p99")
+        axs[2].plot(x, [r["output_tok_s"] for r in rs], style, color=color, label=kind)
     for ax, t, y in zip(axs, ("TTFT", "TPOT", "throughput"), ("ms", "ms", "output tokens/s")):
         ax.set_title(t)
         ax.set_xlabel("request rate (req/s, Poisson)")
+        ax.set_xscale("log", base=2)
         ax.set_ylabel(y)
         ax.legend(fontsize=8)
     p, m = res["params"], res["machine"]
@@ -401,7 +403,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--graphs", default="agg,disagg")
-    ap.add_argument("--rates", default="2,4,8,16,32", help="request rates (req/s), comma-separated")
+    ap.add_argument("--rates", default="2,4,8,16,32,64", help="request rates (req/s), comma-separated")
     ap.add_argument("--requests", type=int, default=40, help="requests per rate")
     ap.add_argument("--prompt-len", type=int, default=256,
                     help="prompt tokens (bytes: the tiny tokenizer is byte-level)")
@@ -421,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default=None, help="file name stem (default serve-cpu-<preset>)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--note", default=None, help="a paragraph added to the markdown (e.g. run-to-run noise seen)")
     a = ap.parse_args(argv)
     a.rates = [float(x) for x in a.rates.split(",")]
     graphs = [g.strip() for g in a.graphs.split(",") if g.strip()]
@@ -434,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     h = _helpers()
     res: dict[str, Any] = {"machine": machine(), "params": {k: v for k, v in vars(a).items()
-                                                             if k not in ("out", "tag", "no_progress")},
+                                                             if k not in ("out", "tag", "no_progress", "note")},
                            "startup_s": {}, "results": []}
     res["params"]["graphs"] = graphs
     work = Path(tempfile.mkdtemp(prefix="dx-bench-serve-"))
@@ -461,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = a.tag or f"serve-cpu-{a.preset}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    res["note"] = a.note
     md = table(res)
     (out / f"{stem}.md").write_text(md)
     try:
