@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._machine import cpu_model  # noqa: E402
 from dynamo_ext.engine.attention import DenseKvCache  # noqa: E402
 from dynamo_ext.engine.core import EngineConfig, LlmEngine  # noqa: E402
 from dynamo_ext.engine.protocol import Request, SamplingParams  # noqa: E402
@@ -39,14 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine(device: str) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "device": device,
             "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}

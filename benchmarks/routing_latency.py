@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._machine import cpu_model  # noqa: E402
 from dynamo_ext.routing import (  # noqa: E402
     LinkInfo,
     LinkTable,
@@ -91,14 +92,7 @@ def percentile(sorted_vals: list[float], q: float) -> float:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -51,6 +51,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._machine import cpu_model  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "dx/tiny"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired cats watch from the old red barn "
@@ -71,14 +73,7 @@ def _helpers() -> Any:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                             "device": "cpu", "load_avg_1m": round(os.getloadavg()[0], 2)}
     try:
