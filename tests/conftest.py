@@ -38,43 +38,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _running(server_cls, name: str, prefix: str):
+    """Start a server in a fresh temporary directory, yield it, stop it and remove its data."""
+    wd = make_workdir(prefix)
+    srv = server_cls(name, wd)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        shutil.rmtree(wd, ignore_errors=True)
+
+
 @pytest.fixture
 def etcd_server():
     """A fresh etcd per test (function scope: tests may kill or restart it)."""
-    wd = make_workdir("dx-etcd-")
-    srv = EtcdServer("etcd", wd)
-    srv.start()
-    yield srv
-    srv.stop()
-    shutil.rmtree(wd, ignore_errors=True)
+    yield from _running(EtcdServer, "etcd", "dx-etcd-")
 
 
 @pytest.fixture
 def nats_server():
-    wd = make_workdir("dx-nats-")
-    srv = NatsServer("nats", wd)
-    srv.start()
-    yield srv
-    srv.stop()
-    shutil.rmtree(wd, ignore_errors=True)
+    yield from _running(NatsServer, "nats", "dx-nats-")
 
 
 @pytest.fixture(scope="session")
 def shared_etcd():
     """One etcd for a whole session, for tests that only read and write their own keys."""
-    wd = make_workdir("dx-etcd-s-")
-    srv = EtcdServer("etcd", wd)
-    srv.start()
-    yield srv
-    srv.stop()
-    shutil.rmtree(wd, ignore_errors=True)
+    yield from _running(EtcdServer, "etcd", "dx-etcd-s-")
 
 
 @pytest.fixture(scope="session")
 def shared_nats():
-    wd = make_workdir("dx-nats-s-")
-    srv = NatsServer("nats", wd)
-    srv.start()
-    yield srv
-    srv.stop()
-    shutil.rmtree(wd, ignore_errors=True)
+    yield from _running(NatsServer, "nats", "dx-nats-s-")
