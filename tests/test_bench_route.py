@@ -1,0 +1,37 @@
+"""`dynamo-ext bench route` smoke run: one workload (shared-prefix), 4 streaming requests, the three policies
+(round-robin, Dynamo's KV router, dynamo-ext) on real etcd, NATS, workers and Dynamo frontends; the JSON has
+the documented shape, every request completed and KV moved, and the table is printed last."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+KEYS = {"policy": str, "ttft_p50_s": float, "ttft_p99_s": float, "throughput_tok_s": float,
+        "prefix_hit_rate": float, "kv_bytes_moved": int}
+
+
+def test_bench_route_smoke(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "dynamo_ext.cli", "bench", "route", "--workloads", "shared-prefix", "--requests", "4",
+         "--rate", "8", "--warmup", "1", "--system-len", "256", "--doc-len", "64", "--output-len", "4",
+         "--prefill-workers", "1", "--decode-workers", "1", "--out", str(tmp_path), "--tag", "smoke"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads((tmp_path / "smoke-shared-prefix.json").read_text())
+    assert set(data) == {"workload", "machine", "results"}
+    assert data["workload"] == "shared-prefix" and isinstance(data["machine"], str) and data["machine"]
+    assert [x["policy"] for x in data["results"]] == ["round-robin", "dynamo-kv", "dynamo-ext"]
+    for row in data["results"]:
+        assert set(row) == set(KEYS), row
+        assert all(type(row[k]) is t for k, t in KEYS.items()), row
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] and row["throughput_tok_s"] > 0
+        assert 0.0 <= row["prefix_hit_rate"] <= 1.0 and row["kv_bytes_moved"] > 0
+    runs = json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["runs"]
+    assert all(x["completed"] == x["requests"] == 4 and not x["errors"] for x in runs), runs
+    assert (tmp_path / "smoke-shared-prefix.png").stat().st_size > 1000
+    md = (tmp_path / "smoke-shared-prefix.md").read_text()
+    assert "| dynamo-ext |" in md
+    assert r.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
