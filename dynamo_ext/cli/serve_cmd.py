@@ -6,6 +6,11 @@ until all are ready and the model is listed, prints the URL and a curl line, and
 or SIGTERM (then stops everything in reverse order). ``--once PROMPT`` sends one completion request
 instead, prints the answer and stops. The protocol is in ``dynamo_ext/launch/__init__.py``; exit
 status: 0 stopped on request / ``--once`` answered, 1 a process failed, 2 bad config/graph/port.
+
+With ``planner.enabled: true`` (or ``--planner``) it also runs Dynamo's planner (environment virtual,
+our plugins) as a supervised child and applies its decisions to the prefill/decode processes
+(``dynamo_ext/launch/scaling.py``). Planner dependencies missing: a warning and fixed worker counts,
+or exit 2 under ``--planner``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "DYNAMO_EXT_DRAIN_S = this - 3 to drain in-flight requests)")
     p.add_argument("--tolerate-exits", action="store_true",
                    help="keep serving when a worker exits while others of its component still run")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--planner", dest="planner", action="store_true", default=None,
+                   help="run Dynamo's planner + our executor even if planner.enabled is false; exit 2 when its "
+                        "dependencies are missing (with planner.enabled alone serve warns and runs without it)")
+    g.add_argument("--no-planner", dest="planner", action="store_false", help="ignore planner.enabled")
+    p.add_argument("--planner-config", default=None, metavar="FILE",
+                   help="Dynamo planner config to run instead of the one generated from dynamo.yaml's planner "
+                        "section (that one is written to <log-dir>/planner.yaml)")
     p.set_defaults(func=run)
 
 
@@ -39,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
     return serve(ServeOptions(
         graph=args.graph, config=args.config, port=args.port, model_dir=args.model_dir, log_dir=args.log_dir,
         once=args.once, max_tokens=args.max_tokens, ready_timeout=args.ready_timeout,
-        stop_timeout=args.stop_timeout, tolerate_exits=args.tolerate_exits,
+        stop_timeout=args.stop_timeout, tolerate_exits=args.tolerate_exits, planner=args.planner,
+        planner_config=args.planner_config,
     ))  # fmt: skip

@@ -8,6 +8,7 @@ graph, model directory or port; the cleanup runs in every case.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -27,7 +28,8 @@ from .client import CompletionError, complete, curl_line, scrape
 from .graph import Graph, GraphError, load_graph
 from .modeldir import ModelDirError, ensure_model_dir
 from .plan import child_env, frontend_base, plan_processes
-from .supervisor import Child, Supervisor, SupervisorError, describe_status, indent
+from .scaling import LauncherScaler
+from .supervisor import Child, ChildSpec, Supervisor, SupervisorError, describe_status, indent
 
 
 @dataclass
@@ -43,6 +45,8 @@ class ServeOptions:
     stop_timeout: float = 10.0
     tolerate_exits: bool = False
     python: str = sys.executable
+    planner: bool | None = None  # None: planner.enabled decides; True: required (exit 2 if it cannot run); False: off
+    planner_config: str | None = None  # a Dynamo planner config to use instead of the generated one
 
 
 class _Stop(Exception):
@@ -134,6 +138,8 @@ class Launch:
         self.etcd: infra.ServerPlan | None = None
         self.workdir: Path | None = None
         self.stopping = False
+        self.executor: Any = None  # planner.executor.ExecutorThread while the planner runs
+        self.scaler: LauncherScaler | None = None
 
     def say(self, text: str) -> None:
         print(f"[serve] {text}", file=self.err, flush=True)
@@ -230,6 +236,10 @@ class Launch:
             return self.fail(str(e), 1)
         progress.done()
         base = frontend_base(config.frontend.http_host, port)
+        if o.planner if o.planner is not None else config.planner.enabled:
+            code = self._start_planner(config, graph, env, base)
+            if code:
+                return code
         ids = _instance_ids(self.sup.children)
         print(f"dynamo-ext serve: ready in {time.monotonic() - t0:.1f}s; {graph.describe(config)}", file=self.out)
         print(f"  OpenAI API: {base}/v1  (model {config.model.name}; {len(ids)} registered instances)", file=self.out)
@@ -244,6 +254,58 @@ class Launch:
             except SupervisorError as e:
                 return self.fail(str(e), 1)
             time.sleep(0.5)
+
+    def _start_planner(self, config: DynamoExtConfig, graph: Graph, env: dict[str, str], base: str) -> int:
+        """Dynamo's planner (environment virtual, our plugins) as a supervised child, and the executor
+        thread that applies its decisions through :class:`LauncherScaler`. Returns an exit status or 0."""
+        assert self.sup is not None
+        o = self.opts
+        try:
+            import planner as planner_pkg
+            from planner.executor import ExecutorThread, PlannerProcess, planner_missing_dependencies
+            from planner.local_config import write_planner_config
+        except ImportError as e:
+            missing = [f"planner package ({e})"]
+        else:
+            missing = planner_missing_dependencies()
+        if missing:
+            msg = (f"planner.enabled is true but Dynamo's planner cannot run here: missing {', '.join(missing)} "
+                   "(pip install 'dynamo-ext[planner]'; aisimulate_core comes from NVIDIA, see planner/README.md)")
+            if o.planner:  # asked for on the command line: an error
+                return self.fail(msg, 2)
+            self.say(f"WARNING: {msg}; serving without the planner (fixed worker counts; --planner makes this an error)")
+            return 0
+        roles = {c.role: c.name for c, _n in graph.plan(config) if c.role in ("prefill", "decode")}
+        if "decode" not in roles:
+            self.say("WARNING: planner.enabled is true but graph has no decode component; serving without the planner")
+            return 0
+        log_dir = self.sup.log_dir
+        if o.planner_config is not None:
+            cfg_path = Path(o.planner_config).resolve()
+        else:
+            cfg_path = write_planner_config(log_dir / "planner.yaml", config, [f"{base}/metrics"])
+        root = str(Path(planner_pkg.__file__).resolve().parents[1])  # the directory that holds planner/
+        proc = PlannerProcess(cfg_path, namespace=config.discovery.namespace, python=o.python,
+                              extra_pythonpath=(root,))  # fmt: skip
+        self.sup.start(ChildSpec("planner", proc.argv(), proc.env(env), stop_timeout=o.stop_timeout, cwd=root))
+        # the executor's DistributedRuntime reads the same etcd / NATS / loopback variables as the children
+        for k in ("ETCD_ENDPOINTS", "NATS_SERVER", "DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_EVENT_PLANE"):
+            os.environ[k] = env[k]
+        self.scaler = LauncherScaler(self.sup, roles, ready_timeout=o.ready_timeout, say=self.say)
+        self.executor = ExecutorThread(self.scaler, config.discovery.namespace,
+                                       drain_timeout_s=o.stop_timeout + 30.0, on_applied=self._applied)  # fmt: skip
+        try:
+            self.executor.start()
+        except (RuntimeError, TimeoutError) as e:
+            return self.fail(f"planner executor: {e}", 1)
+        self.say(f"planner: {' '.join(proc.argv())} (log {log_dir / 'planner.log'}); executor running; "
+                 f"bounds prefill {config.planner.min_prefill}..{config.planner.max_prefill}, "
+                 f"decode {config.planner.min_decode}..{config.planner.max_decode}, every {config.planner.interval_s:g}s")
+        return 0
+
+    def _applied(self, rec: Any) -> None:
+        self.say(f"planner decision {rec.decision_id}: {rec.before} -> {rec.after} in {rec.seconds:.1f}s"
+                 + (f"; ERROR {rec.error}" if rec.error else ""))  # fmt: skip
 
     def _once(self, base: str, model: str) -> int:
         assert self.sup is not None
@@ -276,6 +338,8 @@ class Launch:
         return "KV moved between workers: " + ("; ".join(moved) if moved else "none (served without a KV transfer)")
 
     def _cleanup(self, config: DynamoExtConfig, code: int) -> int:
+        if self.executor is not None:
+            self.executor.stop()  # no decision is applied while the workers stop
         if self.sup is not None and self.sup.children:
             self.say("stopping " + ", ".join(c.name for c in reversed(self.sup.children)))
             for name, how in self.sup.stop_all():
