@@ -23,6 +23,15 @@ Protocol of one request (who calls what, in what order)::
                                        decode worker (without the handle); later -> one error chunk
     chunks forwarded as they come
 
+Link feedback (policy dynamo-ext): a decode chunk may carry ``kv_transfer``, the decode worker's report of
+the pull it made for this request: ``{"bytes": n, "seconds": s}`` after a NIXL READ, ``{"error": reason}``
+after a failed pull. The router pops it (the frontend never sees it) and feeds ``LinkFeedback``:
+``routing.LinkEstimator.observe_transfer`` / ``observe_failure`` for the pair (prefill, decode) it chose.
+``_link`` then prefers the measured GB/s over the topology's expectation, and an unhealthy pair (failed
+pull) is excluded by ``decide`` until its back-off (1 s, doubling, at most 60 s) has passed; the next
+request on it is the probe (success: healthy again; failure: longer back-off). The decode worker does not
+send ``kv_transfer`` yet (decode.py logs the same numbers: "kv transfer received ... bytes= transfer_ms=").
+
 Visibility: only the router calls register_model (Tokens, Chat|Completions, RouterMode.RoundRobin among
 router replicas). Prefill and decode workers do not register the model in these policies, so the
 frontend can neither list nor reach them; they are Dynamo instances under ``prefill`` / ``backend``
@@ -45,7 +54,7 @@ from dynamo_ext.discovery import EtcdStore, WorkerRecord, WorkerRegistry
 from dynamo_ext.engine.config import ModelConfig
 from dynamo_ext.kv.indexer import KvEventIndexer, kv_events_subject
 from dynamo_ext.metrics import make_worker_metrics
-from dynamo_ext.routing import LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
+from dynamo_ext.routing import LinkEstimator, LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
 from dynamo_ext.routing import WorkerSnapshot
 from dynamo_ext.topology import Endpoint, NodeTopology, select_transport
 
@@ -59,6 +68,44 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PREFILL_TOKENS_PER_S = 20_000.0
 DECODE_STEP_S = 0.002
 LINK = LinkInfo(gb_per_s=3.0, latency_s=0.002)
+
+
+class LinkFeedback:
+    """Measured transfers and failed pulls per (prefill, decode) pair -> LinkInfo for ``decide`` (no clock read)."""
+
+    def __init__(self, estimator: LinkEstimator | None = None) -> None:
+        self.est = estimator or LinkEstimator(min_sample_bytes=64 << 10)
+        self.observed = 0
+        self.failed = 0
+
+    def observe(self, chunk: dict[str, Any], p: int | None, d: int, now: float) -> dict[str, Any]:
+        """Takes ``kv_transfer`` out of a decode chunk (returned without it) and records it for p -> d."""
+        if "kv_transfer" not in chunk:
+            return chunk
+        chunk = dict(chunk)
+        rep = chunk.pop("kv_transfer")
+        if p is None or not isinstance(rep, dict):
+            return chunk
+        if rep.get("error"):
+            self.est.observe_failure(p, d, now)
+            self.failed += 1
+            return chunk
+        try:
+            nbytes, seconds = int(rep["bytes"]), float(rep["seconds"])
+        except (KeyError, TypeError, ValueError):
+            return chunk
+        if seconds > 0 and nbytes >= 0:
+            self.est.observe_transfer(p, d, nbytes, seconds, now)
+            self.observed += 1
+        return chunk
+
+    def link(self, p: int, d: int, expected: LinkInfo, now: float) -> LinkInfo:
+        """The measured link where there is one (``expected`` fills the rest); an unhealthy pair whose
+        back-off has passed is offered as healthy once more (that request is the probe)."""
+        info = self.est.info(p, d, expected)
+        if not info.healthy and (p, d) in self.est.due_for_probe(now):
+            return LinkInfo(info.gb_per_s, info.latency_s, True)
+        return info
 
 
 class RouterWorker(WorkerProcess):
@@ -80,6 +127,7 @@ class RouterWorker(WorkerProcess):
         self._reg_store: EtcdStore | None = None
         self._links: dict[tuple[int, int, float, float], LinkInfo] = {}  # (p, d, started_at p, d) -> expectation
         self.link_kinds: dict[str, str] = {}
+        self.feedback = LinkFeedback()
 
     async def setup(self) -> Any:
         from dynamo.llm import ModelInput, ModelType, RouterConfig, RouterMode, WorkerType, register_model  # noqa: PLC0415
@@ -120,6 +168,7 @@ class RouterWorker(WorkerProcess):
     def health(self) -> dict[str, Any]:
         h = super().health()
         h.update(policy=self.policy, decisions=dict(self.decisions), links=dict(self.link_kinds),
+                 link_feedback={"transfers": self.feedback.observed, "failures": self.feedback.failed},
                  prefill_workers=len(self.prefill_client.instance_ids()) if self.prefill_client else 0,
                  decode_workers=len(self.decode_client.instance_ids()) if self.decode_client else 0)
         return h
@@ -165,6 +214,10 @@ class RouterWorker(WorkerProcess):
         return str(host.get("host_id") or (rec.host if rec is not None else "local"))
 
     def _link(self, p: int, d: int) -> LinkInfo:
+        """Measured link p -> d (LinkFeedback) over the topology's expectation."""
+        return self.feedback.link(p, d, self._expected_link(p, d), time.monotonic())
+
+    def _expected_link(self, p: int, d: int) -> LinkInfo:
         """Expected link p -> d from the two workers' topologies (topology.select_transport), cached."""
         rp, rd = self._record("prefill", p), self._record("backend", d)
         if rp is None or rd is None or not rp.topology or not rd.topology:
@@ -264,6 +317,8 @@ class RouterWorker(WorkerProcess):
             try:
                 async for item in await self.decode_client.direct(dreq, did):
                     d = item.data()
+                    if isinstance(d, dict) and "kv_transfer" in d:
+                        d = self.feedback.observe(d, pid if "kv_handle" in dreq else None, did, time.monotonic())
                     if first:
                         self.metrics.ttft.observe(time.monotonic() - t0)
                         first = False
