@@ -1,8 +1,8 @@
 """Routing benchmark: round-robin vs Dynamo's KV router vs dynamo-ext, on the same disaggregated workers.
 
-    dynamo-ext bench route                                  # tiny on CPU (committed results, ~4 min on 2 cores)
+    dynamo-ext bench route                                  # tiny on CPU (committed results, ~3 min on 2 cores)
     python benchmarks/route.py --workloads shared-prefix,mixed --policies round-robin,dynamo-kv,dynamo-ext \
-        --requests 24 --rate 3 --runs 1
+        --requests 40 --rate 8 --runs 3 --layers 16 --systems 8 --prefill-kv-blocks 400
 
 For each policy one graph is started (the helpers of tests/workers, as benchmarks/serve.py: etcd + NATS
 on loopback, --prefill-workers prefill and --decode-workers decode workers, NIXL in host memory):
@@ -28,12 +28,17 @@ moved (decode workers' ``dynamo_ext_kv_transfer_bytes_total``).
 Prefix hit rate: the benchmark subscribes to the graph's KV events (NATS, the subject our workers publish
 to) and counts the blocks newly stored by each worker. A prefill computes and stores only the full blocks
 that its worker's prefix cache does not hold (engine_runner: ``match_tokens`` then ``commit`` of the rest),
-so hit rate = 1 - (blocks stored by the workers that prefilled) / (full prompt blocks sent). Prefills run on
-the prefill workers, except dynamo-ext's local prefills on a decode worker; decode workers also store the
-blocks they pull, so for dynamo-ext the local prefills' blocks are counted from the decode workers'
-stored events minus pulled blocks is not separable: the rate is computed over prefill workers only and
-the router's decision counts are reported (local prefills are few or none when every option costs a
-pull). Two concurrent misses of the same block on one worker store it once: the rate is an upper bound.
+so, over the full prompt blocks of all completed requests,
+
+    hit rate = (full blocks prefilled on prefill workers - blocks those workers newly stored) / full blocks
+
+where the first term is the blocks pulled by the decode workers (KV bytes / bytes per block) minus one
+partial block per pull. Prefills on a decode worker (dynamo-ext's "local" option, no pull) are not
+separable in the decode workers' stored events (they also store the blocks they pull): they are counted
+as hits only as far as the decode workers stored fewer blocks than those prefills covered,
+max(0, local full blocks - blocks stored by decode workers), which is a lower bound. Two concurrent misses
+of the same block on one worker store it once (an upper-bound effect, small at these loads). The per-run
+JSON (route-cpu-<workload>.runs.json) keeps the raw counts; ``--from-runs`` re-renders from it.
 
 Writes benchmarks/results/route-cpu-<workload>.{json,md,png} (JSON: {"workload", "machine", "results":
 [{"policy", "ttft_p50_s", "ttft_p99_s", "throughput_tok_s", "prefix_hit_rate", "kv_bytes_moved"}]}) and
@@ -45,8 +50,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -163,7 +170,7 @@ def start_graph(h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str
     ns = "rt" + policy.replace("-", "")
     cfg = {"router": {"policy": policy, "disagg_min_prompt_tokens": 0},
            "workers": {"agg": {"count": 0, "num_kv_blocks": a.kv_blocks},
-                       "prefill": {"count": a.prefill_workers, "num_kv_blocks": a.kv_blocks},
+                       "prefill": {"count": a.prefill_workers, "num_kv_blocks": a.prefill_kv_blocks or a.kv_blocks},
                        "decode": {"count": a.decode_workers, "num_kv_blocks": a.kv_blocks}}}
     g = h.Graph(etcd, nats, workdir, model_dir, namespace=ns, **cfg)
     counter = StoredCounter(nats, ns)
@@ -184,53 +191,81 @@ def full_blocks(r: Req) -> int:
     return (r.prompt_tokens or len(r.prompt)) // BLOCK
 
 
-def run_policy(h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str, work: Path, model_dir: Path,
-               log: Any) -> tuple[dict[str, list[dict]], dict[str, Any]]:
-    t_start = time.monotonic()
-    g, base, prefills, decodes, router, counter = start_graph(h, policy, a, etcd, nats, work, model_dir)
-    info: dict[str, Any] = {"startup_s": round(time.monotonic() - t_start, 1)}
-    out: dict[str, list[dict]] = defaultdict(list)
-    try:
+def with_hit_rate(row: dict) -> dict:
+    """prefix_hit_rate from a run's raw counts (a lower bound; see the module docstring)."""
+    blocks, pulled = row["prompt_blocks"], row["blocks_prefilled_remotely"]
+    remote_hits = max(0, pulled - row["stored_blocks_prefill"])
+    local_hits = max(0, blocks - pulled - row["stored_blocks_decode"])
+    row["prefix_hit_rate"] = round((remote_hits + local_hits) / blocks, 4) if blocks else 0.0
+    return row
+
+
+class Policy:
+    """One policy's running graph and its counters."""
+
+    def __init__(self, h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str, work: Path,
+                 model_dir: Path) -> None:
+        from dynamo_ext.engine.config import ModelConfig
+
+        self.name, self.a = policy, a
+        t_start = time.monotonic()
+        self.g, self.base, self.prefills, self.decodes, self.router, self.counter = start_graph(
+            h, policy, a, etcd, nats, work, model_dir)
+        self.info: dict[str, Any] = {"startup_s": round(time.monotonic() - t_start, 1)}
+        mc = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+        self.block_bytes = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * {"float32": 4}.get(mc.dtype, 2) * BLOCK
         warm = [Req(i, 0.05 * i, _text(random.Random(900 + i), 200, f"warm{i}"), 4) for i in range(a.warmup)]
-        run_load(base, warm, a.timeout)
-        kv_urls = [d.metrics_url for d in decodes]
-        pids = {p.instance_id for p in prefills}
-        for wl in a.workloads:
-            for run in range(a.runs):
-                time.sleep(0.3)
-                kv0, st0 = scrape_kv(kv_urls), counter.snapshot()
-                reqs = make_workload(wl, a, a.seed + 1000 * run)
-                t0 = run_load(base, reqs, a.timeout)
-                time.sleep(0.5)
-                kv1, st1 = scrape_kv(kv_urls), counter.snapshot()
-                ok = [r for r in reqs if r.ok]
-                ttft = [r.ttft() for r in ok]
-                end = max((r.done for r in reqs), default=t0)
-                dur = max(end - t0, 1e-9)
-                stored = {w: st1.get(w, 0) - st0.get(w, 0) for w in set(st1) | set(st0)}
-                stored_p = sum(v for w, v in stored.items() if w in pids)
-                blocks = sum(full_blocks(r) for r in ok)
-                row = {"policy": policy, "run": run, "requests": len(reqs), "completed": len(ok),
-                       "errors": [r.error or f"finish={r.finish}" for r in reqs if not r.ok][:3],
-                       "ttft_p50_s": round(pct(ttft, 0.5) or float("nan"), 4),
-                       "ttft_p99_s": round(pct(ttft, 0.99) or float("nan"), 4),
-                       "ttft_mean_s": round(statistics.fmean(ttft), 4) if ttft else None,
-                       "throughput_tok_s": round(sum(r.tokens for r in ok) / dur, 1),
-                       "prefix_hit_rate": round(max(0.0, 1 - stored_p / blocks), 4) if blocks else 0.0,
-                       "kv_bytes_moved": int(kv1[2] - kv0[2]), "kv_transfers": int(kv1[1] - kv0[1]),
-                       "prompt_blocks": blocks, "stored_blocks_prefill": stored_p,
-                       "stored_blocks_decode": sum(v for w, v in stored.items() if w not in pids),
-                       "prompt_tokens_mean": round(statistics.fmean([r.prompt_tokens for r in ok]), 1) if ok else None}
-                out[wl].append(row)
-                log(f"{policy} {wl} run {run}: {len(ok)}/{len(reqs)} ok, TTFT p50 {row['ttft_p50_s']} s "
-                    f"p99 {row['ttft_p99_s']} s, {row['throughput_tok_s']} tok/s, hit {row['prefix_hit_rate']}, "
-                    f"KV {row['kv_bytes_moved']} B")
-        if router is not None:
-            info["router_decisions"] = router.health().get("decisions")
-    finally:
-        counter.stop()
-        g.stop()
-    return out, info
+        run_load(self.base, warm, a.timeout)
+
+    def measure(self, wl: str, run: int) -> dict:
+        a = self.a
+        kv_urls = [d.metrics_url for d in self.decodes]
+        pids = {p.instance_id for p in self.prefills}
+        time.sleep(0.3)
+        kv0, st0 = scrape_kv(kv_urls), self.counter.snapshot()
+        dec0 = self.decisions()
+        reqs = make_workload(wl, a, a.seed + 1000 * run)
+        t0 = run_load(self.base, reqs, a.timeout)
+        time.sleep(0.5)
+        kv1, st1 = scrape_kv(kv_urls), self.counter.snapshot()
+        dec1 = self.decisions()
+        ok = [r for r in reqs if r.ok]
+        ttft = [r.ttft() for r in ok]
+        end = max((r.done for r in reqs), default=t0)
+        dur = max(end - t0, 1e-9)
+        stored = {w: st1.get(w, 0) - st0.get(w, 0) for w in set(st1) | set(st0)}
+        stored_p = sum(v for w, v in stored.items() if w in pids)
+        blocks = sum(full_blocks(r) for r in ok)
+        transfers = int(kv1[1] - kv0[1])
+        # full blocks sent to prefill workers: pulled blocks minus each pull's partial last block
+        pulled = max(0, min(blocks, int(kv1[2] - kv0[2]) // self.block_bytes - transfers))
+        return with_hit_rate({"policy": self.name, "run": run, "requests": len(reqs), "completed": len(ok),
+                "errors": [r.error or f"finish={r.finish}" for r in reqs if not r.ok][:3],
+                "ttft_p50_s": round(pct(ttft, 0.5) or float("nan"), 4),
+                "ttft_p99_s": round(pct(ttft, 0.99) or float("nan"), 4),
+                "ttft_mean_s": round(statistics.fmean(ttft), 4) if ttft else None,
+                "throughput_tok_s": round(sum(r.tokens for r in ok) / dur, 1),
+                "prefix_hit_rate": 0.0,
+                "kv_bytes_moved": int(kv1[2] - kv0[2]), "kv_transfers": transfers,
+                "blocks_prefilled_remotely": pulled, "prompt_blocks": blocks, "stored_blocks_prefill": stored_p,
+                "stored_blocks_decode": sum(v for w, v in stored.items() if w not in pids),
+                "router_decisions": {k: dec1.get(k, 0) - dec0.get(k, 0) for k in dec1 if dec1.get(k, 0) != dec0.get(k, 0)}
+                if self.router is not None else None,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "prompt_tokens_mean": round(statistics.fmean([r.prompt_tokens for r in ok]), 1) if ok else None})
+
+    def decisions(self) -> dict[str, int]:  # noqa: D102
+        if self.router is None:
+            return {}
+        try:
+            return dict(self.router.health().get("decisions") or {})
+        except Exception:  # noqa: BLE001
+            return {}
+
+    def stop(self) -> None:
+        self.info["router_decisions"] = self.decisions() or None
+        self.counter.stop()
+        self.g.stop()
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -262,23 +297,27 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
              f"ai-dynamo {m.get('ai-dynamo')}, torch {m.get('torch')}; load average at start {m['load_avg_1m']}.",
              "",
              f"Graph per policy: {a.prefill_workers} prefill + {a.decode_workers} decode workers "
-             f"({a.kv_blocks} KV blocks of {BLOCK} tokens each), NIXL in host memory, Dynamo frontend; "
+             f"(KV blocks of {BLOCK} tokens: {a.prefill_kv_blocks or a.kv_blocks} per prefill worker, fewer than the "
+             f"shared prefixes need together; {a.kv_blocks} per decode worker), tiny model with {a.layers or 2} "
+             "layers, NIXL in host memory, Dynamo frontend; "
              "round-robin and dynamo-ext through our router, dynamo-kv = frontend `--router-mode kv`. "
              f"Load: {a.requests} streaming completions, Poisson {a.rate} req/s, {a.output_len} output tokens, "
-             f"greedy. {a.runs} run(s) per policy" + (" (median of the runs)" if a.runs > 1 else
+             f"greedy. The three graphs run side by side (idle while another is measured); runs interleave "
+             f"(policy order reversed on odd runs). {a.runs} run(s) per policy" + (" (median of the runs)" if a.runs > 1 else
                                                       " (one run: no time for 3 on 2 cores; run-to-run noise "
                                                       "is not measured)") + ".", "",
-             "Prefix hit rate = 1 - blocks newly stored by the prefill workers (KV events) / full prompt blocks "
-             "of the completed requests (see benchmarks/route.py's docstring for its limits; an upper bound). "
+             "Prefix hit rate = (full blocks prefilled on prefill workers - blocks they newly stored, from their KV "
+             "events, + a lower bound for prefills on decode workers) / full prompt blocks of the completed requests "
+             "(benchmarks/route.py's docstring gives the formula and its limits). "
              "KV bytes moved = decode workers' `dynamo_ext_kv_transfer_bytes_total` over the run (the decode "
              "worker pulls the whole prompt's KV even when it holds the prefix: workers/README \"Not done\").", ""]
     lines += ["Per run:", "", "| policy | run | done | prompt tok (mean) | TTFT p50 | TTFT p99 | tok/s | hit | "
-              "stored blocks (prefill / decode) | prompt blocks | KV bytes |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+              "stored blocks (prefill / decode) | blocks prefilled remotely / all | KV bytes |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in extra["runs"]:
         lines.append(f"| {r['policy']} | {r['run']} | {r['completed']}/{r['requests']} | {r['prompt_tokens_mean']} | "
                      f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['throughput_tok_s']:.1f} | "
                      f"{r['prefix_hit_rate']:.1%} | {r['stored_blocks_prefill']} / {r['stored_blocks_decode']} | "
-                     f"{r['prompt_blocks']} | {r['kv_bytes_moved']:,} |")
+                     f"{r['blocks_prefilled_remotely']} / {r['prompt_blocks']} | {r['kv_bytes_moved']:,} |")
     lines += ["", "Router decisions (our router; dynamo-kv has none): "
               + "; ".join(f"{p}: {i.get('router_decisions')}" for p, i in extra["info"].items()) + ".", "",
               "Start-up per graph: " + ", ".join(f"{p} {i['startup_s']} s" for p, i in extra["info"].items()) + "."]
@@ -322,15 +361,37 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def write_outputs(a: argparse.Namespace, wl: str, rows: list[dict], info: dict, mach: dict, policies: list[str]) -> str:
+    outdir = Path(a.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    res = {"workload": wl, "machine": f"{mach['cpu']}, {mach['cores']} cores, CPU only (no GPU), "
+                                      f"load avg {mach['load_avg_1m']} at start; tiny model, {a.layers or 2} layers",
+           "results": [median_row([r for r in rows if r["policy"] == p]) for p in policies
+                       if any(r["policy"] == p for r in rows)]}
+    stem = f"{a.tag}-{wl}"
+    (outdir / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown({**res, "machine": mach}, {"runs": rows, "info": info}, a)
+    (outdir / f"{stem}.md").write_text(md)
+    (outdir / f"{stem}.runs.json").write_text(json.dumps({"machine": mach, "params": {
+        k: v for k, v in vars(a).items() if k not in ("out", "tag", "note", "from_runs")}, "runs": rows,
+        "info": info}, indent=2) + "\n")
+    if not a.no_plot:
+        try:
+            plot({**res, "machine": mach}, outdir / f"{stem}.png")
+        except ImportError as e:
+            print(f"no plot: {e}", file=sys.stderr)
+    return f"## {wl}\n\n{table(res)}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--rate", type=float, default=3.0, help="req/s (Poisson)")
-    ap.add_argument("--runs", type=int, default=1, help="runs per policy and workload (median reported)")
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--rate", type=float, default=8.0, help="req/s (Poisson)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per policy and workload (median reported)")
     ap.add_argument("--output-len", type=int, default=8)
-    ap.add_argument("--systems", type=int, default=3)
+    ap.add_argument("--systems", type=int, default=8)
     ap.add_argument("--system-len", type=int, default=1024)
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--doc-len", type=int, default=512)
@@ -339,8 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--short-len", type=int, default=64)
     ap.add_argument("--prefill-workers", type=int, default=2)
     ap.add_argument("--decode-workers", type=int, default=2)
-    ap.add_argument("--kv-blocks", type=int, default=1024)
+    ap.add_argument("--kv-blocks", type=int, default=1024, help="KV blocks per decode worker")
+    ap.add_argument("--prefill-kv-blocks", type=int, default=400,
+                    help="KV blocks per prefill worker; smaller than the shared prefixes "
+                         "together, so a worker's cache holds only some of them and placement matters")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=16,
+                    help="layers of the tiny model (its preset has 2): more layers make prefill a larger share of TTFT")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--ready-timeout", type=float, default=120.0)
@@ -348,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="route-cpu", help="file stem prefix: <tag>-<workload>.{json,md,png}")
     ap.add_argument("--note", default=None)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--from-runs", action="store_true",
+                    help="no run: re-render <tag>-<workload>.{json,md,png} from <tag>-<workload>.runs.json in --out")
     a = ap.parse_args(argv)
     a.workloads = [w for w in a.workloads.split(",") if w]
     policies = [p for p in a.policies.split(",") if p]
@@ -355,6 +423,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--workloads: {', '.join(WORKLOADS)}")
     if not set(policies) <= set(POLICIES) or not policies:
         ap.error(f"--policies: {', '.join(POLICIES)}")
+
+    if a.from_runs:
+        outdir = Path(a.out)
+        tables = []
+        for wl in a.workloads:
+            saved = json.loads((outdir / f"{a.tag}-{wl}.runs.json").read_text())
+            for k, v in saved["params"].items():
+                if k not in ("workloads", "from_runs", "no_plot"):
+                    setattr(a, k, v)
+            rows = [with_hit_rate(r) for r in saved["runs"]]
+            tables.append(write_outputs(a, wl, rows, saved["info"], saved["machine"],
+                                        [p for p in POLICIES if any(r["policy"] == p for r in rows)]))
+        print("\n".join(tables))
+        return 0
 
     t0 = time.time()
     h = _helpers()
@@ -365,43 +447,36 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict]] = defaultdict(list)
     info: dict[str, Any] = {}
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    running: list[Policy] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the graphs (finally) on SIGTERM too
     try:
         model_dir = work / "model" / "tiny"
-        subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "model", "init", "--preset", "tiny", str(model_dir)],
+        subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "model", "init", "--preset", "tiny", str(model_dir)]
+                       + (["--layers", str(a.layers)] if a.layers else []),
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         etcd.start()
         nats.start()
-        for policy in policies:
-            out, inf = run_policy(h, policy, a, etcd.url, nats.url, work, model_dir, log)
-            info[policy] = inf
-            for wl, rs in out.items():
-                rows[wl] += rs
+        for policy in policies:  # all graphs up at once: runs interleave, so background load hits all alike
+            running.append(Policy(h, policy, a, etcd.url, nats.url, work, model_dir))
+        for wl in a.workloads:
+            for run in range(a.runs):
+                for pol in (running if run % 2 == 0 else running[::-1]):
+                    row = pol.measure(wl, run)
+                    rows[wl].append(row)
+                    log(f"{pol.name} {wl} run {run}: {row['completed']}/{row['requests']} ok, TTFT p50 "
+                        f"{row['ttft_p50_s']} s p99 {row['ttft_p99_s']} s, {row['throughput_tok_s']} tok/s, "
+                        f"hit {row['prefix_hit_rate']}, KV {row['kv_bytes_moved']} B, load {row['load_avg_1m']}")
     finally:
+        for pol in running:
+            pol.stop()
+            info[pol.name] = pol.info
         etcd.stop()
         nats.stop()
         shutil.rmtree(work, ignore_errors=True)
     mach["wall_s"] = round(time.time() - t0, 1)
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for wl in a.workloads:
-        res = {"workload": wl, "machine": f"{mach['cpu']}, {mach['cores']} cores, CPU only (no GPU), "
-                                          f"load avg {mach['load_avg_1m']} at start; tiny model",
-               "results": [median_row([r for r in rows[wl] if r["policy"] == p]) for p in policies
-                           if any(r["policy"] == p for r in rows[wl])]}
-        stem = f"{a.tag}-{wl}"
-        (outdir / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-        md = markdown({**res, "machine": mach}, {"runs": rows[wl], "info": info}, a)
-        (outdir / f"{stem}.md").write_text(md)
-        (outdir / f"{stem}.runs.json").write_text(json.dumps({"machine": mach, "params": {
-            k: v for k, v in vars(a).items() if k not in ("out", "tag", "note")}, "runs": rows[wl],
-            "info": info}, indent=2) + "\n")
-        if not a.no_plot:
-            try:
-                plot({**res, "machine": mach}, outdir / f"{stem}.png")
-            except ImportError as e:
-                log(f"no plot: {e}")
-        tables.append(f"## {wl}\n\n{table(res)}\n")
+    tables = [write_outputs(a, wl, rows[wl], info, mach, policies) for wl in a.workloads]
     print(f"wall {mach['wall_s']} s")
     print("\n".join(tables))
     return 0

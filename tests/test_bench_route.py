@@ -16,7 +16,7 @@ def test_bench_route_smoke(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "dynamo_ext.cli", "bench", "route", "--workloads", "shared-prefix", "--requests", "4",
          "--rate", "8", "--warmup", "1", "--system-len", "256", "--doc-len", "64", "--output-len", "4",
-         "--prefill-workers", "1", "--decode-workers", "1", "--out", str(tmp_path), "--tag", "smoke"],
+         "--prefill-workers", "1", "--decode-workers", "1", "--layers", "2", "--runs", "1", "--out", str(tmp_path), "--tag", "smoke"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

@@ -74,7 +74,8 @@ class LauncherScaler:
                         child.ready_at = time.monotonic()
                         break
                     if not child.alive():
-                        raise SupervisorError(f"{child.name} exited before it was ready ({describe_status(child.returncode)})")
+                        status = describe_status(child.returncode)
+                        raise SupervisorError(f"{child.name} exited before it was ready ({status})")
                     if time.monotonic() > deadline:
                         raise SupervisorError(f"{child.name} not ready after {self.ready_timeout:g}s")
                     time.sleep(0.2)

@@ -273,11 +273,13 @@ class Launch:
                    "(pip install 'dynamo-ext[planner]'; aisimulate_core comes from NVIDIA, see planner/README.md)")
             if o.planner:  # asked for on the command line: an error
                 return self.fail(msg, 2)
-            self.say(f"WARNING: {msg}; serving without the planner (fixed worker counts; --planner makes this an error)")
+            self.say(f"WARNING: {msg}; serving without the planner (fixed worker counts; "
+                     "--planner makes this an error)")
             return 0
         roles = {c.role: c.name for c, _n in graph.plan(config) if c.role in ("prefill", "decode")}
         if "decode" not in roles:
-            self.say("WARNING: planner.enabled is true but graph has no decode component; serving without the planner")
+            self.say("WARNING: planner.enabled is true but the graph has no decode component; "
+                     "serving without the planner")
             return 0
         log_dir = self.sup.log_dir
         if o.planner_config is not None:
@@ -300,7 +302,8 @@ class Launch:
             return self.fail(f"planner executor: {e}", 1)
         self.say(f"planner: {' '.join(proc.argv())} (log {log_dir / 'planner.log'}); executor running; "
                  f"bounds prefill {config.planner.min_prefill}..{config.planner.max_prefill}, "
-                 f"decode {config.planner.min_decode}..{config.planner.max_decode}, every {config.planner.interval_s:g}s")
+                 f"decode {config.planner.min_decode}..{config.planner.max_decode}, "
+                 f"every {config.planner.interval_s:g}s")
         return 0
 
     def _applied(self, rec: Any) -> None:
