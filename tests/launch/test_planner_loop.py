@@ -204,9 +204,14 @@ def test_load_step_adds_decode_worker_then_removes_it_without_losing_requests(tm
 
         t_down = _wait(lambda: "planner: decode-1 stopped" in err(), 40, "the planner to remove decode-1", dump)
         assert re.search(r"planner: decode-1 stopped after [0-9.]+s \(exit 0\)", err()), dump()
-        in_flight_at_drain = 6 - tail.ok
         tail.finish()
         assert tail.failed == [] and tail.ok == 6, "\n".join(tail.failed) + "\n" + dump()
+        # Dynamo's ingress logs how many requests the SIGTERMed worker still had (timing: usually 3, may be 0)
+        d1 = re.sub(r"\x1b\[[0-9;]*m", "", (logs / "decode-1.log").read_text(errors="replace"))
+        m = re.search(r"Waiting for inflight requests to complete.*inflight_count=(\d+)", d1)
+        in_flight_at_drain = int(m.group(1)) if m else 0
+        if in_flight_at_drain:
+            assert "All inflight requests completed" in d1, dump()
         assert len(_decode_pids(marker)) == 1, dump()
         assert "ERROR" not in "".join(ln for ln in err().splitlines() if "planner decision" in ln), dump()
         print(f"serve ready {t_ready:.1f}s, planner ticking {t_planner:.1f}s, load -> decode-1 ready {t_up:.1f}s, "
