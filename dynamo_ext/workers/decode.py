@@ -126,7 +126,8 @@ class DecodeWorker(EngineWorker):
 
         return await asyncio.wait_for(_call(), timeout)
 
-    async def pull(self, req: Request, h: KvHandle) -> list[int]:
+    async def pull(self, req: Request, h: KvHandle) -> tuple[list[int], Any]:
+        """One planned READ of the handle's blocks into fresh local blocks; returns (block ids, TransferStats)."""
         assert self.runner is not None and self.backend is not None and self.kv_pool is not None
         n = len(req.prompt_token_ids)
         if h.num_tokens != n:
@@ -164,7 +165,7 @@ class DecodeWorker(EngineWorker):
         log.info("kv transfer received: peer=%s agent=%s tokens=%d bytes=%d descriptors=%d path=%s backend=%s "
                  "latency_ms=%.3f transfer_ms=%.3f", h.worker_id, h.agent, n, stats.bytes, stats.descriptors,
                  stats.path, stats.backend, (time.monotonic() - t0) * 1e3, stats.seconds * 1e3)
-        return dst
+        return dst, stats
 
     # -- generate -----------------------------------------------------------------------------------
     async def generate(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
@@ -186,14 +187,18 @@ class DecodeWorker(EngineWorker):
         n_prompt = len(req.prompt_token_ids)
         blocks: list[int] | None = None
         first = 0
+        # our router asks for a report of the pull (link feedback, see router.py); Dynamo's frontend never does
+        report: dict[str, Any] | None = None
         if handle is not None:
             try:
-                blocks = await self.pull(req, handle)
+                blocks, stats = await self.pull(req, handle)
                 first = handle.first_token
+                report = {"bytes": stats.bytes, "seconds": stats.seconds}
             except Exception as e:  # noqa: BLE001 - any failure: prefill here instead
                 reason = type(e).__name__
                 m.local_prefill_fallbacks.labels(reason).inc()
                 log.warning("KV pull from %s failed (%s: %s): prefilling locally", handle.worker_id, reason, e)
+                report = {"error": reason}
         elif self.disaggregated:
             m.local_prefill_fallbacks.labels("no_handle").inc()
         if blocks is None:
@@ -206,7 +211,10 @@ class DecodeWorker(EngineWorker):
             blocks, first = res.block_ids, res.first_token
         t_first = time.monotonic()
         m.ttft.observe(t_first - t0)
-        yield {"token_ids": [first]}
+        first_chunk: dict[str, Any] = {"token_ids": [first]}
+        if report is not None and isinstance(request, dict) and request.get("report_kv_transfer"):
+            first_chunk["kv_transfer"] = report
+        yield first_chunk
         n_out = 1
         t_last = t_first
         async for o in self.runner.decode(req, blocks, first):

@@ -29,8 +29,9 @@ after a failed pull. The router pops it (the frontend never sees it) and feeds `
 ``routing.LinkEstimator.observe_transfer`` / ``observe_failure`` for the pair (prefill, decode) it chose.
 ``_link`` then prefers the measured GB/s over the topology's expectation, and an unhealthy pair (failed
 pull) is excluded by ``decide`` until its back-off (1 s, doubling, at most 60 s) has passed; the next
-request on it is the probe (success: healthy again; failure: longer back-off). The decode worker does not
-send ``kv_transfer`` yet (decode.py logs the same numbers: "kv transfer received ... bytes= transfer_ms=").
+request on it is the probe (success: healthy again; failure: longer back-off). The router asks for the
+report with ``report_kv_transfer: true`` in the decode request; the decode worker attaches it to its first
+chunk (requests from Dynamo's own frontend, policy dynamo-kv, never carry it).
 
 Visibility: only the router calls register_model (Tokens, Chat|Completions, RouterMode.RoundRobin among
 router replicas). Prefill and decode workers do not register the model in these policies, so the
@@ -290,6 +291,7 @@ class RouterWorker(WorkerProcess):
             yield error_chunk(f"no worker available: {e}", len(tokens))
             return
         dreq = dict(request)
+        dreq["report_kv_transfer"] = True  # the decode worker reports its pull (link feedback)
         if pid is not None:
             self.inflight[pid] += 1
             self.inflight_tokens[pid] += len(tokens)

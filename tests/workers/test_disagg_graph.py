@@ -88,6 +88,9 @@ def test_disagg_equals_agg_through_frontend(servers, model_dir, tmp_path):
         print("dynamo-ext router:", h2["decisions"], h2["links"])
         # links come from the workers' topologies in their records (same host, two processes: host-shm)
         assert h2["links"] and all(v.startswith("host-shm") for v in h2["links"].values()), h2
+        # link feedback: every disaggregated request's pull was reported back to the router (measured GB/s)
+        n_disagg = sum(v for k, v in h2["decisions"].items() if k.startswith("disagg"))
+        assert n_disagg >= 1 and h2["link_feedback"] == {"transfers": n_disagg, "failures": 0}, h2
     finally:
         dis.stop()
         agg.stop()
