@@ -140,6 +140,7 @@ class Launch:
         self.stopping = False
         self.executor: Any = None  # planner.executor.ExecutorThread while the planner runs
         self.scaler: LauncherScaler | None = None
+        self.run_planner = False
 
     def say(self, text: str) -> None:
         print(f"[serve] {text}", file=self.err, flush=True)
@@ -160,6 +161,9 @@ class Launch:
             return self.fail(f"{o.config} does not fit graph {e.graph!r}:\n" + "\n".join(f"  {x}" for x in e.lines), 2)
         except (ImportError, OSError, SyntaxError) as e:
             return self.fail(f"cannot load graph {o.graph!r}: {e}", 2)
+        self.run_planner, code = self._planner_check(config, graph)
+        if code:
+            return code
         port = o.port or config.frontend.http_port
         host = config.frontend.http_host
         if not _port_free(host, port):
@@ -236,7 +240,7 @@ class Launch:
             return self.fail(str(e), 1)
         progress.done()
         base = frontend_base(config.frontend.http_host, port)
-        if o.planner if o.planner is not None else config.planner.enabled:
+        if self.run_planner:
             code = self._start_planner(config, graph, env, base)
             if code:
                 return code
@@ -255,32 +259,47 @@ class Launch:
                 return self.fail(str(e), 1)
             time.sleep(0.5)
 
+    def _planner_check(self, config: DynamoExtConfig, graph: Graph) -> tuple[bool, int]:
+        """Whether to run the planner, before anything starts: ``planner.enabled`` (or ``--planner`` /
+        ``--no-planner``). Dependencies missing or no decode component: a warning and no planner, or
+        exit 2 when ``--planner`` asked for it."""
+        o = self.opts
+        wanted = o.planner if o.planner is not None else config.planner.enabled
+        if not wanted:
+            return False, 0
+        why = "--planner" if o.planner else "planner.enabled is true"
+        try:
+            from planner.executor import planner_missing_dependencies
+        except ImportError as e:
+            missing = [f"the planner package ({e})"]
+        else:
+            missing = planner_missing_dependencies()
+        problem = None
+        if missing:
+            problem = (f"{why} but Dynamo's planner cannot run here: missing {', '.join(missing)} (pip install "
+                       "'dynamo-ext[planner]'; aisimulate_core comes from NVIDIA, see planner/README.md)")
+        elif not any(c.role == "decode" for c, _n in graph.plan(config)):
+            problem = f"{why} but graph {graph.name!r} has no decode component to scale"
+        elif o.planner_config is not None and not Path(o.planner_config).is_file():
+            problem = f"--planner-config {o.planner_config}: no such file"
+        if problem is None:
+            return True, 0
+        if o.planner or o.planner_config is not None:  # asked for on the command line: an error
+            return False, self.fail(problem, 2)
+        self.say(f"WARNING: {problem}; serving without the planner (fixed worker counts; "
+                 "--planner makes this an error)")
+        return False, 0
+
     def _start_planner(self, config: DynamoExtConfig, graph: Graph, env: dict[str, str], base: str) -> int:
         """Dynamo's planner (environment virtual, our plugins) as a supervised child, and the executor
         thread that applies its decisions through :class:`LauncherScaler`. Returns an exit status or 0."""
         assert self.sup is not None
         o = self.opts
-        try:
-            import planner as planner_pkg
-            from planner.executor import ExecutorThread, PlannerProcess, planner_missing_dependencies
-            from planner.local_config import write_planner_config
-        except ImportError as e:
-            missing = [f"planner package ({e})"]
-        else:
-            missing = planner_missing_dependencies()
-        if missing:
-            msg = (f"planner.enabled is true but Dynamo's planner cannot run here: missing {', '.join(missing)} "
-                   "(pip install 'dynamo-ext[planner]'; aisimulate_core comes from NVIDIA, see planner/README.md)")
-            if o.planner:  # asked for on the command line: an error
-                return self.fail(msg, 2)
-            self.say(f"WARNING: {msg}; serving without the planner (fixed worker counts; "
-                     "--planner makes this an error)")
-            return 0
+        import planner as planner_pkg
+        from planner.executor import ExecutorThread, PlannerProcess
+        from planner.local_config import write_planner_config
+
         roles = {c.role: c.name for c, _n in graph.plan(config) if c.role in ("prefill", "decode")}
-        if "decode" not in roles:
-            self.say("WARNING: planner.enabled is true but the graph has no decode component; "
-                     "serving without the planner")
-            return 0
         log_dir = self.sup.log_dir
         if o.planner_config is not None:
             cfg_path = Path(o.planner_config).resolve()
