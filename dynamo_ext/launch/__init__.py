@@ -28,6 +28,12 @@ Protocol (what ``dynamo-ext serve GRAPH -f CONFIG`` does, in order)
    them. A child that exits unexpectedly is reported with its exit status and its last log lines;
    serve then stops everything and exits 1 (unless the child's spec tolerates exits and a sibling of
    the same component is still alive).
+   With ``planner.enabled`` (or ``--planner``), once ready: Dynamo's planner as child ``planner``
+   (``planner.executor.PlannerProcess``, config from ``planner.local_config`` or ``--planner-config``)
+   and an ``ExecutorThread`` whose ``WorkerScaler`` is ``scaling.LauncherScaler``: it starts copies of a
+   role's process (next ``--index``, free metrics port, ready line) or SIGTERMs the newest one and waits
+   for its exit (the worker drains its in-flight requests). Dependencies are checked before anything
+   starts: missing -> a warning and no planner, or exit 2 under ``--planner``.
 6. Stop (Ctrl-C, SIGTERM, end of ``--once``, a failure): components in reverse start order; each
    process group gets SIGTERM, a bounded wait, then SIGKILL; a group is only done when ``/proc`` shows
    no process left in it. Then ``infra.stale_records`` lists keys of the stopped instances (their
@@ -37,5 +43,6 @@ Protocol (what ``dynamo-ext serve GRAPH -f CONFIG`` does, in order)
 
 Modules: ``graph`` (typed Graph/Component API), ``infra`` (etcd/NATS probing and starting, etcd JSON
 gateway), ``modeldir``, ``supervisor`` (generic process supervision), ``plan`` (graph + config ->
-child specs), ``serve`` (the orchestration above, and the ``--once`` request).
+child specs), ``scaling`` (the planner executor's worker scaler), ``serve`` (the orchestration above,
+and the ``--once`` request).
 """
