@@ -28,7 +28,9 @@ def test_bench_route_smoke(tmp_path):
         assert set(row) == set(KEYS), row
         assert all(type(row[k]) is t for k, t in KEYS.items()), row
         assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"] and row["throughput_tok_s"] > 0
-        assert 0.0 <= row["prefix_hit_rate"] <= 1.0 and row["kv_bytes_moved"] > 0
+        assert 0.0 <= row["prefix_hit_rate"] <= 1.0 and row["kv_bytes_moved"] >= 0
+        if row["policy"] == "round-robin":  # always disaggregates; dynamo-ext may prefill all 4 locally
+            assert row["kv_bytes_moved"] > 0, row
     runs = json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["runs"]
     assert all(x["completed"] == x["requests"] == 4 and not x["errors"] for x in runs), runs
     assert (tmp_path / "smoke-shared-prefix.png").stat().st_size > 1000

@@ -23,6 +23,7 @@ async def test_publish_subscribe_callback_and_iterator(shared_nats, ns):
     async with await EventBus.connect(shared_nats.url) as a, await EventBus.connect(shared_nats.url) as b:
         await b.subscribe(f"{ns}.kv.*", cb)
         it = await b.subscribe(f"{ns}.load")
+        await b.flush()  # the server knows b's interest before a publishes (SUB is sent asynchronously)
         for i in range(3):
             await a.publish(f"{ns}.kv.w{i}", b"\x00payload%d" % i)
         await a.publish(f"{ns}.load", b"q=1", headers={"worker": "7"})

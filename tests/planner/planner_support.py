@@ -15,7 +15,9 @@ from pathlib import Path
 
 STANDIN = Path(__file__).parent / "standin"
 ROOT = Path(__file__).resolve().parents[2]
-USING_STANDIN = importlib.util.find_spec("aisimulate_core") is None
+_spec = importlib.util.find_spec("aisimulate_core")
+# the stand-in counts as "not installed" even when another test module already put it on sys.path
+USING_STANDIN = _spec is None or str(STANDIN) in (_spec.origin or "")
 if USING_STANDIN and str(STANDIN) not in sys.path:
     sys.path.insert(0, str(STANDIN))
 
