@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -98,15 +97,6 @@ class _Progress:
             self.out.flush()
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        # like the servers themselves: TIME_WAIT leftovers of a previous run do not make a port busy
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
 
 
 def _instance_ids(children: list[Child]) -> set[int]:
@@ -166,7 +156,7 @@ class Launch:
             return code
         port = o.port or config.frontend.http_port
         host = config.frontend.http_host
-        if not _port_free(host, port):
+        if not infra._port_free(host, port):
             return self.fail(f"port {port} on {host} is in use (choose another with --port)", 2)
         try:
             model_dir, how = ensure_model_dir(config.model, o.model_dir)
