@@ -253,3 +253,40 @@ def test_cuda_copy_cross_device_byte_exact():
     rowcopy.copy_cross_device(s, d, plan.wire, slice_bytes=1 << 20)
     torch.cuda.synchronize(1)
     assert torch.equal(d.cpu(), want)
+
+
+# -- sweep knobs (rowcopy.TUNING) -----------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", ["direct-read", "direct-write", "staged-torch"])
+def test_copy_cross_device_kernels_byte_exact(fake_cuda, kernel):
+    """direct-*: one row kernel addressing the other GPU (here: torch index ops on CPU tensors)."""
+    from dynamo_ext.transport import rowcopy
+
+    lay, plan, src, dst, want = _kv_case(seed=3)
+    n = rowcopy.copy_cross_device(src, dst, plan.wire, kernel=kernel, use_triton=False, slice_bytes=5 * lay.chunk_bytes)
+    assert n == plan.total_bytes and torch.equal(dst, want)
+
+
+def test_rowcopy_tuning_validated_and_index_cache_reused(monkeypatch):
+    from dynamo_ext.transport import rowcopy
+
+    monkeypatch.setattr(rowcopy, "TUNING", dict(rowcopy.TUNING))
+    with pytest.raises(ValueError, match="cross_kernel"):
+        rowcopy.tune(cross_kernel="bogus")
+    with pytest.raises(ValueError, match="unknown key"):
+        rowcopy.parse_tuning("slices=3")
+    with pytest.raises(ValueError, match="power of two"):
+        rowcopy.tune(triton_block=1000)
+    assert rowcopy.parse_tuning("cross_kernel=direct-read,cross_slice_bytes=1024,index_cache=1") == \
+        {"cross_kernel": "direct-read", "cross_slice_bytes": 1024, "index_cache": True}
+    rowcopy.tune(index_cache=True)
+    monkeypatch.setattr(rowcopy, "_idx_cache", {})
+    _, plan, src, dst, want = _kv_case(seed=5)
+    rowcopy.copy_rows(src, dst, plan.wire, use_triton=False)
+    first = rowcopy._idx_cache["cpu"]
+    dst2 = dst.clone().zero_()
+    rowcopy.copy_rows(src, dst2, plan.wire, use_triton=False)
+    assert rowcopy._idx_cache["cpu"] is first  # same plan: no new upload
+    assert torch.equal(dst, want)
+    _, plan2, src2, dst3, want2 = _kv_case(seed=6)  # another plan: a new entry, still byte exact
+    rowcopy.copy_rows(src2, dst3, plan2.wire, use_triton=False)
+    assert rowcopy._idx_cache["cpu"] is not first and torch.equal(dst3, want2)
