@@ -1,0 +1,39 @@
+"""NCCL send/recv comparison rows: the same two-process code path, gloo backend on host memory."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("slice_bytes", [0, 96 << 10])
+def test_nccl_pair_gloo_two_processes_verified(slice_bytes):
+    from dynamo_ext.transport.fallbacks import nccl
+
+    rows = nccl.run_pair("gloo", layout_name="tiny", size_bytes=1 << 20, reps=1, slice_bytes=slice_bytes, timeout=120)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"nccl-single", "nccl-planned"}
+    assert all(r["verified"] and r["gbps"] > 0 for r in rows)
+    layout, src, dst, nbytes = nccl.bench_case("tiny", 1 << 20)
+    assert by["nccl-single"]["slice_bytes"] == nbytes
+    assert by["nccl-planned"]["descriptors"] > 1  # scattered ids: many merged runs
+    assert by["nccl-planned"]["slices"] == (1 if slice_bytes == 0 else -(-nbytes // by["nccl-planned"]["slice_bytes"]))
+
+
+def test_nccl_pair_rejects_unknown_backend_and_method():
+    from dynamo_ext.transport.fallbacks import nccl
+
+    with pytest.raises(ValueError, match="backend='mpi'"):
+        nccl.run_pair("mpi")
+    with pytest.raises(ValueError, match="nccl-bogus"):
+        nccl.run_pair("gloo", methods=["nccl-bogus"])
+
+
+def test_bench_case_same_in_both_ranks_and_sized():
+    from dynamo_ext.transport.fallbacks import nccl
+
+    a = nccl.bench_case("llama3-70b", 1 << 30)
+    b = nccl.bench_case("llama3-70b", 1 << 30)
+    assert a[1] == b[1] and a[2] == b[2] and a[3] == b[3]
+    assert len(a[1]) == 204 and a[3] <= 1 << 30 and len(set(a[2])) == len(a[2])
