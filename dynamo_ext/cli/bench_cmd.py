@@ -3,6 +3,7 @@
     dynamo-ext bench transfer [--size 1GiB] [--layout llama3-70b] [--json FILE] [--paths ...] [--reps N]
     dynamo-ext bench engine   [--device cuda] [--preset llama3-70b-shape] [--layers 4] ...
     dynamo-ext bench routing  [...]          (decision latency at 16 / 256 / 1,024 workers)
+    dynamo-ext bench serve-direct [--device cuda] [--graphs agg:4,disagg:2p2d] [--prompt-lens 512,2048,4096]
     dynamo-ext bench route    [--workloads shared-prefix,mixed] [--policies ...]  (routing policies end to end)
 
 The benchmarks live in ``benchmarks/<module>.py`` (results go to ``benchmarks/results/``), next to the
@@ -21,6 +22,7 @@ BENCHMARKS = {
     "engine": ("engine", "reference engine: prefill tokens/s and decode step vs dense SDPA"),
     "routing": ("routing_latency", "routing decision latency p50/p99 at 16, 256, 1024 workers"),
     "serve": ("serve", "agg vs disagg graphs through the HTTP frontend: TTFT/TPOT p50/p99, throughput, KV share"),
+    "serve-direct": ("serve_direct", "agg vs disagg on several GPUs without the Dynamo runtime (engine, kv, transport)"),
     "route": ("route", "round-robin vs Dynamo KV router vs dynamo-ext: TTFT, throughput, prefix hits, KV bytes"),
 }
 

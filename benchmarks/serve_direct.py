@@ -1,0 +1,700 @@
+"""Aggregated vs disaggregated serving on several GPUs without the Dynamo runtime (``bench serve-direct``).
+
+    dynamo-ext bench serve-direct                                    # CPU, tiny, 1P+1D vs 2 agg (~1 min)
+    # 4x H200 (the committed GPU results; ~5 min):
+    python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
+        --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --requests 96 --concurrency 32 --output-len 64
+    # low-load KV share of TTFT (issue #5 target, 4K prompts on NVLink): --concurrency 1 --requests 16
+
+Why: the Dynamo runtime (75 MB wheel) cannot be carried to the GPU machine together with NIXL, and issues
+#5 and #8 need the prefill -> KV transfer -> decode flow measured on GPUs. This harness runs exactly the
+layers the Dynamo workers run (``engine`` + ``kv.BlockPool`` + ``workers.engine_runner.EngineRunner`` +
+``transport.transfer_kv_cache`` over a pool registered once + ``topology.select_transport``), one process
+per GPU (``benchmarks/direct_worker.py``, protocol in its docstring), with the Dynamo request plane
+replaced by JSON lines on the workers' stdin/stdout. What it does not measure: Dynamo's frontend (HTTP,
+tokenization, detokenization) and request-plane latency; ``bench serve`` covers those on CPU.
+
+Graphs (``--graphs``, comma-separated):
+  ``agg:N``      N aggregated workers (device i = GPU i), each request prefilled and decoded on one worker;
+                 the coordinator sends each request to the worker with the fewest in flight.
+  ``disagg:XpYd`` X prefill workers (GPUs 0..X-1) + Y decode workers (GPUs X..X+Y-1); per request: the
+                 prefill worker with the fewest in flight prefills and holds the blocks, the decode worker
+                 with the fewest in flight allocates blocks and pulls the KV with ONE planned READ (device
+                 pools: ``cuda_ipc``; host pools: ``cma``/NIXL), the coordinator releases the prefill's
+                 blocks, the decode worker streams the tokens.
+
+Load per (graph, prompt length): ``--requests`` prompts of random token ids (seeded; the same prompts for
+every graph, no prefix-cache hits), ``--output-len`` tokens each (greedy, EOS ignored); closed loop with
+``--concurrency`` requests in flight (``--rate R`` instead: Poisson arrivals at R req/s). Before measuring,
+every worker serves ``--warmup`` requests of each prompt length (CUDA/Triton warm-up).
+
+Metrics: TTFT = first token leaves the worker that decodes (after the pull in disagg) - request issued;
+TPOT = (done - first) / (tokens - 1); requests/s and output tokens/s over the window from the first issue to
+the last completion; output tokens/s per GPU (all GPUs of the graph); KV transfer: mean pull seconds, its
+share of the mean TTFT, GB/s per (prefill, decode) pair next to the path and the GB/s that
+``topology.select_transport`` expected for the pair. ``--verify``: greedy tokens of every disagg request
+equal the agg graph's for the same prompt (asserted on CPU where numerics are batch-independent; on GPU
+the match fraction is reported: bf16 results depend on the batch a request shares).
+
+Writes benchmarks/results/serve-direct-<tag>.{json,md,png} incrementally (nothing lost if a later cell
+fails or the time limit hits) and prints the markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks._machine import cpu_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORKER = Path(__file__).resolve().parent / "direct_worker.py"
+
+
+class GraphSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    kind: str  # agg | disagg
+    prefill: int
+    decode: int  # agg: the number of aggregated workers
+
+    @property
+    def label(self) -> str:
+        return f"agg-{self.decode}" if self.kind == "agg" else f"disagg-{self.prefill}p{self.decode}d"
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill + self.decode
+
+    @classmethod
+    def parse(cls, text: str) -> "GraphSpec":
+        t = text.strip().lower()
+        kind, _, rest = t.partition(":")
+        try:
+            if kind == "agg":
+                n = int(rest or "1")
+                if n >= 1:
+                    return cls("agg", 0, n)
+            elif kind == "disagg":
+                p, _, d = (rest or "1p1d").rstrip("d").partition("p")
+                if int(p) >= 1 and int(d) >= 1:
+                    return cls("disagg", int(p), int(d))
+        except ValueError:
+            pass
+        raise GraphSpecError(f"--graphs: {text!r} is not agg:N or disagg:XpYd (e.g. agg:4, disagg:2p2d)")
+
+
+# -- worker processes ---------------------------------------------------------------------------------
+EVENT_DECODER = msgspec.json.Decoder(dict[str, Any])
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class WorkerProc:
+    """One ``direct_worker.py`` process: commands in, events routed to per-request queues."""
+
+    def __init__(self, name: str, role: str, device: str, args: argparse.Namespace, log_dir: Path) -> None:
+        self.name, self.role, self.device, self.a = name, role, device, args
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] = {}
+        self.queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self.inflight = 0
+        self.dead: str | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready_fut: asyncio.Future[dict[str, Any]] | None = None
+
+    def argv(self, num_blocks: int) -> list[str]:
+        a = self.a
+        out = [sys.executable, str(WORKER), "--role", self.role, "--name", self.name, "--device", self.device,
+               "--preset", a.preset, "--num-blocks", str(num_blocks), "--block-size", str(a.block_size),
+               "--backend", a.backend, "--transfer-timeout-s", str(a.transfer_timeout_s)]
+        if a.layers:
+            out += ["--layers", str(a.layers)]
+        if a.dtype:
+            out += ["--dtype", a.dtype]
+        return out
+
+    async def start(self, num_blocks: int) -> None:
+        env = dict(os.environ)
+        env.setdefault("UCX_NET_DEVICES", "lo")
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = await asyncio.create_subprocess_exec(*self.argv(num_blocks), stdin=asyncio.subprocess.PIPE,
+                                                         stdout=asyncio.subprocess.PIPE, stderr=self._log,
+                                                         env=env, limit=1 << 26)
+        self._ready_fut = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read())
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        assert self._ready_fut is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._ready_fut), timeout)
+        except asyncio.TimeoutError:
+            raise WorkerDied(f"{self.name} not ready after {timeout:.0f} s; last log lines:\n{self.tail()}") from None
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + ln for ln in lines[-n:])
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                break
+            try:
+                ev = EVENT_DECODER.decode(line)
+            except msgspec.DecodeError:
+                continue
+            kind = ev.get("ev")
+            if kind == "ready":
+                if self._ready_fut and not self._ready_fut.done():
+                    self._ready_fut.set_result(ev)
+                continue
+            q = self.queues.get(str(ev.get("rid")))
+            if q is not None:
+                q.put_nowait(ev)
+        rc = await self.proc.wait()
+        self.dead = f"worker {self.name} ({self.role}, {self.device}, pid {self.proc.pid}) exited with code {rc}"
+        err = {"ev": "error", "error": self.dead}
+        if self._ready_fut and not self._ready_fut.done():
+            self._ready_fut.set_exception(WorkerDied(f"{self.dead} before it was ready; last log lines:\n{self.tail()}"))
+        for q in self.queues.values():
+            q.put_nowait(err)
+
+    def expect(self, rid: str) -> asyncio.Queue[dict[str, Any]]:
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.queues[rid] = q
+        if self.dead:
+            q.put_nowait({"ev": "error", "error": self.dead})
+        return q
+
+    def done(self, rid: str) -> None:
+        self.queues.pop(rid, None)
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        if self.dead or self.proc is None or self.proc.stdin is None:
+            raise WorkerDied(self.dead or f"worker {self.name} is not running")
+        self.proc.stdin.write(msgspec.json.encode(cmd) + b"\n")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            try:
+                self.send({"op": "shutdown"})
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(self._reader, 2.0)
+            except Exception:  # noqa: BLE001
+                self._reader.cancel()
+        self._log.close()
+
+
+async def wait_event(q: asyncio.Queue[dict[str, Any]], want: str, timeout: float, what: str) -> dict[str, Any]:
+    try:
+        ev = await asyncio.wait_for(q.get(), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"{what}: no {want!r} within {timeout:.0f} s") from None
+    if ev.get("ev") == "error":
+        raise RuntimeError(f"{what}: {ev.get('error')}")
+    if ev.get("ev") != want:
+        raise RuntimeError(f"{what}: expected {want!r}, got {ev.get('ev')!r}")
+    return ev
+
+
+# -- one graph ----------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    i: int
+    issued: float
+    first: float = 0.0
+    done: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    pull: dict[str, Any] | None = None
+    pair: tuple[str, str] | None = None
+    error: str | None = None
+
+
+class Graph:
+    def __init__(self, spec: GraphSpec, args: argparse.Namespace, log_dir: Path) -> None:
+        self.spec, self.a = spec, args
+        dev = (lambda i: f"cuda:{i}") if args.device == "cuda" else (lambda i: "cpu")
+        if spec.kind == "agg":
+            self.prefill: list[WorkerProc] = []
+            self.decode = [WorkerProc(f"agg-{i}", "agg", dev(i), args, log_dir) for i in range(spec.decode)]
+        else:
+            self.prefill = [WorkerProc(f"prefill-{i}", "prefill", dev(i), args, log_dir) for i in range(spec.prefill)]
+            self.decode = [WorkerProc(f"decode-{j}", "decode", dev(spec.prefill + j), args, log_dir)
+                           for j in range(spec.decode)]
+        self.workers = self.prefill + self.decode
+        self._seq = 0
+        self.pairs: dict[str, dict[str, Any]] = {}
+        self.startup_s = 0.0
+
+    async def start(self, num_blocks: int, timeout: float) -> None:
+        t0 = time.perf_counter()
+        for w in self.workers:
+            await w.start(num_blocks)
+        for w in self.workers:
+            w.ready = await w.wait_ready(timeout)
+        for d in self.decode if self.prefill else []:
+            for p in self.prefill:
+                d.send({"op": "add_peer", "info": p.ready["peer_info"]})
+        self.startup_s = time.perf_counter() - t0
+        self.pairs = describe_pairs(self)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+
+    @staticmethod
+    def _least_loaded(ws: list[WorkerProc]) -> WorkerProc:
+        live = [w for w in ws if not w.dead] or ws
+        return min(live, key=lambda w: w.inflight)
+
+    async def serve(self, i: int, prompt: list[int], out_len: int, issued: float, timeout: float) -> Outcome:
+        self._seq += 1
+        rid = f"r{self._seq}"
+        o = Outcome(i, issued)
+        d = self._least_loaded(self.decode)
+        p = self._least_loaded(self.prefill) if self.prefill else None
+        qd = d.expect(rid)
+        qp = p.expect(rid) if p else None
+        d.inflight += 1
+        if p:
+            p.inflight += 1
+        try:
+            handle = None
+            if p is not None and qp is not None:
+                t0 = time.perf_counter()
+                p.send({"op": "prefill", "rid": rid, "prompt": prompt})
+                ev = await wait_event(qp, "prefilled", timeout, f"prefill of {rid} on {p.name}")
+                o.prefill_s = time.perf_counter() - t0
+                handle = {k: ev[k] for k in ("agent", "pool", "block_ids", "first_token")}
+                o.pair = (p.name, d.name)
+            d.send({"op": "decode", "rid": rid, "prompt": prompt, "max_tokens": out_len, "handle": handle})
+            if handle is not None and p is not None and qp is not None:
+                try:
+                    o.pull = await wait_event(qd, "pulled", timeout, f"KV pull of {rid} {p.name} -> {d.name}")
+                finally:
+                    if not p.dead:
+                        p.send({"op": "release", "rid": rid})
+                p.inflight -= 1
+                p = None
+                await wait_event(qp, "released", timeout, f"release of {rid}")
+            await wait_event(qd, "first", timeout, f"first token of {rid} on {d.name}")
+            o.first = time.perf_counter()
+            ev = await wait_event(qd, "done", timeout, f"decode of {rid} on {d.name}")
+            o.done = time.perf_counter()
+            o.tokens = list(ev["tokens"])
+        except Exception as e:  # noqa: BLE001 - one request's failure is a result, not a crash
+            o.error = str(e)
+        finally:
+            d.inflight -= 1
+            d.done(rid)
+            if p is not None:
+                p.inflight -= 1
+            for w in self.prefill:
+                w.done(rid)
+        return o
+
+
+def describe_pairs(g: Graph) -> dict[str, dict[str, Any]]:
+    """What topology.select_transport chooses for every (prefill, decode) pair of the graph."""
+    out: dict[str, dict[str, Any]] = {}
+    if not g.prefill:
+        return out
+    try:
+        from dynamo_ext.topology import NodeTopology  # noqa: PLC0415
+        from dynamo_ext.topology.select import Endpoint, select_transport  # noqa: PLC0415
+    except Exception as e:  # noqa: BLE001
+        return {"error": {"error": str(e)}}
+    for p in g.prefill:
+        for d in g.decode:
+            key = f"{p.name}->{d.name}"
+            try:
+                tp, td = NodeTopology.from_dict(p.ready["topology"]), NodeTopology.from_dict(d.ready["topology"])
+                c = select_transport(Endpoint.of(tp), Endpoint.of(td))
+                out[key] = {"kind": c.kind, "backend": c.backend, "expected_gbps": c.expected_gbps,
+                            "devices": f"{p.device}->{d.device}"}
+            except Exception as e:  # noqa: BLE001
+                out[key] = {"kind": "?", "error": f"{type(e).__name__}: {e}", "devices": f"{p.device}->{d.device}"}
+    return out
+
+
+# -- load -------------------------------------------------------------------------------------------------
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed * 1_000_003 + length)
+    lo = 3 if vocab > 16 else 0
+    return [[rng.randrange(lo, vocab) for _ in range(length)] for _ in range(n)]
+
+
+async def run_load(g: Graph, prompts: list[list[int]], out_len: int, concurrency: int, rate: float | None,
+                   timeout: float, progress: Any = None) -> tuple[list[Outcome], float, float]:
+    t_start = time.perf_counter()
+    outs: list[Outcome] = []
+    if rate:
+        rng = random.Random(7)
+        tasks = []
+        at = 0.0
+        for i, pr in enumerate(prompts):
+            await asyncio.sleep(max(0.0, t_start + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(g.serve(i, pr, out_len, time.perf_counter(), timeout)))
+            at += rng.expovariate(rate)
+        for t in asyncio.as_completed(tasks):
+            outs.append(await t)
+            if progress:
+                progress.update(1)
+    else:
+        todo = deque(enumerate(prompts))
+
+        async def lane() -> None:
+            while todo:
+                i, pr = todo.popleft()
+                outs.append(await g.serve(i, pr, out_len, time.perf_counter(), timeout))
+                if progress:
+                    progress.update(1)
+
+        await asyncio.gather(*(lane() for _ in range(max(1, concurrency))))
+    return outs, t_start, time.perf_counter()
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(g: Graph, plen: int, outs: list[Outcome], t0: float, t1: float, a: argparse.Namespace) -> dict[str, Any]:
+    ok = [o for o in outs if o.error is None]
+    ttft = [o.first - o.issued for o in ok]
+    tpot = [(o.done - o.first) / (len(o.tokens) - 1) for o in ok if len(o.tokens) > 1]
+    last = max((o.done for o in ok), default=t1)
+    win = max(last - t0, 1e-9)
+    ntok = sum(len(o.tokens) for o in ok)
+    r: dict[str, Any] = {
+        "graph": g.spec.label, "kind": g.spec.kind, "gpus": g.spec.gpus if a.device == "cuda" else 0,
+        "workers": len(g.workers), "prefill_workers": len(g.prefill), "decode_workers": len(g.decode),
+        "prompt_len": plen, "output_len": a.output_len, "requests": len(outs), "completed": len(ok),
+        "errors": sorted({o.error for o in outs if o.error})[:5],
+        "concurrency": None if a.rate else a.concurrency, "rate": a.rate, "window_s": round(win, 4),
+        "requests_per_s": len(ok) / win, "output_tok_s": ntok / win,
+        "output_tok_s_per_gpu": ntok / win / max(1, len(g.workers)),
+        "decode_tok_s_per_decode_worker": ntok / win / max(1, len(g.decode)),
+        "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+        "tpot_p50_s": pct(tpot, 0.5), "tpot_p99_s": pct(tpot, 0.99),
+    }
+    pulls = [o for o in ok if o.pull]
+    if pulls:
+        secs = [o.pull["seconds"] for o in pulls]
+        r["kv_pulls"] = len(pulls)
+        r["kv_bytes_per_request"] = statistics.fmean(o.pull["bytes"] for o in pulls)
+        r["kv_descriptors_per_request"] = statistics.fmean(o.pull["descriptors"] for o in pulls)
+        r["kv_transfer_mean_s"] = statistics.fmean(secs)
+        r["kv_transfer_p50_s"] = pct(secs, 0.5)
+        r["kv_share_of_ttft"] = r["kv_transfer_mean_s"] / r["ttft_mean_s"] if r["ttft_mean_s"] else None
+        r["prefill_mean_s"] = statistics.fmean(o.prefill_s for o in pulls)
+        pair_stats: dict[str, dict[str, Any]] = {}
+        for o in pulls:
+            assert o.pair is not None and o.pull is not None
+            k = f"{o.pair[0]}->{o.pair[1]}"
+            ps = pair_stats.setdefault(k, {"gbps": [], "path": o.pull.get("path"), "backend": o.pull.get("backend")})
+            ps["gbps"].append(o.pull["bytes"] / max(o.pull["seconds"], 1e-12) / 1e9)
+        r["pairs"] = {k: {**g.pairs.get(k, {}), "measured_gbps_p50": pct(v["gbps"], 0.5), "transfers": len(v["gbps"]),
+                          "path": v["path"], "transfer_backend": v["backend"]} for k, v in sorted(pair_stats.items())}
+    return r
+
+
+def verify(results_tokens: dict[str, dict[tuple[int, int], list[int]]]) -> dict[str, Any]:
+    """Greedy outputs of every graph against the first agg graph's, per (prompt length, prompt index)."""
+    ref_label = next((k for k in results_tokens if k.startswith("agg")), None)
+    out: dict[str, Any] = {"reference": ref_label, "graphs": {}}
+    if ref_label is None:
+        return out
+    ref = results_tokens[ref_label]
+    for label, toks in results_tokens.items():
+        if label == ref_label:
+            continue
+        keys = [k for k in toks if k in ref]
+        same = sum(1 for k in keys if toks[k] == ref[k])
+        first_diff = next(({"prompt_len": k[0], "index": k[1], "graph": toks[k][:12], "reference": ref[k][:12]}
+                           for k in keys if toks[k] != ref[k]), None)
+        out["graphs"][label] = {"compared": len(keys), "equal": same, "first_difference": first_diff}
+    return out
+
+
+# -- reporting --------------------------------------------------------------------------------------------
+def machine_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                            "device": device, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    try:
+        import torch  # noqa: PLC0415
+
+        info["torch"] = torch.__version__
+        if device == "cuda" and torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(n)]
+            info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from dynamo_ext.topology import collect_local_topology  # noqa: PLC0415
+
+        t = collect_local_topology(None)
+        info["nvlink"] = {str(g.index): sorted(g.nvlink_peers) for g in t.gpus} if t.gpus else {}
+    except Exception as e:  # noqa: BLE001
+        info["topology_error"] = str(e)
+    return info
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    gpus = m.get("gpus")
+    g = f"{len(gpus)}x {gpus[0]} ({m.get('gpu_memory_gib')} GiB)" if gpus else "no GPU"
+    return f"{g}; CPU {m['cpu']}, {m['cores']} cores; Python {m['python']}, torch {m.get('torch')}; load avg {m['load_avg_1m']}"
+
+
+def _f(x: Any, scale: float = 1.0, nd: int = 1) -> str:
+    return "-" if x is None else f"{x * scale:,.{nd}f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    p, m = res["params"], res["machine"]
+    lines = [f"# Serving without the Dynamo runtime: agg vs disagg ({p['preset']}, {p['layers'] or 'all'} layers, {m['device']})", "",
+             f"Machine: {machine_line(m)}.", "",
+             f"Load per cell: {p['requests']} requests, output {p['output_len']} tokens (greedy, EOS ignored), "
+             + (f"Poisson {p['rate']} req/s" if p["rate"] else f"closed loop, {p['concurrency']} in flight")
+             + f"; warm-up {p['warmup']} per worker and prompt length. Command: `{p['command']}`.", "",
+             "| graph | prompt | done | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | out tok/s | out tok/s per GPU | KV pull ms (mean) | KV share of TTFT | KV MiB/req | descs/req |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["results"]:
+        lines.append(f"| {r['graph']} | {r['prompt_len']} | {r['completed']}/{r['requests']} | {_f(r['requests_per_s'], nd=2)} | "
+                     f"{_f(r['ttft_p50_s'], 1e3)} | {_f(r['ttft_p99_s'], 1e3)} | {_f(r['tpot_p50_s'], 1e3, 2)} | "
+                     f"{_f(r['output_tok_s'], nd=0)} | {_f(r['output_tok_s_per_gpu'], nd=0)} | "
+                     f"{_f(r.get('kv_transfer_mean_s'), 1e3, 2)} | {_f(r.get('kv_share_of_ttft'), 100, 2)}{'%' if r.get('kv_share_of_ttft') is not None else ''} | "
+                     f"{_f(r.get('kv_bytes_per_request'), 1 / 2**20, 1)} | {_f(r.get('kv_descriptors_per_request'), nd=0)} |")
+    pairs = {}
+    for r in res["results"]:
+        for k, v in (r.get("pairs") or {}).items():
+            pairs.setdefault((r["graph"], k), []).append((r["prompt_len"], v))
+    if pairs:
+        lines += ["", "Transfer path per (prefill, decode) pair (topology.select_transport; measured = median GB/s of the pulls):", "",
+                  "| graph | pair | devices | topology kind | expected GB/s | transfer backend / path | measured GB/s by prompt length |",
+                  "|---|---|---|---|---:|---|---|"]
+        for (gl, k), vs in sorted(pairs.items()):
+            v0 = vs[0][1]
+            meas = ", ".join(f"{pl}: {_f(v.get('measured_gbps_p50'), nd=1)}" for pl, v in vs)
+            lines.append(f"| {gl} | {k} | {v0.get('devices', '')} | {v0.get('kind', '?')} | {_f(v0.get('expected_gbps'), nd=0)} | "
+                         f"{v0.get('transfer_backend')} / {v0.get('path')} | {meas} |")
+    if res.get("verify"):
+        v = res["verify"]
+        for gl, s in v.get("graphs", {}).items():
+            lines.append("")
+            lines.append(f"Greedy outputs {gl} vs {v['reference']}: {s['equal']}/{s['compared']} equal token for token"
+                         + (f" (first difference: {s['first_difference']})" if s.get("first_difference") else "") + ".")
+    starts = ", ".join(f"{k} {v:.1f} s" for k, v in res.get("startup_s", {}).items())
+    lines += ["", f"Start-up (processes, model init, pool registration): {starts}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except Exception:  # noqa: BLE001 - the JSON and markdown are the record; the PNG is a view of them
+        return
+    graphs = list(dict.fromkeys(r["graph"] for r in res["results"]))
+    lens = sorted({r["prompt_len"] for r in res["results"]})
+    fig, axs = plt.subplots(1, 3, figsize=(14, 4))
+    width = 0.8 / max(1, len(graphs))
+    for gi, gl in enumerate(graphs):
+        rs = {r["prompt_len"]: r for r in res["results"] if r["graph"] == gl}
+        xs = [li + gi * width for li in range(len(lens))]
+        for ax, key, scale in ((axs[0], "requests_per_s", 1), (axs[1], "ttft_p50_s", 1e3), (axs[2], "output_tok_s_per_gpu", 1)):
+            ax.bar(xs, [(rs[pl].get(key) or 0) * scale if pl in rs else 0 for pl in lens], width, label=gl)
+    for ax, t in zip(axs, ("requests/s", "TTFT p50 (ms)", "output tokens/s per GPU")):
+        ax.set_title(t)
+        ax.set_xticks([li + width * (len(graphs) - 1) / 2 for li in range(len(lens))])
+        ax.set_xticklabels([str(pl) for pl in lens])
+        ax.set_xlabel("prompt tokens")
+        ax.legend(fontsize=8)
+    p = res["params"]
+    fig.suptitle(f"{p['preset']} ({p['layers'] or 'all'} layers) on {machine_line(res['machine'])[:110]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(res: dict[str, Any], stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
+
+
+# -- main -------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--layers", type=int, default=None, help="model layers (default: the preset's)")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--graphs", default="agg:2,disagg:1p1d")
+    ap.add_argument("--prompt-lens", default="64,256")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (req/s) instead of a closed loop")
+    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=1, help="requests per worker and prompt length before measuring")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: sized for the load)")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--transfer-timeout-s", type=float, default=10.0)
+    ap.add_argument("--request-timeout-s", type=float, default=120.0)
+    ap.add_argument("--startup-timeout-s", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verify", choices=("auto", "assert", "report", "off"), default="auto",
+                    help="compare greedy outputs with the agg graph: assert (CPU default) or report (GPU default)")
+    ap.add_argument("--out", default=None, help="result stem (default benchmarks/results/serve-direct-<device>-<preset>)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        a.graph_specs = [GraphSpec.parse(x) for x in a.graphs.split(",") if x.strip()]
+        a.lens = [int(x) for x in a.prompt_lens.split(",") if x.strip()]
+    except (GraphSpecError, ValueError) as e:
+        ap.error(str(e))
+    if not a.graph_specs or not a.lens or min(a.lens) < 1:
+        ap.error("--graphs and --prompt-lens need at least one entry (prompt lengths >= 1)")
+    if a.requests < 1 or a.output_len < 1 or a.concurrency < 1:
+        ap.error("--requests, --output-len and --concurrency must be >= 1")
+    if a.device == "cuda":
+        try:
+            import torch  # noqa: PLC0415
+
+            n = torch.cuda.device_count()
+        except Exception:  # noqa: BLE001
+            n = 0
+        need = max(s.gpus for s in a.graph_specs)
+        if n < need:
+            ap.error(f"--graphs needs {need} GPUs, this machine has {n}")
+    if a.verify == "auto":
+        a.verify = "assert" if a.device == "cpu" else "report"
+    return a
+
+
+def blocks_needed(a: argparse.Namespace) -> int:
+    per_req = -(-(max(a.lens) + a.output_len + 1) // a.block_size)
+    inflight = a.concurrency if not a.rate else a.requests
+    return per_req * (inflight + a.warmup + 2) + 16
+
+
+async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
+    import tempfile  # noqa: PLC0415
+
+    stem = Path(a.out) if a.out else RESULTS / f"serve-direct-{a.device}-{a.preset}"
+    res: dict[str, Any] = {"machine": machine_info(a.device),
+                           "params": {"preset": a.preset, "layers": a.layers, "graphs": a.graphs, "prompt_lens": a.lens,
+                                      "requests": a.requests, "concurrency": a.concurrency, "rate": a.rate,
+                                      "output_len": a.output_len, "warmup": a.warmup, "block_size": a.block_size,
+                                      "command": argv_text},
+                           "startup_s": {}, "results": []}
+    tokens: dict[str, dict[tuple[int, int], list[int]]] = {}
+    nblocks = a.num_blocks or blocks_needed(a)
+    log_dir = Path(tempfile.mkdtemp(prefix="serve-direct-"))
+    progress = None
+    if not a.no_progress:
+        try:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            progress = tqdm(total=len(a.graph_specs) * len(a.lens) * a.requests, desc="requests", file=sys.stderr,
+                            unit="req", dynamic_ncols=True)
+        except Exception:  # noqa: BLE001
+            progress = None
+    try:
+        for spec in a.graph_specs:
+            g = Graph(spec, a, log_dir)
+            try:
+                await g.start(nblocks, a.startup_timeout_s)
+                res["startup_s"][spec.label] = g.startup_s
+                vocab = int(g.workers[0].ready.get("vocab") or 256)
+                for plen in a.lens:
+                    warm = make_prompts(a.warmup * len(g.workers), plen, vocab, a.seed + 10_000)
+                    if warm:
+                        await run_load(g, warm, min(a.output_len, 4), len(g.workers), None, a.request_timeout_s)
+                    prompts = make_prompts(a.requests, plen, vocab, a.seed)
+                    outs, t0, t1 = await run_load(g, prompts, a.output_len, a.concurrency, a.rate,
+                                                  a.request_timeout_s, progress)
+                    r = summarize(g, plen, outs, t0, t1, a)
+                    res["results"].append(r)
+                    tokens.setdefault(spec.label, {}).update({(plen, o.i): o.tokens for o in outs if o.error is None})
+                    write(res, stem)
+            except WorkerDied as e:
+                res.setdefault("failures", []).append({"graph": spec.label, "error": str(e)})
+                print(f"serve-direct: {spec.label}: {e}", file=sys.stderr)
+            finally:
+                await g.stop()
+    finally:
+        if progress is not None:
+            progress.close()
+    if a.verify != "off":
+        res["verify"] = verify(tokens)
+    write(res, stem)
+    res["_stem"] = str(stem)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    argv_text = "python benchmarks/serve_direct.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = asyncio.run(amain(a, argv_text))
+    print(markdown(res))
+    print(f"written: {res['_stem']}.{{json,md,png}}", file=sys.stderr)
+    bad = [r for r in res["results"] if r["completed"] < r["requests"]]
+    if res.get("failures") or bad:
+        return 1
+    if a.verify == "assert":
+        for gl, s in res.get("verify", {}).get("graphs", {}).items():
+            if s["equal"] != s["compared"]:
+                print(f"serve-direct: {gl}: {s['compared'] - s['equal']} outputs differ from the agg graph", file=sys.stderr)
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
