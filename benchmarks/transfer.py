@@ -66,7 +66,33 @@ PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination dev
 }
 METHODS = ["naive", "planned", "planned-staged", "raw-single", "copy"]
 EXTRA = ["planned-nixl", "cma-2t", "cma-4t", "cuda-ipc", "cuda-ipc-torch", "owner-copy", "owner-copy-staged",
-         "owner-copy-zc"]
+         "owner-copy-zc", "cuda-ipc-direct", "nccl-single", "nccl-planned"]
+NCCL_SLICE_BYTES = 128 << 20  # nccl-planned: gather/isend/irecv/scatter slices (0 = one message)
+
+# One GPU run sweeps these (``--sweep``): rowcopy.TUNING overrides per row, applied through rowcopy.tune
+SWEEP: dict[str, list[dict[str, Any]]] = {
+    "GPU0->GPU1": [
+        {"cross_kernel": "staged-torch", "cross_slice_bytes": 64 << 20, "cross_slots": 2},  # the measured 213
+        {"cross_kernel": "staged-torch", "cross_slice_bytes": 128 << 20, "cross_slots": 2},
+        {"cross_kernel": "staged-torch", "cross_slice_bytes": 256 << 20, "cross_slots": 2},
+        {"cross_kernel": "staged-torch", "cross_slice_bytes": 256 << 20, "cross_slots": 3},
+        {"cross_kernel": "staged-triton", "cross_slice_bytes": 256 << 20, "cross_slots": 2},
+        {"cross_kernel": "direct-read", "triton_block": 2048},
+        {"cross_kernel": "direct-read", "triton_block": 4096},
+        {"cross_kernel": "direct-read", "triton_block": 1024},
+        {"cross_kernel": "direct-write", "triton_block": 2048},
+        {"cross_kernel": "direct-write", "triton_block": 4096},
+        {"cross_kernel": "direct-read", "triton_block": 2048, "index_cache": True},
+    ],
+    "GPU0->GPU0": [
+        {"triton_block": 2048},  # the measured 349
+        {"triton_block": 4096},
+        {"triton_block": 1024},
+        {"triton_block": 512},
+        {"triton_block": 2048, "index_cache": True},
+        {"triton_block": 4096, "index_cache": True},
+    ],
+}
 
 
 def _gpus() -> list[str]:
@@ -187,13 +213,21 @@ class _Bench:
         if sdev >= 0 and ddev >= 0:
             from dynamo_ext.transport import rowcopy
 
-            for name, prefer in (("cuda-ipc", True), ("cuda-ipc-torch", False)):
+            for name, prefer in (("cuda-ipc", True), ("cuda-ipc-torch", False), ("cuda-ipc-direct", True)):
+                if name == "cuda-ipc-direct" and sdev == ddev:
+                    continue
                 if self.want(name):
                     rowcopy.PREFER_TRITON = prefer
+                    old = rowcopy.tune(cross_kernel="direct-read") if name == "cuda-ipc-direct" else {}
                     try:
                         out.append(await self._cuda_ipc(path, sdev, ddev, pool, name))
+                    except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+                        out.append(self._failed(path, name, "cuda_ipc", e))
                     finally:
                         rowcopy.PREFER_TRITON = True
+                        rowcopy.tune(**old)
+        if sdev >= 0 and ddev >= 0 and sdev != ddev:
+            out += self._nccl(path, sdev, ddev)
         if sdev >= 0 and ddev < 0:
             for name in ("owner-copy", "owner-copy-staged", "owner-copy-zc"):
                 if self.want(name):
@@ -301,6 +335,144 @@ class _Bench:
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
                 "backend": f"cma x{be.threads}"}
 
+    def _failed(self, path: str, name: str, backend: str, e: BaseException) -> dict[str, Any]:
+        print(f"{path} {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return {"path": path, "method": name, "gbps": 0.0, "descriptors": 0, "verified": False, "backend": backend,
+                "error": f"{type(e).__name__}: {e}"[:300]}
+
+    def _nccl(self, path: str, sdev: int, ddev: int, backend: str = "nccl") -> list[dict[str, Any]]:
+        """nccl-single / nccl-planned: two fresh processes (torch.distributed, TCPStore on 127.0.0.1)."""
+        from dynamo_ext.transport.fallbacks import nccl
+
+        todo = [m for m in nccl.METHODS if self.want(m)]
+        if not todo:
+            return []
+        try:
+            rows = nccl.run_pair(backend, (sdev, ddev), self.layout_name, self.size, self.reps, todo,
+                                 slice_bytes=NCCL_SLICE_BYTES, timeout=240)
+        except Exception as e:  # noqa: BLE001
+            return [self._failed(path, m, backend, e) for m in todo]
+        self.bar.update(len(todo) * (self.reps + 1))
+        out = []
+        for r in rows:
+            extra = "" if r["method"] == "nccl-single" else f", {r['slices']} slices of {r['slice_bytes'] >> 20} MiB"
+            out.append({"path": path, "method": r["method"], "gbps": r["gbps"], "descriptors": r["descriptors"],
+                        "verified": r["verified"], "backend": f"{backend} send/recv{extra}"})
+        return out
+
+    async def sweep(self, path: str, configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """cuda-ipc transfers on ``path`` once per rowcopy tuning (one peer process for all), each verified."""
+        from dynamo_ext.transport import rowcopy
+
+        sdev, ddev = PATHS[path]
+        self.path = path
+        pool, _ = self.local(sdev)
+        out = []
+        peer = self.ipc_peer(sdev, ddev, "sweep")
+        try:
+            return await self._sweep(path, sdev, ddev, pool, configs, peer, out)
+        finally:
+            self.ipc.remove_peer(peer.info.agent_name)
+            peer.close()
+
+    async def _sweep(self, path: str, sdev: int, ddev: int, pool: KvPool, configs: Sequence[dict[str, Any]],
+                     peer: PeerProcess, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from dynamo_ext.transport import rowcopy
+
+        for i, cfg in enumerate(configs):
+            old = rowcopy.tune(**cfg)
+            label = " ".join(f"{k}={(v >> 20) if k.endswith('bytes') else v}{'M' if k.endswith('bytes') else ''}"
+                             for k, v in cfg.items())
+            try:
+                row = await self._cuda_ipc(path, sdev, ddev, pool, f"sweep-{i}", peer=peer)
+                row["config"] = dict(cfg)
+                row["backend"] = f"cuda_ipc {label}"
+            except Exception as e:  # noqa: BLE001
+                row = self._failed(path, f"sweep-{i}", f"cuda_ipc {label}", e)
+                row["config"] = dict(cfg)
+            finally:
+                rowcopy.tune(**old)
+            print(f"sweep {path} {label}: {row['gbps']:.1f} GB/s verified={row['verified']} {row.get('error', '')}",
+                  flush=True)
+            out.append(row)
+        return out
+
+    async def timeline(self, path: str = "GPU0->GPU0", reps: int = 5, trace: str | None = None) -> dict[str, Any]:
+        """Where the time of one cuda-ipc transfer goes: host phases (perf_counter) vs GPU time (CUDA
+        events) vs the poll/await; plus a torch.profiler trace of one transfer_kv_cache (chrome JSON)."""
+        import torch
+
+        from dynamo_ext.transport import rowcopy
+
+        sdev, ddev = PATHS[path]
+        pool, _ = self.local(sdev)
+        ipc = self._ipc(pool)
+        peer = self.ipc_peer(sdev, ddev, "timeline")
+        phases: dict[str, list[float]] = {k: [] for k in ("plan_ms", "rows_ms", "post_ms", "gpu_ms", "poll_ms",
+                                                          "direct_total_ms", "transfer_kv_cache_ms", "kernel_only_ms")}
+        try:
+            remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+            dev = torch.device(f"cuda:{ddev}")
+            for i in range(reps + 1):
+                torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                plan = plan_transfer(pool.layout, self.src_ids, self.layout, self.dst_ids, stage=False)
+                t1 = time.perf_counter()
+                rowcopy.rows_of(plan.wire, pool.nbytes, remote.pool.nbytes)
+                t2 = time.perf_counter()
+                e0 = torch.cuda.Event(enable_timing=True)
+                e0.record(torch.cuda.current_stream(dev))
+                t3 = time.perf_counter()
+                req = ipc.post("write", pool, peer.info.agent_name, remote.pool, plan.wire)
+                t4 = time.perf_counter()
+                e1 = torch.cuda.Event(enable_timing=True)
+                e1.record(torch.cuda.current_stream(dev))
+                while not req.poll():
+                    await asyncio.sleep(0)
+                t5 = time.perf_counter()
+                e1.synchronize()
+                t6 = time.perf_counter()
+                h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc, deadline_s=60,
+                                            metrics=None)
+                await h
+                t7 = time.perf_counter()
+                # the kernel alone, indices already on the GPU
+                rt = ipc._remote[(peer.info.agent_name, "kv")]  # noqa: SLF001
+                s_r, d_r, unit = rowcopy.rows_of(plan.wire, pool.nbytes, remote.pool.nbytes)
+                from dynamo_ext.transport.staging import _as_rows
+
+                si, di = torch.from_numpy(s_r).to(dev), torch.from_numpy(d_r).to(dev)
+                torch.cuda.synchronize(dev)
+                k0, k1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                k0.record()
+                with torch.cuda.device(dev):
+                    rowcopy._launch_rows(_as_rows(pool.tensor_u8(), unit, rt), _as_rows(rt, unit, pool.tensor_u8()),  # noqa: SLF001
+                                         si, di, s_r.shape[0], rowcopy._use_triton(rt, None))  # noqa: SLF001
+                k1.record()
+                k1.synchronize()
+                if i:
+                    for k, v in (("plan_ms", t1 - t0), ("rows_ms", t2 - t1), ("post_ms", t4 - t3), ("poll_ms", t5 - t4),
+                                 ("direct_total_ms", t6 - t0), ("transfer_kv_cache_ms", t7 - t6)):
+                        phases[k].append(v * 1e3)
+                    phases["gpu_ms"].append(e0.elapsed_time(e1))
+                    phases["kernel_only_ms"].append(k0.elapsed_time(k1))
+            prof_table = ""
+            if trace:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc,
+                                                deadline_s=60, metrics=None)
+                    await h
+                    torch.cuda.synchronize(dev)
+                prof.export_chrome_trace(trace)
+                prof_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=15)
+            ipc.remove_peer(peer.info.agent_name)
+        finally:
+            peer.close()
+        med = {k: round(statistics.median(v), 3) for k, v in phases.items() if v}
+        return {"path": path, "bytes": self.nbytes, "median": med, "profile_table": prof_table, "trace": trace}
+
     async def _owner_copy(self, path: str, pool: KvPool, name: str) -> dict[str, Any]:
         """GPU -> host tier inside the owner process (no peer): the pool's own pinned host tier."""
         import torch
@@ -337,19 +509,34 @@ class _Bench:
                 "backend": {"owner-copy": "local (transfer_kv_cache)", "owner-copy-staged": "local (staged + host scatter)",
                             "owner-copy-zc": "local (zero-copy kernel)"}[name]}
 
-    async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool, name: str = "cuda-ipc") -> dict[str, Any]:
-        """planned transfer through the CUDA IPC fallback (a second peer process, same node)."""
+    def _ipc(self, pool: KvPool) -> Any:
         from dynamo_ext.transport.fallbacks.cuda_ipc import CudaIpcBackend
 
         if getattr(self, "ipc", None) is None:
             self.ipc = CudaIpcBackend(f"bench-ipc-{os.getpid()}")
-        ipc = self.ipc
-        if not ipc.is_registered(pool):
-            ipc.register_pool(pool)
-        peer = PeerProcess.start(backend="cuda_ipc", name=f"bench-{name}-peer-{sdev}{ddev}-{os.getpid()}",
+        if not self.ipc.is_registered(pool):
+            self.ipc.register_pool(pool)
+        return self.ipc
+
+    def ipc_peer(self, sdev: int, ddev: int, tag: str) -> PeerProcess:
+        pool, _ = self.local(sdev)
+        ipc = self._ipc(pool)
+        peer = PeerProcess.start(backend="cuda_ipc", name=f"bench-{tag}-peer-{sdev}{ddev}-{os.getpid()}",
                                  layout=self.layout, seed=13, extra=["--device", str(ddev)], timeout=120)
+        ipc.add_peer(peer.info)
+        return peer
+
+    async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool, name: str = "cuda-ipc",
+                        peer: PeerProcess | None = None) -> dict[str, Any]:
+        """planned transfer through the CUDA IPC fallback (a second peer process, same node; ``peer``: reuse
+        one, refilled first so the verification covers this run only)."""
+        ipc = self._ipc(pool)
+        own = peer is None
+        if own:
+            peer = self.ipc_peer(sdev, ddev, name)
+        else:
+            await peer.acall({"cmd": "fill", "seed": 29}, timeout=120)
         try:
-            ipc.add_peer(peer.info)
             remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
             nd = [0]
 
@@ -361,13 +548,15 @@ class _Bench:
             times = await self._timed(go)
             ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
                 digest(pool_bytes(pool), self.layout, self.src_ids)
-            ipc.remove_peer(peer.info.agent_name)
         finally:
-            peer.close()
+            if own:
+                ipc.remove_peer(peer.info.agent_name)
+                peer.close()
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": "cuda_ipc" + (" (triton)" if name == "cuda-ipc" and _triton() and sdev == ddev else " (torch)")}
+                "backend": "cuda_ipc" + (" (direct-read Triton kernel)" if name == "cuda-ipc-direct" else
+                                     " (triton)" if name == "cuda-ipc" and _triton() and sdev == ddev else " (torch)")}
 
     async def _copy_ceiling(self, sdev: int, ddev: int) -> tuple[list[float], bool]:
         n = self.nbytes
@@ -484,7 +673,86 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
     return result
 
 
+def run_sweep(paths: Sequence[str], size_bytes: int, layout_name: str, reps: int, json_path: str | Path,
+              timeline: bool = False, trace: str | None = None) -> dict[str, Any]:
+    """rowcopy tunings (SWEEP) per path through cuda-ipc, then optionally the same-GPU timeline."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(SWEEP[p]) for p in paths) * (reps + 1), desc="sweep", unit="xfer", file=sys.stderr)
+    bench = _Bench(size_bytes, layout_name, reps, bar)
+    doc: dict[str, Any] = {"machine": machine_string(), "size_bytes": int(bench.nbytes), "layout": layout_name,
+                           "reps": reps, "results": [], "timeline": None}
+
+    async def main() -> None:
+        for p in paths:
+            doc["results"] += await bench.sweep(p, SWEEP[p])
+            write_outputs(doc, Path(json_path), png=False)
+        if timeline:
+            doc["timeline"] = await bench.timeline("GPU0->GPU0", reps=reps, trace=trace)
+            print("timeline GPU0->GPU0 (ms, median):", json.dumps(doc["timeline"]["median"]), flush=True)
+            if doc["timeline"]["profile_table"]:
+                print(doc["timeline"]["profile_table"], flush=True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        bar.close()
+        bench.be.close_sync()
+    write_outputs(doc, Path(json_path), png=False)
+    return doc
+
+
+def dry_run(json_dir: Path) -> dict[str, Any]:
+    """CPU check of what the GPU session runs: every SWEEP config is a valid rowcopy tuning, the NCCL row
+    code runs (gloo, two processes, tiny layout, verified), and the summary reads the files it writes."""
+    from dynamo_ext.transport import rowcopy
+    from dynamo_ext.transport.fallbacks import nccl
+
+    saved = dict(rowcopy.TUNING)
+    try:
+        for p, cfgs in SWEEP.items():
+            for c in cfgs:
+                rowcopy.tune(**c)
+    finally:
+        rowcopy.TUNING.clear()
+        rowcopy.TUNING.update(saved)
+    rows = nccl.run_pair("gloo", (0, 1), "tiny", 1 << 20, 1, list(nccl.METHODS), slice_bytes=256 << 10, timeout=120)
+    doc = {"machine": machine_string(), "size_bytes": 1 << 20, "layout": "tiny", "reps": 1,
+           "results": [{"path": "host->host (gloo)", "method": r["method"], "gbps": r["gbps"],
+                        "descriptors": r["descriptors"], "verified": r["verified"], "backend": "gloo send/recv"}
+                       for r in rows],
+           "sweep_configs": sum(len(v) for v in SWEEP.values())}
+    json_dir.mkdir(parents=True, exist_ok=True)
+    write_outputs(doc, json_dir / "dry-run.json", png=False)
+    return doc
+
+
+def summarize(files: Sequence[str | Path]) -> str:
+    """One table over result JSONs (bench rows, sweep rows, timeline medians), best first per path."""
+    lines = ["| source | path | method | backend / config | GB/s | verified |", "|---|---|---|---|---:|---|"]
+    notes = []
+    for f in files:
+        f = Path(f)
+        if not f.exists():
+            notes.append(f"missing: {f.name} (stage failed or timed out)")
+            continue
+        try:
+            doc = json.loads(f.read_text())
+        except ValueError as e:
+            notes.append(f"unreadable: {f.name}: {e}")
+            continue
+        for r in doc.get("results", []):
+            err = f" ERROR {r['error'][:60]}" if r.get("error") else ""
+            lines.append(f"| {f.stem} | {r['path']} | {r['method']} | {r.get('backend', '')} | {r['gbps']:.1f} | "
+                         f"{r['verified']}{err} |")
+        tl = doc.get("timeline")
+        if tl:
+            notes.append(f"timeline {tl['path']} ms: " + ", ".join(f"{k}={v}" for k, v in tl["median"].items()))
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global NCCL_SLICE_BYTES
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="1GiB")
     p.add_argument("--layout", default="llama3-70b")
@@ -492,7 +760,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--paths", default="", help=f"comma-separated subset of {list(PATHS)}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--methods", default="", help=f"comma-separated subset of {METHODS + EXTRA} (default: all)")
+    p.add_argument("--tune", default="", help="rowcopy tuning for this run, e.g. cross_kernel=direct-read,triton_block=4096")
+    p.add_argument("--nccl-slice-bytes", type=int, default=NCCL_SLICE_BYTES, help="nccl-planned slices (0: one message)")
+    p.add_argument("--sweep", default="", help=f"sweep rowcopy tunings on these paths ({list(SWEEP)}, or 'all')")
+    p.add_argument("--timeline", action="store_true", help="with --sweep: phase timeline of one same-GPU transfer")
+    p.add_argument("--trace", default=None, help="with --timeline: torch.profiler chrome trace file")
+    p.add_argument("--dry-run", default=None, metavar="DIR", help="CPU check of the GPU session's Python parts")
+    p.add_argument("--summarize", nargs="*", default=None, metavar="JSON", help="print one table over result files")
     a = p.parse_args(argv)
+    NCCL_SLICE_BYTES = a.nccl_slice_bytes
+    if a.summarize is not None:
+        print(summarize(a.summarize), flush=True)
+        return 0
+    if a.dry_run:
+        d = dry_run(Path(a.dry_run))
+        print(markdown_table(d), flush=True)
+        return 0 if all(r["verified"] for r in d["results"]) else 1
+    if a.tune:
+        from dynamo_ext.transport import rowcopy
+
+        rowcopy.tune(**rowcopy.parse_tuning(a.tune))
+    if a.sweep:
+        sp = list(SWEEP) if a.sweep == "all" else [x for x in a.sweep.split(",") if x]
+        bad = [x for x in sp if x not in SWEEP]
+        if bad:
+            raise SystemExit(f"--sweep: unknown paths {bad}; allowed: {list(SWEEP)} or 'all'")
+        if len(_gpus()) < 2:
+            sp = [x for x in sp if PATHS[x][1] == 0]
+        out = a.json or str(RESULTS / f"transfer-sweep-{a.layout}-{parse_size(a.size) >> 20}MiB.json")
+        d = run_sweep(sp, parse_size(a.size), a.layout, a.reps, out, a.timeline, a.trace)
+        print(summarize([out]), flush=True)
+        return 0
     r = run_transfer_bench(parse_size(a.size), a.layout, a.json, [x for x in a.paths.split(",") if x] or None, a.reps,
                            [x for x in a.methods.split(",") if x] or None)
     print(markdown_table(r), flush=True)  # the table, last
