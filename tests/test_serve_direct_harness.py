@@ -1,0 +1,95 @@
+"""`dynamo-ext bench serve-direct` on CPU: real worker processes (engine + BlockPool + EngineRunner), KV pulled
+between two processes by the transport layer, the same code path the GPU run uses with cuda_ipc pools."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("serve_direct_under_test", ROOT / "benchmarks" / "serve_direct.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_serve_direct_cpu_end_to_end(tmp_path):
+    stem = tmp_path / "sd"
+    r = subprocess.run(
+        [sys.executable, "-m", "dynamo_ext.cli", "bench", "serve-direct", "--graphs", "agg:2,disagg:1p1d",
+         "--prompt-lens", "40,100", "--requests", "6", "--concurrency", "3", "--output-len", "6",
+         "--out", str(stem), "--no-progress"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert set(data) >= {"machine", "params", "startup_s", "results", "verify"}
+    rows = data["results"]
+    assert [(x["graph"], x["prompt_len"]) for x in rows] == [("agg-2", 40), ("agg-2", 100),
+                                                              ("disagg-1p1d", 40), ("disagg-1p1d", 100)]
+    for row in rows:
+        assert row["completed"] == 6 and not row["errors"], row
+        assert row["ttft_p99_s"] >= row["ttft_p50_s"] > 0 and row["requests_per_s"] > 0
+    # every disaggregated request was pulled, and the bytes are exactly its prompt blocks' KV
+    layout_bytes_per_block = None
+    for row in rows[2:]:
+        assert row["kv_pulls"] == 6
+        nblocks = -(-(row["prompt_len"] + 1) // 16)  # prefill holds the prompt's blocks plus room for the first token
+        per_block = row["kv_bytes_per_request"] / nblocks
+        assert per_block == int(per_block) and per_block > 0
+        layout_bytes_per_block = layout_bytes_per_block or per_block
+        assert per_block == layout_bytes_per_block
+        assert 0 < row["kv_share_of_ttft"] < 1
+        (pair,) = row["pairs"].values()
+        assert pair["kind"] == "host-shm" and pair["transfers"] == 6 and pair["measured_gbps_p50"] > 0
+    v = data["verify"]["graphs"]["disagg-1p1d"]
+    assert v["compared"] == 12 and v["equal"] == 12  # greedy: disagg == agg token for token
+    md = stem.with_suffix(".md").read_text()
+    assert "| disagg-1p1d | 100 | 6/6 |" in md and "12/12 equal" in md
+    assert stem.with_suffix(".png").stat().st_size > 1000
+    assert r.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
+
+
+def test_graph_spec_errors_name_the_allowed_forms():
+    m = _module()
+    assert m.GraphSpec.parse("agg:4").decode == 4 and m.GraphSpec.parse("disagg:2p2d").gpus == 4
+    for bad in ("agg:0", "disagg:2p", "both:2", "disagg:xpyd"):
+        with pytest.raises(m.GraphSpecError, match="agg:N or disagg:XpYd"):
+            m.GraphSpec.parse(bad)
+
+
+def test_killed_decode_worker_fails_its_requests_clearly(tmp_path):
+    """A decode worker SIGKILLed mid-run: its requests end with an error naming it, within the bound; no hang."""
+    m = _module()
+    a = m.parse_args(["--graphs", "disagg:1p1d", "--prompt-lens", "64", "--output-len", "1900", "--no-progress"])
+
+    async def scenario():
+        g = m.Graph(m.GraphSpec.parse("disagg:1p1d"), a, tmp_path)
+        try:
+            await g.start(512, 120)
+            prompts = m.make_prompts(3, 64, int(g.workers[0].ready["vocab"]), 1)
+            tasks = [asyncio.create_task(g.serve(i, p, 1900, 0.0, 60)) for i, p in enumerate(prompts)]
+            await asyncio.sleep(0.5)
+            os.kill(g.decode[0].proc.pid, signal.SIGKILL)
+            outs = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            late = await asyncio.wait_for(g.serve(9, prompts[0], 4, 0.0, 60), 10)  # after the death: refused at once
+            return outs, late
+        finally:
+            await g.stop()
+
+    outs, late = asyncio.run(scenario())
+    assert all(o.error and "decode-0" in o.error and "exited with code -9" in o.error for o in outs), outs
+    assert late.error and "decode-0" in late.error
