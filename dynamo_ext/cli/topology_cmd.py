@@ -5,12 +5,18 @@ Endpoints are each GPU and the host memory; every pair (including a GPU with its
 host) is shown as two separate worker processes on this node, which is how workers are deployed
 (one process per GPU) — a pair inside one process is always a local copy and is not listed.
 
+``--probe`` moves real data on each pair (``probe_route`` picks how): host<->host through NIXL between
+two processes; with CUDA GPUs also GPUi->GPUj and same GPU across two processes (CUDA IPC,
+``transport.probe.GpuProber``, one peer per destination GPU) and GPUi->host (the owner's copy into its
+pinned host tier); ``--probe-bytes`` per transfer (default 256 MiB), 1 warm-up + 3 timed, verified.
+
 Exit codes: 0 ok; 2 bad --gpu; 3 --probe while ``dynamo_ext.transport.probe`` is not available.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib
 import itertools
@@ -56,6 +62,22 @@ def _load_probe() -> Any | None:
     return getattr(mod, "probe_pair", None)
 
 
+def probe_route(a: Endpoint, b: Endpoint, choice: TransportChoice, cuda_index: dict[int, int | None]) -> tuple[str, int, int]:
+    """How ``--probe`` measures a pair: ("host", -1, -1) = NIXL host probe between two processes;
+    ("gpu", src cuda index, dst cuda index or -1 for host) = GpuProber (CUDA IPC between two processes,
+    or the owner's GPU -> pinned host copy); ("n/a: why", -1, -1) = not probed.
+    ``cuda_index``: topology GPU index -> CUDA device index (None: hidden from CUDA)."""
+    if a.device == "host" and b.device == "host":
+        return ("host", -1, -1) if choice.backend == "nixl" else (f"n/a: backend {choice.backend} (no peer-process probe)", -1, -1)
+    if a.device == "host":  # the table lists GPUs first; keep GPU as the source
+        a, b = b, a
+    ca = cuda_index.get(int(a.device))  # type: ignore[arg-type]
+    cb = -1 if b.device == "host" else cuda_index.get(int(b.device))  # type: ignore[arg-type]
+    if ca is None or cb is None:
+        return ("n/a: GPU not visible to CUDA in this process (CUDA_VISIBLE_DEVICES?)", -1, -1)
+    return ("gpu", int(ca), int(cb))
+
+
 def probe_one(probe_pair: Any, a: Endpoint, b: Endpoint, choice: TransportChoice, nbytes: int) -> str | dict:
     """Measure one pair with ``dynamo_ext.transport.probe.probe_pair(nbytes, backend=, choice=, direction=)``
     (a fresh peer process, host memory, median of 3 after a warm-up). That probe moves host memory only,
@@ -67,6 +89,40 @@ def probe_one(probe_pair: Any, a: Endpoint, b: Endpoint, choice: TransportChoice
     out: dict[str, float] = {}
     for direction in ("write", "read"):  # READ and WRITE can differ (nixl#610)
         out[direction] = float(probe_pair(nbytes, backend="nixl", choice=choice.nixl_choice(), direction=direction))
+    return out
+
+
+def probe_all(probe_pair: Any, pairs: list[tuple[str, str, Endpoint, Endpoint, TransportChoice]],
+              cuda_index: dict[int, int | None], nbytes: int) -> dict[tuple[str, str], Any]:
+    """Every pair by its probe_route; GPU pairs share one GpuProber (one peer process per destination
+    GPU); errors are reported per pair. Progress on stderr."""
+    from tqdm import tqdm
+
+    out: dict[tuple[str, str], Any] = {}
+    prober = None
+    try:
+        for na, nb, a, b, c in tqdm(pairs, desc="probe", unit="pair", file=sys.stderr):
+            how, src, dst = probe_route(a, b, c, cuda_index)
+            try:
+                if how == "host":
+                    out[(na, nb)] = probe_one(probe_pair, a, b, c, nbytes)
+                elif how == "gpu":
+                    if prober is None:
+                        from dynamo_ext.transport.probe import GpuProber
+
+                        prober = GpuProber(nbytes)
+                    r = asyncio.run(prober.probe(src, dst))
+                    if not r["verified"]:
+                        out[(na, nb)] = f"error: bytes differ after the transfer ({r['write']:.3g} GB/s)"
+                    else:
+                        out[(na, nb)] = {"write": float(r["write"])}
+                else:
+                    out[(na, nb)] = how
+            except Exception as e:  # report per pair, keep going
+                out[(na, nb)] = f"error: {e}"
+    finally:
+        if prober is not None:
+            prober.close()
     return out
 
 
@@ -100,13 +156,11 @@ def run(args: argparse.Namespace) -> int:
     pairs = local_pairs(topo)
     measured: dict[tuple[str, str], Any] = {}
     if probe_pair is not None:
+        nbytes = int(getattr(args, "probe_bytes", 256 << 20))
+        cuda_index = {g.index: g.cuda_index for g in topo.gpus}
         # NIXL logs to stdout (its "nixl" logger): keep stdout for our table/JSON only
         with contextlib.redirect_stdout(sys.stderr), _nixl_log_to_stderr():
-            for na, nb, a, b, c in pairs:
-                try:
-                    measured[(na, nb)] = probe_one(probe_pair, a, b, c, int(getattr(args, "probe_bytes", 256 << 20)))
-                except Exception as e:  # report per pair, keep going
-                    measured[(na, nb)] = f"error: {e}"
+            measured = probe_all(probe_pair, pairs, cuda_index, nbytes)
     if getattr(args, "json", False):
         doc = {"topology": topo.to_dict(), "pairs": []}
         for na, nb, _a, _b, c in pairs:

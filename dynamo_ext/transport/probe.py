@@ -24,6 +24,9 @@ benchmark too::
     {"cmd": "add_peer", "info": base64}        -> add the caller as a peer (to ack staged WRITEs)
     {"cmd": "exit"}                            -> {"ok": true}, then the process exits
 
+``GpuProber(nbytes).probe(src_gpu, dst_gpu | -1)`` measures the GPU paths the same way (CUDA IPC
+to a peer process per destination GPU; -1 = the owner's copy into its pinned host tier), verified.
+
 The peer polls its backend (progress + notifications) every millisecond while idle: NIXL runs
 without its progress thread. ``publish``/``on_ready`` hooks let a caller also put the PeerInfo in
 etcd (tests/transport/peer_proc.py does).
@@ -366,6 +369,84 @@ async def probe_pair_async(nbytes: int = 256 << 20, *, backend: str = "nixl", ch
 def probe_pair(nbytes: int = 256 << 20, **kw: Any) -> float:
     """Synchronous wrapper of ``probe_pair_async`` (for the CLI: ``dynamo-ext topology --probe``)."""
     return asyncio.run(probe_pair_async(nbytes, **kw))
+
+
+# -- GPU paths (``dynamo-ext topology --probe`` on a CUDA machine) ----------------------------------
+class GpuProber:
+    """Scattered whole-pool WRITEs between GPUs of this node, verified (sha256 of the destination chunks):
+
+    ``probe(src, dst)``  dst >= 0: CUDA IPC to a peer PROCESS whose pool is on GPU dst (same GPU when
+                         src == dst); one peer per destination GPU, reused for every source GPU.
+                         dst == -1: GPU -> host tier, the owner's copy into its own pinned host pool
+                         (transfer_kv_cache(gpu_pool, host_pool): zero-copy row kernel when Triton).
+    Block ids: the destination ids are a fixed permutation of the source ids (1 MiB chunks)."""
+
+    def __init__(self, nbytes: int = 256 << 20, reps: int = 3) -> None:
+        self.layout = probe_layout(nbytes)
+        self.reps = reps
+        self.peers: dict[int, PeerProcess] = {}
+        self.pools: dict[int, KvPool] = {}
+        self.tier: KvPool | None = None
+        self.be: Any = None
+        n = self.layout.num_blocks
+        self.src_ids = list(range(n))
+        self.dst_ids = [int(x) for x in np.random.default_rng(7).permutation(n)]
+
+    def _pool(self, dev: int) -> KvPool:
+        if dev not in self.pools:
+            pool = KvPool.allocate_device(f"probe{dev}", self.layout, dev)
+            fill_pool(pool, 3 + dev)
+            self.pools[dev] = pool
+        return self.pools[dev]
+
+    async def probe(self, src: int, dst: int) -> dict[str, Any]:
+        from .transfer import RemotePool, transfer_kv_cache  # noqa: PLC0415
+
+        pool = self._pool(src)
+        want = digest(pool_bytes(pool), self.layout, self.src_ids)
+        if dst < 0:
+            if self.tier is None:
+                self.tier = KvPool.allocate_host("probe-tier", self.layout, pin=True)
+            target: Any = self.tier
+            backend = None
+        else:
+            if self.be is None:
+                from .fallbacks.cuda_ipc import CudaIpcBackend  # noqa: PLC0415
+
+                self.be = CudaIpcBackend(f"probe-ipc-{os.getpid()}")
+            if not self.be.is_registered(pool):
+                self.be.register_pool(pool)
+            if dst not in self.peers:
+                peer = PeerProcess.start(backend="cuda_ipc", name=f"probe-gpu{dst}-{os.getpid()}", layout=self.layout,
+                                         seed=9, extra=["--device", str(dst)], timeout=120)
+                self.peers[dst] = peer
+                self.be.add_peer(peer.info)
+            else:
+                await self.peers[dst].acall({"cmd": "fill", "seed": 9 + src}, timeout=120)
+            peer = self.peers[dst]
+            target = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+            backend = self.be
+        rates = []
+        for i in range(self.reps + 1):
+            t0 = time.perf_counter()
+            h = await transfer_kv_cache(pool, target, (self.src_ids, self.dst_ids), backend=backend, deadline_s=60,
+                                        metrics=None)
+            await h
+            if i:
+                rates.append(self.layout.pool_bytes / (time.perf_counter() - t0) / 1e9)
+        if dst < 0:
+            assert self.tier is not None
+            got = digest(self.tier.host_view(), self.layout, self.dst_ids)
+        else:
+            got = (await self.peers[dst].acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=120))["sha256"]
+        return {"write": statistics.median(rates), "verified": got == want}
+
+    def close(self) -> None:
+        for name, p in list(self.peers.items()):
+            if self.be is not None:
+                self.be.remove_peer(p.info.agent_name)
+            p.close()
+            del self.peers[name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,3 +82,42 @@ def test_real_probe_host_pair(capsys):
     doc = json.loads(capsys.readouterr().out)
     hh = next(p for p in doc["pairs"] if p["a"] == "host" and p["b"] == "host")
     assert hh["measured"]["write"] > 0.1 and hh["measured"]["read"] > 0.1, hh
+
+
+def test_probe_route_picks_the_gpu_branch_per_pair():
+    t = nvlink_node()
+    routes = {(a, b): topology_cmd.probe_route(ea, eb, c, {0: 0, 1: 1}) for a, b, ea, eb, c in topology_cmd.local_pairs(t)}
+    assert routes == {("gpu0", "gpu0"): ("gpu", 0, 0), ("gpu0", "gpu1"): ("gpu", 0, 1), ("gpu0", "host"): ("gpu", 0, -1),
+                      ("gpu1", "gpu1"): ("gpu", 1, 1), ("gpu1", "host"): ("gpu", 1, -1), ("host", "host"): ("host", -1, -1)}
+    hidden = {(a, b): topology_cmd.probe_route(ea, eb, c, {0: 0, 1: None})[0]
+              for a, b, ea, eb, c in topology_cmd.local_pairs(t)}
+    assert hidden[("gpu0", "gpu0")] == "gpu" and hidden[("gpu0", "gpu1")].startswith("n/a: GPU not visible")
+
+
+def test_probe_all_sends_gpu_pairs_to_one_gpu_prober(monkeypatch):
+    """GPUs cannot run here: GpuProber is replaced; the routing, reporting and cleanup are real."""
+    from dynamo_ext.transport import probe as tprobe
+
+    made = []
+
+    class FakeProber:
+        def __init__(self, nbytes):
+            self.nbytes, self.calls, self.closed = nbytes, [], False
+            made.append(self)
+
+        async def probe(self, src, dst):
+            self.calls.append((src, dst))
+            return {"write": 100.0 + 10 * src + dst, "verified": (src, dst) != (1, -1)}
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tprobe, "GpuProber", FakeProber)
+    pairs = topology_cmd.local_pairs(nvlink_node())
+    host_calls = []
+    m = topology_cmd.probe_all(lambda n, **kw: host_calls.append(kw["direction"]) or 7.0, pairs, {0: 0, 1: 1}, 4 << 20)
+    assert len(made) == 1 and made[0].closed and made[0].nbytes == 4 << 20
+    assert made[0].calls == [(0, 0), (0, 1), (0, -1), (1, 1), (1, -1)]
+    assert m[("gpu0", "gpu1")] == {"write": 101.0} and m[("host", "host")] == {"write": 7.0, "read": 7.0}
+    assert m[("gpu1", "host")].startswith("error: bytes differ")
+    assert "W 101" in topology_cmd.format_pairs(pairs, m)
