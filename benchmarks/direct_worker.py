@@ -218,7 +218,7 @@ class DirectWorker:
 
     async def do_stats(self) -> None:
         ld = self.runner.load()
-        await self.emit("stats", steps=self.runner.steps, prefills=self.runner.prefills, free_blocks=self.pool.num_free,
+        await self.emit("stats", rid="__stats__", steps=self.runner.steps, prefills=self.runner.prefills, free_blocks=self.pool.num_free,
                         held=len(self.held), running=ld.running, waiting=ld.waiting, transfers=self.transfers)
 
     async def run_command(self, c: Any) -> None:

@@ -262,6 +262,8 @@ class Graph:
         self._seq = 0
         self.pairs: dict[str, dict[str, Any]] = {}
         self.startup_s = 0.0
+        self.release_errors: list[str] = []
+        self._bg: set[asyncio.Task[None]] = set()
 
     async def start(self, num_blocks: int, timeout: float) -> None:
         t0 = time.perf_counter()
@@ -274,6 +276,11 @@ class Graph:
                 d.send({"op": "add_peer", "info": p.ready["peer_info"]})
         self.startup_s = time.perf_counter() - t0
         self.pairs = describe_pairs(self)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait for the outstanding releases (the prefill workers' pools back to idle)."""
+        if self._bg:
+            await asyncio.wait(set(self._bg), timeout=timeout)
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
@@ -311,8 +318,10 @@ class Graph:
                     if not p.dead:
                         p.send({"op": "release", "rid": rid})
                 p.inflight -= 1
+                # the release runs on the prefill's engine thread (behind its queued prefills): never wait for
+                # it on the request's path, as the Dynamo decode worker does not either
+                self._track_release(p, qp, rid, timeout)
                 p = None
-                await wait_event(qp, "released", timeout, f"release of {rid}")
             await wait_event(qd, "first", timeout, f"first token of {rid} on {d.name}")
             o.first = time.perf_counter()
             ev = await wait_event(qd, "done", timeout, f"decode of {rid} on {d.name}")
@@ -325,9 +334,36 @@ class Graph:
             d.done(rid)
             if p is not None:
                 p.inflight -= 1
-            for w in self.prefill:
-                w.done(rid)
+                p.done(rid)
         return o
+
+    async def stats(self) -> list[dict[str, Any]]:
+        out = []
+        for w in self.workers:
+            q = w.expect("__stats__")
+            try:
+                w.send({"op": "stats"})
+                out.append({"name": w.name, **(await wait_event(q, "stats", 10.0, f"stats of {w.name}"))})
+            except Exception as e:  # noqa: BLE001
+                out.append({"name": w.name, "error": str(e)})
+            finally:
+                w.done("__stats__")
+        return out
+
+    def _track_release(self, p: WorkerProc, q: asyncio.Queue[dict[str, Any]], rid: str, timeout: float) -> None:
+        async def wait() -> None:
+            try:
+                ev = await wait_event(q, "released", timeout, f"release of {rid} on {p.name}")
+                if not ev.get("held"):
+                    self.release_errors.append(f"{rid}: {p.name} no longer held the blocks")
+            except Exception as e:  # noqa: BLE001
+                self.release_errors.append(str(e))
+            finally:
+                p.done(rid)
+
+        t = asyncio.get_running_loop().create_task(wait())
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
 
 
 def describe_pairs(g: Graph) -> dict[str, dict[str, Any]]:
@@ -661,6 +697,12 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
                     outs, t0, t1 = await run_load(g, prompts, a.output_len, a.concurrency, a.rate,
                                                   a.request_timeout_s, progress)
                     r = summarize(g, plen, outs, t0, t1, a)
+                    await g.drain(a.request_timeout_s)
+                    st = await g.stats()
+                    # no stranded blocks: every prefill handle released, every pool back to all-free
+                    r["held_handles_after"] = sum(int(x.get("held", 0)) for x in st)
+                    r["release_errors"] = g.release_errors[:5]
+                    g.release_errors.clear()
                     res["results"].append(r)
                     tokens.setdefault(spec.label, {}).update({(plen, o.i): o.tokens for o in outs if o.error is None})
                     write(res, stem)

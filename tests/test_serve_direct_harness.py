@@ -41,7 +41,8 @@ def test_serve_direct_cpu_end_to_end(tmp_path):
     assert [(x["graph"], x["prompt_len"]) for x in rows] == [("agg-2", 40), ("agg-2", 100),
                                                               ("disagg-1p1d", 40), ("disagg-1p1d", 100)]
     for row in rows:
-        assert row["completed"] == 6 and not row["errors"], row
+        assert row["completed"] == 6 and not row["errors"] and not row["release_errors"], row
+        assert row["held_handles_after"] == 0
         assert row["ttft_p99_s"] >= row["ttft_p50_s"] > 0 and row["requests_per_s"] > 0
     # every disaggregated request was pulled, and the bytes are exactly its prompt blocks' KV
     layout_bytes_per_block = None
