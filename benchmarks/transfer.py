@@ -535,7 +535,7 @@ class _Bench:
         if own:
             peer = self.ipc_peer(sdev, ddev, name)
         else:
-            await peer.acall({"cmd": "fill", "seed": 29}, timeout=120)
+            await peer.acall({"cmd": "clear", "value": 29}, timeout=120)
         try:
             remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
             nd = [0]

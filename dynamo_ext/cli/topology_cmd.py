@@ -96,7 +96,11 @@ def probe_all(probe_pair: Any, pairs: list[tuple[str, str, Endpoint, Endpoint, T
               cuda_index: dict[int, int | None], nbytes: int) -> dict[tuple[str, str], Any]:
     """Every pair by its probe_route; GPU pairs share one GpuProber (one peer process per destination
     GPU); errors are reported per pair. Progress on stderr."""
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress only
+        def tqdm(it: Any, **_kw: Any) -> Any:  # type: ignore[no-redef]
+            return it
 
     out: dict[tuple[str, str], Any] = {}
     prober = None

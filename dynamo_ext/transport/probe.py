@@ -14,6 +14,7 @@ The peer speaks JSON lines on stdin/stdout (one command, one reply), used by the
 benchmark too::
 
     {"cmd": "fill", "seed": s}                 -> pool := pattern(seed)          {"ok": true}
+    {"cmd": "clear", "value": v}               -> every byte := v (one GPU fill)   {"ok": true}
     {"cmd": "digest", "blocks": [...]|null, "ranges": [[off, n], ...]|null}
                                                -> sha256 of those blocks' chunks (block, layer, kv order),
                                                   of the byte ranges, or of the whole pool  {"ok": true, "sha256": hex}
@@ -105,6 +106,19 @@ def fill_pool(pool: KvPool, seed: int) -> None:
     torch.cuda.synchronize()
 
 
+def clear_pool(pool: KvPool, value: int) -> None:
+    """Every byte := ``value`` (0-255); on a GPU one fill kernel (fast, unlike the pattern's upload)."""
+    if not 0 <= value <= 255:
+        raise ValueError(f"clear: value must be 0..255, got {value}")
+    if pool.kind.value == "host":
+        pool.host_view().fill(value)
+        return
+    import torch  # noqa: PLC0415
+
+    pool.tensor_u8().fill_(value)
+    torch.cuda.synchronize(pool.device_id)
+
+
 def scatter_staged(staging: KvPool, pool: KvPool, cmd: dict[str, Any]) -> float:
     """Destination half of a staged plan: recompute the (pure) plan, scatter staging -> pool."""
     import torch  # noqa: PLC0415
@@ -192,6 +206,8 @@ async def _peer_main(args: argparse.Namespace, publish: Callable[[PeerInfo, argp
         reply: dict[str, Any] = {"ok": True}
         if c == "fill":
             fill_pool(pool, int(cmd["seed"]))
+        elif c == "clear":
+            clear_pool(pool, int(cmd.get("value", 0)))
         elif c == "digest":
             reply["sha256"] = digest(pool_bytes(pool), layout, cmd.get("blocks"), cmd.get("ranges"))
         elif c == "add_peer":
@@ -422,7 +438,7 @@ class GpuProber:
                 self.peers[dst] = peer
                 self.be.add_peer(peer.info)
             else:
-                await self.peers[dst].acall({"cmd": "fill", "seed": 9 + src}, timeout=120)
+                await self.peers[dst].acall({"cmd": "clear", "value": 9 + src}, timeout=120)
             peer = self.peers[dst]
             target = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
             backend = self.be

@@ -37,3 +37,18 @@ def test_bench_case_same_in_both_ranks_and_sized():
     b = nccl.bench_case("llama3-70b", 1 << 30)
     assert a[1] == b[1] and a[2] == b[2] and a[3] == b[3]
     assert len(a[1]) == 204 and a[3] <= 1 << 30 and len(set(a[2])) == len(a[2])
+
+
+def test_peer_clear_command_sets_every_byte():
+    """The sweep/probe verification resets the peer with ``clear`` (one fill): a real peer process."""
+    import hashlib
+    import os
+
+    from dynamo_ext.transport.probe import PeerProcess, probe_layout
+
+    lay = probe_layout(4 << 20)
+    with PeerProcess.start(backend="tcp", name=f"clear-peer-{os.getpid()}", layout=lay, seed=3, timeout=60) as peer:
+        before = peer.call({"cmd": "digest"})["sha256"]
+        assert peer.call({"cmd": "clear", "value": 7})["ok"]
+        after = peer.call({"cmd": "digest"})["sha256"]
+    assert after != before and after == hashlib.sha256(bytes([7]) * lay.pool_bytes).hexdigest()
