@@ -408,8 +408,13 @@ class _Bench:
         pool, _ = self.local(sdev)
         ipc = self._ipc(pool)
         peer = self.ipc_peer(sdev, ddev, "timeline")
+        # plan/rows: host prep; post: backend.post (rows + upload + launch, enqueue only); gpu: CUDA events around
+        # the post on the stream; poll: post return -> event done; direct_total: all of that; transfer_kv_cache:
+        # the same transfer through the public API; upload_sync: index H2D + sync; launch_host: one Triton/torch
+        # launch (host); kernel_only: the row kernel alone (CUDA events, indices already on the GPU)
         phases: dict[str, list[float]] = {k: [] for k in ("plan_ms", "rows_ms", "post_ms", "gpu_ms", "poll_ms",
-                                                          "direct_total_ms", "transfer_kv_cache_ms", "kernel_only_ms")}
+                                                          "direct_total_ms", "transfer_kv_cache_ms", "upload_sync_ms",
+                                                          "launch_host_ms", "kernel_only_ms")}
         try:
             remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
             dev = torch.device(f"cuda:{ddev}")
@@ -441,18 +446,24 @@ class _Bench:
                 s_r, d_r, unit = rowcopy.rows_of(plan.wire, pool.nbytes, remote.pool.nbytes)
                 from dynamo_ext.transport.staging import _as_rows
 
+                torch.cuda.synchronize(dev)
+                u0 = time.perf_counter()
                 si, di = torch.from_numpy(s_r).to(dev), torch.from_numpy(d_r).to(dev)
                 torch.cuda.synchronize(dev)
+                u1 = time.perf_counter()
                 k0, k1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                k0.record()
                 with torch.cuda.device(dev):
-                    rowcopy._launch_rows(_as_rows(pool.tensor_u8(), unit, rt), _as_rows(rt, unit, pool.tensor_u8()),  # noqa: SLF001
-                                         si, di, s_r.shape[0], rowcopy._use_triton(rt, None))  # noqa: SLF001
-                k1.record()
+                    a2d, b2d = _as_rows(pool.tensor_u8(), unit, rt), _as_rows(rt, unit, pool.tensor_u8())
+                    k0.record()
+                    l0 = time.perf_counter()
+                    rowcopy._launch_rows(a2d, b2d, si, di, s_r.shape[0], rowcopy._use_triton(rt, None))  # noqa: SLF001
+                    l1 = time.perf_counter()
+                    k1.record()
                 k1.synchronize()
                 if i:
                     for k, v in (("plan_ms", t1 - t0), ("rows_ms", t2 - t1), ("post_ms", t4 - t3), ("poll_ms", t5 - t4),
-                                 ("direct_total_ms", t6 - t0), ("transfer_kv_cache_ms", t7 - t6)):
+                                 ("direct_total_ms", t6 - t0), ("transfer_kv_cache_ms", t7 - t6),
+                                 ("upload_sync_ms", u1 - u0), ("launch_host_ms", l1 - l0)):
                         phases[k].append(v * 1e3)
                     phases["gpu_ms"].append(e0.elapsed_time(e1))
                     phases["kernel_only_ms"].append(k0.elapsed_time(k1))
