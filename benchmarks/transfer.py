@@ -87,7 +87,9 @@ SWEEP: dict[str, list[dict[str, Any]]] = {
     "GPU0->GPU0": [
         {"triton_block": 2048},  # the measured 349
         {"triton_block": 4096},
+        {"triton_block": 4096, "triton_warps": 16},
         {"triton_block": 1024},
+        {"triton_block": 1024, "triton_warps": 4},
         {"triton_block": 512},
         {"triton_block": 2048, "index_cache": True},
         {"triton_block": 4096, "index_cache": True},

@@ -51,11 +51,12 @@ D2H_SLICE_BYTES = 64 << 20
 #                  loads a's rows over NVLink/P2P and stores b's rows: no staging, one pass),
 #                  "direct-write" (the kernel runs on a and stores into b's memory)
 #   cross_slice_bytes / cross_slots   staged pipeline slice size and number of staging slots
-#   triton_block   int64 elements per Triton program (a 32 KiB row = 4096); num_warps follows
+#   triton_block   int64 elements per Triton program (a 32 KiB row = 4096)
+#   triton_warps   warps per Triton program (0: 8 when triton_block >= 1024, else 4)
 #   index_cache    keep the last uploaded index tensors per device, keyed by a checksum of the rows
 #                  (skips the host->device index upload when the same plan repeats)
 TUNING: dict[str, Any] = {"cross_kernel": "staged-torch", "cross_slice_bytes": CROSS_SLICE_BYTES, "cross_slots": 2,
-                          "triton_block": 2048, "index_cache": False}
+                          "triton_block": 2048, "triton_warps": 0, "index_cache": False}
 CROSS_KERNELS = ("staged-torch", "staged-triton", "direct-read", "direct-write")
 
 
@@ -69,6 +70,8 @@ def tune(**kw: Any) -> dict[str, Any]:
             raise ValueError(f"rowcopy.tune: cross_kernel={v!r}; allowed: {list(CROSS_KERNELS)}")
         if k in ("cross_slice_bytes", "cross_slots", "triton_block") and (not isinstance(v, int) or v < 1):
             raise ValueError(f"rowcopy.tune: {k} must be a positive int, got {v!r}")
+        if k == "triton_warps" and (not isinstance(v, int) or v not in (0, 1, 2, 4, 8, 16, 32)):
+            raise ValueError(f"rowcopy.tune: triton_warps must be 0 (auto) or a power of two <= 32, got {v!r}")
         if k == "triton_block" and v & (v - 1):
             raise ValueError(f"rowcopy.tune: triton_block must be a power of two, got {v}")
         if k == "index_cache":
@@ -186,7 +189,7 @@ def _launch_rows(src2d: torch.Tensor, dst2d: torch.Tensor, sidx: torch.Tensor | 
                       didx if isinstance(didx, torch.Tensor) else dummy,
                       sidx if isinstance(sidx, int) else 0, didx if isinstance(didx, int) else 0, row,
                       SRC_LINEAR=isinstance(sidx, int), DST_LINEAR=isinstance(didx, int), BLOCK=block,
-                      num_warps=8 if block >= 1024 else 4)
+                      num_warps=int(TUNING["triton_warps"]) or (8 if block >= 1024 else 4))
         return
     if isinstance(sidx, int) and isinstance(didx, int):
         dst2d[didx:didx + n].copy_(src2d[sidx:sidx + n], non_blocking=True)
