@@ -21,17 +21,48 @@ from conftest import scattered, start_peer  # noqa: E402
 needs_cma = pytest.mark.skipif(not cma_available(), reason="process_vm_readv not permitted here")
 
 
-def test_iov_batches_cover_every_byte_once():
+def _segments(liov: np.ndarray, riov: np.ndarray) -> list[tuple[int, int, int]]:
+    """What one process_vm_*v call does: the two iovec lists walked as byte streams -> (local, remote, n)."""
+    out, i, j, oi, oj = [], 0, 0, 0, 0
+    while i < len(liov) and j < len(riov):
+        n = min(int(liov[i, 1]) - oi, int(riov[j, 1]) - oj)
+        out.append((int(liov[i, 0]) + oi, int(riov[j, 0]) + oj, n))
+        oi, oj = oi + n, oj + n
+        if oi == int(liov[i, 1]):
+            i, oi = i + 1, 0
+        if oj == int(riov[j, 1]):
+            j, oj = j + 1, 0
+    assert i == len(liov) and j == len(riov)  # both lists carry the same bytes
+    return out
+
+
+@pytest.mark.parametrize("contiguous_dst", [False, True])
+def test_iov_batches_cover_every_byte_once(contiguous_dst):
     rng = np.random.default_rng(3)
     n = 3 * IOV_MAX + 17
-    d = np.stack([rng.permutation(n) * 4096, rng.permutation(n) * 4096, np.full(n, 4096)], axis=1).astype(np.int64)
+    dst = np.arange(n) if contiguous_dst else rng.permutation(2 * n)[:n]  # a sparse subset: few neighbours
+    d = np.stack([rng.permutation(n) * 4096, dst * 4096 + 8192, np.full(n, 4096)], axis=1).astype(np.int64)
     b = _iov_batches(1 << 40, 1 << 41, d)
-    assert len(b) == 4 and all(len(liov) <= IOV_MAX for liov, _, _ in b)
-    liov = np.concatenate([x[0] for x in b])
-    riov = np.concatenate([x[1] for x in b])
-    assert (liov[:, 0] == (d[:, 0] + (1 << 40)).astype(np.uint64)).all()
-    assert (riov[:, 0] == (d[:, 1] + (1 << 41)).astype(np.uint64)).all()
+    assert len(b) == 4 and all(len(liov) <= IOV_MAX and len(riov) <= IOV_MAX for liov, riov, _ in b)
     assert sum(x[2] for x in b) == int(d[:, 2].sum())
+    # every byte lands where its descriptor says, once
+    want = {int(lo) + (1 << 40): int(ro) + (1 << 41) for lo, ro, _ in d}
+    seen = 0
+    for liov, riov, nb in b:
+        segs = _segments(liov, riov)
+        assert sum(x[2] for x in segs) == nb
+        for lo, ro, k in segs:
+            base = lo - (lo - (1 << 40)) % 4096
+            for page in range(base, lo + k, 4096):
+                start = max(page, lo)
+                assert want[page] + (start - page) == ro + (start - lo)
+            seen += k
+    assert seen == int(d[:, 2].sum())
+    riovs = sum(len(x[1]) for x in b)
+    if contiguous_dst:  # remote side merged into one iovec per call, sources still scattered
+        assert riovs == len(b) and sum(len(x[0]) for x in b) > 3 * IOV_MAX
+    else:
+        assert IOV_MAX < riovs < n  # neighbours in the sorted remote order merge, the rest stay
     # a descriptor larger than 1 GiB is split, and no call carries more than 1 GiB
     big = np.array([[0, 0, (5 << 29) + 7]], dtype=np.int64)
     bb = _iov_batches(0, 0, big)

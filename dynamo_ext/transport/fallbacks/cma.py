@@ -143,9 +143,32 @@ class _Peer:
             self.pidfd = -1
 
 
+def _merge_runs(iov: np.ndarray) -> np.ndarray:
+    """Adjacent (addr, len) entries that continue each other -> one entry (one side only)."""
+    if iov.shape[0] < 2:
+        return iov
+    a, n = iov[:, 0], iov[:, 1]
+    new = np.ones(iov.shape[0], dtype=bool)
+    new[1:] = a[1:] != a[:-1] + n[:-1]
+    idx = np.flatnonzero(new)
+    if idx.shape[0] == iov.shape[0]:
+        return iov
+    out = np.empty((idx.shape[0], 2), dtype=np.uint64)
+    out[:, 0] = a[idx]
+    out[:, 1] = np.add.reduceat(n, idx)
+    return out
+
+
 def _iov_batches(local_addr: int, remote_addr: int, descs: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """(local iovecs, remote iovecs, bytes) per system call: <= IOV_MAX iovecs and <= 1 GiB each."""
+    """(local iovecs, remote iovecs, bytes) per system call: <= IOV_MAX iovecs and <= 1 GiB each.
+
+    The kernel pins the REMOTE ranges one iovec at a time (~1.5-2 us each measured on the 2-core box,
+    vs ~0.35 us per local iovec), and a call's two iovec lists are two independent byte streams: so
+    the chunks go in remote-address order and each side's list is merged on its own (a destination
+    run of consecutive blocks is one remote iovec even when its sources are scattered)."""
     d = descs
+    if d.shape[0] > 1:
+        d = d[np.argsort(d[:, 1], kind="stable")]
     if int(d[:, 2].max()) > _MAX_CALL_BYTES:  # split huge descriptors (rare: merged whole planes)
         pieces = -(-d[:, 2] // _MAX_CALL_BYTES)
         rep = np.repeat(np.arange(d.shape[0]), pieces)
@@ -168,7 +191,8 @@ def _iov_batches(local_addr: int, remote_addr: int, descs: np.ndarray) -> list[t
         base = int(cum[lo - 1]) if lo else 0
         hi = min(n, lo + IOV_MAX, int(np.searchsorted(cum, base + _MAX_CALL_BYTES, side="right")))
         cuts.append(max(hi, lo + 1))
-    return [(liov[a:b], riov[a:b], int(cum[b - 1] - (cum[a - 1] if a else 0))) for a, b in zip(cuts[:-1], cuts[1:])]
+    return [(_merge_runs(liov[a:b]), _merge_runs(riov[a:b]), int(cum[b - 1] - (cum[a - 1] if a else 0)))
+            for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def _advance(iov: np.ndarray, done: int) -> np.ndarray:
