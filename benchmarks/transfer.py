@@ -215,19 +215,24 @@ class _Bench:
         if sdev >= 0 and ddev >= 0:
             from dynamo_ext.transport import rowcopy
 
-            for name, prefer in (("cuda-ipc", True), ("cuda-ipc-torch", False), ("cuda-ipc-direct", True)):
-                if name == "cuda-ipc-direct" and sdev == ddev:
-                    continue
-                if self.want(name):
+            variants = [(n, p) for n, p in (("cuda-ipc", True), ("cuda-ipc-torch", False), ("cuda-ipc-direct", True))
+                        if self.want(n) and not (n == "cuda-ipc-direct" and sdev == ddev)]
+            peer = self.ipc_peer(sdev, ddev, "ipc") if variants else None
+            try:
+                for name, prefer in variants:
                     rowcopy.PREFER_TRITON = prefer
                     old = rowcopy.tune(cross_kernel="direct-read") if name == "cuda-ipc-direct" else {}
                     try:
-                        out.append(await self._cuda_ipc(path, sdev, ddev, pool, name))
+                        out.append(await self._cuda_ipc(path, sdev, ddev, pool, name, peer=peer))
                     except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
                         out.append(self._failed(path, name, "cuda_ipc", e))
                     finally:
                         rowcopy.PREFER_TRITON = True
                         rowcopy.tune(**old)
+            finally:
+                if peer is not None:
+                    self.ipc.remove_peer(peer.info.agent_name)
+                    peer.close()
         if sdev >= 0 and ddev >= 0 and sdev != ddev:
             out += self._nccl(path, sdev, ddev)
         if sdev >= 0 and ddev < 0:
@@ -362,7 +367,8 @@ class _Bench:
                         "verified": r["verified"], "backend": f"{backend} send/recv{extra}"})
         return out
 
-    async def sweep(self, path: str, configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def sweep(self, path: str, configs: Sequence[dict[str, Any]],
+                    on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """cuda-ipc transfers on ``path`` once per rowcopy tuning (one peer process for all), each verified."""
         from dynamo_ext.transport import rowcopy
 
@@ -372,13 +378,14 @@ class _Bench:
         out = []
         peer = self.ipc_peer(sdev, ddev, "sweep")
         try:
-            return await self._sweep(path, sdev, ddev, pool, configs, peer, out)
+            return await self._sweep(path, sdev, ddev, pool, configs, peer, out, on_row)
         finally:
             self.ipc.remove_peer(peer.info.agent_name)
             peer.close()
 
     async def _sweep(self, path: str, sdev: int, ddev: int, pool: KvPool, configs: Sequence[dict[str, Any]],
-                     peer: PeerProcess, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                     peer: PeerProcess, out: list[dict[str, Any]],
+                     on_row: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
         from dynamo_ext.transport import rowcopy
 
         for i, cfg in enumerate(configs):
@@ -397,6 +404,8 @@ class _Bench:
             print(f"sweep {path} {label}: {row['gbps']:.1f} GB/s verified={row['verified']} {row.get('error', '')}",
                   flush=True)
             out.append(row)
+            if on_row is not None:
+                on_row(row)
         return out
 
     async def timeline(self, path: str = "GPU0->GPU0", reps: int = 5, trace: str | None = None) -> dict[str, Any]:
@@ -539,6 +548,13 @@ class _Bench:
         ipc.add_peer(peer.info)
         return peer
 
+    def src_digest(self, dev: int) -> str:
+        """sha256 of the source chunks of this device's pool (pools are written only when created)."""
+        cache = self.__dict__.setdefault("_digests", {})
+        if dev not in cache:
+            cache[dev] = digest(pool_bytes(self.local(dev)[0]), self.layout, self.src_ids)
+        return cache[dev]
+
     async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool, name: str = "cuda-ipc",
                         peer: PeerProcess | None = None) -> dict[str, Any]:
         """planned transfer through the CUDA IPC fallback (a second peer process, same node; ``peer``: reuse
@@ -560,7 +576,7 @@ class _Bench:
 
             times = await self._timed(go)
             ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
-                digest(pool_bytes(pool), self.layout, self.src_ids)
+                self.src_digest(sdev)
         finally:
             if own:
                 ipc.remove_peer(peer.info.agent_name)
@@ -696,15 +712,23 @@ def run_sweep(paths: Sequence[str], size_bytes: int, layout_name: str, reps: int
     doc: dict[str, Any] = {"machine": machine_string(), "size_bytes": int(bench.nbytes), "layout": layout_name,
                            "reps": reps, "results": [], "timeline": None}
 
+    def keep(row: dict[str, Any]) -> None:  # written after every configuration: a timeout keeps what ran
+        doc["results"].append(row)
+        write_outputs(doc, Path(json_path), png=False)
+
     async def main() -> None:
-        for p in paths:
-            doc["results"] += await bench.sweep(p, SWEEP[p])
+        if timeline:  # first: short, and the one measurement (d) has none of
+            try:
+                doc["timeline"] = await bench.timeline("GPU0->GPU0", reps=reps, trace=trace)
+                print("timeline GPU0->GPU0 (ms, median):", json.dumps(doc["timeline"]["median"]), flush=True)
+                if doc["timeline"]["profile_table"]:
+                    print(doc["timeline"]["profile_table"], flush=True)
+            except Exception as e:  # noqa: BLE001 - the sweep still runs
+                print(f"timeline failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                doc["timeline_error"] = f"{type(e).__name__}: {e}"[:300]
             write_outputs(doc, Path(json_path), png=False)
-        if timeline:
-            doc["timeline"] = await bench.timeline("GPU0->GPU0", reps=reps, trace=trace)
-            print("timeline GPU0->GPU0 (ms, median):", json.dumps(doc["timeline"]["median"]), flush=True)
-            if doc["timeline"]["profile_table"]:
-                print(doc["timeline"]["profile_table"], flush=True)
+        for p in paths:
+            await bench.sweep(p, SWEEP[p], keep)
 
     try:
         asyncio.run(main())

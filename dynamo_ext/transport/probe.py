@@ -404,6 +404,7 @@ class GpuProber:
         self.pools: dict[int, KvPool] = {}
         self.tier: KvPool | None = None
         self.be: Any = None
+        self.digests: dict[int, str] = {}
         n = self.layout.num_blocks
         self.src_ids = list(range(n))
         self.dst_ids = [int(x) for x in np.random.default_rng(7).permutation(n)]
@@ -419,7 +420,9 @@ class GpuProber:
         from .transfer import RemotePool, transfer_kv_cache  # noqa: PLC0415
 
         pool = self._pool(src)
-        want = digest(pool_bytes(pool), self.layout, self.src_ids)
+        if src not in self.digests:  # the source pool is written once, when created
+            self.digests[src] = digest(pool_bytes(pool), self.layout, self.src_ids)
+        want = self.digests[src]
         if dst < 0:
             if self.tier is None:
                 self.tier = KvPool.allocate_host("probe-tier", self.layout, pin=True)
