@@ -7,10 +7,11 @@
 #
 # Stages (each under `timeout`, so one hang cannot eat the call; each writes its JSON as it goes):
 #   0  wheels -> /tmp/site (pip --no-deps --target) unless nixl and msgspec already import
-#   A  sweep of the copy-path knobs, 1 GiB llama3-70b, cuda-ipc between two processes, each verified:
-#      GPU0->GPU1 (c): staged slices 64/128/256 MiB, slots, Triton vs torch, direct-read/-write P2P kernel;
-#      GPU0->GPU0 (d): Triton block sizes, index cache; then the phase timeline of one same-GPU transfer
-#      (plan / rows / post / GPU / poll ms) + a torch.profiler trace ($OUT/same-gpu-trace.json)
+#   A1 same GPU (d): the phase timeline of one same-GPU transfer (plan / rows / post / GPU / poll /
+#      upload / launch / kernel-only ms) + a torch.profiler trace ($OUT/same-gpu-trace.json), then the
+#      Triton block x warps and index-cache sweep; 1 GiB llama3-70b, cuda-ipc between two processes
+#   A2 GPU0->GPU1 (c): staged slices 64/128/256 MiB, slots, Triton vs torch, direct-read/-write P2P
+#      kernel; every configuration verified (sha256)
 #   B  bench transfer on the GPU paths incl. nccl-single / nccl-planned and cuda-ipc-direct
 #      -> $OUT/transfer-gpu-llama3-70b-1024MiB.{json,md,png} (and benchmarks/results/ in this tree)
 #   C  dynamo-ext topology --probe (GPU pairs + host), 256 MiB per path -> $OUT/topology-probe.json
@@ -71,19 +72,21 @@ if [ "$DRY" = 1 ]; then
   stage C-dry 60 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json --probe-bytes $((16<<20)) > \"$OUT/topology-probe.json\""
   FILES="$OUT/dry-run.json $OUT/transfer-cpu-dry.json"
 else
-  stage A-sweep 80 "$PY" benchmarks/transfer.py --sweep all --timeline --trace "$OUT/same-gpu-trace.json" \
-      --reps 3 --json "$OUT/transfer-sweep-llama3-70b-1024MiB.json"
+  # two processes: a kernel fault in one sweep (e.g. a P2P kernel) cannot poison the other's CUDA context
+  stage A1-same 40 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU0' --timeline --trace "$OUT/same-gpu-trace.json" \
+      --reps 3 --json "$OUT/transfer-sweep-same-gpu.json"
+  stage A2-cross 60 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU1' --reps 3 --json "$OUT/transfer-sweep-cross-gpu.json"
   # NIXL rows of GPU0->host are left out (TCP speed, 0.42-0.48 GB/s measured: ~40 s of this budget)
   M=""
   for p in 'GPU0->GPU0' 'GPU0->GPU1'; do
     for m in naive planned planned-staged raw-single; do M="$M,$p:$m"; done
   done
   M="${M#,},copy,cuda-ipc,cuda-ipc-torch,cuda-ipc-direct,nccl-single,nccl-planned,owner-copy,owner-copy-zc"
-  stage B-bench 100 "$PY" benchmarks/transfer.py --paths 'GPU0->GPU0,GPU0->GPU1,GPU0->host' --reps 3 \
+  stage B-bench 85 "$PY" benchmarks/transfer.py --paths 'GPU0->GPU0,GPU0->host,GPU0->GPU1' --reps 3 \
       --methods "$M" --json "$OUT/transfer-gpu-llama3-70b-1024MiB.json"
   cp -f "$OUT"/transfer-gpu-llama3-70b-1024MiB.* benchmarks/results/ 2>/dev/null
-  stage C-probe 45 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json > \"$OUT/topology-probe.json\""
-  FILES="$OUT/transfer-sweep-llama3-70b-1024MiB.json $OUT/transfer-gpu-llama3-70b-1024MiB.json"
+  stage C-probe 40 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json > \"$OUT/topology-probe.json\""
+  FILES="$OUT/transfer-sweep-same-gpu.json $OUT/transfer-sweep-cross-gpu.json $OUT/transfer-gpu-llama3-70b-1024MiB.json"
 fi
 
 echo "== D summary $(date -u +%T), $(( $(date +%s) - T0 ))s used"
