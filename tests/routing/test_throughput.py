@@ -1,0 +1,119 @@
+"""routing.throughput: priors, EWMA estimators, staleness, the serial service clock, queued uncached
+tokens and the local-prefill interference charge; and that measured values change ``decide``."""
+
+from __future__ import annotations
+
+import pytest
+from routing_factories import decode, links, prefill, request
+
+from dynamo_ext.routing import OptionKind, RoutingConfig, decide
+from dynamo_ext.routing.throughput import Priors, RateEwma, StepEwma, WorkerMeter
+
+
+def test_priors_scale_with_layers():
+    p2, p16 = Priors.for_layers(2), Priors.for_layers(16)
+    assert p2.prefill_tokens_per_s == 20_000.0 and p2.decode_step_s == pytest.approx(0.002)
+    assert p16.prefill_tokens_per_s == pytest.approx(2_500.0)  # 8x slower prefill
+    assert p16.decode_step_s == pytest.approx(0.016)
+    with pytest.raises(ValueError, match="num_layers"):
+        Priors.for_layers(0)
+    with pytest.raises(ValueError, match="local_prefill_factor"):
+        Priors(local_prefill_factor=0.0)
+
+
+def test_rate_ewma_prior_then_ratio_of_means():
+    e = RateEwma(1000.0, alpha=0.5)
+    assert e.value(0.0) == 1000.0 and e.measured() is None
+    e.observe(100, 1.0, now=1.0)  # 100 tok/s
+    assert e.value(1.0) == pytest.approx(100.0)
+    e.observe(1000, 1.0, now=2.0)  # tokens EWMA 550, seconds EWMA 1.0
+    assert e.value(2.0) == pytest.approx(550.0)
+    with pytest.raises(ValueError, match="seconds"):
+        e.observe(10, 0.0, now=3.0)
+    with pytest.raises(ValueError, match="tokens"):
+        e.observe(float("nan"), 1.0, now=3.0)
+
+
+def test_staleness_drifts_back_to_the_prior():
+    e = RateEwma(1000.0, alpha=1.0, stale_after_s=10.0, half_life_s=5.0)
+    e.observe(100, 1.0, now=0.0)
+    assert e.value(10.0) == pytest.approx(100.0)  # fresh
+    # 5 s past stale: half measured, half prior, blended in seconds per token
+    assert e.value(15.0) == pytest.approx(1.0 / (0.5 / 100 + 0.5 / 1000))
+    assert e.value(1e6) == pytest.approx(1000.0)
+    s = StepEwma(0.01, alpha=1.0, stale_after_s=0.0, half_life_s=1.0)
+    s.observe(0.05, now=0.0)
+    assert s.value(0.0) == pytest.approx(0.05) and s.value(1.0) == pytest.approx(0.03)
+
+
+def test_meter_prefill_service_excludes_queueing():
+    m = WorkerMeter(Priors(prefill_tokens_per_s=1e6), alpha=1.0)
+    # two requests planned on worker 1 at t=0; the worker serves them one after the other
+    m.planned("a", 1, 1000, local=False, now=0.0)
+    m.planned("b", 1, 3000, local=False, now=0.0)
+    assert m.queued_tokens(1) == 4000
+    assert m.prefill_done("a", now=1.0) == pytest.approx(1.0)
+    assert m.queued_tokens(1) == 3000
+    # b waited for a: its service is 1.0 -> 4.0, not 0 -> 4.0
+    assert m.prefill_done("b", now=4.0) == pytest.approx(3.0)
+    assert m.prefill_tokens_per_s(1, now=4.0) == pytest.approx(1000.0)
+    assert m.queued_tokens(1) == 0 and m.prefill_samples == 2
+    # a failed prefill call measures nothing but frees the queue
+    m.planned("c", 1, 500, local=False, now=5.0)
+    assert m.prefill_done("c", now=5.1, ok=False) is None
+    assert m.queued_tokens(1) == 0 and m.prefill_samples == 2
+    # an unknown or repeated report is ignored
+    assert m.prefill_done("c", now=6.0) is None and m.prefill_done("zzz", now=6.0) is None
+
+
+def test_meter_local_prefill_steps_and_running():
+    m = WorkerMeter(Priors(prefill_tokens_per_s=1000.0, decode_step_s=0.5, local_prefill_factor=0.5), alpha=1.0,
+                    interference_weight=0.5)
+    assert m.local_prefill_tokens_per_s(7, now=0.0) == pytest.approx(500.0)  # prior * factor
+    m.planned("x", 7, 200, local=True, now=0.0)
+    assert m.queued_tokens(7) == 200
+    m.decode_chunk("x", 7, now=2.0, n_tokens=1)  # first token after 2 s: 100 tok/s local
+    assert m.queued_tokens(7) == 0 and m.running(7) == 1 and m.local_samples == 1
+    assert m.local_prefill_tokens_per_s(7, now=2.0, with_interference=False) == pytest.approx(100.0)
+    # one running stream: charged 1 + 0.5 * 1
+    assert m.local_prefill_tokens_per_s(7, now=2.0) == pytest.approx(100.0 / 1.5)
+    assert m.decode_step_s(7, now=2.0) == 0.5  # prior until a gap is seen
+    m.decode_chunk("x", 7, now=2.2, n_tokens=2)  # two tokens in 0.2 s
+    assert m.decode_step_s(7, now=2.2) == pytest.approx(0.1) and m.step_samples == 1
+    m.decode_chunk("x", 7, now=100.0, n_tokens=1)  # a gap above max_step_sample_s is not a step
+    assert m.step_samples == 1
+    m.decode_done("x", 7)
+    assert m.running(7) == 0 and m.open_requests == 0
+
+
+def test_meter_retry_moves_the_running_stream():
+    m = WorkerMeter()
+    m.planned("r", 1, 100, local=False, now=0.0)
+    m.prefill_done("r", now=0.1)
+    m.decode_chunk("r", 7, now=0.2, n_tokens=1)
+    assert m.running(7) == 1
+    m.decode_chunk("r", 8, now=0.3, n_tokens=1)  # retried on another decode worker
+    assert m.running(7) == 0 and m.running(8) == 1
+    m.forget("r")
+    assert m.running(8) == 0
+
+
+def test_measured_throughput_changes_the_decision():
+    """Shared prefix, 16-layer model. Decode worker 7 holds 112 of the prompt's 128 blocks. With the old
+    2-layer constants (and no queue counted on decode workers) its local prefill looks cheapest; with the
+    16-layer prior and the uncached tokens of a local prefill already queued on it, the idle prefill
+    worker wins although it must compute the whole prompt."""
+    req = request(2048)
+    m = WorkerMeter(Priors.for_layers(16), alpha=1.0)
+    m.planned("old", 7, 4096, local=True, now=0.0)  # a local prefill queued on decode worker 7
+    cfg = RoutingConfig(local_prefill_max_tokens=0)
+    naive = decide(req, [prefill(1, thr=20_000), decode(7, thr=10_000, overlap_blocks=112)], links(), config=cfg)
+    measured = decide(req, [prefill(1, thr=m.prefill_tokens_per_s(1, now=0.0)),
+                            decode(7, thr=m.local_prefill_tokens_per_s(7, now=0.0), overlap_blocks=112,
+                                   queue_tokens=m.queued_tokens(7), admission_delay_s=m.decode_step_s(7, now=0.0))],
+                      links(), config=cfg)
+    assert naive.chosen.kind is OptionKind.LOCAL  # the 2-layer constants' choice
+    assert measured.chosen.kind is OptionKind.DISAGG
+    # the estimates reflect the 16-layer prior: 2048 tokens at 2,500 tok/s; local pays the backlog
+    assert measured.chosen.terms.prefill_s == pytest.approx(2048 / 2500)
+    assert measured.runner_up.terms.queue_wait_s == pytest.approx(4096 / 1250)
