@@ -186,11 +186,14 @@ class WorkerMeter:
 
     def __init__(self, priors: Priors | None = None, *, alpha: float = 0.3, stale_after_s: float = 30.0,
                  half_life_s: float = 30.0, interference_weight: float = 0.5,
-                 max_step_sample_s: float = 10.0) -> None:
+                 max_step_sample_s: float = 10.0, max_open: int = 100_000) -> None:
         self.priors = priors or Priors()
         self.alpha, self.stale_after_s, self.half_life_s = alpha, stale_after_s, half_life_s
         self.interference_weight = _check("interference_weight", interference_weight, positive=False)
         self.max_step_sample_s = _check("max_step_sample_s", max_step_sample_s)
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open!r}")
+        self.max_open = max_open
         self._prefill: dict[int, RateEwma] = {}
         self._local: dict[int, RateEwma] = {}
         self._step: dict[int, StepEwma] = {}
@@ -245,6 +248,8 @@ class WorkerMeter:
         if uncached_tokens < 0:
             raise ValueError(f"uncached_tokens must be >= 0, got {uncached_tokens!r}")
         self.forget(rid)
+        while len(self._plans) >= self.max_open:  # a caller that never reports the end: drop the oldest
+            self.forget(next(iter(self._plans)))
         self._plans[rid] = _Plan(worker, uncached_tokens, local, now)
         self._queued[worker] = self._queued.get(worker, 0) + uncached_tokens
 
@@ -328,6 +333,24 @@ class WorkerMeter:
     @property
     def open_requests(self) -> int:
         return len(self._plans)
+
+    def summary(self, now: float) -> dict[str, dict[str, float]]:
+        """Current estimates per worker seen so far (for health / logs): plain numbers."""
+        out: dict[str, dict[str, float]] = {}
+        for w in sorted(set(self._prefill) | set(self._local) | set(self._step) | set(self._queued)):
+            row: dict[str, float] = {"queued_tokens": float(self.queued_tokens(w))}
+            if w in self._prefill:
+                row["prefill_tok_s"] = round(self._prefill[w].value(now), 1)
+                row["prefill_samples"] = float(self._prefill[w].samples)
+            if w in self._local:
+                row["local_prefill_tok_s"] = round(self._local[w].value(now), 1)
+                row["local_samples"] = float(self._local[w].samples)
+            if w in self._step:
+                row["decode_step_s"] = round(self._step[w].value(now), 6)
+                row["step_samples"] = float(self._step[w].samples)
+                row["running"] = float(self.running(w))
+            out[str(w)] = row
+        return out
 
 
 __all__ = ["Priors", "RateEwma", "StepEwma", "WorkerMeter", "REF_LAYERS", "REF_PREFILL_TOKENS_PER_S",

@@ -57,6 +57,7 @@ from dynamo_ext.kv.indexer import KvEventIndexer, kv_events_subject
 from dynamo_ext.metrics import make_worker_metrics
 from dynamo_ext.routing import LinkEstimator, LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
 from dynamo_ext.routing import WorkerSnapshot
+from dynamo_ext.routing.throughput import Priors, WorkerMeter
 from dynamo_ext.topology import Endpoint, NodeTopology, select_transport
 
 from .protocol import error_chunk
@@ -65,7 +66,8 @@ from .runtime import WorkerArgs, WorkerProcess
 log = logging.getLogger("dynamo_ext.workers.router")
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Estimates for the cost model until measured values are wired in (CPU reference engine, tiny model).
+# Priors of the measured throughput (routing.throughput.WorkerMeter), for the 2-layer tiny model on the CPU
+# reference engine; the router scales them by the served model's layer count (Priors.for_layers).
 PREFILL_TOKENS_PER_S = 20_000.0
 DECODE_STEP_S = 0.002
 LINK = LinkInfo(gb_per_s=3.0, latency_s=0.002)
@@ -129,6 +131,9 @@ class RouterWorker(WorkerProcess):
         self._links: dict[tuple[int, int, float, float], LinkInfo] = {}  # (p, d, started_at p, d) -> expectation
         self.link_kinds: dict[str, str] = {}
         self.feedback = LinkFeedback()
+        # measured prefill tok/s, decode step s, queued uncached tokens per worker (routing.throughput)
+        self.meter = WorkerMeter(Priors.for_layers(max(int(mc.num_layers), 1), ref_prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
+                                                   ref_decode_step_s=DECODE_STEP_S))
 
     async def setup(self) -> Any:
         from dynamo.llm import ModelInput, ModelType, RouterConfig, RouterMode, WorkerType, register_model  # noqa: PLC0415
@@ -170,6 +175,7 @@ class RouterWorker(WorkerProcess):
         h = super().health()
         h.update(policy=self.policy, decisions=dict(self.decisions), links=dict(self.link_kinds),
                  link_feedback={"transfers": self.feedback.observed, "failures": self.feedback.failed},
+                 throughput=self.meter.summary(time.monotonic()),
                  prefill_workers=len(self.prefill_client.instance_ids()) if self.prefill_client else 0,
                  decode_workers=len(self.decode_client.instance_ids()) if self.decode_client else 0)
         return h
@@ -245,24 +251,40 @@ class RouterWorker(WorkerProcess):
         nblocks = self.cfg.workers.decode.num_kv_blocks if self.cfg.workers.decode else 1024
         rec = {("p", p): self._record("prefill", p) for p in prefills}
         rec.update({("d", d): self._record("backend", d) for d in decodes})
-        snaps = [WorkerSnapshot(worker_id=p, role="prefill", prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
-                                layout_key=self._layout_key(rec["p", p]), queue_tokens=self.inflight_tokens[p],
-                                queued_requests=self.inflight[p], free_blocks=nblocks,
-                                overlap_blocks=scores.get(p, 0), node=self._node(rec["p", p])) for p in prefills]
-        # a decode worker prefills between decode steps: slower, and it delays its running requests
-        snaps += [WorkerSnapshot(worker_id=d, role="decode", prefill_tokens_per_s=PREFILL_TOKENS_PER_S / 2,
-                                 layout_key=self._layout_key(rec["d", d]), queue_tokens=self.inflight_tokens[d],
-                                 free_blocks=nblocks, admission_delay_s=self.inflight[d] * DECODE_STEP_S,
-                                 overlap_blocks=scores.get(d, 0), node=self._node(rec["d", d])) for d in decodes]
+        now = time.monotonic()
+        snaps = self._snapshots(scores, rec, prefills, decodes, nblocks, now)
         cfg = RoutingConfig(local_prefill_max_tokens=self.cfg.router.disagg_min_prompt_tokens)
         links = LinkTable({(p, d): self._link(p, d) for p in prefills for d in decodes}, default=LINK)
         dec = decide(shape, snaps, links, config=cfg)
         self.decisions[dec.reason.value if hasattr(dec.reason, "value") else str(dec.reason)] += 1
         log.debug("decision %s", dec.to_log())
         c = dec.chosen
+        # the chosen worker's queue grows by the tokens it computes (measured when its prefill ends)
+        self.meter.planned(rid, c.prefill_id, c.uncached_tokens, c.kind is OptionKind.LOCAL, now)
         if c.kind is OptionKind.LOCAL:
             return None, c.decode_id
         return c.prefill_id, c.decode_id
+
+    def _snapshots(self, scores: dict[int, int], rec: dict, prefills: list[int], decodes: list[int],
+                   nblocks: int, now: float) -> list[WorkerSnapshot]:
+        """WorkerSnapshots from measured throughput (``self.meter``) and the KV-event overlap scores.
+
+        prefill worker p: thr = measured prefill tok/s; queue = uncached tokens planned on p, not yet
+          prefilled; queued_requests = the router's in-flight calls on p.
+        decode worker d: thr = measured local prefill tok/s / (1 + w * running streams on d) (a local
+          prefill stalls them); queue = uncached tokens of local prefills planned on d (only a local
+          prefill waits behind them); admission = one measured decode step (the next batch boundary).
+        """
+        m = self.meter
+        snaps = [WorkerSnapshot(worker_id=p, role="prefill", prefill_tokens_per_s=m.prefill_tokens_per_s(p, now),
+                                layout_key=self._layout_key(rec["p", p]), queue_tokens=m.queued_tokens(p),
+                                queued_requests=self.inflight[p], free_blocks=nblocks,
+                                overlap_blocks=scores.get(p, 0), node=self._node(rec["p", p])) for p in prefills]
+        snaps += [WorkerSnapshot(worker_id=d, role="decode", prefill_tokens_per_s=m.local_prefill_tokens_per_s(d, now),
+                                 layout_key=self._layout_key(rec["d", d]), queue_tokens=m.queued_tokens(d),
+                                 free_blocks=nblocks, admission_delay_s=m.decode_step_s(d, now),
+                                 overlap_blocks=scores.get(d, 0), node=self._node(rec["d", d])) for d in decodes]
+        return snaps
 
     # -- generate -----------------------------------------------------------------------------------
     async def _prefill(self, request: dict[str, Any], pid: int) -> dict[str, Any] | None:
@@ -295,6 +317,7 @@ class RouterWorker(WorkerProcess):
         if pid is not None:
             self.inflight[pid] += 1
             self.inflight_tokens[pid] += len(tokens)
+            chunk = None
             try:
                 chunk = await self._prefill(request, pid)
             except Exception as e:  # noqa: BLE001 - prefill worker gone: the decode worker prefills
@@ -303,6 +326,7 @@ class RouterWorker(WorkerProcess):
             finally:
                 self.inflight[pid] -= 1
                 self.inflight_tokens[pid] -= len(tokens)
+                self.meter.prefill_done(rid, time.monotonic(), ok=isinstance(chunk, dict) and "kv_handle" in chunk)
             if chunk is not None and str(chunk.get("finish_reason") or "").startswith("error"):
                 self.metrics.requests.labels("bad_request").inc()
                 yield chunk
@@ -319,6 +343,8 @@ class RouterWorker(WorkerProcess):
             try:
                 async for item in await self.decode_client.direct(dreq, did):
                     d = item.data()
+                    if isinstance(d, dict):  # measured local prefill / decode step (routing.throughput)
+                        self.meter.decode_chunk(rid, cur, time.monotonic(), len(d.get("token_ids") or ()))
                     if isinstance(d, dict) and "kv_transfer" in d:
                         d = self.feedback.observe(d, pid if "kv_handle" in dreq else None, did, time.monotonic())
                     if first:
@@ -339,3 +365,4 @@ class RouterWorker(WorkerProcess):
                 did = others[0]
             finally:
                 self.inflight[cur] -= 1
+                self.meter.decode_done(rid)

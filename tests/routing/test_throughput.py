@@ -98,6 +98,15 @@ def test_meter_retry_moves_the_running_stream():
     assert m.running(8) == 0
 
 
+def test_meter_bounds_open_requests():
+    m = WorkerMeter(max_open=2)
+    for i, rid in enumerate("abc"):
+        m.planned(rid, 1, 10, local=False, now=float(i))
+    assert m.open_requests == 2 and m.queued_tokens(1) == 20  # "a" was dropped with its tokens
+    assert m.prefill_done("a", now=5.0) is None
+    assert m.summary(5.0)["1"]["queued_tokens"] == 20.0
+
+
 def test_measured_throughput_changes_the_decision():
     """Shared prefix, 16-layer model. Decode worker 7 holds 112 of the prompt's 128 blocks. With the old
     2-layer constants (and no queue counted on decode workers) its local prefill looks cheapest; with the

@@ -1,0 +1,63 @@
+"""The router's WorkerSnapshots come from measured throughput (routing.throughput.WorkerMeter), not constants:
+RouterWorker._snapshots on a router state without processes (real WorkerMeter, real decide)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+
+from dynamo_ext.routing import LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
+from dynamo_ext.routing.throughput import Priors, WorkerMeter
+from dynamo_ext.workers.router import DECODE_STEP_S, PREFILL_TOKENS_PER_S, RouterWorker
+
+
+def _router(layers: int) -> SimpleNamespace:
+    meter = WorkerMeter(Priors.for_layers(layers, ref_prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
+                                          ref_decode_step_s=DECODE_STEP_S), alpha=1.0)
+    return SimpleNamespace(meter=meter, inflight=defaultdict(int), _layout_key=RouterWorker._layout_key,
+                           _node=RouterWorker._node)
+
+
+def _snaps(r: SimpleNamespace, scores: dict[int, int], now: float):
+    rec = {("p", 1): None, ("d", 7): None}
+    return RouterWorker._snapshots(r, scores, rec, [1], [7], 1024, now)
+
+
+def test_snapshots_start_from_layer_scaled_priors():
+    p, d = _snaps(_router(16), {}, now=0.0)
+    assert p.prefill_tokens_per_s == pytest.approx(PREFILL_TOKENS_PER_S / 8)
+    assert d.prefill_tokens_per_s == pytest.approx(PREFILL_TOKENS_PER_S / 8 / 2)  # local factor 0.5
+    assert d.admission_delay_s == pytest.approx(DECODE_STEP_S * 8)
+
+
+def test_snapshots_follow_measurements_and_queued_uncached_tokens():
+    r = _router(2)
+    r.meter.planned("a", 1, 3000, local=False, now=0.0)
+    r.meter.planned("b", 7, 500, local=True, now=0.0)
+    p, d = _snaps(r, {1: 3, 7: 5}, now=0.0)
+    assert (p.queue_tokens, d.queue_tokens) == (3000, 500)  # uncached tokens, not prompt lengths
+    assert (p.overlap_blocks, d.overlap_blocks) == (3, 5)
+    r.meter.prefill_done("a", now=1.5)  # 2,000 tok/s measured on prefill worker 1
+    r.meter.decode_chunk("b", 7, now=1.0, n_tokens=1)  # local prefill: 500 tok/s; one stream running on 7
+    r.meter.decode_chunk("b", 7, now=1.05, n_tokens=1)  # one decode step: 50 ms
+    p, d = _snaps(r, {}, now=1.05)
+    assert p.prefill_tokens_per_s == pytest.approx(2000.0) and p.queue_tokens == 0
+    assert d.prefill_tokens_per_s == pytest.approx(500.0 / 1.5)  # charged for the stalled stream
+    assert d.admission_delay_s == pytest.approx(0.05) and d.queue_tokens == 0
+
+
+def test_shared_prefix_backlog_on_the_decode_worker_sends_the_request_to_the_prefill_worker():
+    """The decode worker holds most of the prefix, but local prefills are queued on it: disaggregate."""
+    r = _router(16)
+    req = RequestShape(prompt_tokens=2048, block_size=16, kv_bytes_per_token=4096)
+    links = LinkTable({}, default=LinkInfo(3.0, 0.002))
+    cfg = RoutingConfig(local_prefill_max_tokens=0)
+    idle = decide(req, _snaps(r, {7: 112}, now=0.0), links, config=cfg)
+    assert idle.chosen.kind is OptionKind.LOCAL  # nothing queued: the cached prefix wins
+    r.meter.planned("x", 7, 2048, local=True, now=0.0)
+    r.meter.planned("y", 7, 2048, local=True, now=0.0)
+    busy = decide(req, _snaps(r, {7: 112}, now=0.0), links, config=cfg)
+    assert busy.chosen.kind is OptionKind.DISAGG and busy.chosen.prefill_id == 1
+    assert busy.runner_up.terms.queue_wait_s == pytest.approx(4096 / (PREFILL_TOKENS_PER_S / 8 / 2))
