@@ -83,6 +83,7 @@ SWEEP: dict[str, list[dict[str, Any]]] = {
         {"cross_kernel": "direct-write", "triton_block": 2048},
         {"cross_kernel": "direct-write", "triton_block": 4096},
         {"cross_kernel": "direct-read", "triton_block": 2048, "index_cache": True},
+        {"cross_kernel": "direct-write", "triton_block": 2048, "plan_cache": True, "rows_cache": True},
     ],
     "GPU0->GPU0": [
         {"triton_block": 2048},  # the measured 349
@@ -93,8 +94,24 @@ SWEEP: dict[str, list[dict[str, Any]]] = {
         {"triton_block": 512},
         {"triton_block": 2048, "index_cache": True},
         {"triton_block": 4096, "index_cache": True},
+        {"triton_block": 2048, "plan_cache": True},  # H2 probe: no planning per transfer
+        {"triton_block": 2048, "plan_cache": True, "rows_cache": True},  # ... nor rows_of / upload
     ],
 }
+
+
+def memo_planner() -> Callable[..., Any]:
+    """plan_transfer(stage=False) memoised on (layouts, block ids): the same plan OBJECT for a repeated
+    transfer, so rowcopy's rows_cache can key on its descriptor array (sweep key "plan_cache")."""
+    memo: dict[tuple[Any, ...], Any] = {}
+
+    def plan(sl: Any, sb: Sequence[int], dl: Any, db: Sequence[int]) -> Any:
+        key = (sl, tuple(sb), dl, tuple(db))
+        if key not in memo:
+            memo[key] = plan_transfer(sl, sb, dl, db, stage=False)
+        return memo[key]
+
+    return plan
 
 
 def _gpus() -> list[str]:
@@ -389,11 +406,13 @@ class _Bench:
         from dynamo_ext.transport import rowcopy
 
         for i, cfg in enumerate(configs):
-            old = rowcopy.tune(**cfg)
+            tun = {k: v for k, v in cfg.items() if k != "plan_cache"}
+            planner = memo_planner() if cfg.get("plan_cache") else None
+            old = rowcopy.tune(**tun)
             label = " ".join(f"{k}={(v >> 20) if k.endswith('bytes') else v}{'M' if k.endswith('bytes') else ''}"
                              for k, v in cfg.items())
             try:
-                row = await self._cuda_ipc(path, sdev, ddev, pool, f"sweep-{i}", peer=peer)
+                row = await self._cuda_ipc(path, sdev, ddev, pool, f"sweep-{i}", peer=peer, planner=planner)
                 row["config"] = dict(cfg)
                 row["backend"] = f"cuda_ipc {label}"
             except Exception as e:  # noqa: BLE001
@@ -556,7 +575,7 @@ class _Bench:
         return cache[dev]
 
     async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool, name: str = "cuda-ipc",
-                        peer: PeerProcess | None = None) -> dict[str, Any]:
+                        peer: PeerProcess | None = None, planner: Callable[..., Any] | None = None) -> dict[str, Any]:
         """planned transfer through the CUDA IPC fallback (a second peer process, same node; ``peer``: reuse
         one, refilled first so the verification covers this run only)."""
         ipc = self._ipc(pool)
@@ -571,7 +590,7 @@ class _Bench:
 
             async def go() -> None:
                 h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc, deadline_s=60,
-                                            metrics=None)
+                                            metrics=None, planner=planner)
                 nd[0] = (await h).descriptors
 
             times = await self._timed(go)
@@ -749,7 +768,7 @@ def dry_run(json_dir: Path) -> dict[str, Any]:
     try:
         for p, cfgs in SWEEP.items():
             for c in cfgs:
-                rowcopy.tune(**c)
+                rowcopy.tune(**{k: v for k, v in c.items() if k != "plan_cache"})
     finally:
         rowcopy.TUNING.clear()
         rowcopy.TUNING.update(saved)

@@ -55,8 +55,11 @@ D2H_SLICE_BYTES = 64 << 20
 #   triton_warps   warps per Triton program (0: 8 when triton_block >= 1024, else 4)
 #   index_cache    keep the last uploaded index tensors per device, keyed by a checksum of the rows
 #                  (skips the host->device index upload when the same plan repeats)
+#   rows_cache     keep the last rows + uploaded indices per device keyed by the descriptor ARRAY's
+#                  identity (data pointer, shape, strides; the array is referenced so its memory is not
+#                  reused): a cached plan skips rows_of and the upload. Plans must not be mutated.
 TUNING: dict[str, Any] = {"cross_kernel": "staged-torch", "cross_slice_bytes": CROSS_SLICE_BYTES, "cross_slots": 2,
-                          "triton_block": 2048, "triton_warps": 0, "index_cache": False}
+                          "triton_block": 2048, "triton_warps": 0, "index_cache": False, "rows_cache": False}
 CROSS_KERNELS = ("staged-torch", "staged-triton", "direct-read", "direct-write")
 
 
@@ -74,7 +77,7 @@ def tune(**kw: Any) -> dict[str, Any]:
             raise ValueError(f"rowcopy.tune: triton_warps must be 0 (auto) or a power of two <= 32, got {v!r}")
         if k == "triton_block" and v & (v - 1):
             raise ValueError(f"rowcopy.tune: triton_block must be a power of two, got {v}")
-        if k == "index_cache":
+        if k in ("index_cache", "rows_cache"):
             v = bool(v)
         old[k] = TUNING[k]
         TUNING[k] = v
@@ -212,14 +215,45 @@ def copy_rows(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, *, use_tri
     _check_tensor(dst_u8, "destination")
     if src_u8.device != dst_u8.device:
         raise ValueError(f"copy_rows is a same-device copy: {src_u8.device} -> {dst_u8.device}")
-    srows, drows, unit = rows_of(descs, src_u8.numel(), dst_u8.numel())
-    n = srows.shape[0]
-    if n == 0:
-        return 0
+    hit = _rows_cached(descs, src_u8, dst_u8, dst_u8.device)
+    if hit is not None:
+        sidx, didx, unit, n = hit
+    else:
+        srows, drows, unit = rows_of(descs, src_u8.numel(), dst_u8.numel())
+        n = srows.shape[0]
+        if n == 0:
+            return 0
+        sidx, didx = _indices(srows, drows, dst_u8.device)
+        _rows_store(descs, src_u8, dst_u8, dst_u8.device, (sidx, didx, unit, n))
     src2d, dst2d = _as_rows(src_u8, unit, dst_u8), _as_rows(dst_u8, unit, src_u8)
-    sidx, didx = _indices(srows, drows, dst_u8.device)
     _launch_rows(src2d, dst2d, sidx, didx, n, _use_triton(dst_u8, use_triton))
     return n * unit
+
+
+_rows_cache: dict[str, tuple[tuple[Any, ...], Any, tuple[Any, ...]]] = {}
+
+
+def _rows_key(descs: Any, src_u8: torch.Tensor, dst_u8: torch.Tensor) -> tuple[Any, ...] | None:
+    a = getattr(descs, "array", descs)
+    if not isinstance(a, np.ndarray):
+        return None
+    base = a if a.base is None else a.base
+    return (a.ctypes.data, a.shape, a.strides, id(base), src_u8.numel(), dst_u8.numel())
+
+
+def _rows_cached(descs: Any, src_u8: torch.Tensor, dst_u8: torch.Tensor, dev: torch.device) -> Any:
+    if not TUNING["rows_cache"]:
+        return None
+    key = _rows_key(descs, src_u8, dst_u8)
+    c = _rows_cache.get(str(dev))
+    return c[2] if key is not None and c is not None and c[0] == key else None
+
+
+def _rows_store(descs: Any, src_u8: torch.Tensor, dst_u8: torch.Tensor, dev: torch.device, value: tuple[Any, ...]) -> None:
+    if TUNING["rows_cache"]:
+        key = _rows_key(descs, src_u8, dst_u8)
+        if key is not None:  # the descriptor array is referenced: its memory cannot be reused meanwhile
+            _rows_cache[str(dev)] = (key, getattr(descs, "array", descs), value)
 
 
 _idx_cache: dict[str, tuple[tuple[int, int, int, int], torch.Tensor, torch.Tensor]] = {}
@@ -275,10 +309,16 @@ def _slices(n: int, rows_per: int) -> list[tuple[int, int]]:
 _p2p_done: set[tuple[str, str]] = set()
 
 
-def _copy_direct(src_u8: torch.Tensor, dst_u8: torch.Tensor, srows: np.ndarray, drows: np.ndarray, unit: int,
-                 run_on: torch.device, use_triton: bool) -> None:
+def _copy_direct(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, run_on: torch.device,
+                 use_triton: bool) -> int:
     """ONE row kernel on ``run_on`` (the destination: loads cross the link; the source: stores do)."""
     sdev, ddev = src_u8.device, dst_u8.device
+    hit = _rows_cached(descs, src_u8, dst_u8, run_on)
+    if hit is None:
+        srows, drows, unit = rows_of(descs, src_u8.numel(), dst_u8.numel())
+        n = srows.shape[0]
+        if n == 0:
+            return 0
     other = sdev if run_on == ddev else ddev
     if run_on.type == "cuda" and (str(run_on), str(other)) not in _p2p_done:
         # torch's cross-device copy_ enables peer access between the two devices (both directions here)
@@ -293,16 +333,21 @@ def _copy_direct(src_u8: torch.Tensor, dst_u8: torch.Tensor, srows: np.ndarray, 
     k = _stream(run_on, "direct")
     k.wait_stream(cur_s)
     k.wait_stream(cur_d)
-    src2d, dst2d = _as_rows(src_u8, unit, dst_u8), _as_rows(dst_u8, unit, src_u8)
     import contextlib  # noqa: PLC0415
 
     with (torch.cuda.device(run_on) if run_on.type == "cuda" else contextlib.nullcontext()), torch.cuda.stream(k):
-        sidx, didx = _indices(srows, drows, run_on)
-        _launch_rows(src2d, dst2d, sidx, didx, srows.shape[0], use_triton)
+        if hit is None:
+            sidx, didx = _indices(srows, drows, run_on)
+            _rows_store(descs, src_u8, dst_u8, run_on, (sidx, didx, unit, n))
+        else:
+            sidx, didx, unit, n = hit
+        src2d, dst2d = _as_rows(src_u8, unit, dst_u8), _as_rows(dst_u8, unit, src_u8)
+        _launch_rows(src2d, dst2d, sidx, didx, n, use_triton)
     cur_d.wait_stream(k)
     cur_s.wait_stream(k)
     _keep(sidx, k)
     _keep(didx, k)
+    return n * unit
 
 
 def copy_cross_device(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, *,
@@ -321,18 +366,17 @@ def copy_cross_device(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, *,
     slots = int(slots or TUNING["cross_slots"])
     if kernel == "staged-triton" and use_triton is None:
         use_triton = True
-    srows, drows, unit = rows_of(descs, src_u8.numel(), dst_u8.numel())
-    n = srows.shape[0]
-    if n == 0:
-        return 0
     sdev, ddev = src_u8.device, dst_u8.device
     if kernel.startswith("direct"):
         run_on = ddev if kernel == "direct-read" else sdev
         tk = _use_triton(src_u8 if run_on == sdev else dst_u8, True if use_triton is None else use_triton)
         if not tk and run_on.type == "cuda":
             raise RuntimeError(f"cross_kernel={kernel} needs Triton (torch index ops refuse tensors of two devices)")
-        _copy_direct(src_u8, dst_u8, srows, drows, unit, run_on, tk)
-        return n * unit
+        return _copy_direct(src_u8, dst_u8, descs, run_on, tk)
+    srows, drows, unit = rows_of(descs, src_u8.numel(), dst_u8.numel())
+    n = srows.shape[0]
+    if n == 0:
+        return 0
     rows_per = max(1, min(n, slice_bytes // unit))
     slots = max(1, min(slots, -(-n // rows_per)))
     stg_a = _buffer(sdev, slots * rows_per * unit)[: slots * rows_per * unit]

@@ -321,3 +321,32 @@ def test_rowcopy_tuning_validated_and_index_cache_reused(monkeypatch):
     _, plan2, src2, dst3, want2 = _kv_case(seed=6)  # another plan: a new entry, still byte exact
     rowcopy.copy_rows(src2, dst3, plan2.wire, use_triton=False)
     assert rowcopy._idx_cache["cpu"] is not first and torch.equal(dst3, want2)
+
+
+@pytest.mark.parametrize("kernel", [None, "direct-read"])
+def test_rows_cache_reuses_rows_of_the_same_plan_object(fake_cuda, monkeypatch, kernel):
+    """rows_cache keys on the descriptor array itself: the same plan object skips rows_of; a new plan
+    (same ids, another array) is computed again; bytes exact either way."""
+    from dynamo_ext.transport import rowcopy
+
+    monkeypatch.setattr(rowcopy, "TUNING", dict(rowcopy.TUNING, rows_cache=True))
+    monkeypatch.setattr(rowcopy, "_rows_cache", {})
+    calls = []
+    real = rowcopy.rows_of
+    monkeypatch.setattr(rowcopy, "rows_of", lambda *a: calls.append(1) or real(*a))
+    lay, plan, src, dst, want = _kv_case(seed=8)
+
+    def run(descs, d):
+        if kernel is None:
+            return rowcopy.copy_rows(src, d, descs, use_triton=False)
+        return rowcopy.copy_cross_device(src, d, descs, kernel=kernel, use_triton=False)
+
+    orig = dst.clone()
+    view = plan.wire.array.reshape(-1, 3)  # what transfer_kv_cache passes: a fresh view of the same array
+    assert run(view, dst) == plan.total_bytes and torch.equal(dst, want)
+    d2 = orig.clone()
+    assert run(plan.wire.array.reshape(-1, 3), d2) == plan.total_bytes and torch.equal(d2, want)
+    assert len(calls) == 1  # second call: cache hit
+    d3 = orig.clone()
+    run(plan.wire.array.copy(), d3)  # same values, another array: computed again
+    assert len(calls) == 2 and torch.equal(d3, want)
