@@ -21,6 +21,9 @@ Protocol (one JSON object per line; every line is validated with msgspec, nothin
                                                    rid, bytes, seconds, descriptors, path, backend}
                                                    no handle: local prefill (aggregated)
                                                    -> {"ev":"first", rid} then {"ev":"done", rid, tokens}
+                                                   local prefill: "first" carries compute_s, cached_tokens
+    (engine's BlockPool events)                    -> {"ev":"kv","rid":"__kv__","events":[["stored"|"removed",
+                                                       [chain keys]]...]}  (chain_keys(): the prefix index)
     {"op":"stats"}                                 -> {"ev":"stats", steps, prefills, free_blocks, ...}
     {"op":"shutdown"}                              process exits 0
     any failure of one request                     -> {"ev":"error", rid, error}
@@ -93,6 +96,53 @@ COMMAND_DECODER = msgspec.json.Decoder(Command)
 PROTOCOL_OUT: Any = None
 
 
+def chain_keys(tokens: list[int] | tuple[int, ...], block_size: int, parent_key: int = 0) -> list[int]:
+    """Keys of the full blocks of ``tokens``: each chains its parent's key with its own tokens (Python's
+    tuple-of-int hash: equal in every process, unlike str/bytes hashes). The coordinator computes the
+    same keys from a prompt to score prefix overlap; they stand in for Dynamo's block hashes."""
+    out, k = [], parent_key
+    for i in range(len(tokens) // block_size):
+        k = hash((k, tuple(tokens[i * block_size:(i + 1) * block_size])))
+        out.append(k)
+    return out
+
+
+class KvEventForwarder:
+    """``kv.KvEventSink`` of this worker's BlockPool: stored / removed blocks -> {"ev":"kv"} lines.
+
+    Called on the engine thread; events are queued and flushed on the asyncio loop, in order."""
+
+    def __init__(self, block_size: int, loop: asyncio.AbstractEventLoop, emit: Any) -> None:
+        self.bs, self.loop, self.emit = block_size, loop, emit
+        self.key_of: dict[int, int] = {}  # block id -> chain key
+        self.pending: list[tuple[str, list[int]]] = []
+        self.scheduled = False
+
+    def publish_stored(self, token_ids: Any, block_ids: Any, parent: int | None) -> None:
+        keys = chain_keys(list(token_ids), self.bs, self.key_of.get(parent, 0) if parent is not None else 0)
+        for b, k in zip(block_ids, keys):
+            self.key_of[int(b)] = k
+        self._queue("stored", keys)
+
+    def publish_removed(self, block_ids: Any) -> None:
+        keys = [self.key_of.pop(int(b)) for b in block_ids if int(b) in self.key_of]
+        self._queue("removed", keys)
+
+    def _queue(self, kind: str, keys: list[int]) -> None:
+        if not keys:
+            return
+        self.pending.append((kind, keys))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._flush()))
+
+    async def _flush(self) -> None:
+        self.scheduled = False
+        batch, self.pending = self.pending, []
+        if batch:
+            await self.emit("kv", rid="__kv__", events=[[k, keys] for k, keys in batch])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--role", choices=("agg", "prefill", "decode"), required=True)
@@ -155,6 +205,7 @@ class DirectWorker:
         await self.backend.start()
         self.kv_pool = KvPool.from_tensor(f"kv-{self.a.name}", self.engine.kv_layout, self.engine.kv_buffer())
         self.backend.register_pool(self.kv_pool)  # once, never per request
+        self.pool.sink = KvEventForwarder(self.a.block_size, asyncio.get_running_loop(), self.emit)
         self.spawn(self.backend.serve(0.01))
 
     def spawn(self, coro: Any) -> None:
@@ -176,10 +227,25 @@ class DirectWorker:
     async def do_prefill(self, c: Prefill) -> None:
         t0 = time.perf_counter()
         req = self._request(c.rid, c.prompt, 1)
-        res = await self.runner.prefill(req)
+        res, compute_s, cached = await self.prefill_timed(req)
         self.held[c.rid] = list(res.block_ids)
         await self.emit("prefilled", rid=c.rid, block_ids=list(res.block_ids), first_token=int(res.first_token),
-                        agent=self.backend.agent_name, pool=self.kv_pool.name, seconds=time.perf_counter() - t0)
+                        agent=self.backend.agent_name, pool=self.kv_pool.name, seconds=time.perf_counter() - t0,
+                        compute_s=compute_s, cached_tokens=cached)
+
+    async def prefill_timed(self, req: Any) -> tuple[Any, float, int]:
+        """``EngineRunner.prefill`` with the engine-thread time and the prefix-cache hit (tokens) measured."""
+        out: dict[str, Any] = {}
+
+        def run() -> Any:
+            t = time.perf_counter()
+            res = self.runner._prefill_sync(req)
+            out["s"] = time.perf_counter() - t
+            return res
+
+        res = await self.runner.wait_room(run)
+        usable = min(len(req.prefix_blocks), (len(req.prompt_token_ids) - 1) // self.a.block_size)
+        return res, out["s"], usable * self.a.block_size
 
     async def do_release(self, c: Release) -> None:
         blocks = self.held.pop(c.rid, None)
@@ -207,10 +273,12 @@ class DirectWorker:
                             path=str(st.path), backend=str(st.backend))
             await self.runner.commit_pulled(req, dst)
             blocks, first = dst, h.first_token
+            extra: dict[str, Any] = {}
         else:
-            res = await self.runner.prefill(req)
+            res, compute_s, cached = await self.prefill_timed(req)
             blocks, first = res.block_ids, res.first_token
-        await self.emit("first", rid=c.rid)
+            extra = {"compute_s": compute_s, "cached_tokens": cached}
+        await self.emit("first", rid=c.rid, **extra)
         tokens = [int(first)]
         async for o in self.runner.decode(req, blocks, first):
             tokens.extend(int(t) for t in o.new_token_ids)

@@ -52,7 +52,7 @@ import random
 import statistics
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,9 +63,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks.direct_worker import chain_keys  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKER = Path(__file__).resolve().parent / "direct_worker.py"
+
+
+POLICIES = ("least-loaded", "round-robin", "dynamo-ext")
 
 
 class GraphSpecError(ValueError):
@@ -122,6 +126,13 @@ class WorkerProc:
         self.ready: dict[str, Any] = {}
         self.queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self.inflight = 0
+        #: prefix index from this worker's KV events (chain keys of the blocks its pool holds)
+        self.cached_keys: set[int] = set()
+        #: prefill work sent and not yet done: uncached tokens, requests
+        self.queue_tokens = 0
+        self.queued = 0
+        #: measured prefill throughput (tokens/s of engine-thread time), EWMA; None until measured
+        self.prefill_rate: float | None = None
         self.dead: str | None = None
         self._reader: asyncio.Task[None] | None = None
         self._ready_fut: asyncio.Future[dict[str, Any]] | None = None
@@ -177,6 +188,13 @@ class WorkerProc:
                 if self._ready_fut and not self._ready_fut.done():
                     self._ready_fut.set_result(ev)
                 continue
+            if kind == "kv":
+                for what, keys in ev.get("events", []):
+                    if what == "stored":
+                        self.cached_keys.update(keys)
+                    else:
+                        self.cached_keys.difference_update(keys)
+                continue
             q = self.queues.get(str(ev.get("rid")))
             if q is not None:
                 q.put_nowait(ev)
@@ -187,6 +205,21 @@ class WorkerProc:
             self._ready_fut.set_exception(WorkerDied(f"{self.dead} before it was ready; last log lines:\n{self.tail()}"))
         for q in self.queues.values():
             q.put_nowait(err)
+
+    def overlap_blocks(self, keys: list[int]) -> int:
+        n = 0
+        for k in keys:
+            if k not in self.cached_keys:
+                break
+            n += 1
+        return n
+
+    def observe_prefill(self, ev: dict[str, Any], prompt_tokens: int) -> None:
+        s = float(ev.get("compute_s") or 0.0)
+        if s <= 0:
+            return
+        rate = max(prompt_tokens - int(ev.get("cached_tokens") or 0), 1) / s
+        self.prefill_rate = rate if self.prefill_rate is None else 0.7 * self.prefill_rate + 0.3 * rate
 
     def expect(self, rid: str) -> asyncio.Queue[dict[str, Any]]:
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -244,7 +277,12 @@ class Outcome:
     prefill_s: float = 0.0
     pull: dict[str, Any] | None = None
     pair: tuple[str, str] | None = None
+    pulled_blocks: int = 0
     error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prefix-cache hit on the worker that prefilled (measured there)
+    predicted_overlap: int = 0  # what the coordinator's index predicted
+    reason: str = ""
 
 
 class Graph:
@@ -264,18 +302,38 @@ class Graph:
         self.startup_s = 0.0
         self.release_errors: list[str] = []
         self._bg: set[asyncio.Task[None]] = set()
+        self.policy = "least-loaded"  # amain sets it per run (--policies)
+        self.label = spec.label
+        self._rr = -1
+        self.decision_errors: list[str] = []
+        self.link_gbps: dict[tuple[str, str], float] = {}  # measured; seeded from topology's expectations
+        self.default_gbps = 10.0
+        self.link_latency_s = 50e-6
+        self.kv_bytes_per_token = 0
+        self.num_blocks: dict[str, int] = {}
 
-    async def start(self, num_blocks: int, timeout: float) -> None:
+    async def start(self, num_blocks: int, timeout: float, cache_blocks: int | None = None) -> None:
+        """``cache_blocks``: KV blocks of the workers that prefill from their cache (prefill, agg), when the
+        prefix cache should be smaller than the working set (shared-prefix runs); decode: ``num_blocks``."""
+        from dynamo_ext.transport import KvLayout  # noqa: PLC0415
+
         t0 = time.perf_counter()
         for w in self.workers:
-            await w.start(num_blocks)
+            self.num_blocks[w.name] = cache_blocks if cache_blocks and w.role in ("prefill", "agg") else num_blocks
+            await w.start(self.num_blocks[w.name])
         for w in self.workers:
             w.ready = await w.wait_ready(timeout)
         for d in self.decode if self.prefill else []:
             for p in self.prefill:
                 d.send({"op": "add_peer", "info": p.ready["peer_info"]})
         self.startup_s = time.perf_counter() - t0
+        lay = KvLayout.from_dict(self.workers[0].ready["layout"])
+        self.kv_bytes_per_token = lay.block_bytes // lay.block_size
         self.pairs = describe_pairs(self)
+        for key, v in self.pairs.items():  # the router's prior: what topology expects for the pair
+            src, _, dst = key.partition("->")
+            if v.get("expected_gbps"):
+                self.link_gbps[(src, dst)] = float(v["expected_gbps"])
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait for the outstanding releases (the prefill workers' pools back to idle)."""
@@ -290,25 +348,84 @@ class Graph:
         live = [w for w in ws if not w.dead] or ws
         return min(live, key=lambda w: w.inflight)
 
+    # -- routing ------------------------------------------------------------------------------------
+    def choose(self, prompt: list[int], keys: list[int], out_len: int) -> tuple[WorkerProc | None, WorkerProc, str]:
+        """(prefill worker or None for a local prefill, decode/agg worker, decision reason) by --policy."""
+        pol = self.policy
+        if pol == "round-robin":
+            self._rr += 1
+            d = self.decode[self._rr % len(self.decode)]
+            p = self.prefill[self._rr % len(self.prefill)] if self.prefill else None
+            return p, d, "round_robin"
+        if pol == "dynamo-ext":
+            try:
+                return self._decide(prompt, keys, out_len)
+            except Exception as e:  # noqa: BLE001 - as the router does: any error -> least loaded
+                self.decision_errors.append(f"{type(e).__name__}: {e}")
+        d = self._least_loaded(self.decode)
+        p = self._least_loaded(self.prefill) if self.prefill else None
+        return p, d, "least_loaded"
+
+    def _decide(self, prompt: list[int], keys: list[int], out_len: int) -> tuple[WorkerProc | None, WorkerProc, str]:
+        from dynamo_ext.routing import LinkInfo, LinkTable, RequestShape, Role, WorkerSnapshot, decide  # noqa: PLC0415
+
+        bs = self.a.block_size
+        rates = [w.prefill_rate for w in self.workers if w.prefill_rate]
+        prior = statistics.fmean(rates) if rates else 20_000.0
+        per_req_blocks = -(-(len(prompt) + out_len + 1) // bs)
+        snaps = []
+        for wid, w in enumerate(self.workers):
+            role = Role.PREFILL if w.role == "prefill" else Role.AGG if w.role == "agg" else Role.DECODE
+            free = self.num_blocks[w.name] - (w.inflight * per_req_blocks if role is not Role.PREFILL else w.queued * per_req_blocks)
+            snaps.append(WorkerSnapshot(worker_id=wid, role=role, prefill_tokens_per_s=w.prefill_rate or prior,
+                                        queue_tokens=w.queue_tokens, queued_requests=w.queued,
+                                        free_blocks=max(free, 0), overlap_blocks=w.overlap_blocks(keys),
+                                        admission_delay_s=0.0, node="n0"))
+        links = {}
+        for pi, p in enumerate(self.workers):
+            for di, d in enumerate(self.workers):
+                pair = self.link_gbps.get((p.name, d.name))
+                if pair:
+                    links[(pi, di)] = LinkInfo(gb_per_s=pair, latency_s=self.link_latency_s)
+        shape = RequestShape(prompt_tokens=len(prompt), block_size=bs, kv_bytes_per_token=self.kv_bytes_per_token,
+                             block_hashes=tuple(keys), expected_output_tokens=out_len)
+        dec = decide(shape, snaps, LinkTable(links, default=LinkInfo(gb_per_s=self.default_gbps, latency_s=self.link_latency_s)))
+        c = dec.chosen
+        d = self.workers[c.decode_id]
+        p = None if c.kind.value == "local" else self.workers[c.prefill_id]
+        return p, d, dec.reason.value
+
     async def serve(self, i: int, prompt: list[int], out_len: int, issued: float, timeout: float) -> Outcome:
         self._seq += 1
         rid = f"r{self._seq}"
-        o = Outcome(i, issued)
-        d = self._least_loaded(self.decode)
-        p = self._least_loaded(self.prefill) if self.prefill else None
+        o = Outcome(i, issued, prompt_tokens=len(prompt))
+        keys = chain_keys(prompt, self.a.block_size)
+        p, d, o.reason = self.choose(prompt, keys, out_len)
+        o.predicted_overlap = (p or d).overlap_blocks(keys) * self.a.block_size
+        pf = p or d  # the worker that prefills
+        guess = max(len(prompt) - o.predicted_overlap, 1)
+        pf.queue_tokens += guess
+        pf.queued += 1
         qd = d.expect(rid)
         qp = p.expect(rid) if p else None
         d.inflight += 1
         if p:
             p.inflight += 1
+        queued = True
         try:
             handle = None
             if p is not None and qp is not None:
                 t0 = time.perf_counter()
                 p.send({"op": "prefill", "rid": rid, "prompt": prompt})
                 ev = await wait_event(qp, "prefilled", timeout, f"prefill of {rid} on {p.name}")
+                pf.queue_tokens -= guess
+                pf.queued -= 1
+                queued = False
+                p.observe_prefill(ev, len(prompt))
+                o.cached_tokens = int(ev.get("cached_tokens") or 0)
                 o.prefill_s = time.perf_counter() - t0
                 handle = {k: ev[k] for k in ("agent", "pool", "block_ids", "first_token")}
+                o.pulled_blocks = len(handle["block_ids"])
                 o.pair = (p.name, d.name)
             d.send({"op": "decode", "rid": rid, "prompt": prompt, "max_tokens": out_len, "handle": handle})
             if handle is not None and p is not None and qp is not None:
@@ -318,18 +435,32 @@ class Graph:
                     if not p.dead:
                         p.send({"op": "release", "rid": rid})
                 p.inflight -= 1
+                st = o.pull
+                if st and st.get("seconds"):  # measured link speed per pair (EWMA), as the router's LinkEstimator
+                    g = st["bytes"] / st["seconds"] / 1e9
+                    old = self.link_gbps.get((p.name, d.name))
+                    self.link_gbps[(p.name, d.name)] = g if old is None else 0.8 * old + 0.2 * g
                 # the release runs on the prefill's engine thread (behind its queued prefills): never wait for
                 # it on the request's path, as the Dynamo decode worker does not either
                 self._track_release(p, qp, rid, timeout)
                 p = None
-            await wait_event(qd, "first", timeout, f"first token of {rid} on {d.name}")
+            ev = await wait_event(qd, "first", timeout, f"first token of {rid} on {d.name}")
             o.first = time.perf_counter()
+            if handle is None:
+                pf.queue_tokens -= guess
+                pf.queued -= 1
+                queued = False
+                d.observe_prefill(ev, len(prompt))
+                o.cached_tokens = int(ev.get("cached_tokens") or 0)
             ev = await wait_event(qd, "done", timeout, f"decode of {rid} on {d.name}")
             o.done = time.perf_counter()
             o.tokens = list(ev["tokens"])
         except Exception as e:  # noqa: BLE001 - one request's failure is a result, not a crash
             o.error = str(e)
         finally:
+            if queued:
+                pf.queue_tokens -= guess
+                pf.queued -= 1
             d.inflight -= 1
             d.done(rid)
             if p is not None:
@@ -390,10 +521,17 @@ def describe_pairs(g: Graph) -> dict[str, dict[str, Any]]:
 
 
 # -- load -------------------------------------------------------------------------------------------------
-def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, length: int, vocab: int, seed: int, *, prefixes: int = 0, prefix_frac: float = 0.75,
+                 block_size: int = 16) -> list[list[int]]:
+    """``n`` prompts of ``length`` random tokens (seeded). ``prefixes`` > 0: each prompt is one of that many
+    shared prefixes (``prefix_frac`` of the length, whole blocks; picked uniformly) + a unique suffix."""
     rng = random.Random(seed * 1_000_003 + length)
     lo = 3 if vocab > 16 else 0
-    return [[rng.randrange(lo, vocab) for _ in range(length)] for _ in range(n)]
+    if prefixes <= 0:
+        return [[rng.randrange(lo, vocab) for _ in range(length)] for _ in range(n)]
+    plen = max(block_size, int(length * prefix_frac) // block_size * block_size)
+    shared = [[rng.randrange(lo, vocab) for _ in range(plen)] for _ in range(prefixes)]
+    return [shared[rng.randrange(prefixes)] + [rng.randrange(lo, vocab) for _ in range(length - plen)] for _ in range(n)]
 
 
 async def run_load(g: Graph, prompts: list[list[int]], out_len: int, concurrency: int, rate: float | None,
@@ -436,7 +574,18 @@ def pct(xs: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def summarize(g: Graph, plen: int, outs: list[Outcome], t0: float, t1: float, a: argparse.Namespace) -> dict[str, Any]:
+def block_bytes_of(g: Graph) -> int | None:
+    """Bytes of one KV block from the layout the decode worker reported (all layers, K and V)."""
+    try:
+        from dynamo_ext.transport.layout import KvLayout  # noqa: PLC0415
+
+        return int(KvLayout.from_dict(g.decode[0].ready["layout"]).block_bytes)
+    except Exception:  # noqa: BLE001 - reported as missing, never fatal
+        return None
+
+
+def summarize(g: Graph, plen: int, outs: list[Outcome], t0: float, t1: float, a: argparse.Namespace,
+              rate: float | None = None) -> dict[str, Any]:
     ok = [o for o in outs if o.error is None]
     ttft = [o.first - o.issued for o in ok]
     tpot = [(o.done - o.first) / (len(o.tokens) - 1) for o in ok if len(o.tokens) > 1]
@@ -444,22 +593,35 @@ def summarize(g: Graph, plen: int, outs: list[Outcome], t0: float, t1: float, a:
     win = max(last - t0, 1e-9)
     ntok = sum(len(o.tokens) for o in ok)
     r: dict[str, Any] = {
-        "graph": g.spec.label, "kind": g.spec.kind, "gpus": g.spec.gpus if a.device == "cuda" else 0,
+        "graph": g.label, "topology": g.spec.label, "policy": g.policy, "workload": a.workload,
+        "kind": g.spec.kind, "gpus": g.spec.gpus if a.device == "cuda" else 0,
         "workers": len(g.workers), "prefill_workers": len(g.prefill), "decode_workers": len(g.decode),
         "prompt_len": plen, "output_len": a.output_len, "requests": len(outs), "completed": len(ok),
         "errors": sorted({o.error for o in outs if o.error})[:5],
-        "concurrency": None if a.rate else a.concurrency, "rate": a.rate, "window_s": round(win, 4),
+        "concurrency": None if rate else a.concurrency, "rate": rate, "window_s": round(win, 4),
         "requests_per_s": len(ok) / win, "output_tok_s": ntok / win,
         "output_tok_s_per_gpu": ntok / win / max(1, len(g.workers)),
         "decode_tok_s_per_decode_worker": ntok / win / max(1, len(g.decode)),
         "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
         "tpot_p50_s": pct(tpot, 0.5), "tpot_p99_s": pct(tpot, 0.99),
     }
+    ptoks = sum(o.prompt_tokens for o in ok)
+    r["prefix_hit_rate"] = sum(o.cached_tokens for o in ok) / ptoks if ptoks else None
+    r["predicted_hit_rate"] = sum(min(o.predicted_overlap, o.prompt_tokens) for o in ok) / ptoks if ptoks else None
+    r["kv_bytes_moved"] = sum(int(o.pull["bytes"]) for o in ok if o.pull)
+    r["decisions"] = dict(sorted(Counter(o.reason for o in ok).items()))
+    r["local_prefills"] = sum(1 for o in ok if o.pair is None) if g.prefill else None
+    r["decision_errors"] = g.decision_errors[:3]
     pulls = [o for o in ok if o.pull]
     if pulls:
         secs = [o.pull["seconds"] for o in pulls]
         r["kv_pulls"] = len(pulls)
         r["kv_bytes_per_request"] = statistics.fmean(o.pull["bytes"] for o in pulls)
+        # what the layout says the pulled blocks hold: the transfer must have moved exactly that
+        bb = block_bytes_of(g)
+        r["kv_block_bytes"] = bb
+        r["kv_bytes_total"] = sum(int(o.pull["bytes"]) for o in pulls)
+        r["kv_bytes_expected_total"] = None if bb is None else bb * sum(o.pulled_blocks for o in pulls)
         r["kv_descriptors_per_request"] = statistics.fmean(o.pull["descriptors"] for o in pulls)
         r["kv_transfer_mean_s"] = statistics.fmean(secs)
         r["kv_transfer_p50_s"] = pct(secs, 0.5)
@@ -528,21 +690,38 @@ def _f(x: Any, scale: float = 1.0, nd: int = 1) -> str:
     return "-" if x is None else f"{x * scale:,.{nd}f}"
 
 
+def load_label(r: dict[str, Any]) -> str:
+    return f"Poisson {r['rate']:g} req/s" if r.get("rate") else f"closed, {r.get('concurrency')} in flight"
+
+
 def markdown(res: dict[str, Any]) -> str:
     p, m = res["params"], res["machine"]
     lines = [f"# Serving without the Dynamo runtime: agg vs disagg ({p['preset']}, {p['layers'] or 'all'} layers, {m['device']})", "",
              f"Machine: {machine_line(m)}.", "",
              f"Load per cell: {p['requests']} requests, output {p['output_len']} tokens (greedy, EOS ignored), "
-             + (f"Poisson {p['rate']} req/s" if p["rate"] else f"closed loop, {p['concurrency']} in flight")
+             + "load per row (Poisson arrivals at the req/s given, or closed loop with the number in flight)"
              + f"; warm-up {p['warmup']} per worker and prompt length. Command: `{p['command']}`.", "",
-             "| graph | prompt | done | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | out tok/s | out tok/s per GPU | KV pull ms (mean) | KV share of TTFT | KV MiB/req | descs/req |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| graph | prompt | done | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | out tok/s | out tok/s per GPU | KV pull ms (mean) | KV share of TTFT | KV MiB/req | descs/req | TPOT p99 ms | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["results"]:
         lines.append(f"| {r['graph']} | {r['prompt_len']} | {r['completed']}/{r['requests']} | {_f(r['requests_per_s'], nd=2)} | "
                      f"{_f(r['ttft_p50_s'], 1e3)} | {_f(r['ttft_p99_s'], 1e3)} | {_f(r['tpot_p50_s'], 1e3, 2)} | "
                      f"{_f(r['output_tok_s'], nd=0)} | {_f(r['output_tok_s_per_gpu'], nd=0)} | "
                      f"{_f(r.get('kv_transfer_mean_s'), 1e3, 2)} | {_f(r.get('kv_share_of_ttft'), 100, 2)}{'%' if r.get('kv_share_of_ttft') is not None else ''} | "
-                     f"{_f(r.get('kv_bytes_per_request'), 1 / 2**20, 1)} | {_f(r.get('kv_descriptors_per_request'), nd=0)} |")
+                     f"{_f(r.get('kv_bytes_per_request'), 1 / 2**20, 1)} | {_f(r.get('kv_descriptors_per_request'), nd=0)} | "
+                     f"{_f(r.get('tpot_p99_s'), 1e3, 2)} | {load_label(r)} |")
+    if len({r.get("policy") for r in res["results"]}) > 1 or p.get("workload") == "shared-prefix":
+        lines += ["", f"Routing ({p.get('workload')} workload): prefix hit = cached prompt tokens on the worker that "
+                  "prefilled / prompt tokens (measured there); predicted = what the coordinator's KV-event index "
+                  "expected; KV moved = bytes pulled by decode workers.", "",
+                  "| graph / policy | prompt | TTFT p50 ms | TTFT p99 ms | req/s | prefix hit | predicted | KV MiB moved | local prefills | decisions |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in res["results"]:
+            dec = ", ".join(f"{k} {v}" for k, v in (r.get("decisions") or {}).items())
+            lines.append(f"| {r['graph']} | {r['prompt_len']} | {_f(r['ttft_p50_s'], 1e3)} | {_f(r['ttft_p99_s'], 1e3)} | "
+                         f"{_f(r['requests_per_s'], nd=2)} | {_f(r.get('prefix_hit_rate'), 100, 1)}% | "
+                         f"{_f(r.get('predicted_hit_rate'), 100, 1)}% | {_f(r.get('kv_bytes_moved'), 1 / 2**20, 1)} | "
+                         f"{r.get('local_prefills') if r.get('local_prefills') is not None else '-'} | {dec} |")
     pairs = {}
     for r in res["results"]:
         for k, v in (r.get("pairs") or {}).items():
@@ -575,12 +754,17 @@ def plot(res: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except Exception:  # noqa: BLE001 - the JSON and markdown are the record; the PNG is a view of them
         return
-    graphs = list(dict.fromkeys(r["graph"] for r in res["results"]))
+    several = len({load_label(r) for r in res["results"]}) > 1
+
+    def series(r: dict[str, Any]) -> str:
+        return f"{r['graph']} {load_label(r)}" if several else r["graph"]
+
+    graphs = list(dict.fromkeys(series(r) for r in res["results"]))
     lens = sorted({r["prompt_len"] for r in res["results"]})
     fig, axs = plt.subplots(1, 3, figsize=(14, 4))
     width = 0.8 / max(1, len(graphs))
     for gi, gl in enumerate(graphs):
-        rs = {r["prompt_len"]: r for r in res["results"] if r["graph"] == gl}
+        rs = {r["prompt_len"]: r for r in res["results"] if series(r) == gl}
         xs = [li + gi * width for li in range(len(lens))]
         for ax, key, scale in ((axs[0], "requests_per_s", 1), (axs[1], "ttft_p50_s", 1e3), (axs[2], "output_tok_s_per_gpu", 1)):
             ax.bar(xs, [(rs[pl].get(key) or 0) * scale if pl in rs else 0 for pl in lens], width, label=gl)
@@ -616,6 +800,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (req/s) instead of a closed loop")
+    ap.add_argument("--rates", default=None,
+                    help="several loads per cell, comma-separated: req/s for Poisson arrivals, 'closed' for the "
+                         "closed loop at --concurrency (e.g. closed,4,16)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: at most 16 requests and 16 output tokens per cell, warm-up 1")
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=1, help="requests per worker and prompt length before measuring")
     ap.add_argument("--block-size", type=int, default=16)
@@ -629,6 +818,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="compare greedy outputs with the agg graph: assert (CPU default) or report (GPU default)")
     ap.add_argument("--out", default=None, help="result stem (default benchmarks/results/serve-direct-<device>-<preset>)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--policies", default="least-loaded",
+                    help="routing policies, each run on a fresh graph: least-loaded, round-robin, dynamo-ext "
+                         "(routing.decide over the workers' KV-event prefix index, measured prefill rates and links)")
+    ap.add_argument("--workload", choices=("random", "shared-prefix"), default="random",
+                    help="shared-prefix: every prompt = one of --prefixes shared system prompts + a unique suffix")
+    ap.add_argument("--prefixes", type=int, default=8, help="shared-prefix: number of distinct shared prefixes")
+    ap.add_argument("--prefix-frac", type=float, default=0.75, help="shared-prefix: prefix share of each prompt")
+    ap.add_argument("--cache-blocks", type=int, default=None,
+                    help="KV blocks of prefill/agg workers (a prefix cache smaller than the prefixes' working set)")
     a = ap.parse_args(argv)
     try:
         a.graph_specs = [GraphSpec.parse(x) for x in a.graphs.split(",") if x.strip()]
@@ -637,6 +835,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(str(e))
     if not a.graph_specs or not a.lens or min(a.lens) < 1:
         ap.error("--graphs and --prompt-lens need at least one entry (prompt lengths >= 1)")
+    if a.quick:
+        a.requests, a.output_len, a.warmup = min(a.requests, 16), min(a.output_len, 16), min(a.warmup, 1)
+    a.rate_list: list[float | None] = [a.rate]
+    if a.rates:
+        a.rate_list = []
+        for x in a.rates.split(","):
+            x = x.strip().lower()
+            if not x:
+                continue
+            if x in ("closed", "c"):
+                a.rate_list.append(None)
+                continue
+            try:
+                v = float(x)
+            except ValueError:
+                v = -1.0
+            if v <= 0:
+                ap.error(f"--rates: {x!r} is neither a positive req/s nor 'closed'")
+            a.rate_list.append(v)
+        if not a.rate_list:
+            ap.error("--rates needs at least one entry (req/s or 'closed')")
     if a.requests < 1 or a.output_len < 1 or a.concurrency < 1:
         ap.error("--requests, --output-len and --concurrency must be >= 1")
     if a.device == "cuda":
@@ -649,6 +868,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         need = max(s.gpus for s in a.graph_specs)
         if n < need:
             ap.error(f"--graphs needs {need} GPUs, this machine has {n}")
+    a.policy_list = [x.strip() for x in a.policies.split(",") if x.strip()]
+    bad = [x for x in a.policy_list if x not in POLICIES]
+    if bad or not a.policy_list:
+        ap.error(f"--policies: {', '.join(bad) or 'empty'} not allowed (allowed: {', '.join(POLICIES)})")
+    if not 0.0 < a.prefix_frac < 1.0 or a.prefixes < 1:
+        ap.error("--prefix-frac must be in (0, 1) and --prefixes >= 1")
     if a.verify == "auto":
         a.verify = "assert" if a.device == "cpu" else "report"
     return a
@@ -656,7 +881,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def blocks_needed(a: argparse.Namespace) -> int:
     per_req = -(-(max(a.lens) + a.output_len + 1) // a.block_size)
-    inflight = a.concurrency if not a.rate else a.requests
+    inflight = a.requests if any(a.rate_list) else a.concurrency
     return per_req * (inflight + a.warmup + 2) + 16
 
 
@@ -667,7 +892,10 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
     res: dict[str, Any] = {"machine": machine_info(a.device),
                            "params": {"preset": a.preset, "layers": a.layers, "graphs": a.graphs, "prompt_lens": a.lens,
                                       "requests": a.requests, "concurrency": a.concurrency, "rate": a.rate,
+                                      "rates": [r for r in a.rate_list if r], "quick": a.quick,
                                       "output_len": a.output_len, "warmup": a.warmup, "block_size": a.block_size,
+                                      "policies": a.policy_list, "workload": a.workload, "prefixes": a.prefixes,
+                                      "prefix_frac": a.prefix_frac, "cache_blocks": a.cache_blocks,
                                       "command": argv_text},
                            "startup_s": {}, "results": []}
     tokens: dict[str, dict[tuple[int, int], list[int]]] = {}
@@ -678,37 +906,43 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
         try:
             from tqdm import tqdm  # noqa: PLC0415
 
-            progress = tqdm(total=len(a.graph_specs) * len(a.lens) * a.requests, desc="requests", file=sys.stderr,
+            progress = tqdm(total=len(a.graph_specs) * len(a.lens) * len(a.rate_list) * a.requests, desc="requests", file=sys.stderr,
                             unit="req", dynamic_ncols=True)
         except Exception:  # noqa: BLE001
             progress = None
     try:
-        for spec in a.graph_specs:
+        for spec, policy in [(sp, po) for sp in a.graph_specs for po in a.policy_list]:
+            label = spec.label if len(a.policy_list) == 1 else f"{spec.label}/{policy}"
             g = Graph(spec, a, log_dir)
+            g.policy, g.label = policy, label
             try:
-                await g.start(nblocks, a.startup_timeout_s)
-                res["startup_s"][spec.label] = g.startup_s
+                await g.start(nblocks, a.startup_timeout_s, a.cache_blocks)
+                res["startup_s"][label] = g.startup_s
                 vocab = int(g.workers[0].ready.get("vocab") or 256)
                 for plen in a.lens:
                     warm = make_prompts(a.warmup * len(g.workers), plen, vocab, a.seed + 10_000)
                     if warm:
                         await run_load(g, warm, min(a.output_len, 4), len(g.workers), None, a.request_timeout_s)
-                    prompts = make_prompts(a.requests, plen, vocab, a.seed)
-                    outs, t0, t1 = await run_load(g, prompts, a.output_len, a.concurrency, a.rate,
-                                                  a.request_timeout_s, progress)
-                    r = summarize(g, plen, outs, t0, t1, a)
-                    await g.drain(a.request_timeout_s)
-                    st = await g.stats()
-                    # no stranded blocks: every prefill handle released, every pool back to all-free
-                    r["held_handles_after"] = sum(int(x.get("held", 0)) for x in st)
-                    r["release_errors"] = g.release_errors[:5]
-                    g.release_errors.clear()
-                    res["results"].append(r)
-                    tokens.setdefault(spec.label, {}).update({(plen, o.i): o.tokens for o in outs if o.error is None})
-                    write(res, stem)
+                    prompts = make_prompts(a.requests, plen, vocab, a.seed,
+                                           prefixes=a.prefixes if a.workload == "shared-prefix" else 0,
+                                           prefix_frac=a.prefix_frac, block_size=a.block_size)
+                    for rate in a.rate_list:
+                        outs, t0, t1 = await run_load(g, prompts, a.output_len, a.concurrency, rate,
+                                                      a.request_timeout_s, progress)
+                        r = summarize(g, plen, outs, t0, t1, a, rate)
+                        await g.drain(a.request_timeout_s)
+                        st = await g.stats()
+                        # no stranded blocks: every prefill handle released, every pool back to all-free
+                        r["held_handles_after"] = sum(int(x.get("held", 0)) for x in st)
+                        r["release_errors"] = g.release_errors[:5]
+                        g.release_errors.clear()
+                        res["results"].append(r)
+                        # the same prompts at every rate: greedy tokens must not depend on the load (CPU)
+                        tokens.setdefault(label, {}).update({(plen, o.i): o.tokens for o in outs if o.error is None})
+                        write(res, stem)
             except WorkerDied as e:
-                res.setdefault("failures", []).append({"graph": spec.label, "error": str(e)})
-                print(f"serve-direct: {spec.label}: {e}", file=sys.stderr)
+                res.setdefault("failures", []).append({"graph": label, "error": str(e)})
+                print(f"serve-direct: {label}: {e}", file=sys.stderr)
             finally:
                 await g.stop()
     finally:
