@@ -12,7 +12,7 @@
 #      Triton block x warps and index-cache sweep; 1 GiB llama3-70b, cuda-ipc between two processes
 #   A2 GPU0->GPU1 (c): staged slices 64/128/256 MiB, slots, Triton vs torch, direct-read/-write P2P
 #      kernel; every configuration verified (sha256)
-#   B  bench transfer on the GPU paths incl. nccl-single / nccl-planned and cuda-ipc-direct
+#   B  bench transfer on the GPU paths (GPU0->GPU1 first) incl. nccl-single / nccl-planned
 #      -> $OUT/transfer-gpu-llama3-70b-1024MiB.{json,md,png} (and benchmarks/results/ in this tree)
 #   C  dynamo-ext topology --probe (GPU pairs + host), 256 MiB per path -> $OUT/topology-probe.json
 #   D  one summary table, LAST
@@ -81,8 +81,9 @@ else
   for p in 'GPU0->GPU0' 'GPU0->GPU1'; do
     for m in naive planned planned-staged raw-single; do M="$M,$p:$m"; done
   done
-  M="${M#,},copy,cuda-ipc,cuda-ipc-torch,cuda-ipc-direct,nccl-single,nccl-planned,owner-copy,owner-copy-zc"
-  stage B-bench 80 "$PY" benchmarks/transfer.py --paths 'GPU0->GPU0,GPU0->host,GPU0->GPU1' --reps 3 \
+  # cuda-ipc-direct is measured in A2 (its own process): here a P2P fault could not poison later paths
+  M="${M#,},copy,cuda-ipc,cuda-ipc-torch,nccl-single,nccl-planned,owner-copy,owner-copy-zc"
+  stage B-bench 80 "$PY" benchmarks/transfer.py --paths 'GPU0->GPU1,GPU0->GPU0,GPU0->host' --reps 3 \
       --methods "$M" --json "$OUT/transfer-gpu-llama3-70b-1024MiB.json"
   cp -f "$OUT"/transfer-gpu-llama3-70b-1024MiB.* benchmarks/results/ 2>/dev/null
   stage C-probe 40 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json > \"$OUT/topology-probe.json\""
