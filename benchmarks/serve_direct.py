@@ -5,6 +5,14 @@
     python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --requests 96 --concurrency 32 --output-len 64
     # low-load KV share of TTFT (issue #5 target, 4K prompts on NVLink): --concurrency 1 --requests 16
+    # issue #5 "several request rates" (one ~600 s call; estimate ~200 s: start-up ~5 s per graph, cells
+    # from the committed run's req/s; env on the GPU machine: PYTHONPATH=/tmp/site:$PWD):
+    python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
+        --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --requests 96 --concurrency 32 \
+        --rates closed,8,16,32 --output-len 64 --request-timeout-s 90 --startup-timeout-s 120
+    # smoke (~1 min): same graphs and prompt lengths, --quick (16 requests x 16 tokens per cell, warm-up 1)
+    python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
+        --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --quick --out /tmp/serve-direct-quick
 
 Why: the Dynamo runtime (75 MB wheel) cannot be carried to the GPU machine together with NIXL, and issues
 #5 and #8 need the prefill -> KV transfer -> decode flow measured on GPUs. This harness runs exactly the
@@ -25,7 +33,8 @@ Graphs (``--graphs``, comma-separated):
 
 Load per (graph, prompt length): ``--requests`` prompts of random token ids (seeded; the same prompts for
 every graph, no prefix-cache hits), ``--output-len`` tokens each (greedy, EOS ignored); closed loop with
-``--concurrency`` requests in flight (``--rate R`` instead: Poisson arrivals at R req/s). Before measuring,
+``--concurrency`` requests in flight (``--rate R`` instead: Poisson arrivals at R req/s; ``--rates
+closed,8,16``: one row per load, the same prompts each time, on the same warm workers). Before measuring,
 every worker serves ``--warmup`` requests of each prompt length (CUDA/Triton warm-up).
 
 Metrics: TTFT = first token leaves the worker that decodes (after the pull in disagg) - request issued;

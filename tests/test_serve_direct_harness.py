@@ -30,7 +30,7 @@ def test_serve_direct_cpu_end_to_end(tmp_path):
     stem = tmp_path / "sd"
     r = subprocess.run(
         [sys.executable, "-m", "dynamo_ext.cli", "bench", "serve-direct", "--graphs", "agg:2,disagg:1p1d",
-         "--prompt-lens", "40,100", "--requests", "6", "--concurrency", "3", "--output-len", "6",
+         "--prompt-lens", "40,100", "--requests", "6", "--concurrency", "3", "--rates", "closed,40", "--output-len", "6",
          "--out", str(stem), "--no-progress"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
@@ -38,16 +38,20 @@ def test_serve_direct_cpu_end_to_end(tmp_path):
     data = json.loads(stem.with_suffix(".json").read_text())
     assert set(data) >= {"machine", "params", "startup_s", "results", "verify"}
     rows = data["results"]
-    assert [(x["graph"], x["prompt_len"]) for x in rows] == [("agg-2", 40), ("agg-2", 100),
-                                                              ("disagg-1p1d", 40), ("disagg-1p1d", 100)]
+    # one row per (graph, prompt length, load): the closed loop, then Poisson arrivals at 40 req/s
+    assert [(x["graph"], x["prompt_len"], x["rate"], x["concurrency"]) for x in rows] == [
+        (g, pl, r, c) for g in ("agg-2", "disagg-1p1d") for pl in (40, 100) for r, c in ((None, 3), (40.0, None))]
     for row in rows:
         assert row["completed"] == 6 and not row["errors"] and not row["release_errors"], row
         assert row["held_handles_after"] == 0
         assert row["ttft_p99_s"] >= row["ttft_p50_s"] > 0 and row["requests_per_s"] > 0
     # every disaggregated request was pulled, and the bytes are exactly its prompt blocks' KV
     layout_bytes_per_block = None
-    for row in rows[2:]:
+    for row in rows[4:]:
         assert row["kv_pulls"] == 6
+        # bytes the transfers reported == the layout's block bytes x the blocks each prefill handed over
+        assert row["kv_bytes_total"] == row["kv_bytes_expected_total"] > 0
+        assert row["kv_bytes_total"] == 6 * row["kv_bytes_per_request"]
         nblocks = -(-(row["prompt_len"] + 1) // 16)  # prefill holds the prompt's blocks plus room for the first token
         per_block = row["kv_bytes_per_request"] / nblocks
         assert per_block == int(per_block) and per_block > 0
@@ -60,6 +64,7 @@ def test_serve_direct_cpu_end_to_end(tmp_path):
     assert v["compared"] == 12 and v["equal"] == 12  # greedy: disagg == agg token for token
     md = stem.with_suffix(".md").read_text()
     assert "| disagg-1p1d | 100 | 6/6 |" in md and "12/12 equal" in md
+    assert md.count("| Poisson 40 req/s |") == 4 and md.count("| closed, 3 in flight |") == 4
     assert stem.with_suffix(".png").stat().st_size > 1000
     assert r.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
 
@@ -70,6 +75,15 @@ def test_graph_spec_errors_name_the_allowed_forms():
     for bad in ("agg:0", "disagg:2p", "both:2", "disagg:xpyd"):
         with pytest.raises(m.GraphSpecError, match="agg:N or disagg:XpYd"):
             m.GraphSpec.parse(bad)
+
+
+def test_load_options_are_checked():
+    m = _module()
+    a = m.parse_args(["--rates", "closed,2.5,8", "--quick", "--requests", "64", "--output-len", "64"])
+    assert a.rate_list == [None, 2.5, 8.0] and a.requests == 16 and a.output_len == 16
+    for bad in ("0", "fast", ","):
+        with pytest.raises(SystemExit):
+            m.parse_args(["--rates", bad])
 
 
 def test_killed_decode_worker_fails_its_requests_clearly(tmp_path):
