@@ -40,6 +40,17 @@ max(0, local full blocks - blocks stored by decode workers), which is a lower bo
 of the same block on one worker store it once (an upper-bound effect, small at these loads). The per-run
 JSON (route-cpu-<workload>.runs.json) keeps the raw counts; ``--from-runs`` re-renders from it.
 
+Quiet, reproducible runs (the lead's final numbers; the 2-core box is shared otherwise):
+
+    python benchmarks/route.py --quiet-load 1 --one-graph --runs 3 --requests 80   # ~20 min on 2 idle cores
+
+``--quiet-load X`` waits before every measured run until the 1-minute load average is below X (polling
+every 5 s, at most ``--quiet-timeout`` s; a run that starts without reaching it is marked ``quiet: false``);
+each run records ``load_before`` / ``load_after`` / ``quiet_wait_s``. ``--one-graph`` starts only the measured
+policy's graph for each run (its own namespace) and stops it afterwards, so the other policies' idle
+workers do not load the machine; start-up is then paid per run (``startup_s`` per run). The router's
+measured throughput estimates (its health ``throughput``) are kept per policy in ``info``.
+
 Writes benchmarks/results/route-cpu-<workload>.{json,md,png} (JSON: {"workload", "machine", "results":
 [{"policy", "ttft_p50_s", "ttft_p99_s", "throughput_tok_s", "prefix_hit_rate", "kv_bytes_moved"}]}) and
 prints the table last.
@@ -166,8 +177,29 @@ class StoredCounter:
 # -- one policy -----------------------------------------------------------------------------------------------
 
 
-def start_graph(h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str, workdir: Path, model_dir: Path):
-    ns = "rt" + policy.replace("-", "")
+def wait_quiet(max_load: float, timeout_s: float, *, poll_s: float = 5.0, loadavg=os.getloadavg,
+               sleep=time.sleep, clock=time.monotonic, log=None) -> dict[str, Any]:
+    """Waits until the 1-minute load average is below ``max_load`` (0: no wait), at most ``timeout_s``.
+
+    Returns ``{"load_before": 1-min load when the run starts, "quiet_wait_s": seconds waited,
+    "quiet": whether the load was below max_load}`` (``quiet`` is None when not asked)."""
+    if max_load < 0 or timeout_s < 0:
+        raise ValueError(f"--quiet-load and --quiet-timeout must be >= 0, got {max_load}, {timeout_s}")
+    t0 = clock()
+    load = loadavg()[0]
+    if max_load == 0:
+        return {"load_before": round(load, 2), "quiet_wait_s": 0.0, "quiet": None}
+    while load >= max_load and clock() - t0 < timeout_s:
+        if log is not None:
+            log(f"waiting for load < {max_load}: {load:.2f} ({clock() - t0:.0f} s)")
+        sleep(min(poll_s, max(timeout_s - (clock() - t0), 0.0)))
+        load = loadavg()[0]
+    return {"load_before": round(load, 2), "quiet_wait_s": round(clock() - t0, 1), "quiet": load < max_load}
+
+
+def start_graph(h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str, workdir: Path, model_dir: Path,
+                ns_suffix: str = ""):
+    ns = "rt" + policy.replace("-", "") + ns_suffix
     cfg = {"router": {"policy": policy, "disagg_min_prompt_tokens": 0},
            "workers": {"agg": {"count": 0, "num_kv_blocks": a.kv_blocks},
                        "prefill": {"count": a.prefill_workers, "num_kv_blocks": a.prefill_kv_blocks or a.kv_blocks},
@@ -204,13 +236,13 @@ class Policy:
     """One policy's running graph and its counters."""
 
     def __init__(self, h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str, work: Path,
-                 model_dir: Path) -> None:
+                 model_dir: Path, ns_suffix: str = "") -> None:
         from dynamo_ext.engine.config import ModelConfig
 
         self.name, self.a = policy, a
         t_start = time.monotonic()
         self.g, self.base, self.prefills, self.decodes, self.router, self.counter = start_graph(
-            h, policy, a, etcd, nats, work, model_dir)
+            h, policy, a, etcd, nats, work, model_dir, ns_suffix)
         self.info: dict[str, Any] = {"startup_s": round(time.monotonic() - t_start, 1)}
         mc = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
         self.block_bytes = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * {"float32": 4}.get(mc.dtype, 2) * BLOCK
@@ -222,6 +254,7 @@ class Policy:
         kv_urls = [d.metrics_url for d in self.decodes]
         pids = {p.instance_id for p in self.prefills}
         time.sleep(0.3)
+        quiet = wait_quiet(a.quiet_load, a.quiet_timeout, log=lambda s: print(s, file=sys.stderr, flush=True))
         kv0, st0 = scrape_kv(kv_urls), self.counter.snapshot()
         dec0 = self.decisions()
         reqs = make_workload(wl, a, a.seed + 1000 * run)
@@ -252,6 +285,8 @@ class Policy:
                 "router_decisions": {k: dec1.get(k, 0) - dec0.get(k, 0) for k in dec1 if dec1.get(k, 0) != dec0.get(k, 0)}
                 if self.router is not None else None,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
+                "load_before": quiet["load_before"], "load_after": round(os.getloadavg()[0], 2),
+                "quiet_wait_s": quiet["quiet_wait_s"], "quiet": quiet["quiet"],
                 "prompt_tokens_mean": round(statistics.fmean([r.prompt_tokens for r in ok]), 1) if ok else None})
 
     def decisions(self) -> dict[str, int]:  # noqa: D102
@@ -262,8 +297,18 @@ class Policy:
         except Exception:  # noqa: BLE001
             return {}
 
+    def throughput(self) -> dict | None:
+        """The router's measured throughput estimates per worker (health ``throughput``), if any."""
+        if self.router is None:
+            return None
+        try:
+            return self.router.health().get("throughput") or None
+        except Exception:  # noqa: BLE001
+            return None
+
     def stop(self) -> None:
         self.info["router_decisions"] = self.decisions() or None
+        self.info["router_throughput"] = self.throughput()
         self.counter.stop()
         self.g.stop()
 
@@ -293,8 +338,12 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
     m = res["machine"]
     rr = {r["policy"]: r for r in res["results"]}
     lines = [f"# Routing benchmark: {res['workload']} on CPU (tiny model)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores (shared with another job), Python {m['python']}, "
-             f"ai-dynamo {m.get('ai-dynamo')}, torch {m.get('torch')}; load average at start {m['load_avg_1m']}.",
+             f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
+             f"ai-dynamo {m.get('ai-dynamo')}, torch {m.get('torch')}; load average at start {m['load_avg_1m']}; "
+             + (f"quiet mode: each run waited for a 1-min load average < {a.quiet_load} "
+                f"({sum(1 for r in extra['runs'] if r.get('quiet'))} of {len(extra['runs'])} runs reached it; "
+                "load before -> after each run in the per-run table)." if getattr(a, "quiet_load", 0)
+                else "no quiet mode (the machine may have been shared; per-run load in the table)."),
              "",
              f"Graph per policy: {a.prefill_workers} prefill + {a.decode_workers} decode workers "
              f"(KV blocks of {BLOCK} tokens: {a.prefill_kv_blocks or a.kv_blocks} per prefill worker, fewer than the "
@@ -302,8 +351,10 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
              "layers, NIXL in host memory, Dynamo frontend; "
              "round-robin and dynamo-ext through our router, dynamo-kv = frontend `--router-mode kv`. "
              f"Load: {a.requests} streaming completions, Poisson {a.rate} req/s, {a.output_len} output tokens, "
-             f"greedy. The three graphs run side by side (idle while another is measured); runs interleave "
-             f"(policy order reversed on odd runs). {a.runs} run(s) per policy" + (" (median of the runs)" if a.runs > 1 else
+             + ("greedy. One graph at a time (--one-graph: only the measured policy's workers run, a fresh graph "
+                "per run); policies interleave " if getattr(a, "one_graph", False) else
+                "greedy. The three graphs run side by side (idle while another is measured); runs interleave ")
+             + f"(policy order reversed on odd runs). {a.runs} run(s) per policy" + (" (median of the runs)" if a.runs > 1 else
                                                       " (one run: no time for 3 on 2 cores; run-to-run noise "
                                                       "is not measured)") + ".", "",
              "Prefix hit rate = (full blocks prefilled on prefill workers - blocks they newly stored, from their KV "
@@ -312,12 +363,14 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
              "KV bytes moved = decode workers' `dynamo_ext_kv_transfer_bytes_total` over the run (the decode "
              "worker pulls the whole prompt's KV even when it holds the prefix: workers/README \"Not done\").", ""]
     lines += ["Per run:", "", "| policy | run | done | prompt tok (mean) | TTFT p50 | TTFT p99 | tok/s | hit | "
-              "stored blocks (prefill / decode) | blocks prefilled remotely / all | KV bytes |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+              "stored blocks (prefill / decode) | blocks prefilled remotely / all | KV bytes | load before -> after |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in extra["runs"]:
         lines.append(f"| {r['policy']} | {r['run']} | {r['completed']}/{r['requests']} | {r['prompt_tokens_mean']} | "
                      f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['throughput_tok_s']:.1f} | "
                      f"{r['prefix_hit_rate']:.1%} | {r['stored_blocks_prefill']} / {r['stored_blocks_decode']} | "
-                     f"{r['blocks_prefilled_remotely']} / {r['prompt_blocks']} | {r['kv_bytes_moved']:,} |")
+                     f"{r['blocks_prefilled_remotely']} / {r['prompt_blocks']} | {r['kv_bytes_moved']:,} | "
+                     f"{r.get('load_before', '?')} -> {r.get('load_after', r.get('load_avg_1m', '?'))} |")
     lines += ["", "Router decisions (our router; dynamo-kv has none): "
               + "; ".join(f"{p}: {i.get('router_decisions')}" for p, i in extra["info"].items()) + ".", "",
               "Start-up per graph: " + ", ".join(f"{p} {i['startup_s']} s" for p, i in extra["info"].items()) + "."]
@@ -414,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="route-cpu", help="file stem prefix: <tag>-<workload>.{json,md,png}")
     ap.add_argument("--note", default=None)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--quiet-load", type=float, default=0.0,
+                    help="wait before each run until the 1-min load average is below this (0: do not wait)")
+    ap.add_argument("--quiet-timeout", type=float, default=600.0, help="longest wait for --quiet-load, s")
+    ap.add_argument("--one-graph", action="store_true",
+                    help="only the measured policy's graph runs (started and stopped per run)")
     ap.add_argument("--from-runs", action="store_true",
                     help="no run: re-render <tag>-<workload>.{json,md,png} from <tag>-<workload>.runs.json in --out")
     a = ap.parse_args(argv)
@@ -456,16 +514,37 @@ def main(argv: list[str] | None = None) -> int:
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         etcd.start()
         nats.start()
-        for policy in policies:  # all graphs up at once: runs interleave, so background load hits all alike
-            running.append(Policy(h, policy, a, etcd.url, nats.url, work, model_dir))
-        for wl in a.workloads:
-            for run in range(a.runs):
-                for pol in (running if run % 2 == 0 else running[::-1]):
-                    row = pol.measure(wl, run)
-                    rows[wl].append(row)
-                    log(f"{pol.name} {wl} run {run}: {row['completed']}/{row['requests']} ok, TTFT p50 "
-                        f"{row['ttft_p50_s']} s p99 {row['ttft_p99_s']} s, {row['throughput_tok_s']} tok/s, "
-                        f"hit {row['prefix_hit_rate']}, KV {row['kv_bytes_moved']} B, load {row['load_avg_1m']}")
+        def report(pol: Policy, wl: str, run: int, row: dict) -> None:
+            rows[wl].append(row)
+            log(f"{pol.name} {wl} run {run}: {row['completed']}/{row['requests']} ok, TTFT p50 "
+                f"{row['ttft_p50_s']} s p99 {row['ttft_p99_s']} s, {row['throughput_tok_s']} tok/s, "
+                f"hit {row['prefix_hit_rate']}, KV {row['kv_bytes_moved']} B, load {row['load_before']} -> "
+                f"{row['load_after']}")
+
+        if a.one_graph:  # one graph at a time: nothing else of ours runs while a policy is measured
+            for wl in a.workloads:
+                for run in range(a.runs):
+                    for name in (policies if run % 2 == 0 else policies[::-1]):
+                        pol = Policy(h, name, a, etcd.url, nats.url, work, model_dir, f"{wl[:1]}{run}")
+                        running.append(pol)
+                        try:
+                            row = pol.measure(wl, run)
+                            row["startup_s"] = pol.info["startup_s"]
+                            report(pol, wl, run, row)
+                        finally:
+                            running.remove(pol)
+                            pol.stop()
+                            prev = info.setdefault(name, {"startup_s": pol.info["startup_s"], "runs": []})
+                            prev["runs"].append({"workload": wl, "run": run, **pol.info})
+                            prev["router_decisions"] = pol.info.get("router_decisions")  # the last run's
+                            prev["router_throughput"] = pol.info.get("router_throughput")
+        else:
+            for policy in policies:  # all graphs up at once: runs interleave, so background load hits all alike
+                running.append(Policy(h, policy, a, etcd.url, nats.url, work, model_dir))
+            for wl in a.workloads:
+                for run in range(a.runs):
+                    for pol in (running if run % 2 == 0 else running[::-1]):
+                        report(pol, wl, run, pol.measure(wl, run))
     finally:
         for pol in running:
             pol.stop()

@@ -1,12 +1,19 @@
 """`dynamo-ext bench route` smoke run: one workload (shared-prefix), 4 streaming requests, the three policies
 (round-robin, Dynamo's KV router, dynamo-ext) on real etcd, NATS, workers and Dynamo frontends; the JSON has
-the documented shape, every request completed and KV moved, and the table is printed last."""
+the documented shape, every request completed and KV moved, and the table is printed last; with --one-graph
+and --quiet-load each run records its load and the dynamo-ext router reports measured throughput.
+``wait_quiet`` waits for the load average with an injected clock (no graph)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from benchmarks.route import wait_quiet  # noqa: E402
 
 KEYS = {"policy": str, "ttft_p50_s": float, "ttft_p99_s": float, "throughput_tok_s": float,
         "prefix_hit_rate": float, "kv_bytes_moved": int}
@@ -16,8 +23,9 @@ def test_bench_route_smoke(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "dynamo_ext.cli", "bench", "route", "--workloads", "shared-prefix", "--requests", "4",
          "--rate", "8", "--warmup", "1", "--system-len", "256", "--doc-len", "64", "--output-len", "4",
-         "--prefill-workers", "1", "--decode-workers", "1", "--layers", "2", "--runs", "1", "--out", str(tmp_path), "--tag", "smoke"],
-        capture_output=True, text=True, timeout=240,
+         "--prefill-workers", "1", "--decode-workers", "1", "--layers", "2", "--runs", "1", "--out", str(tmp_path), "--tag", "smoke",
+         "--one-graph", "--quiet-load", "1000", "--quiet-timeout", "1"],
+        capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     data = json.loads((tmp_path / "smoke-shared-prefix.json").read_text())
@@ -33,7 +41,27 @@ def test_bench_route_smoke(tmp_path):
             assert row["kv_bytes_moved"] > 0, row
     runs = json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["runs"]
     assert all(x["completed"] == x["requests"] == 4 and not x["errors"] for x in runs), runs
+    assert all(x["quiet"] is True and x["quiet_wait_s"] == 0.0 and x["load_before"] >= 0 for x in runs), runs
+    info = json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["info"]
+    assert [len(info[p]["runs"]) for p in ("round-robin", "dynamo-kv", "dynamo-ext")] == [1, 1, 1]  # --one-graph
+    thr = info["dynamo-ext"]["router_throughput"]  # the router measured its workers
+    assert thr and any("prefill_tok_s" in w or "local_prefill_tok_s" in w for w in thr.values()), thr
     assert (tmp_path / "smoke-shared-prefix.png").stat().st_size > 1000
     md = (tmp_path / "smoke-shared-prefix.md").read_text()
     assert "| dynamo-ext |" in md
     assert r.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
+
+
+def test_wait_quiet_waits_for_the_load_then_records_it():
+    now = [0.0]
+    loads = [3.0, 2.0, 0.5]
+    r = wait_quiet(1.0, 60, poll_s=5, loadavg=lambda: (loads.pop(0), 0.0, 0.0),
+                   sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    assert r == {"load_before": 0.5, "quiet_wait_s": 10.0, "quiet": True}
+    now[0] = 0.0
+    r = wait_quiet(1.0, 12, poll_s=5, loadavg=lambda: (4.0, 0.0, 0.0),
+                   sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0])
+    assert r == {"load_before": 4.0, "quiet_wait_s": 12.0, "quiet": False}  # gave up at the timeout
+    assert wait_quiet(0, 0, loadavg=lambda: (9.0, 0.0, 0.0))["quiet"] is None  # not asked: no wait
+    with pytest.raises(ValueError, match="quiet-load"):
+        wait_quiet(-1, 0)
