@@ -39,7 +39,7 @@ from .decision import (
 )
 from .inputs import RequestShape, Role, RoutingConfig, Tier, WorkerSnapshot
 from .links import LinkTable
-from .ttft_model import local_option, pair_option, side_cost
+from .ttft_model import local_option, pair_option, pulled_blocks, side_cost
 
 _INF = float("inf")
 _worker_id = attrgetter("worker_id")
@@ -271,7 +271,6 @@ def _best_pairs(
     """
     if not cand.prefill or not cand.pair_decode:
         return None, None, 0, 0
-    kvb = req.prompt_kv_bytes
     prompt = req.prompt_tokens
     ovh = cfg.per_request_overhead_s
     # Per prefill worker, once: (side cost, -overlap, id, node), grouped by layout, ascending.
@@ -305,11 +304,14 @@ def _best_pairs(
     p1t = p2t = _INF
     best1 = best2 = None
     evaluated = pruned = 0
-    xmin = kvb * links.min_bound[0] + links.min_bound[1]  # no transfer anywhere is faster
+    min_inv, min_lat = links.min_bound
+    bpb = req.kv_bytes_per_block
     for d in cand.pair_decode:
         g = groups.get(d.layout_key)
         if not g:
             continue
+        kvb = pulled_blocks(d, req) * bpb  # the blocks d's own prefix cache lacks (== pair_kv_bytes)
+        xmin = kvb * min_inv + min_lat  # no transfer into d is faster
         adm = d.admission_delay_s
         if (g[0][0] + xmin) + adm > thr:  # cheap test first: no table lookup
             pruned += len(g)

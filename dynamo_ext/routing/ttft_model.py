@@ -11,11 +11,13 @@ Written out (units: tokens, bytes, seconds; ``thr`` = the prefilling worker's pr
     prefill    = uncached / thr
     side_cost  = (queue_wait + onload) + prefill
 
-    disagg (p -> d): total = (side_cost(p) + (prompt_kv_bytes / link(p,d) B/s + link latency))
+    disagg (p -> d): total = (side_cost(p) + (pair_kv_bytes(d) / link(p,d) B/s + link latency))
                              + d.admission_delay_s
     local  (d):      total = d.admission_delay_s + side_cost(d)
 
-``prompt_kv_bytes`` = every block of the prompt (the whole prompt's KV moves, cached part included).
+``pair_kv_bytes(d)`` = the prompt's blocks minus the leading blocks ``d`` holds on device
+(``d.overlap_blocks``, tier device), at least one block: the decode worker pulls only what its own
+prefix cache lacks (workers/decode.py). Without a device overlap on ``d`` the whole prompt moves.
 The addition order above is the one ``decide`` ranks by; reported terms add up to the total in
 exactly that order, so a reported estimate is bit-for-bit the value that was compared.
 """
@@ -91,6 +93,21 @@ def local_option(d: WorkerSnapshot, req: RequestShape, cfg: RoutingConfig) -> Op
     return Option(OptionKind.LOCAL, d.worker_id, d.worker_id, terms, s.overlap_blocks, s.uncached_tokens, 0, 0.0)
 
 
+def pulled_blocks(d: WorkerSnapshot, req: RequestShape) -> int:
+    """Blocks a hand-off to ``d`` moves: the prompt's blocks minus the leading ones ``d`` already holds
+    on device (its own prefix cache), but at least one (the decode worker always pulls the last block)."""
+    pb = req.prompt_blocks
+    ov = d.overlap_blocks
+    if ov > 0 and pb > 1 and d.overlap_tier is Tier.DEVICE:
+        return pb - (ov if ov < pb - 1 else pb - 1)
+    return pb
+
+
+def pair_kv_bytes(d: WorkerSnapshot, req: RequestShape) -> int:
+    """Bytes a hand-off to ``d`` moves (``pulled_blocks`` whole blocks)."""
+    return pulled_blocks(d, req) * req.kv_bytes_per_block
+
+
 def pair_link(p: WorkerSnapshot, d: WorkerSnapshot, links: LinkTable) -> LinkInfo:
     return links.link(p.worker_id, d.worker_id, p.node, d.node)
 
@@ -99,10 +116,10 @@ def pair_option(
     p: WorkerSnapshot, d: WorkerSnapshot, req: RequestShape, links: LinkTable, cfg: RoutingConfig,
     side: SideCost | None = None,
 ) -> Option:
-    """Prefill on ``p``, KV of the whole prompt moved over link ``p -> d``, decode on ``d``."""
+    """Prefill on ``p``, KV of the prompt blocks ``d`` lacks moved over link ``p -> d``, decode on ``d``."""
     s = side if side is not None else side_cost(p, req, cfg)
     info = pair_link(p, d, links)
-    kvb = req.prompt_kv_bytes
+    kvb = pair_kv_bytes(d, req)
     xfer = kvb * (1.0 / (info.gb_per_s * _GB))
     lat = info.latency_s
     adm = d.admission_delay_s
@@ -112,4 +129,5 @@ def pair_option(
                   kvb, info.gb_per_s)
 
 
-__all__ = ["SideCost", "side_cost", "device_blocks_needed_local", "local_option", "pair_link", "pair_option"]
+__all__ = ["SideCost", "side_cost", "device_blocks_needed_local", "local_option", "pulled_blocks", "pair_kv_bytes",
+           "pair_link", "pair_option"]

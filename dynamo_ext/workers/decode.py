@@ -138,10 +138,17 @@ class DecodeWorker(EngineWorker):
         if _TEST_PULL_DELAY_S > 0:  # test hook: widen the window between the hand-off and the READ
             await asyncio.sleep(_TEST_PULL_DELAY_S)
         remote = await self._remote(h)
-        dst = await self.runner.allocate(len(h.block_ids))
+        # leading blocks our own prefix cache holds are reused, only the rest is read (the router counts the same)
+        cached = await self.runner.match_for_pull(req, len(h.block_ids))
+        k = len(cached)
+        try:
+            dst = cached + await self.runner.allocate(len(h.block_ids) - k)
+        except BaseException:
+            await self.runner.free(cached)
+            raise
         released = False
         try:
-            th = await transfer_kv_cache(remote, self.kv_pool, (list(h.block_ids), dst), backend=self.backend,
+            th = await transfer_kv_cache(remote, self.kv_pool, (list(h.block_ids[k:]), dst[k:]), backend=self.backend,
                                          deadline_s=self.cfg.kv_transfer.timeout_ms / 1000.0)
             stats = await th
             released = True  # whatever happens next, do not release twice
@@ -160,11 +167,11 @@ class DecodeWorker(EngineWorker):
                 except Exception:  # noqa: BLE001
                     pass
             raise
-        await self.runner.commit_pulled(req, dst)
+        await self.runner.commit_pulled(req, dst, k)
         self.transfers += 1
         log.info("kv transfer received: peer=%s agent=%s tokens=%d bytes=%d descriptors=%d path=%s backend=%s "
-                 "latency_ms=%.3f transfer_ms=%.3f", h.worker_id, h.agent, n, stats.bytes, stats.descriptors,
-                 stats.path, stats.backend, (time.monotonic() - t0) * 1e3, stats.seconds * 1e3)
+                 "latency_ms=%.3f transfer_ms=%.3f cached_blocks=%d", h.worker_id, h.agent, n, stats.bytes,
+                 stats.descriptors, stats.path, stats.backend, (time.monotonic() - t0) * 1e3, stats.seconds * 1e3, k)
         return dst, stats
 
     # -- generate -----------------------------------------------------------------------------------

@@ -141,17 +141,31 @@ class EngineRunner:
         """Prefill now, or as soon as the pool has room (NoRoom after ``wait_room``'s timeout)."""
         return await self.wait_room(self._prefill_sync, req)
 
-    def _commit_pulled(self, req: Request, block_ids: Sequence[int]) -> None:
+    def _commit_pulled(self, req: Request, block_ids: Sequence[int], cached: int = 0) -> None:
         bs = self.block_size
         nfull = len(req.prompt_token_ids) // bs
-        if nfull:
+        if nfull > cached:  # the first ``cached`` blocks came from our prefix cache: already registered
             try:
-                self.pool.commit(list(block_ids[:nfull]), req.prompt_token_ids[: nfull * bs], None)
+                self.pool.commit(list(block_ids[cached:nfull]), req.prompt_token_ids[cached * bs: nfull * bs],
+                                 block_ids[cached - 1] if cached else None)
             except Exception as e:  # noqa: BLE001
                 log.warning("commit of pulled blocks failed: %s", e)
 
-    async def commit_pulled(self, req: Request, block_ids: Sequence[int]) -> None:
-        await self.call(self._commit_pulled, req, block_ids)
+    async def commit_pulled(self, req: Request, block_ids: Sequence[int], cached: int = 0) -> None:
+        await self.call(self._commit_pulled, req, block_ids, cached)
+
+    def _match_for_pull(self, req: Request, handle_blocks: int) -> list[int]:
+        bs = self.block_size
+        prefix = self.pool.match_tokens(req.prompt_token_ids)  # one reference on each
+        keep = min(len(prefix), handle_blocks - 1, len(req.prompt_token_ids) // bs)
+        if len(prefix) > keep:
+            self.pool.free(prefix[keep:])
+        return list(prefix[:keep])
+
+    async def match_for_pull(self, req: Request, handle_blocks: int) -> list[int]:
+        """Leading prompt blocks our prefix cache already holds (a reference taken on each), at most
+        ``handle_blocks - 1``: a pull then reads only the rest (always at least the last block)."""
+        return await self.call(self._match_for_pull, req, handle_blocks)
 
     async def release(self, block_ids: Sequence[int]) -> None:
         await self.call(self.engine.release, list(block_ids))

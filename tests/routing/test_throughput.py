@@ -126,3 +126,27 @@ def test_measured_throughput_changes_the_decision():
     # the estimates reflect the 16-layer prior: 2048 tokens at 2,500 tok/s; local pays the backlog
     assert measured.chosen.terms.prefill_s == pytest.approx(2048 / 2500)
     assert measured.runner_up.terms.queue_wait_s == pytest.approx(4096 / 1250)
+
+
+def test_hand_off_moves_only_the_blocks_the_decode_worker_lacks():
+    """The decode worker pulls only what its prefix cache lacks (at least the last block); decide's
+    KV bytes and transfer term are for those blocks, so a decode worker holding the prefix is the
+    cheaper hand-off target."""
+    from dynamo_ext.routing import LinkInfo, Tier, estimate_all
+    from dynamo_ext.routing.ttft_model import pulled_blocks
+
+    req = request(4096)  # 256 blocks of 16
+    per_block = 16 * 100_000
+    lt = links({(1, 7): LinkInfo(1.0, 0.0), (1, 8): LinkInfo(1.0, 0.0)})
+    p = prefill(1)
+    d_cold, d_warm = decode(7), decode(8, overlap_blocks=200)
+    assert pulled_blocks(d_cold, req) == 256 and pulled_blocks(d_warm, req) == 56
+    assert pulled_blocks(decode(9, overlap_blocks=999), req) == 1  # never fewer than one block
+    assert pulled_blocks(decode(9, overlap_blocks=200, overlap_tier=Tier.HOST), req) == 256  # not on device
+    dec = decide(req, [p, d_cold, d_warm], lt, config=RoutingConfig(allow_local_prefill=False))
+    assert (dec.chosen.prefill_id, dec.chosen.decode_id) == (1, 8)
+    assert dec.chosen.kv_bytes == 56 * per_block
+    assert dec.chosen.terms.transfer_s == pytest.approx(56 * per_block / 1e9)
+    assert dec.runner_up.kv_bytes == 256 * per_block
+    ref = estimate_all(req, [p, d_cold, d_warm], lt, config=RoutingConfig(allow_local_prefill=False))
+    assert [o.kv_bytes for o in ref] == [56 * per_block, 256 * per_block]
