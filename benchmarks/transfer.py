@@ -71,31 +71,30 @@ NCCL_SLICE_BYTES = 128 << 20  # nccl-planned: gather/isend/irecv/scatter slices 
 
 # One GPU run sweeps these (``--sweep``): rowcopy.TUNING overrides per row, applied through rowcopy.tune
 SWEEP: dict[str, list[dict[str, Any]]] = {
-    "GPU0->GPU1": [
-        {"cross_kernel": "staged-torch", "cross_slice_bytes": 64 << 20, "cross_slots": 2},  # the measured 213
+    "GPU0->GPU1": [  # run 1 (4x H200, 10:06): 159 / 194 / 192 / 197 / 182 / 176 / 179 / 149 / - / - / 172
+        {"cross_kernel": "staged-torch", "cross_slice_bytes": 64 << 20, "cross_slots": 2},  # default
         {"cross_kernel": "staged-torch", "cross_slice_bytes": 128 << 20, "cross_slots": 2},
-        {"cross_kernel": "staged-torch", "cross_slice_bytes": 256 << 20, "cross_slots": 2},
         {"cross_kernel": "staged-torch", "cross_slice_bytes": 256 << 20, "cross_slots": 3},
+        {"cross_kernel": "staged-torch", "cross_slice_bytes": 512 << 20, "cross_slots": 2},
+        {"cross_kernel": "staged-torch", "cross_slice_bytes": 128 << 20, "cross_slots": 3, "plan_cache": True},
         {"cross_kernel": "staged-triton", "cross_slice_bytes": 256 << 20, "cross_slots": 2},
-        {"cross_kernel": "direct-read", "triton_block": 2048},
         {"cross_kernel": "direct-read", "triton_block": 4096},
-        {"cross_kernel": "direct-read", "triton_block": 1024},
+        {"cross_kernel": "direct-read", "triton_block": 2048, "triton_warps": 4},
+        {"cross_kernel": "direct-read", "triton_block": 4096, "plan_cache": True, "rows_cache": True},
+        # last: a raw-address store into the peer GPU's mapping (run 1: Triton refused the pointer)
         {"cross_kernel": "direct-write", "triton_block": 2048},
         {"cross_kernel": "direct-write", "triton_block": 4096},
-        {"cross_kernel": "direct-read", "triton_block": 2048, "index_cache": True},
-        {"cross_kernel": "direct-write", "triton_block": 2048, "plan_cache": True, "rows_cache": True},
     ],
-    "GPU0->GPU0": [
-        {"triton_block": 2048},  # the measured 349
-        {"triton_block": 4096},
-        {"triton_block": 4096, "triton_warps": 16},
-        {"triton_block": 1024},
-        {"triton_block": 1024, "triton_warps": 4},
-        {"triton_block": 512},
-        {"triton_block": 2048, "index_cache": True},
-        {"triton_block": 4096, "index_cache": True},
+    "GPU0->GPU0": [  # run 1: block 2048 470.6, 4096 221.0, 4096/16 warps 377.4, 1024 333.6 (then timed out)
+        {"triton_block": 2048},  # default
         {"triton_block": 2048, "plan_cache": True},  # H2 probe: no planning per transfer
-        {"triton_block": 2048, "plan_cache": True, "rows_cache": True},  # ... nor rows_of / upload
+        {"triton_block": 2048, "plan_cache": True, "rows_cache": True},  # ... nor rows_of / index upload
+        {"triton_block": 2048, "triton_warps": 4},
+        {"triton_block": 2048, "triton_warps": 16},
+        {"triton_block": 1024, "triton_warps": 4},
+        {"triton_block": 512, "triton_warps": 2},
+        {"triton_block": 4096, "triton_warps": 16},
+        {"triton_block": 2048, "index_cache": True},
     ],
 }
 
@@ -386,7 +385,8 @@ class _Bench:
 
     async def sweep(self, path: str, configs: Sequence[dict[str, Any]],
                     on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """cuda-ipc transfers on ``path`` once per rowcopy tuning (one peer process for all), each verified."""
+        """cuda-ipc transfers on ``path`` once per rowcopy tuning (one peer process for all), each verified by
+        probe.fingerprint (GPU-side checksums: sha256 after a device -> host copy cost ~2 s per row)."""
         from dynamo_ext.transport import rowcopy
 
         sdev, ddev = PATHS[path]
@@ -412,7 +412,8 @@ class _Bench:
             label = " ".join(f"{k}={(v >> 20) if k.endswith('bytes') else v}{'M' if k.endswith('bytes') else ''}"
                              for k, v in cfg.items())
             try:
-                row = await self._cuda_ipc(path, sdev, ddev, pool, f"sweep-{i}", peer=peer, planner=planner)
+                row = await self._cuda_ipc(path, sdev, ddev, pool, f"sweep-{i}", peer=peer, planner=planner,
+                                           fast_verify=True)
                 row["config"] = dict(cfg)
                 row["backend"] = f"cuda_ipc {label}"
             except Exception as e:  # noqa: BLE001
@@ -574,8 +575,17 @@ class _Bench:
             cache[dev] = digest(pool_bytes(self.local(dev)[0]), self.layout, self.src_ids)
         return cache[dev]
 
+    def src_fingerprint(self, dev: int) -> str:
+        from dynamo_ext.transport.probe import fingerprint
+
+        cache = self.__dict__.setdefault("_fingerprints", {})
+        if dev not in cache:
+            cache[dev] = fingerprint(self.local(dev)[0], self.layout, self.src_ids)
+        return cache[dev]
+
     async def _cuda_ipc(self, path: str, sdev: int, ddev: int, pool: KvPool, name: str = "cuda-ipc",
-                        peer: PeerProcess | None = None, planner: Callable[..., Any] | None = None) -> dict[str, Any]:
+                        peer: PeerProcess | None = None, planner: Callable[..., Any] | None = None,
+                        fast_verify: bool = False) -> dict[str, Any]:
         """planned transfer through the CUDA IPC fallback (a second peer process, same node; ``peer``: reuse
         one, refilled first so the verification covers this run only)."""
         ipc = self._ipc(pool)
@@ -594,8 +604,12 @@ class _Bench:
                 nd[0] = (await h).descriptors
 
             times = await self._timed(go)
-            ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
-                self.src_digest(sdev)
+            if fast_verify:  # position-weighted 64-bit checksums computed on the GPUs (probe.fingerprint)
+                ok = (await peer.acall({"cmd": "fingerprint", "blocks": self.dst_ids}, timeout=300))["fingerprint"] == \
+                    self.src_fingerprint(sdev)
+            else:
+                ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
+                    self.src_digest(sdev)
         finally:
             if own:
                 ipc.remove_peer(peer.info.agent_name)

@@ -87,9 +87,23 @@ def probe_one(probe_pair: Any, a: Endpoint, b: Endpoint, choice: TransportChoice
     if choice.backend != "nixl":
         return f"n/a: backend {choice.backend} (no peer-process probe)"
     out: dict[str, float] = {}
+    ch = host_probe_choice(choice, bool(a.topology.gpus))
     for direction in ("write", "read"):  # READ and WRITE can differ (nixl#610)
-        out[direction] = float(probe_pair(nbytes, backend="nixl", choice=choice.nixl_choice(), direction=direction))
+        out[direction] = float(probe_pair(nbytes, backend="nixl", choice=ch, direction=direction))
     return out
+
+
+def host_probe_choice(choice: TransportChoice, node_has_gpus: bool) -> dict[str, Any]:
+    """The NIXL choice the host probe's two processes use. On a node with GPUs NIXL 1.5.1 refuses a
+    UCX_TLS without CUDA memory support ("NVIDIA GPU(s) are present ... Add cuda_copy", GPU run 1,
+    2026-11-22): cuda_copy is appended there (host memory still moves over the listed transports)."""
+    ch = choice.nixl_choice()
+    env = dict(ch.get("env", {}))  # type: ignore[arg-type]
+    tls = env.get("UCX_TLS")
+    if node_has_gpus and tls and "cuda_copy" not in tls.split(",") and tls != "all":
+        env["UCX_TLS"] = f"{tls},cuda_copy"
+    ch["env"] = env
+    return ch
 
 
 def probe_all(probe_pair: Any, pairs: list[tuple[str, str, Endpoint, Endpoint, TransportChoice]],

@@ -126,6 +126,7 @@ def rows_of(descs: Any, src_len: int, dst_len: int) -> tuple[np.ndarray, np.ndar
 
 # -- the Triton kernel ---------------------------------------------------------------------------------
 _kernel: Any = None
+_kernel_raw_dst: Any = None
 _triton_ok: bool | None = None
 
 
@@ -157,6 +158,22 @@ def triton_available() -> bool:
                 x = tl.load(src + s * row_elems + offs, mask=m)
                 tl.store(dst + d * row_elems + offs, x, mask=m)
 
+            @triton.jit
+            def _row_copy_raw_dst(src, dst_addr, srows, drows, row_elems, BLOCK: tl.constexpr):
+                # the destination as a raw int64 address: Triton's launcher refuses a pointer it cannot
+                # resolve from the current device (a peer GPU's CUDA IPC mapping), so it is cast here
+                i = tl.program_id(0)
+                j = tl.program_id(1)
+                dst = dst_addr.to(tl.pointer_type(tl.int64))
+                s = tl.load(srows + i).to(tl.int64)
+                d = tl.load(drows + i).to(tl.int64)
+                offs = j * BLOCK + tl.arange(0, BLOCK)
+                m = offs < row_elems
+                x = tl.load(src + s * row_elems + offs, mask=m)
+                tl.store(dst + d * row_elems + offs, x, mask=m)
+
+            global _kernel_raw_dst
+            _kernel_raw_dst = _row_copy_raw_dst
             _kernel = _row_copy
             _triton_ok = True
         except Exception:  # noqa: BLE001 - no triton / no compiler: torch fallback
@@ -174,9 +191,20 @@ def _use_triton(t: torch.Tensor, use_triton: bool | None) -> bool:
 
 
 def _launch_rows(src2d: torch.Tensor, dst2d: torch.Tensor, sidx: torch.Tensor | int, didx: torch.Tensor | int,
-                 n: int, use_triton: bool) -> None:
-    """dst2d[didx[i]] = src2d[sidx[i]] for i < n; an int index means ``base + i`` (a contiguous range)."""
+                 n: int, use_triton: bool, raw_dst: bool = False) -> None:
+    """dst2d[didx[i]] = src2d[sidx[i]] for i < n; an int index means ``base + i`` (a contiguous range).
+    ``raw_dst``: the destination is passed to the Triton kernel as an address (a peer GPU's mapping)."""
     if n == 0:
+        return
+    if raw_dst and use_triton:
+        if dst2d.dtype != torch.int64 or src2d.dtype != torch.int64:
+            raise ValueError("raw_dst needs 8-byte aligned rows (int64 views)")
+        if not (isinstance(sidx, torch.Tensor) and isinstance(didx, torch.Tensor)):
+            raise ValueError("raw_dst needs index tensors on both sides")
+        row = src2d.shape[1]
+        block = min(int(TUNING["triton_block"]), 1 << max(0, (row - 1).bit_length()))
+        _kernel_raw_dst[(n, -(-row // block))](src2d, dst2d.data_ptr(), sidx, didx, row, BLOCK=block,
+                                               num_warps=int(TUNING["triton_warps"]) or (8 if block >= 1024 else 4))
         return
     if use_triton:
         row = src2d.shape[1]
@@ -342,7 +370,7 @@ def _copy_direct(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, run_on:
         else:
             sidx, didx, unit, n = hit
         src2d, dst2d = _as_rows(src_u8, unit, dst_u8), _as_rows(dst_u8, unit, src_u8)
-        _launch_rows(src2d, dst2d, sidx, didx, n, use_triton)
+        _launch_rows(src2d, dst2d, sidx, didx, n, use_triton, raw_dst=run_on != ddev and run_on.type == "cuda")
     cur_d.wait_stream(k)
     cur_s.wait_stream(k)
     _keep(sidx, k)

@@ -121,3 +121,10 @@ def test_probe_all_sends_gpu_pairs_to_one_gpu_prober(monkeypatch):
     assert m[("gpu0", "gpu1")] == {"write": 101.0} and m[("host", "host")] == {"write": 7.0, "read": 7.0}
     assert m[("gpu1", "host")].startswith("error: bytes differ")
     assert "W 101" in topology_cmd.format_pairs(pairs, m)
+
+
+def test_host_probe_adds_cuda_copy_on_a_gpu_node_only():
+    pairs = topology_cmd.local_pairs(nvlink_node())
+    hh = next(c for a, b, _, _, c in pairs if a == b == "host")
+    assert topology_cmd.host_probe_choice(hh, True)["env"]["UCX_TLS"].split(",")[-1] == "cuda_copy"
+    assert topology_cmd.host_probe_choice(hh, False)["env"] == hh.nixl_choice()["env"]

@@ -52,3 +52,26 @@ def test_peer_clear_command_sets_every_byte():
         assert peer.call({"cmd": "clear", "value": 7})["ok"]
         after = peer.call({"cmd": "digest"})["sha256"]
     assert after != before and after == hashlib.sha256(bytes([7]) * lay.pool_bytes).hexdigest()
+
+
+def test_fingerprint_detects_a_misplaced_chunk_and_matches_equal_chunks():
+    import numpy as np
+
+    from dynamo_ext.transport import KvPool, preset
+    from dynamo_ext.transport.probe import fingerprint, pattern
+
+    lay = preset("tiny", 16)
+    a, b = KvPool.allocate_host("a", lay), KvPool.allocate_host("b", lay)
+    pattern(a.host_view(), 3)
+    b.host_view().fill(0)
+    src, dst = [1, 5, 9], [0, 2, 4]
+    for s, d in zip(src, dst):  # copy the chunks by hand: same bytes, other places
+        for layer in range(lay.num_layers):
+            for kv in (0, 1):
+                so, do = lay.chunk_offset(s, layer, kv), lay.chunk_offset(d, layer, kv)
+                b.host_view()[do:do + lay.chunk_bytes] = a.host_view()[so:so + lay.chunk_bytes]
+    assert fingerprint(a, lay, src) == fingerprint(b, lay, dst)
+    assert fingerprint(b, lay, [2, 0, 4]) != fingerprint(a, lay, src)  # blocks swapped
+    o = lay.chunk_offset(4, 0, 1)
+    b.host_view()[o + 8:o + 16] = np.frombuffer(b.host_view()[o:o + 8].tobytes(), dtype=np.uint8)  # one word moved
+    assert fingerprint(b, lay, dst) != fingerprint(a, lay, src)
