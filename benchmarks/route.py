@@ -32,8 +32,9 @@ so, over the full prompt blocks of all completed requests,
 
     hit rate = (full blocks prefilled on prefill workers - blocks those workers newly stored) / full blocks
 
-where the first term is the blocks pulled by the decode workers (KV bytes / bytes per block) minus one
-partial block per pull. Prefills on a decode worker (dynamo-ext's "local" option, no pull) are not
+where the first term is the full blocks of the pulled prompts (the decode workers' "kv transfer received:
+... tokens=N ... cached_blocks=K" log lines, N // block size each; K = blocks the decode worker reused
+from its own prefix cache instead of reading them, reported as kv_blocks_reused_by_decode). Prefills on a decode worker (dynamo-ext's "local" option, no pull) are not
 separable in the decode workers' stored events (they also store the blocks they pull): they are counted
 as hits only as far as the decode workers stored fewer blocks than those prefills covered,
 max(0, local full blocks - blocks stored by decode workers), which is a lower bound. Two concurrent misses
@@ -63,6 +64,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -219,6 +221,20 @@ def start_graph(h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str
     return g, base, prefills, decodes, router, counter
 
 
+_PULL = re.compile(r"kv transfer received:.* tokens=(\d+) .*cached_blocks=(\d+)")
+
+
+def pull_lines(procs: list) -> list[list[tuple[int, int]]]:
+    """Per decode worker, its pulls so far from its log: (prompt tokens, blocks reused from its own cache)."""
+    out = []
+    for p in procs:
+        try:
+            out.append([(int(m.group(1)), int(m.group(2))) for m in _PULL.finditer(p.log())])
+        except Exception:  # noqa: BLE001 - no log: the byte-based estimate is used
+            out.append([])
+    return out
+
+
 def full_blocks(r: Req) -> int:
     return (r.prompt_tokens or len(r.prompt)) // BLOCK
 
@@ -256,6 +272,7 @@ class Policy:
         time.sleep(0.3)
         quiet = wait_quiet(a.quiet_load, a.quiet_timeout, log=lambda s: print(s, file=sys.stderr, flush=True))
         kv0, st0 = scrape_kv(kv_urls), self.counter.snapshot()
+        n_pulls0 = [len(x) for x in pull_lines(self.decodes)]
         dec0 = self.decisions()
         reqs = make_workload(wl, a, a.seed + 1000 * run)
         t0 = run_load(self.base, reqs, a.timeout)
@@ -270,8 +287,16 @@ class Policy:
         stored_p = sum(v for w, v in stored.items() if w in pids)
         blocks = sum(full_blocks(r) for r in ok)
         transfers = int(kv1[1] - kv0[1])
-        # full blocks sent to prefill workers: pulled blocks minus each pull's partial last block
-        pulled = max(0, min(blocks, int(kv1[2] - kv0[2]) // self.block_bytes - transfers))
+        # full blocks of the prompts prefilled on prefill workers: from the decode workers' pull log lines
+        # (prompt tokens per pull); the decode worker reads only the blocks its own cache lacks, so the
+        # bytes moved undercount them. Without log lines: pulled blocks minus each pull's partial block.
+        new = [x[n:] for x, n in zip(pull_lines(self.decodes), n_pulls0)]
+        new_pulls = [t for x in new for t in x]
+        if new_pulls:
+            pulled = min(blocks, sum(tok // BLOCK for tok, _ in new_pulls))
+        else:
+            pulled = max(0, min(blocks, int(kv1[2] - kv0[2]) // self.block_bytes - transfers))
+        reused = sum(c for _, c in new_pulls)
         return with_hit_rate({"policy": self.name, "run": run, "requests": len(reqs), "completed": len(ok),
                 "errors": [r.error or f"finish={r.finish}" for r in reqs if not r.ok][:3],
                 "ttft_p50_s": round(pct(ttft, 0.5) or float("nan"), 4),
@@ -280,7 +305,7 @@ class Policy:
                 "throughput_tok_s": round(sum(r.tokens for r in ok) / dur, 1),
                 "prefix_hit_rate": 0.0,
                 "kv_bytes_moved": int(kv1[2] - kv0[2]), "kv_transfers": transfers,
-                "blocks_prefilled_remotely": pulled, "prompt_blocks": blocks, "stored_blocks_prefill": stored_p,
+                "blocks_prefilled_remotely": pulled, "kv_blocks_reused_by_decode": reused, "prompt_blocks": blocks, "stored_blocks_prefill": stored_p,
                 "stored_blocks_decode": sum(v for w, v in stored.items() if w not in pids),
                 "router_decisions": {k: dec1.get(k, 0) - dec0.get(k, 0) for k in dec1 if dec1.get(k, 0) != dec0.get(k, 0)}
                 if self.router is not None else None,
@@ -360,8 +385,10 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
              "Prefix hit rate = (full blocks prefilled on prefill workers - blocks they newly stored, from their KV "
              "events, + a lower bound for prefills on decode workers) / full prompt blocks of the completed requests "
              "(benchmarks/route.py's docstring gives the formula and its limits). "
-             "KV bytes moved = decode workers' `dynamo_ext_kv_transfer_bytes_total` over the run (the decode "
-             "worker pulls the whole prompt's KV even when it holds the prefix: workers/README \"Not done\").", ""]
+             "KV bytes moved = decode workers' `dynamo_ext_kv_transfer_bytes_total` over the run (a decode worker "
+             "reads only the prompt blocks its own prefix cache lacks; blocks it reused instead: "
+             + ", ".join(f"{r['policy']} run {r['run']}: {r.get('kv_blocks_reused_by_decode', '?')}"
+                         for r in extra["runs"]) + ").", ""]
     lines += ["Per run:", "", "| policy | run | done | prompt tok (mean) | TTFT p50 | TTFT p99 | tok/s | hit | "
               "stored blocks (prefill / decode) | blocks prefilled remotely / all | KV bytes | load before -> after |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]

@@ -42,6 +42,10 @@ def test_bench_route_smoke(tmp_path):
     runs = json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["runs"]
     assert all(x["completed"] == x["requests"] == 4 and not x["errors"] for x in runs), runs
     assert all(x["quiet"] is True and x["quiet_wait_s"] == 0.0 and x["load_before"] >= 0 for x in runs), runs
+    for x in runs:  # pulls counted from the decode workers' log lines (prompt tokens, blocks reused)
+        assert isinstance(x["kv_blocks_reused_by_decode"], int) and x["kv_blocks_reused_by_decode"] >= 0, x
+        if x["policy"] == "round-robin":
+            assert 0 < x["blocks_prefilled_remotely"] <= x["prompt_blocks"], x
     info = json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["info"]
     assert [len(info[p]["runs"]) for p in ("round-robin", "dynamo-kv", "dynamo-ext")] == [1, 1, 1]  # --one-graph
     thr = info["dynamo-ext"]["router_throughput"]  # the router measured its workers
