@@ -9,7 +9,8 @@
     # from the committed run's req/s; env on the GPU machine: PYTHONPATH=/tmp/site:$PWD):
     python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --requests 96 --concurrency 32 \
-        --rates closed,8,16,32 --output-len 64 --request-timeout-s 90 --startup-timeout-s 120
+        --rates closed,8,16,32 --output-len 64 --request-timeout-s 90 --startup-timeout-s 120 --deadline-s 540
+    # (--deadline-s: no cell starts after 540 s; SIGTERM prints the partial table; JSON written after every cell)
     # smoke (~1 min): same graphs and prompt lengths, --quick (16 requests x 16 tokens per cell, warm-up 1)
     python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --quick --out /tmp/serve-direct-quick
@@ -58,6 +59,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import sys
 import time
@@ -752,6 +754,12 @@ def markdown(res: dict[str, Any]) -> str:
                          + (f" (first difference: {s['first_difference']})" if s.get("first_difference") else "") + ".")
     starts = ", ".join(f"{k} {v:.1f} s" for k, v in res.get("startup_s", {}).items())
     lines += ["", f"Start-up (processes, model init, pool registration): {starts}."]
+    for f in res.get("failures", []):
+        lines += ["", f"FAILED {f['graph']}: {f['error'].splitlines()[0] if f['error'] else ''}"]
+    if res.get("skipped"):
+        lines += ["", "Skipped (deadline): " + ", ".join(f"{x['graph']} {x['cell']}" for x in res["skipped"]) + "."]
+    if res.get("interrupted"):
+        lines += ["", "INTERRUPTED (signal): the rows above are the cells that completed."]
     return "\n".join(lines) + "\n"
 
 
@@ -812,6 +820,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rates", default=None,
                     help="several loads per cell, comma-separated: req/s for Poisson arrivals, 'closed' for the "
                          "closed loop at --concurrency (e.g. closed,4,16)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="total time budget: no cell starts after it, request bounds never run past it "
+                         "(e.g. 540 under a 600 s limit); skipped cells are listed in the JSON")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: at most 16 requests and 16 output tokens per cell, warm-up 1")
     ap.add_argument("--output-len", type=int, default=16)
@@ -907,6 +918,20 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
                                       "prefix_frac": a.prefix_frac, "cache_blocks": a.cache_blocks,
                                       "command": argv_text},
                            "startup_s": {}, "results": []}
+    global PARTIAL
+    PARTIAL = res
+    t_begin = time.monotonic()
+
+    def left() -> float:
+        """Seconds left of --deadline-s (inf without one)."""
+        return float("inf") if not a.deadline_s else a.deadline_s - (time.monotonic() - t_begin)
+
+    def skip(label: str, what: str) -> bool:
+        if left() > 0:
+            return False
+        res.setdefault("skipped", []).append({"graph": label, "cell": what, "reason": f"--deadline-s {a.deadline_s:g} reached"})
+        return True
+
     tokens: dict[str, dict[tuple[int, int], list[int]]] = {}
     nblocks = a.num_blocks or blocks_needed(a)
     log_dir = Path(tempfile.mkdtemp(prefix="serve-direct-"))
@@ -922,22 +947,30 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
     try:
         for spec, policy in [(sp, po) for sp in a.graph_specs for po in a.policy_list]:
             label = spec.label if len(a.policy_list) == 1 else f"{spec.label}/{policy}"
+            if skip(label, "all"):
+                continue
             g = Graph(spec, a, log_dir)
             g.policy, g.label = policy, label
             try:
-                await g.start(nblocks, a.startup_timeout_s, a.cache_blocks)
+                await g.start(nblocks, min(a.startup_timeout_s, max(left(), 30.0)), a.cache_blocks)
                 res["startup_s"][label] = g.startup_s
                 vocab = int(g.workers[0].ready.get("vocab") or 256)
                 for plen in a.lens:
+                    if skip(label, f"prompt {plen}"):
+                        continue
                     warm = make_prompts(a.warmup * len(g.workers), plen, vocab, a.seed + 10_000)
                     if warm:
-                        await run_load(g, warm, min(a.output_len, 4), len(g.workers), None, a.request_timeout_s)
+                        await run_load(g, warm, min(a.output_len, 4), len(g.workers), None,
+                                       min(a.request_timeout_s, max(left(), 1.0)))
                     prompts = make_prompts(a.requests, plen, vocab, a.seed,
                                            prefixes=a.prefixes if a.workload == "shared-prefix" else 0,
                                            prefix_frac=a.prefix_frac, block_size=a.block_size)
                     for rate in a.rate_list:
+                        if skip(label, f"prompt {plen} rate {rate or 'closed'}"):
+                            continue
+                        # a request's bound never runs past the deadline: the cell ends, is summarized, written
                         outs, t0, t1 = await run_load(g, prompts, a.output_len, a.concurrency, rate,
-                                                      a.request_timeout_s, progress)
+                                                      min(a.request_timeout_s, max(left(), 1.0)), progress)
                         r = summarize(g, plen, outs, t0, t1, a, rate)
                         await g.drain(a.request_timeout_s)
                         st = await g.stats()
@@ -949,9 +982,11 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
                         # the same prompts at every rate: greedy tokens must not depend on the load (CPU)
                         tokens.setdefault(label, {}).update({(plen, o.i): o.tokens for o in outs if o.error is None})
                         write(res, stem)
-            except WorkerDied as e:
-                res.setdefault("failures", []).append({"graph": label, "error": str(e)})
-                print(f"serve-direct: {label}: {e}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - a graph that fails (dead worker, CUDA error) is a result
+                msg = str(e) if isinstance(e, WorkerDied) else f"{type(e).__name__}: {e}"
+                res.setdefault("failures", []).append({"graph": label, "error": msg})
+                print(f"serve-direct: {label}: {msg}", file=sys.stderr)
+                write(res, stem)
             finally:
                 await g.stop()
     finally:
@@ -964,10 +999,30 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
     return res
 
 
+#: the result being built, for the partial table printed when the run is interrupted
+PARTIAL: dict[str, Any] | None = None
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     argv_text = "python benchmarks/serve_direct.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    res = asyncio.run(amain(a, argv_text))
+    # SIGTERM (a time limit) ends like Ctrl-C: the workers are shut down, the partial table is printed
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        res = asyncio.run(amain(a, argv_text))
+    except KeyboardInterrupt:
+        if PARTIAL is None:
+            return 130
+        PARTIAL["interrupted"] = True
+        stem = Path(a.out) if a.out else RESULTS / f"serve-direct-{a.device}-{a.preset}"
+        write(PARTIAL, stem)
+        print(markdown(PARTIAL))
+        print(f"serve-direct: interrupted; partial results written: {stem}.{{json,md,png}}", file=sys.stderr)
+        return 130
     print(markdown(res))
     print(f"written: {res['_stem']}.{{json,md,png}}", file=sys.stderr)
     bad = [r for r in res["results"] if r["completed"] < r["requests"]]

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,32 @@ def test_killed_decode_worker_fails_its_requests_clearly(tmp_path):
     outs, late = asyncio.run(scenario())
     assert all(o.error and "decode-0" in o.error and "exited with code -9" in o.error for o in outs), outs
     assert late.error and "decode-0" in late.error
+
+
+def test_sigterm_prints_the_partial_table_and_stops_the_workers(tmp_path):
+    """A time limit's SIGTERM mid-run: exit 130 within the bound, partial table printed last, children gone."""
+    stem = tmp_path / "sd"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_direct.py"), "--graphs", "agg:1,disagg:1p1d",
+         "--prompt-lens", "32,48", "--requests", "40", "--concurrency", "2", "--output-len", "40",
+         "--out", str(stem), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not stem.with_suffix(".json").exists():  # written after the first cell
+            assert proc.poll() is None and time.monotonic() < deadline, "no first cell"
+            time.sleep(0.2)
+        children = [int(x) for x in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert children, "the coordinator has worker processes"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, out[-1500:], err[-2500:])
+    assert out.rstrip().endswith("INTERRUPTED (signal): the rows above are the cells that completed.")
+    assert "| agg-1 | 32 | 40/40 |" in out
+    assert json.loads(stem.with_suffix(".json").read_text())["interrupted"] is True
+    time.sleep(0.5)
+    assert not [c for c in children if Path(f"/proc/{c}").exists()], "worker processes left behind"
