@@ -396,6 +396,20 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `--runtime direct`: the same agg vs disagg comparison without the Dynamo runtime (benchmarks/serve_direct.py)
+    rest = list(sys.argv[1:] if argv is None else argv)
+    for i, x in enumerate(rest):
+        if x == "--runtime" or x.startswith("--runtime="):
+            val = x.partition("=")[2] if "=" in x else (rest[i + 1] if i + 1 < len(rest) else "")
+            if val not in ("dynamo", "direct"):
+                raise SystemExit(f"--runtime: {val!r} is not one of dynamo, direct")
+            rest = rest[:i] + rest[i + (1 if "=" in x else 2):]
+            if val == "direct":
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                import serve_direct  # noqa: PLC0415
+
+                return serve_direct.main(rest)
+            return main(rest)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--graphs", default="agg,disagg")
     ap.add_argument("--rates", default="2,4,8,16,32,64", help="request rates (req/s), comma-separated")

@@ -138,3 +138,13 @@ def test_sigterm_prints_the_partial_table_and_stops_the_workers(tmp_path):
     assert json.loads(stem.with_suffix(".json").read_text())["interrupted"] is True
     time.sleep(0.5)
     assert not [c for c in children if Path(f"/proc/{c}").exists()], "worker processes left behind"
+
+
+def test_bench_serve_runtime_direct_dispatches_here():
+    """`dynamo-ext bench serve --runtime direct` is this harness; an unknown runtime names the allowed ones."""
+    r = subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "bench", "serve", "--runtime", "direct", "--rates", "x"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "--rates: 'x' is neither a positive req/s nor 'closed'" in r.stderr, r.stderr[-1500:]
+    r = subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "bench", "serve", "--runtime=bogus"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0 and "'bogus' is not one of dynamo, direct" in r.stderr, r.stderr[-1500:]
