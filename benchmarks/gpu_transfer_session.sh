@@ -76,7 +76,7 @@ else
   # ~10-18 s per process. Now: sweeps verify with GPU-side fingerprints, B keeps the rows not measured
   # elsewhere (B's rows are sha256-verified).
   # two processes: a kernel fault in one sweep (e.g. a P2P kernel) cannot poison the other's CUDA context
-  stage A1-same 45 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU0' --timeline --trace "$OUT/same-gpu-trace.json" \
+  stage A1-same 55 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU0' --timeline --trace "$OUT/same-gpu-trace.json" \
       --reps 3 --json "$OUT/transfer-sweep-same-gpu.json"
   stage A2-cross 45 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU1' --reps 3 --json "$OUT/transfer-sweep-cross-gpu.json"
   # B: GPU0->GPU1 first (the NCCL rows, with the NIXL single-descriptor and copy ceilings of the same run),
@@ -88,7 +88,7 @@ else
   stage B-bench 80 "$PY" benchmarks/transfer.py --paths 'GPU0->GPU1,GPU0->GPU0,GPU0->host' --reps 3 \
       --methods "$M" --json "$OUT/transfer-gpu-llama3-70b-1024MiB.json"
   cp -f "$OUT"/transfer-gpu-llama3-70b-1024MiB.* benchmarks/results/ 2>/dev/null
-  stage C-probe 50 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json > \"$OUT/topology-probe.json\""
+  stage C-probe 45 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json > \"$OUT/topology-probe.json\""
   FILES="$OUT/transfer-sweep-same-gpu.json $OUT/transfer-sweep-cross-gpu.json $OUT/transfer-gpu-llama3-70b-1024MiB.json"
 fi
 

@@ -384,7 +384,8 @@ class _Bench:
         return out
 
     async def sweep(self, path: str, configs: Sequence[dict[str, Any]],
-                    on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                    on_row: Callable[[dict[str, Any]], None] | None = None,
+                    peer: PeerProcess | None = None) -> list[dict[str, Any]]:
         """cuda-ipc transfers on ``path`` once per rowcopy tuning (one peer process for all), each verified by
         probe.fingerprint (GPU-side checksums: sha256 after a device -> host copy cost ~2 s per row)."""
         from dynamo_ext.transport import rowcopy
@@ -392,13 +393,15 @@ class _Bench:
         sdev, ddev = PATHS[path]
         self.path = path
         pool, _ = self.local(sdev)
-        out = []
-        peer = self.ipc_peer(sdev, ddev, "sweep")
+        out: list[dict[str, Any]] = []
+        own = peer is None
+        peer = peer or self.ipc_peer(sdev, ddev, "sweep")
         try:
             return await self._sweep(path, sdev, ddev, pool, configs, peer, out, on_row)
         finally:
-            self.ipc.remove_peer(peer.info.agent_name)
-            peer.close()
+            if own:
+                self.ipc.remove_peer(peer.info.agent_name)
+                peer.close()
 
     async def _sweep(self, path: str, sdev: int, ddev: int, pool: KvPool, configs: Sequence[dict[str, Any]],
                      peer: PeerProcess, out: list[dict[str, Any]],
@@ -428,7 +431,8 @@ class _Bench:
                 on_row(row)
         return out
 
-    async def timeline(self, path: str = "GPU0->GPU0", reps: int = 5, trace: str | None = None) -> dict[str, Any]:
+    async def timeline(self, path: str = "GPU0->GPU0", reps: int = 5, trace: str | None = None,
+                       peer: PeerProcess | None = None) -> dict[str, Any]:
         """Where the time of one cuda-ipc transfer goes: host phases (perf_counter) vs GPU time (CUDA
         events) vs the poll/await; plus a torch.profiler trace of one transfer_kv_cache (chrome JSON)."""
         import torch
@@ -438,7 +442,8 @@ class _Bench:
         sdev, ddev = PATHS[path]
         pool, _ = self.local(sdev)
         ipc = self._ipc(pool)
-        peer = self.ipc_peer(sdev, ddev, "timeline")
+        own = peer is None
+        peer = peer or self.ipc_peer(sdev, ddev, "timeline")
         # plan/rows: host prep; post: backend.post (rows + upload + launch, enqueue only); gpu: CUDA events around
         # the post on the stream; poll: post return -> event done; direct_total: all of that; transfer_kv_cache:
         # the same transfer through the public API; upload_sync: index H2D + sync; launch_host: one Triton/torch
@@ -509,9 +514,10 @@ class _Bench:
                     torch.cuda.synchronize(dev)
                 prof.export_chrome_trace(trace)
                 prof_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=15)
-            ipc.remove_peer(peer.info.agent_name)
         finally:
-            peer.close()
+            if own:
+                ipc.remove_peer(peer.info.agent_name)
+                peer.close()
         med = {k: round(statistics.median(v), 3) for k, v in phases.items() if v}
         return {"path": path, "bytes": self.nbytes, "median": med, "profile_table": prof_table, "trace": trace}
 
@@ -750,9 +756,20 @@ def run_sweep(paths: Sequence[str], size_bytes: int, layout_name: str, reps: int
         write_outputs(doc, Path(json_path), png=False)
 
     async def main() -> None:
+        shared = None  # one same-GPU peer for the timeline and the GPU0->GPU0 sweep (start-up ~5 s each)
+        if timeline and "GPU0->GPU0" in paths:
+            shared = bench.ipc_peer(0, 0, "same")
+        try:
+            await _main(shared)
+        finally:
+            if shared is not None:
+                bench.ipc.remove_peer(shared.info.agent_name)
+                shared.close()
+
+    async def _main(shared: PeerProcess | None) -> None:
         if timeline:  # first: short, and the one measurement (d) has none of
             try:
-                doc["timeline"] = await bench.timeline("GPU0->GPU0", reps=reps, trace=trace)
+                doc["timeline"] = await bench.timeline("GPU0->GPU0", reps=reps, trace=trace, peer=shared)
                 print("timeline GPU0->GPU0 (ms, median):", json.dumps(doc["timeline"]["median"]), flush=True)
                 if doc["timeline"]["profile_table"]:
                     print(doc["timeline"]["profile_table"], flush=True)
@@ -761,7 +778,7 @@ def run_sweep(paths: Sequence[str], size_bytes: int, layout_name: str, reps: int
                 doc["timeline_error"] = f"{type(e).__name__}: {e}"[:300]
             write_outputs(doc, Path(json_path), png=False)
         for p in paths:
-            await bench.sweep(p, SWEEP[p], keep)
+            await bench.sweep(p, SWEEP[p], keep, peer=shared if p == "GPU0->GPU0" else None)
 
     try:
         asyncio.run(main())
