@@ -9,9 +9,11 @@
 #   0  wheels -> /tmp/site (pip --no-deps --target) unless nixl and msgspec already import
 #   A1 same GPU (d): the phase timeline of one same-GPU transfer (plan / rows / post / GPU / poll /
 #      upload / launch / kernel-only ms) + a torch.profiler trace ($OUT/same-gpu-trace.json), then the
-#      Triton block x warps and index-cache sweep; 1 GiB llama3-70b, cuda-ipc between two processes
-#   A2 GPU0->GPU1 (c): staged slices 64/128/256 MiB, slots, Triton vs torch, direct-read/-write P2P
-#      kernel; every configuration verified (sha256)
+#      sweep: plan/rows caches (host-work hypothesis), Triton block x warps, index cache; 1 GiB
+#      llama3-70b, cuda-ipc between two processes (one peer shared by timeline and sweep)
+#   A2 GPU0->GPU1 (c): staged slices 64-512 MiB, slots, Triton vs torch, plan cache, direct-read and
+#      direct-write P2P kernels. A1/A2 rows are verified by GPU-side fingerprints (probe.fingerprint),
+#      B rows by sha256
 #   B  bench transfer on the GPU paths (GPU0->GPU1 first) incl. nccl-single / nccl-planned
 #      -> $OUT/transfer-gpu-llama3-70b-1024MiB.{json,md,png} (and benchmarks/results/ in this tree)
 #   C  dynamo-ext topology --probe (GPU pairs + host), 256 MiB per path -> $OUT/topology-probe.json
