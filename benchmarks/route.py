@@ -34,8 +34,8 @@ so, over the full prompt blocks of all completed requests,
 
 where the first term is the full blocks of the pulled prompts (the decode workers' "kv transfer received:
 ... tokens=N ... cached_blocks=K" log lines, N // block size each; K = blocks the decode worker reused
-from its own prefix cache instead of reading them, reported as kv_blocks_reused_by_decode). Prefills on a decode worker (dynamo-ext's "local" option, no pull) are not
-separable in the decode workers' stored events (they also store the blocks they pull): they are counted
+from its own prefix cache instead of reading them, reported as kv_blocks_reused_by_decode). Prefills on
+a decode worker (dynamo-ext's "local" option, no pull) are not separable in the decode workers' stored events (they also store the blocks they pull): they are counted
 as hits only as far as the decode workers stored fewer blocks than those prefills covered,
 max(0, local full blocks - blocks stored by decode workers), which is a lower bound. Two concurrent misses
 of the same block on one worker store it once (an upper-bound effect, small at these loads). The per-run
@@ -43,7 +43,7 @@ JSON (route-cpu-<workload>.runs.json) keeps the raw counts; ``--from-runs`` re-r
 
 Quiet, reproducible runs (the lead's final numbers; the 2-core box is shared otherwise):
 
-    python benchmarks/route.py --quiet-load 1 --one-graph --runs 3 --requests 80   # ~20 min on 2 idle cores
+    python benchmarks/route.py --quiet-load 1 --one-graph --runs 3 --requests 80   # ~25-40 min, 2 idle cores
 
 ``--quiet-load X`` waits before every measured run until the 1-minute load average is below X (polling
 every 5 s, at most ``--quiet-timeout`` s; a run that starts without reaching it is marked ``quiet: false``);
@@ -305,7 +305,8 @@ class Policy:
                 "throughput_tok_s": round(sum(r.tokens for r in ok) / dur, 1),
                 "prefix_hit_rate": 0.0,
                 "kv_bytes_moved": int(kv1[2] - kv0[2]), "kv_transfers": transfers,
-                "blocks_prefilled_remotely": pulled, "kv_blocks_reused_by_decode": reused, "prompt_blocks": blocks, "stored_blocks_prefill": stored_p,
+                "blocks_prefilled_remotely": pulled, "kv_blocks_reused_by_decode": reused, "prompt_blocks": blocks,
+                "stored_blocks_prefill": stored_p,
                 "stored_blocks_decode": sum(v for w, v in stored.items() if w not in pids),
                 "router_decisions": {k: dec1.get(k, 0) - dec0.get(k, 0) for k in dec1 if dec1.get(k, 0) != dec0.get(k, 0)}
                 if self.router is not None else None,
@@ -379,7 +380,8 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
              + ("greedy. One graph at a time (--one-graph: only the measured policy's workers run, a fresh graph "
                 "per run); policies interleave " if getattr(a, "one_graph", False) else
                 "greedy. The three graphs run side by side (idle while another is measured); runs interleave ")
-             + f"(policy order reversed on odd runs). {a.runs} run(s) per policy" + (" (median of the runs)" if a.runs > 1 else
+             + f"(policy order reversed on odd runs). {a.runs} run(s) per policy"
+             + (" (median of the runs)" if a.runs > 1 else
                                                       " (one run: no time for 3 on 2 cores; run-to-run noise "
                                                       "is not measured)") + ".", "",
              "Prefix hit rate = (full blocks prefilled on prefill workers - blocks they newly stored, from their KV "

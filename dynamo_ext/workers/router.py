@@ -132,7 +132,8 @@ class RouterWorker(WorkerProcess):
         self.link_kinds: dict[str, str] = {}
         self.feedback = LinkFeedback()
         # measured prefill tok/s, decode step s, queued uncached tokens per worker (routing.throughput)
-        self.meter = WorkerMeter(Priors.for_layers(max(int(mc.num_layers), 1), ref_prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
+        self.meter = WorkerMeter(Priors.for_layers(max(int(mc.num_layers), 1),
+                                                   ref_prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
                                                    ref_decode_step_s=DECODE_STEP_S))
 
     async def setup(self) -> Any:
