@@ -659,8 +659,9 @@ class _Bench:
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [f"# KV transfer benchmark: {result['layout']}, {result['size_bytes'] / 2**30:.3f} GiB",
              "", f"Machine: {result['machine']}", "",
-             f"Median of {result.get('reps', '?')} timed repetitions after one warm-up; every row verified byte "
-             "for byte (sha256 of the destination chunks vs the source chunks).", "",
+             f"Median of {result.get('reps', '?')} timed repetitions after one warm-up; every row verified "
+             f"({result.get('verification', 'byte for byte: sha256 of the destination chunks vs the source chunks')}).",
+             "",
              "| path | method | backend | GB/s | descriptors | verified |", "|---|---|---|---:|---:|---|"]
     for r in result["results"]:
         err = f" ({r['error']})" if r.get("error") else ""
@@ -749,7 +750,9 @@ def run_sweep(paths: Sequence[str], size_bytes: int, layout_name: str, reps: int
     bar = tqdm(total=sum(len(SWEEP[p]) for p in paths) * (reps + 1), desc="sweep", unit="xfer", file=sys.stderr)
     bench = _Bench(size_bytes, layout_name, reps, bar)
     doc: dict[str, Any] = {"machine": machine_string(), "size_bytes": int(bench.nbytes), "layout": layout_name,
-                           "reps": reps, "results": [], "timeline": None}
+                           "reps": reps, "results": [], "timeline": None,
+                           "verification": "probe.fingerprint: position-weighted 64-bit sums of the destination "
+                                           "chunks vs the source chunks, computed on the GPUs"}
 
     def keep(row: dict[str, Any]) -> None:  # written after every configuration: a timeout keeps what ran
         doc["results"].append(row)
