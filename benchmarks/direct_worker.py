@@ -24,6 +24,7 @@ Protocol (one JSON object per line; every line is validated with msgspec, nothin
                                                    local prefill: "first" carries compute_s, cached_tokens
     (engine's BlockPool events)                    -> {"ev":"kv","rid":"__kv__","events":[["stored"|"removed",
                                                        [chain keys]]...]}  (chain_keys(): the prefix index)
+    {"op":"generate","rid","prompt","max_tokens"}  = decode without a handle (aggregated: local prefill + decode)
     {"op":"stats"}                                 -> {"ev":"stats", steps, prefills, free_blocks, ...}
     {"op":"shutdown"}                              process exits 0
     any failure of one request                     -> {"ev":"error", rid, error}
@@ -80,6 +81,14 @@ class Decode(msgspec.Struct, tag_field="op", tag="decode", forbid_unknown_fields
     handle: Handle | None = None
 
 
+class Generate(msgspec.Struct, tag_field="op", tag="generate", forbid_unknown_fields=True):
+    """Aggregated serving: local prefill (prefix cache) + decode on this worker; the same events as decode."""
+
+    rid: str
+    prompt: list[int]
+    max_tokens: int
+
+
 class Stats(msgspec.Struct, tag_field="op", tag="stats", forbid_unknown_fields=True):
     pass
 
@@ -88,7 +97,7 @@ class Shutdown(msgspec.Struct, tag_field="op", tag="shutdown", forbid_unknown_fi
     pass
 
 
-Command = Union[AddPeer, Prefill, Release, Decode, Stats, Shutdown]
+Command = Union[AddPeer, Prefill, Release, Decode, Generate, Stats, Shutdown]
 COMMAND_DECODER = msgspec.json.Decoder(Command)
 
 #: the protocol's stdout: fd 1 is re-pointed to stderr in main() so that library prints (NIXL's log
@@ -296,6 +305,8 @@ class DirectWorker:
                 await self.do_prefill(c)
             elif isinstance(c, Release):
                 await self.do_release(c)
+            elif isinstance(c, Generate):
+                await self.do_decode(Decode(c.rid, c.prompt, c.max_tokens, None))
             elif isinstance(c, Decode):
                 await self.do_decode(c)
             elif isinstance(c, AddPeer):

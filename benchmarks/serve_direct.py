@@ -438,7 +438,10 @@ class Graph:
                 handle = {k: ev[k] for k in ("agent", "pool", "block_ids", "first_token")}
                 o.pulled_blocks = len(handle["block_ids"])
                 o.pair = (p.name, d.name)
-            d.send({"op": "decode", "rid": rid, "prompt": prompt, "max_tokens": out_len, "handle": handle})
+            if handle is None:  # local prefill + decode on d (agg, or a local decision of the router)
+                d.send({"op": "generate", "rid": rid, "prompt": prompt, "max_tokens": out_len})
+            else:
+                d.send({"op": "decode", "rid": rid, "prompt": prompt, "max_tokens": out_len, "handle": handle})
             if handle is not None and p is not None and qp is not None:
                 try:
                     o.pull = await wait_event(qd, "pulled", timeout, f"KV pull of {rid} {p.name} -> {d.name}")
