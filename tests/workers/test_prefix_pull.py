@@ -56,6 +56,7 @@ def test_decode_worker_pulls_only_the_blocks_its_prefix_cache_lacks(servers, mod
         r = g.start("router", wait=False)
         g.wait_ready([p, d, r])
         ep = "gpfx.router.generate"
+        idle = d.health()["kv_cache_usage_perc"]
         q = [(7 * i) % 251 + 1 for i in range(240)]  # 15 full blocks
         first = g.call(ep, [_req(q)], instance=r.instance_id)[0]
         got = _wait_lines(d, 1)
@@ -79,5 +80,10 @@ def test_decode_worker_pulls_only_the_blocks_its_prefix_cache_lacks(servers, mod
         assert got[0] == _router_estimate(len(q), 0, per_block)
         logs = d.log()
         assert "prefilling locally" not in logs, logs[-2000:]
+        # the references taken on the reused blocks are dropped when the requests end: usage back to idle
+        t_end = time.monotonic() + 10
+        while d.health()["kv_cache_usage_perc"] != idle and time.monotonic() < t_end:
+            time.sleep(0.2)
+        assert d.health()["kv_cache_usage_perc"] == idle, (d.health(), idle)
     finally:
         g.stop()
