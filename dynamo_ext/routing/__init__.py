@@ -9,6 +9,7 @@ Plain data in, decisions out; no I/O, no clock, no NIXL/torch/network/Dynamo imp
     decision.py        Decision, Option, Terms, Exclusion, reasons, NoCandidateError
     migration.py       plan_migrations() -> [Move | Recompute | Wait]
     link_estimator.py  LinkEstimator: EWMA GB/s per pair, failure back-off, probes
+    throughput.py      WorkerMeter: measured prefill tok/s, decode step s, queued uncached tokens per worker
 """
 
 from .selector import decide, estimate_all
