@@ -737,9 +737,11 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{_f(r.get('predicted_hit_rate'), 100, 1)}% | {_f(r.get('kv_bytes_moved'), 1 / 2**20, 1)} | "
                          f"{r.get('local_prefills') if r.get('local_prefills') is not None else '-'} | {dec} |")
     pairs = {}
+    several_loads = len({load_label(r) for r in res["results"]}) > 1
     for r in res["results"]:
         for k, v in (r.get("pairs") or {}).items():
-            pairs.setdefault((r["graph"], k), []).append((r["prompt_len"], v))
+            cell = f"{r['prompt_len']} @ {r['rate']:g}/s" if several_loads and r.get("rate") else r["prompt_len"]
+            pairs.setdefault((r["graph"], k), []).append((cell, v))
     if pairs:
         lines += ["", "Transfer path per (prefill, decode) pair (topology.select_transport; measured = median GB/s of the pulls):", "",
                   "| graph | pair | devices | topology kind | expected GB/s | transfer backend / path | measured GB/s by prompt length |",
