@@ -80,14 +80,15 @@ else
   # two processes: a kernel fault in one sweep (e.g. a P2P kernel) cannot poison the other's CUDA context
   stage A1-same 55 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU0' --timeline --trace "$OUT/same-gpu-trace.json" \
       --reps 3 --json "$OUT/transfer-sweep-same-gpu.json"
-  stage A2-cross 45 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU1' --reps 3 --json "$OUT/transfer-sweep-cross-gpu.json"
+  stage A2-cross 50 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU1' --reps 3 --json "$OUT/transfer-sweep-cross-gpu.json" \
+      --profile-cross "$OUT/cross-gpu-trace.json"
   # B: GPU0->GPU1 first (the NCCL rows, with the NIXL single-descriptor and copy ceilings of the same run),
   # then the cuda-ipc rows of the same GPU and the owner's GPU->host zero-copy; NIXL naive/planned/staged
   # rows and GPU0->host NIXL (TCP speed) were measured in earlier runs and are left out for time.
   # cuda-ipc-direct is measured in A2 (its own process): here a P2P fault could not poison later paths
   M="GPU0->GPU1:raw-single,GPU0->GPU1:copy,GPU0->GPU1:cuda-ipc,nccl-single,nccl-planned,GPU0->GPU0:cuda-ipc"
   M="$M,GPU0->GPU0:cuda-ipc-torch,owner-copy-zc"
-  stage B-bench 80 "$PY" benchmarks/transfer.py --paths 'GPU0->GPU1,GPU0->GPU0,GPU0->host' --reps 3 \
+  stage B-bench 75 "$PY" benchmarks/transfer.py --paths 'GPU0->GPU1,GPU0->GPU0,GPU0->host' --reps 3 \
       --methods "$M" --json "$OUT/transfer-gpu-llama3-70b-1024MiB.json"
   cp -f "$OUT"/transfer-gpu-llama3-70b-1024MiB.* benchmarks/results/ 2>/dev/null
   stage C-probe 45 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json > \"$OUT/topology-probe.json\""

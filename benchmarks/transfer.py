@@ -521,6 +521,47 @@ class _Bench:
         med = {k: round(statistics.median(v), 3) for k, v in phases.items() if v}
         return {"path": path, "bytes": self.nbytes, "median": med, "profile_table": prof_table, "trace": trace}
 
+    async def profile_one(self, path: str, trace: str, configs: Sequence[dict[str, Any]]) -> dict[str, str]:
+        """torch.profiler chrome trace of one cuda-ipc transfer on ``path`` per rowcopy tuning (after a
+        warm-up): which streams overlap, where the host waits. Files: ``trace`` with -<i> before .json."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        from dynamo_ext.transport import rowcopy
+
+        sdev, ddev = PATHS[path]
+        pool, _ = self.local(sdev)
+        ipc = self._ipc(pool)
+        peer = self.ipc_peer(sdev, ddev, "profile")
+        tables: dict[str, str] = {}
+        try:
+            remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+            for i, cfg in enumerate(configs):
+                old = rowcopy.tune(**{k: v for k, v in cfg.items() if k != "plan_cache"})
+                try:
+                    for prof_on in (False, True):
+                        ctx = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if prof_on else None
+                        if ctx is not None:
+                            ctx.__enter__()
+                        h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc,
+                                                    deadline_s=60, metrics=None)
+                        await h
+                        torch.cuda.synchronize(sdev)
+                        torch.cuda.synchronize(ddev)
+                        if ctx is not None:
+                            ctx.__exit__(None, None, None)
+                            f = trace.replace(".json", f"-{i}.json")
+                            ctx.export_chrome_trace(f)
+                            tables[f] = ctx.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+                except Exception as e:  # noqa: BLE001
+                    tables[f"config {i}"] = f"failed: {type(e).__name__}: {e}"
+                finally:
+                    rowcopy.tune(**old)
+        finally:
+            ipc.remove_peer(peer.info.agent_name)
+            peer.close()
+        return tables
+
     async def _owner_copy(self, path: str, pool: KvPool, name: str) -> dict[str, Any]:
         """GPU -> host tier inside the owner process (no peer): the pool's own pinned host tier."""
         import torch
@@ -743,7 +784,7 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
 
 
 def run_sweep(paths: Sequence[str], size_bytes: int, layout_name: str, reps: int, json_path: str | Path,
-              timeline: bool = False, trace: str | None = None) -> dict[str, Any]:
+              timeline: bool = False, trace: str | None = None, profile_cross: str | None = None) -> dict[str, Any]:
     """rowcopy tunings (SWEEP) per path through cuda-ipc, then optionally the same-GPU timeline."""
     from tqdm import tqdm
 
@@ -782,6 +823,17 @@ def run_sweep(paths: Sequence[str], size_bytes: int, layout_name: str, reps: int
             write_outputs(doc, Path(json_path), png=False)
         for p in paths:
             await bench.sweep(p, SWEEP[p], keep, peer=shared if p == "GPU0->GPU0" else None)
+        if profile_cross and "GPU0->GPU1" in paths:  # last: the sweep's rows are already written
+            cfgs = [{"cross_kernel": "staged-torch", "cross_slice_bytes": 64 << 20, "cross_slots": 2},
+                    {"cross_kernel": "staged-torch", "cross_slice_bytes": 256 << 20, "cross_slots": 3},
+                    {"cross_kernel": "direct-read", "triton_block": 4096}]
+            try:
+                doc["profiles"] = await bench.profile_one("GPU0->GPU1", profile_cross, cfgs)
+                for f, t in doc["profiles"].items():
+                    print(f"profile {f}:\n{t}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"profile failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            write_outputs(doc, Path(json_path), png=False)
 
     try:
         asyncio.run(main())
@@ -855,6 +907,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sweep", default="", help=f"sweep rowcopy tunings on these paths ({list(SWEEP)}, or 'all')")
     p.add_argument("--timeline", action="store_true", help="with --sweep: phase timeline of one same-GPU transfer")
     p.add_argument("--trace", default=None, help="with --timeline: torch.profiler chrome trace file")
+    p.add_argument("--profile-cross", default=None, metavar="FILE",
+                   help="with --sweep GPU0->GPU1: torch.profiler traces of one transfer for 3 tunings (FILE-<i>.json)")
     p.add_argument("--dry-run", default=None, metavar="DIR", help="CPU check of the GPU session's Python parts")
     p.add_argument("--summarize", nargs="*", default=None, metavar="JSON", help="print one table over result files")
     a = p.parse_args(argv)
@@ -878,7 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(_gpus()) < 2:
             sp = [x for x in sp if PATHS[x][1] == 0]
         out = a.json or str(RESULTS / f"transfer-sweep-{a.layout}-{parse_size(a.size) >> 20}MiB.json")
-        d = run_sweep(sp, parse_size(a.size), a.layout, a.reps, out, a.timeline, a.trace)
+        d = run_sweep(sp, parse_size(a.size), a.layout, a.reps, out, a.timeline, a.trace, a.profile_cross)
         print(summarize([out]), flush=True)
         return 0
     r = run_transfer_bench(parse_size(a.size), a.layout, a.json, [x for x in a.paths.split(",") if x] or None, a.reps,
