@@ -1,7 +1,8 @@
 """Aggregated vs disaggregated serving on several GPUs without the Dynamo runtime (``bench serve-direct``).
 
     dynamo-ext bench serve-direct                                    # CPU, tiny, 1P+1D vs 2 agg (~1 min)
-    # 4x H200 (the committed GPU results; ~5 min):
+    # 4x H200, closed loop (~2 min; the committed serve-direct-4xH200-llama3-70b-shape-8l.* ran
+    # --graphs agg:4,disagg:2p2d,disagg:3p1d,disagg:1p3d --requests 128 --warmup 2; start-up 4-5 s per graph):
     python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --requests 96 --concurrency 32 --output-len 64
     # low-load KV share of TTFT (issue #5 target, 4K prompts on NVLink): --concurrency 1 --requests 16
@@ -9,7 +10,8 @@
     # from the committed run's req/s; env on the GPU machine: PYTHONPATH=/tmp/site:$PWD):
     python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --requests 96 --concurrency 32 \
-        --rates closed,8,16,32 --output-len 64 --request-timeout-s 90 --startup-timeout-s 120 --deadline-s 540
+        --rates closed,8,16,32 --output-len 64 --request-timeout-s 90 --startup-timeout-s 120 --deadline-s 540 \
+        --out benchmarks/results/serve-direct-4xH200-llama3-70b-shape-8l-rates
     # (--deadline-s: no cell starts after 540 s; SIGTERM prints the partial table; JSON written after every cell)
     # smoke (~1 min): same graphs and prompt lengths, --quick (16 requests x 16 tokens per cell, warm-up 1)
     python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
@@ -46,7 +48,7 @@ share of the mean TTFT, GB/s per (prefill, decode) pair next to the path and the
 equal the agg graph's for the same prompt (asserted on CPU where numerics are batch-independent; on GPU
 the match fraction is reported: bf16 results depend on the batch a request shares).
 
-Writes benchmarks/results/serve-direct-<tag>.{json,md,png} incrementally (nothing lost if a later cell
+Writes benchmarks/results/serve-direct-<machine tag (4xH200, cpu)>-<preset>[-<layers>l].{json,md,png} (or --out) incrementally (nothing lost if a later cell
 fails or the time limit hits) and prints the markdown table last.
 """
 
@@ -694,6 +696,23 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def machine_tag(m: dict[str, Any]) -> str:
+    """'4xH200' from the GPU names ('NVIDIA H200' -> H200), 'cpu' without GPUs."""
+    gpus = m.get("gpus")
+    if not gpus:
+        return "cpu"
+    words = [w for w in str(gpus[0]).replace("-", " ").split() if w.upper() not in ("NVIDIA", "TESLA", "GEFORCE")]
+    name = next((w for w in words if any(ch.isdigit() for ch in w)), words[0] if words else "gpu")
+    return f"{len(gpus)}x{''.join(ch for ch in name if ch.isalnum())}"
+
+
+def result_stem(a: argparse.Namespace, m: dict[str, Any]) -> Path:
+    """--out, else benchmarks/results/serve-direct-<machine tag>-<preset>[-<layers>l]."""
+    if a.out:
+        return Path(a.out)
+    return RESULTS / (f"serve-direct-{machine_tag(m)}-{a.preset}" + (f"-{a.layers}l" if a.layers else ""))
+
+
 def machine_line(m: dict[str, Any]) -> str:
     gpus = m.get("gpus")
     g = f"{len(gpus)}x {gpus[0]} ({m.get('gpu_memory_gib')} GiB)" if gpus else "no GPU"
@@ -913,8 +932,9 @@ def blocks_needed(a: argparse.Namespace) -> int:
 async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
     import tempfile  # noqa: PLC0415
 
-    stem = Path(a.out) if a.out else RESULTS / f"serve-direct-{a.device}-{a.preset}"
-    res: dict[str, Any] = {"machine": machine_info(a.device),
+    machine = machine_info(a.device)
+    stem = result_stem(a, machine)
+    res: dict[str, Any] = {"machine": machine,
                            "params": {"preset": a.preset, "layers": a.layers, "graphs": a.graphs, "prompt_lens": a.lens,
                                       "requests": a.requests, "concurrency": a.concurrency, "rate": a.rate,
                                       "rates": [r for r in a.rate_list if r], "quick": a.quick,
@@ -1023,7 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
         if PARTIAL is None:
             return 130
         PARTIAL["interrupted"] = True
-        stem = Path(a.out) if a.out else RESULTS / f"serve-direct-{a.device}-{a.preset}"
+        stem = result_stem(a, PARTIAL["machine"])
         write(PARTIAL, stem)
         print(markdown(PARTIAL))
         print(f"serve-direct: interrupted; partial results written: {stem}.{{json,md,png}}", file=sys.stderr)

@@ -85,6 +85,10 @@ def test_load_options_are_checked():
     for bad in ("0", "fast", ","):
         with pytest.raises(SystemExit):
             m.parse_args(["--rates", bad])
+    # default result names: benchmarks/results/serve-direct-<machine tag>-<preset>[-<layers>l]
+    a = m.parse_args(["--preset", "llama3-70b-shape", "--layers", "8"])
+    assert m.result_stem(a, {"gpus": ["NVIDIA H200"] * 4}).name == "serve-direct-4xH200-llama3-70b-shape-8l"
+    assert m.result_stem(m.parse_args([]), {}).name == "serve-direct-cpu-tiny"
 
 
 def test_killed_decode_worker_fails_its_requests_clearly(tmp_path):
