@@ -235,6 +235,12 @@ class WorkerMeter:
     def decode_step_s(self, d: int, now: float) -> float:
         return self._stepper(d).value(now)
 
+    def backlog_s(self, d: int, now: float) -> float:
+        """Seconds of local prefill work planned on decode worker ``d``: its queued uncached tokens at its
+        measured local prefill throughput (without the interference charge)."""
+        q = self._queued.get(d, 0)
+        return q / self.local_prefill_tokens_per_s(d, now, with_interference=False) if q else 0.0
+
     def queued_tokens(self, w: int) -> int:
         """Uncached tokens planned on ``w`` whose prefill has not finished (the one in service included)."""
         return self._queued.get(w, 0)

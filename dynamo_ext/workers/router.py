@@ -273,8 +273,10 @@ class RouterWorker(WorkerProcess):
         prefill worker p: thr = measured prefill tok/s; queue = uncached tokens planned on p, not yet
           prefilled; queued_requests = the router's in-flight calls on p.
         decode worker d: thr = measured local prefill tok/s / (1 + w * running streams on d) (a local
-          prefill stalls them); queue = uncached tokens of local prefills planned on d (only a local
-          prefill waits behind them); admission = one measured decode step (the next batch boundary).
+          prefill stalls them); admission = one measured decode step (the next batch boundary) + the
+          local prefills planned on d (their uncached tokens / d's local tok/s): d's engine runs them
+          before it takes a new request, pulled or local. Queue 0 (the backlog is in admission, which
+          both kinds of option pay; for a hand-off it overestimates, as p prefills meanwhile).
         """
         m = self.meter
         snaps = [WorkerSnapshot(worker_id=p, role="prefill", prefill_tokens_per_s=m.prefill_tokens_per_s(p, now),
@@ -282,8 +284,8 @@ class RouterWorker(WorkerProcess):
                                 queued_requests=self.inflight[p], free_blocks=nblocks,
                                 overlap_blocks=scores.get(p, 0), node=self._node(rec["p", p])) for p in prefills]
         snaps += [WorkerSnapshot(worker_id=d, role="decode", prefill_tokens_per_s=m.local_prefill_tokens_per_s(d, now),
-                                 layout_key=self._layout_key(rec["d", d]), queue_tokens=m.queued_tokens(d),
-                                 free_blocks=nblocks, admission_delay_s=m.decode_step_s(d, now),
+                                 layout_key=self._layout_key(rec["d", d]),
+                                 free_blocks=nblocks, admission_delay_s=m.decode_step_s(d, now) + m.backlog_s(d, now),
                                  overlap_blocks=scores.get(d, 0), node=self._node(rec["d", d])) for d in decodes]
         return snaps
 

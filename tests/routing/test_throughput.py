@@ -109,23 +109,38 @@ def test_meter_bounds_open_requests():
 
 def test_measured_throughput_changes_the_decision():
     """Shared prefix, 16-layer model. Decode worker 7 holds 112 of the prompt's 128 blocks. With the old
-    2-layer constants (and no queue counted on decode workers) its local prefill looks cheapest; with the
-    16-layer prior and the uncached tokens of a local prefill already queued on it, the idle prefill
-    worker wins although it must compute the whole prompt."""
+    2-layer constants its local prefill (16 blocks) looks cheapest. With the 16-layer prior and the charge
+    for the 8 streams a local prefill would stall on it, the idle prefill worker wins although it
+    computes the whole prompt."""
     req = request(2048)
-    m = WorkerMeter(Priors.for_layers(16), alpha=1.0)
-    m.planned("old", 7, 4096, local=True, now=0.0)  # a local prefill queued on decode worker 7
+    m = WorkerMeter(Priors.for_layers(16), alpha=1.0, interference_weight=0.5)
+    for i in range(8):  # 8 streams decoding on worker 7
+        m.planned(f"r{i}", 1, 100, local=False, now=0.0)
+        m.prefill_done(f"r{i}", now=0.04 * (i + 1))  # served one after the other: 0.04 s each
+        m.decode_chunk(f"r{i}", 7, now=1.0, n_tokens=1)
+    assert m.running(7) == 8
     cfg = RoutingConfig(local_prefill_max_tokens=0)
     naive = decide(req, [prefill(1, thr=20_000), decode(7, thr=10_000, overlap_blocks=112)], links(), config=cfg)
-    measured = decide(req, [prefill(1, thr=m.prefill_tokens_per_s(1, now=0.0)),
-                            decode(7, thr=m.local_prefill_tokens_per_s(7, now=0.0), overlap_blocks=112,
-                                   queue_tokens=m.queued_tokens(7), admission_delay_s=m.decode_step_s(7, now=0.0))],
-                      links(), config=cfg)
+    snaps = [prefill(1, thr=m.prefill_tokens_per_s(1, now=1.0)),
+             decode(7, thr=m.local_prefill_tokens_per_s(7, now=1.0), overlap_blocks=112,
+                    admission_delay_s=m.decode_step_s(7, now=1.0) + m.backlog_s(7, now=1.0))]
+    measured = decide(req, snaps, links(), config=cfg)
     assert naive.chosen.kind is OptionKind.LOCAL  # the 2-layer constants' choice
     assert measured.chosen.kind is OptionKind.DISAGG
-    # the estimates reflect the 16-layer prior: 2048 tokens at 2,500 tok/s; local pays the backlog
-    assert measured.chosen.terms.prefill_s == pytest.approx(2048 / 2500)
-    assert measured.runner_up.terms.queue_wait_s == pytest.approx(4096 / 1250)
+    # 100 tokens in 0.04 s per prefill: 2,500 tok/s measured on prefill worker 1
+    assert m.prefill_samples == 8 and measured.chosen.terms.prefill_s == pytest.approx(2048 / 2500)
+    # local on 7: 256 tokens at the 16-layer local prior 1,250 tok/s, divided by 1 + 0.5 * 8
+    assert measured.runner_up.terms.prefill_s == pytest.approx(256 / (1250 / 5))
+
+
+def test_backlog_is_the_local_work_planned_on_a_decode_worker():
+    m = WorkerMeter(Priors(prefill_tokens_per_s=2000.0, local_prefill_factor=0.5))
+    assert m.backlog_s(7, now=0.0) == 0.0
+    m.planned("a", 7, 500, local=True, now=0.0)
+    m.planned("b", 7, 1500, local=True, now=0.0)
+    assert m.backlog_s(7, now=0.0) == pytest.approx(2000 / 1000)
+    m.planned("c", 1, 999, local=False, now=0.0)  # work on another worker is not 7's backlog
+    assert m.backlog_s(7, now=0.0) == pytest.approx(2.0) and m.backlog_s(1, now=0.0) == pytest.approx(999 / 1000)
 
 
 def test_hand_off_moves_only_the_blocks_the_decode_worker_lacks():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dynamo_ext.routing import LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
+from dynamo_ext.routing import LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide, estimate_all
 from dynamo_ext.routing.throughput import Priors, WorkerMeter
 from dynamo_ext.workers.router import DECODE_STEP_S, PREFILL_TOKENS_PER_S, RouterWorker
 
@@ -20,9 +20,9 @@ def _router(layers: int) -> SimpleNamespace:
                            _node=RouterWorker._node)
 
 
-def _snaps(r: SimpleNamespace, scores: dict[int, int], now: float):
-    rec = {("p", 1): None, ("d", 7): None}
-    return RouterWorker._snapshots(r, scores, rec, [1], [7], 1024, now)
+def _snaps(r: SimpleNamespace, scores: dict[int, int], now: float, decodes: tuple[int, ...] = (7,)):
+    rec = {("p", 1): None, **{("d", d): None for d in decodes}}
+    return RouterWorker._snapshots(r, scores, rec, [1], list(decodes), 1024, now)
 
 
 def test_snapshots_start_from_layer_scaled_priors():
@@ -37,7 +37,9 @@ def test_snapshots_follow_measurements_and_queued_uncached_tokens():
     r.meter.planned("a", 1, 3000, local=False, now=0.0)
     r.meter.planned("b", 7, 500, local=True, now=0.0)
     p, d = _snaps(r, {1: 3, 7: 5}, now=0.0)
-    assert (p.queue_tokens, d.queue_tokens) == (3000, 500)  # uncached tokens, not prompt lengths
+    assert p.queue_tokens == 3000  # uncached tokens, not prompt lengths
+    # d's local backlog is in its admission delay (d runs it before any new request): 500 tok at the prior
+    assert d.queue_tokens == 0 and d.admission_delay_s == pytest.approx(0.002 + 500 / (PREFILL_TOKENS_PER_S / 2))
     assert (p.overlap_blocks, d.overlap_blocks) == (3, 5)
     r.meter.prefill_done("a", now=1.5)  # 2,000 tok/s measured on prefill worker 1
     r.meter.decode_chunk("b", 7, now=1.0, n_tokens=1)  # local prefill: 500 tok/s; one stream running on 7
@@ -49,15 +51,23 @@ def test_snapshots_follow_measurements_and_queued_uncached_tokens():
 
 
 def test_shared_prefix_backlog_on_the_decode_worker_sends_the_request_to_the_prefill_worker():
-    """The decode worker holds most of the prefix, but local prefills are queued on it: disaggregate."""
+    """Decode worker 7 holds most of the prefix; 8 holds nothing. Idle: local prefill on 7 (only the tail
+    is computed). With local prefills queued on 7: hand-off from the idle prefill worker to the idle
+    decode worker 8, not to 7 (its backlog delays every new request on it)."""
     r = _router(16)
     req = RequestShape(prompt_tokens=2048, block_size=16, kv_bytes_per_token=4096)
     links = LinkTable({}, default=LinkInfo(3.0, 0.002))
     cfg = RoutingConfig(local_prefill_max_tokens=0)
-    idle = decide(req, _snaps(r, {7: 112}, now=0.0), links, config=cfg)
-    assert idle.chosen.kind is OptionKind.LOCAL  # nothing queued: the cached prefix wins
+    idle = decide(req, _snaps(r, {7: 112}, now=0.0, decodes=(7, 8)), links, config=cfg)
+    assert (idle.chosen.kind, idle.chosen.decode_id) == (OptionKind.LOCAL, 7)  # the cached prefix wins
     r.meter.planned("x", 7, 2048, local=True, now=0.0)
     r.meter.planned("y", 7, 2048, local=True, now=0.0)
-    busy = decide(req, _snaps(r, {7: 112}, now=0.0), links, config=cfg)
-    assert busy.chosen.kind is OptionKind.DISAGG and busy.chosen.prefill_id == 1
-    assert busy.runner_up.terms.queue_wait_s == pytest.approx(4096 / (PREFILL_TOKENS_PER_S / 8 / 2))
+    snaps = _snaps(r, {7: 112}, now=0.0, decodes=(7, 8))
+    busy = decide(req, snaps, links, config=cfg)
+    assert busy.chosen.kind is OptionKind.DISAGG and (busy.chosen.prefill_id, busy.chosen.decode_id) == (1, 8)
+    backlog = 4096 / (PREFILL_TOKENS_PER_S / 8 / 2)  # 3.3 s at the 16-layer local prior
+    opts = {o.label(): o for o in estimate_all(req, snaps, links, config=cfg)}
+    assert opts["local@7"].terms.admission_s == pytest.approx(DECODE_STEP_S * 8 + backlog)
+    assert opts["1->8"].terms.admission_s == pytest.approx(DECODE_STEP_S * 8)
+    assert opts["1->7"].kv_bytes == 16 * 4096 * (128 - 112) < opts["1->8"].kv_bytes  # 7 pulls only the tail
+    assert opts["1->7"].terms.total_s > opts["1->8"].terms.total_s
