@@ -10,9 +10,10 @@ Protocol of one ``generate`` request (who calls what, in what order)::
                                         2. handle present (role decode):
                                            a. peer = record of handle.worker_id in etcd     (cached per agent)
                                               -> PeerInfo -> be.add_peer
-                                           b. dst = allocate(len(handle.block_ids))
+                                           b. k = leading blocks our prefix cache holds (at most all but
+                                              the last); dst = those k + allocate(len(handle.block_ids) - k)
                                            c. transfer_kv_cache(RemotePool(prefill), local pool,
-                                              (handle.block_ids, dst))   one planned NIXL READ ==> prefill's pool
+                                              (handle.block_ids[k:], dst[k:]))   one planned NIXL READ ==> prefill's pool
                                            d. release(handle_id) on the prefill worker ---> {"released": true}
                                               (false = handle already reaped: KV not trusted)
                                            e. commit full blocks (KV stored events), log one line per transfer
