@@ -37,7 +37,8 @@ Graphs (``--graphs``, comma-separated):
 Load per (graph, prompt length): ``--requests`` prompts of random token ids (seeded; the same prompts for
 every graph, no prefix-cache hits), ``--output-len`` tokens each (greedy, EOS ignored); closed loop with
 ``--concurrency`` requests in flight (``--rate R`` instead: Poisson arrivals at R req/s; ``--rates
-closed,8,16``: one row per load, the same prompts each time, on the same warm workers). Before measuring,
+closed,8,16``: one row per load on the same warm workers, fresh prompts per load so that no load hits the
+previous one's prefix cache). Before measuring,
 every worker serves ``--warmup`` requests of each prompt length (CUDA/Triton warm-up).
 
 Metrics: TTFT = first token leaves the worker that decodes (after the pull in disagg) - request issued;
@@ -654,7 +655,7 @@ def summarize(g: Graph, plen: int, outs: list[Outcome], t0: float, t1: float, a:
     return r
 
 
-def verify(results_tokens: dict[str, dict[tuple[int, int], list[int]]]) -> dict[str, Any]:
+def verify(results_tokens: dict[str, dict[tuple[int, int, int], list[int]]]) -> dict[str, Any]:
     """Greedy outputs of every graph against the first agg graph's, per (prompt length, prompt index)."""
     ref_label = next((k for k in results_tokens if k.startswith("agg")), None)
     out: dict[str, Any] = {"reference": ref_label, "graphs": {}}
@@ -666,7 +667,7 @@ def verify(results_tokens: dict[str, dict[tuple[int, int], list[int]]]) -> dict[
             continue
         keys = [k for k in toks if k in ref]
         same = sum(1 for k in keys if toks[k] == ref[k])
-        first_diff = next(({"prompt_len": k[0], "index": k[1], "graph": toks[k][:12], "reference": ref[k][:12]}
+        first_diff = next(({"prompt_len": k[0], "load": k[1], "index": k[2], "graph": toks[k][:12], "reference": ref[k][:12]}
                            for k in keys if toks[k] != ref[k]), None)
         out["graphs"][label] = {"compared": len(keys), "equal": same, "first_difference": first_diff}
     return out
@@ -957,7 +958,7 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
         res.setdefault("skipped", []).append({"graph": label, "cell": what, "reason": f"--deadline-s {a.deadline_s:g} reached"})
         return True
 
-    tokens: dict[str, dict[tuple[int, int], list[int]]] = {}
+    tokens: dict[str, dict[tuple[int, int, int], list[int]]] = {}
     nblocks = a.num_blocks or blocks_needed(a)
     log_dir = Path(tempfile.mkdtemp(prefix="serve-direct-"))
     progress = None
@@ -987,12 +988,14 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
                     if warm:
                         await run_load(g, warm, min(a.output_len, 4), len(g.workers), None,
                                        min(a.request_timeout_s, max(left(), 1.0)))
-                    prompts = make_prompts(a.requests, plen, vocab, a.seed,
-                                           prefixes=a.prefixes if a.workload == "shared-prefix" else 0,
-                                           prefix_frac=a.prefix_frac, block_size=a.block_size)
-                    for rate in a.rate_list:
+                    for ri, rate in enumerate(a.rate_list):
                         if skip(label, f"prompt {plen} rate {rate or 'closed'}"):
                             continue
+                        # fresh prompts per load (seeded; the same for every graph): the previous load's
+                        # prompts are still in the prefix cache and would turn its prefills into cache hits
+                        prompts = make_prompts(a.requests, plen, vocab, a.seed + 7919 * ri,
+                                               prefixes=a.prefixes if a.workload == "shared-prefix" else 0,
+                                               prefix_frac=a.prefix_frac, block_size=a.block_size)
                         # a request's bound never runs past the deadline: the cell ends, is summarized, written
                         outs, t0, t1 = await run_load(g, prompts, a.output_len, a.concurrency, rate,
                                                       min(a.request_timeout_s, max(left(), 1.0)), progress)
@@ -1004,8 +1007,7 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
                         r["release_errors"] = g.release_errors[:5]
                         g.release_errors.clear()
                         res["results"].append(r)
-                        # the same prompts at every rate: greedy tokens must not depend on the load (CPU)
-                        tokens.setdefault(label, {}).update({(plen, o.i): o.tokens for o in outs if o.error is None})
+                        tokens.setdefault(label, {}).update({(plen, ri, o.i): o.tokens for o in outs if o.error is None})
                         write(res, stem)
             except Exception as e:  # noqa: BLE001 - a graph that fails (dead worker, CUDA error) is a result
                 msg = str(e) if isinstance(e, WorkerDied) else f"{type(e).__name__}: {e}"
