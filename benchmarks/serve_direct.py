@@ -952,10 +952,15 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
         """Seconds left of --deadline-s (inf without one)."""
         return float("inf") if not a.deadline_s else a.deadline_s - (time.monotonic() - t_begin)
 
-    def skip(label: str, what: str) -> bool:
-        if left() > 0:
+    longest = {"cell": 0.0, "start": 0.0}  # the longest cell and graph start-up so far (s)
+
+    def skip(label: str, what: str, need: float = 0.0) -> bool:
+        """True (and recorded) when less than ``need`` seconds of --deadline-s are left: a cell that cannot
+        finish is not started (its requests would time out and read as errors)."""
+        if left() > need:
             return False
-        res.setdefault("skipped", []).append({"graph": label, "cell": what, "reason": f"--deadline-s {a.deadline_s:g} reached"})
+        res.setdefault("skipped", []).append({"graph": label, "cell": what,
+                                              "reason": f"--deadline-s {a.deadline_s:g}: {max(left(), 0):.1f} s left, {need:.1f} s needed"})
         return True
 
     tokens: dict[str, dict[tuple[int, int, int], list[int]]] = {}
@@ -973,13 +978,14 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
     try:
         for spec, policy in [(sp, po) for sp in a.graph_specs for po in a.policy_list]:
             label = spec.label if len(a.policy_list) == 1 else f"{spec.label}/{policy}"
-            if skip(label, "all"):
+            if skip(label, "all", longest["start"] + longest["cell"]):
                 continue
             g = Graph(spec, a, log_dir)
             g.policy, g.label = policy, label
             try:
                 await g.start(nblocks, min(a.startup_timeout_s, max(left(), 30.0)), a.cache_blocks)
                 res["startup_s"][label] = g.startup_s
+                longest["start"] = max(longest["start"], g.startup_s)
                 vocab = int(g.workers[0].ready.get("vocab") or 256)
                 for plen in a.lens:
                     if skip(label, f"prompt {plen}"):
@@ -989,7 +995,7 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
                         await run_load(g, warm, min(a.output_len, 4), len(g.workers), None,
                                        min(a.request_timeout_s, max(left(), 1.0)))
                     for ri, rate in enumerate(a.rate_list):
-                        if skip(label, f"prompt {plen} rate {rate or 'closed'}"):
+                        if skip(label, f"prompt {plen} rate {rate or 'closed'}", longest["cell"]):
                             continue
                         # fresh prompts per load (seeded; the same for every graph): the previous load's
                         # prompts are still in the prefix cache and would turn its prefills into cache hits
@@ -1001,6 +1007,7 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
                                                       min(a.request_timeout_s, max(left(), 1.0)), progress)
                         r = summarize(g, plen, outs, t0, t1, a, rate)
                         await g.drain(a.request_timeout_s)
+                        longest["cell"] = max(longest["cell"], time.perf_counter() - t0)
                         st = await g.stats()
                         # no stranded blocks: every prefill handle released, every pool back to all-free
                         r["held_handles_after"] = sum(int(x.get("held", 0)) for x in st)

@@ -153,3 +153,19 @@ def test_bench_serve_runtime_direct_dispatches_here():
     r = subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "bench", "serve", "--runtime=bogus"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode != 0 and "'bogus' is not one of dynamo, direct" in r.stderr, r.stderr[-1500:]
+
+
+def test_deadline_skips_cells_instead_of_failing_them(tmp_path):
+    """--deadline-s shorter than a graph's start-up: no cell starts, the skips are recorded, nothing fails."""
+    stem = tmp_path / "sd"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_direct.py"), "--graphs", "agg:1,disagg:1p1d",
+         "--prompt-lens", "32", "--requests", "2", "--output-len", "2", "--deadline-s", "0.5",
+         "--out", str(stem), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["results"] == [] and not data.get("failures")
+    assert [(x["graph"], x["cell"]) for x in data["skipped"]] == [("agg-1", "prompt 32"), ("disagg-1p1d", "all")]
+    assert "Skipped (deadline): agg-1 prompt 32, disagg-1p1d all." in r.stdout
