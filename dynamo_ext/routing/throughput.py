@@ -137,12 +137,14 @@ class RateEwma(_Decaying):
     def measured(self) -> float | None:
         return self._tokens / self._seconds if self.samples else None
 
-    def value(self, now: float) -> float:
-        """Tokens/s at ``now``: measured, blended toward the prior in seconds per token when stale."""
+    def value(self, now: float, prior: float | None = None) -> float:
+        """Tokens/s at ``now``: measured, blended toward the prior in seconds per token when stale
+        (``prior`` overrides the fixed one, e.g. one derived from other workers' measurements)."""
+        prior = self.prior if prior is None or not prior > 0 else prior
         w = self.weight(now)
         if w == 0.0:
-            return self.prior
-        spt = w * (self._seconds / self._tokens) + (1.0 - w) / self.prior
+            return prior
+        spt = w * (self._seconds / self._tokens) + (1.0 - w) / prior
         return 1.0 / spt
 
 
@@ -224,10 +226,21 @@ class WorkerMeter:
         """Measured prefill throughput of a prefill worker (prior until measured)."""
         return self._rate(self._prefill, w, self.priors.prefill_tokens_per_s).value(now)
 
+    def fleet_prefill_tokens_per_s(self, now: float) -> float:
+        """Mean measured prefill throughput of the prefill workers with samples (the prior without any)."""
+        got = [e.value(now) for e in self._prefill.values() if e.samples]
+        return sum(got) / len(got) if got else self.priors.prefill_tokens_per_s
+
     def local_prefill_tokens_per_s(self, d: int, now: float, *, with_interference: bool = True) -> float:
         """Decode worker ``d``'s measured local prefill throughput, divided by
-        ``1 + interference_weight * running(d)`` (the slowdown charged for its stalled streams)."""
-        thr = self._rate(self._local, d, self.priors.prefill_tokens_per_s * self.priors.local_prefill_factor).value(now)
+        ``1 + interference_weight * running(d)`` (the slowdown charged for its stalled streams).
+
+        Until ``d`` has its own samples (and as they go stale) its prior is the prefill workers' measured
+        throughput x ``local_prefill_factor`` (same engine and model), so a wrong fixed prior cannot keep
+        local prefills from ever being chosen, and so from ever being measured."""
+        prior = self.fleet_prefill_tokens_per_s(now) * self.priors.local_prefill_factor
+        thr = self._rate(self._local, d, self.priors.prefill_tokens_per_s * self.priors.local_prefill_factor
+                         ).value(now, prior)
         if with_interference:
             thr /= 1.0 + self.interference_weight * self._running.get(d, 0)
         return thr

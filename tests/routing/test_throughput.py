@@ -133,6 +133,22 @@ def test_measured_throughput_changes_the_decision():
     assert measured.runner_up.terms.prefill_s == pytest.approx(256 / (1250 / 5))
 
 
+def test_local_prior_follows_the_measured_prefill_workers():
+    """A decode worker never chosen for a local prefill has no samples of its own: its prior follows what
+    the prefill workers measure (x local_prefill_factor), not the fixed prior."""
+    m = WorkerMeter(Priors.for_layers(16), alpha=1.0)  # fixed local prior: 2,500 x 0.5
+    assert m.local_prefill_tokens_per_s(7, now=0.0) == pytest.approx(1250.0)
+    m.planned("a", 1, 9000, local=False, now=0.0)
+    m.prefill_done("a", now=1.0)  # prefill worker 1: 9,000 tok/s
+    m.planned("b", 2, 5000, local=False, now=0.0)
+    m.prefill_done("b", now=1.0)  # prefill worker 2: 5,000 tok/s
+    assert m.fleet_prefill_tokens_per_s(now=1.0) == pytest.approx(7000.0)
+    assert m.local_prefill_tokens_per_s(7, now=1.0) == pytest.approx(3500.0)
+    m.planned("c", 7, 1000, local=True, now=1.0)
+    m.decode_chunk("c", 7, now=2.0, n_tokens=1)  # its own sample wins once it has one
+    assert m.local_prefill_tokens_per_s(7, now=2.0) == pytest.approx(1000.0 / 1.5)  # 1 running stream
+
+
 def test_backlog_is_the_local_work_planned_on_a_decode_worker():
     m = WorkerMeter(Priors(prefill_tokens_per_s=2000.0, local_prefill_factor=0.5))
     assert m.backlog_s(7, now=0.0) == 0.0
