@@ -28,6 +28,7 @@ Protocol (one JSON object per line; every line is validated with msgspec, nothin
     {"op":"stats"}                                 -> {"ev":"stats", steps, prefills, free_blocks, ...}
     {"op":"shutdown"}                              process exits 0
     any failure of one request                     -> {"ev":"error", rid, error}
+    a fatal CUDA error (poisoned context)          -> that error line, then the process exits with code 3
 
 stdin EOF (the coordinator died) ends the worker too. Logs go to stderr.
 """
@@ -203,6 +204,16 @@ class DirectWorker:
         model.weights.clear()  # the engine's model holds its own (fused) copies
         self.runner = EngineRunner(self.engine, self.pool)
         self.vocab = model.config.vocab_size
+        step = self.engine.step
+
+        def guarded_step() -> Any:  # the runner logs step errors and retries: a dead GPU context must end us
+            try:
+                return step()
+            except Exception as e:
+                exit_if_fatal(e, "engine step")
+                raise
+
+        self.engine.step = guarded_step  # type: ignore[method-assign]
 
     async def start_transport(self) -> None:
         from dynamo_ext.transport import KvPool, make_backend  # noqa: PLC0415
@@ -318,6 +329,7 @@ class DirectWorker:
         except Exception as e:  # noqa: BLE001 - reported per request, the worker keeps serving
             log.warning("%s %s failed: %s: %s", type(c).__name__, rid, type(e).__name__, e)
             await self.emit("error", rid=rid, op=type(c).__name__.lower(), error=f"{type(e).__name__}: {e}")
+            exit_if_fatal(e, f"{type(c).__name__} {rid}")
 
     async def main(self) -> int:
         t0 = time.perf_counter()
@@ -358,6 +370,27 @@ class DirectWorker:
         except Exception:  # noqa: BLE001
             pass
         return 0
+
+
+FATAL_EXIT_CODE = 3
+
+
+def is_fatal_cuda(e: BaseException) -> bool:
+    """A CUDA error that poisons the process's context (illegal address, launch failure, ECC, ...): every
+    later kernel fails too. Out-of-memory is not fatal (the allocation failed, the context is intact)."""
+    if type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower():
+        return False
+    text = f"{type(e).__name__}: {e}"
+    return type(e).__name__ == "AcceleratorError" or "CUDA error" in text or "cudaError" in text
+
+
+def exit_if_fatal(e: BaseException, what: str) -> None:
+    """Exit at once (code 3) on a fatal CUDA error: the coordinator sees the death and fails this worker's
+    requests immediately instead of waiting for their timeouts on a worker that can no longer compute."""
+    if is_fatal_cuda(e):
+        log.critical("%s: fatal CUDA error, exiting with %d: %s", what, FATAL_EXIT_CODE, e)
+        sys.stderr.flush()
+        os._exit(FATAL_EXIT_CODE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,3 +169,16 @@ def test_deadline_skips_cells_instead_of_failing_them(tmp_path):
     assert data["results"] == [] and not data.get("failures")
     assert [(x["graph"], x["cell"]) for x in data["skipped"]] == [("agg-1", "prompt 32"), ("disagg-1p1d", "all")]
     assert "Skipped (deadline): agg-1 prompt 32, disagg-1p1d all." in r.stdout
+
+
+def test_only_context_poisoning_cuda_errors_end_a_worker():
+    spec = importlib.util.spec_from_file_location("direct_worker_under_test", ROOT / "benchmarks" / "direct_worker.py")
+    assert spec and spec.loader
+    w = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = w  # msgspec resolves the structs' annotations through the module
+    spec.loader.exec_module(w)
+    assert w.is_fatal_cuda(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert w.is_fatal_cuda(type("AcceleratorError", (RuntimeError,), {})("unspecified launch failure"))
+    assert not w.is_fatal_cuda(type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate"))
+    assert not w.is_fatal_cuda(ValueError("block 7 not held"))
+    w.exit_if_fatal(ValueError("block 7 not held"), "test")  # returns: not fatal
