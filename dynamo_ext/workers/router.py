@@ -20,7 +20,10 @@ Protocol of one request (who calls what, in what order)::
                                          stream of {token_ids} <--------------------------------  (NIXL READ,
                                                                                                     release, decode)
                                        the decode call fails before its first chunk -> once more on another
-                                       decode worker (without the handle); later -> one error chunk
+                                       decode worker (without the handle); after tokens were streamed (worker
+                                       died) -> re-run on another decode worker from prompt + streamed tokens,
+                                       max_tokens reduced, the same client stream goes on (greedy: the same
+                                       tokens); no other decode worker -> one error chunk naming the dead one
     chunks forwarded as they come
 
 Link feedback (policy dynamo-ext): a decode chunk may carry ``kv_transfer``, the decode worker's report of
@@ -338,6 +341,8 @@ class RouterWorker(WorkerProcess):
                 dreq["kv_handle"] = chunk["kv_handle"]
         first = True
         tried: set[int] = set()
+        emitted: list[int] = []  # tokens already streamed to the client (over every decode worker)
+        n_prompt = len(tokens)
         while True:
             tried.add(did)
             cur = did
@@ -354,18 +359,62 @@ class RouterWorker(WorkerProcess):
                         self.metrics.ttft.observe(time.monotonic() - t0)
                         first = False
                     sent = True
+                    if isinstance(d, dict):
+                        if emitted and isinstance(d.get("completion_usage"), dict):
+                            d = rerun_usage(d, n_prompt, len(emitted))
+                        emitted.extend(int(t) for t in d.get("token_ids") or ())
                     yield d
-                self.metrics.requests.labels("ok").inc()
+                self.metrics.requests.labels("recovered" if len(tried) > 1 and emitted else "ok").inc()
                 return
             except Exception as e:  # noqa: BLE001
                 others = [w for w in self.decode_client.instance_ids() if w not in tried]
-                if sent or not others:
+                if not others:
                     self.metrics.requests.labels("failed").inc()
-                    yield error_chunk(f"decode worker {did} failed: {e}", len(tokens))
+                    what = "died mid-stream" if emitted else "failed"
+                    yield error_chunk(f"decode worker {did} {what} ({e}) and no other decode worker is available",
+                                      n_prompt)
                     return
-                log.warning("decode on %d failed before its first token (%s): retrying on %d", did, e, others[0])
                 dreq.pop("kv_handle", None)
+                if emitted:
+                    # recovery: re-run on another decode worker from the prompt + the tokens already streamed
+                    # (a local prefill there); greedy requests go on with exactly the tokens they would have had
+                    rerun = rerun_request(request, tokens, emitted)
+                    if rerun is None:  # nothing left to generate: close the stream as the worker would have
+                        self.metrics.requests.labels("recovered").inc()
+                        yield {"token_ids": [], "finish_reason": "length",
+                               "completion_usage": {"prompt_tokens": n_prompt, "completion_tokens": len(emitted),
+                                                    "total_tokens": n_prompt + len(emitted)}}
+                        return
+                    log.warning("decode worker %d died after %d tokens (%s): re-running on %d from prompt + "
+                                "streamed tokens", did, len(emitted), e, others[0])
+                    dreq = rerun
+                else:
+                    log.warning("decode on %d failed before its first token (%s): retrying on %d", did, e, others[0])
                 did = others[0]
             finally:
                 self.inflight[cur] -= 1
                 self.meter.decode_done(rid)
+
+
+def rerun_request(request: dict[str, Any], prompt: list[int], emitted: list[int]) -> dict[str, Any] | None:
+    """The request that continues a stream on another worker: prompt + emitted tokens, max_tokens reduced by
+    what was emitted (None: nothing left). Sampling options are kept (greedy continues exactly)."""
+    out = dict(request)
+    out.pop("kv_handle", None)
+    out["token_ids"] = list(prompt) + list(emitted)
+    stop = dict(out.get("stop_conditions") or {})
+    mt = stop.get("max_tokens")
+    if isinstance(mt, int):
+        if mt - len(emitted) <= 0:
+            return None
+        stop["max_tokens"] = mt - len(emitted)
+    out["stop_conditions"] = stop
+    return out
+
+
+def rerun_usage(chunk: dict[str, Any], n_prompt: int, n_before: int) -> dict[str, Any]:
+    """The last chunk of a re-run reports usage for the client's request: its prompt, all tokens streamed."""
+    u = dict(chunk["completion_usage"])
+    comp = int(u.get("completion_tokens") or 0) + n_before
+    u.update(prompt_tokens=n_prompt, completion_tokens=comp, total_tokens=n_prompt + comp)
+    return {**chunk, "completion_usage": u}
