@@ -32,7 +32,8 @@ from dynamo_ext.transport.layout import KvLayout, MemoryOrder
 from .attention import PagedAttention, SeqSlice
 from .kv_pool import FreeListAllocator, PagedKvPool
 from .model import LlamaModel
-from .protocol import BlockAllocator, FinishReason, OutOfBlocks, PrefillResult, Request, RequestOutput, SamplingParams
+from .protocol import (BlockAllocator, DetachedRequest, FinishReason, OutOfBlocks, PrefillResult, Request, RequestOutput,
+                       SamplingParams)
 from .sampling import sample
 from .weights import LoadedModel
 
@@ -138,6 +139,20 @@ class LlmEngine:
 
     def release(self, block_ids: Sequence[int]) -> None:
         self._allocator.free(list(block_ids))
+
+    def detach(self, request_id: str) -> DetachedRequest | None:
+        """Take a request out of the scheduler with its KV blocks kept (the caller owns them): migration.
+        A waiting (preempted) request comes back with no blocks (its KV was dropped: recompute). None when
+        the request is not here (finished or unknown)."""
+        for q in (self.running, self.waiting):
+            for s in list(q):
+                if s.rid == request_id:
+                    q.remove(s)
+                    out = DetachedRequest(s.rid, list(s.tokens), s.num_prompt, list(s.output), list(s.blocks),
+                                          s.num_computed, s.req.sampling)
+                    s.blocks = []
+                    return out
+        return None
 
     def prefill_only(self, request: Request) -> PrefillResult:
         """Compute the prompt's KV into pool blocks now and sample the first token; the caller owns the blocks."""

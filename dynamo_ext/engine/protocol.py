@@ -33,7 +33,7 @@ from dynamo_ext.transport.layout import KvLayout
 if TYPE_CHECKING:  # torch is only needed by implementations
     import torch
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "migrated"]
 
 
 class OutOfBlocks(RuntimeError):
@@ -101,6 +101,25 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class DetachedRequest:
+    """A running request taken out of the engine with its KV kept (migration): ``blocks`` hold the KV of
+    ``tokens[:num_computed]`` (one reference each, handed to the caller); ``tokens`` = prompt + output.
+
+    To continue it elsewhere: copy the blocks' KV, then ``add_prefilled_request(Request(id,
+    tokens[:-1], sampling with max_tokens - len(output) + 1), blocks, first_token=tokens[-1])`` — the
+    new engine computes the KV of the last token and samples the next one, exactly as the old one would
+    have (greedy; seeded sampling restarts its step count)."""
+
+    request_id: str
+    tokens: list[int]
+    num_prompt: int
+    output: list[int]
+    blocks: list[int]
+    num_computed: int
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
 class PrefillResult:
     first_token: int
     block_ids: list[int]  # hold the KV of all prompt tokens, in order; caller owns one reference each
@@ -130,3 +149,5 @@ class Engine(Protocol):
     def add_prefilled_request(self, request: Request, block_ids: Sequence[int], first_token: int) -> None: ...
 
     def release(self, block_ids: Sequence[int]) -> None: ...
+
+    def detach(self, request_id: str) -> DetachedRequest | None: ...
