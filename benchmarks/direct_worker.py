@@ -25,6 +25,12 @@ Protocol (one JSON object per line; every line is validated with msgspec, nothin
     (engine's BlockPool events)                    -> {"ev":"kv","rid":"__kv__","events":[["stored"|"removed",
                                                        [chain keys]]...]}  (chain_keys(): the prefix index)
     {"op":"generate","rid","prompt","max_tokens"}  = decode without a handle (aggregated: local prefill + decode)
+    {"op":"export","rid"}                          migration out: runner.export (engine.detach) -> the request's
+                                                   "done" carries migrated=true; blocks held under rid;
+                                                   -> {"ev":"exported","rid":"<rid>#export", tokens, num_prompt,
+                                                       output, block_ids, num_computed, agent, pool}
+                                                   the target continues it with "decode" (prompt = tokens[:-1],
+                                                   handle.first_token = tokens[-1]); then "release" here
     {"op":"stats"}                                 -> {"ev":"stats", steps, prefills, free_blocks, ...}
     {"op":"shutdown"}                              process exits 0
     any failure of one request                     -> {"ev":"error", rid, error}
@@ -90,6 +96,13 @@ class Generate(msgspec.Struct, tag_field="op", tag="generate", forbid_unknown_fi
     max_tokens: int
 
 
+class Export(msgspec.Struct, tag_field="op", tag="export", forbid_unknown_fields=True):
+    """Migrate a running request out: its stream ends ("done" with migrated=true), its blocks are held under
+    rid for the target's pull (then "release"), and an "exported" event carries what the target needs."""
+
+    rid: str
+
+
 class Stats(msgspec.Struct, tag_field="op", tag="stats", forbid_unknown_fields=True):
     pass
 
@@ -98,7 +111,7 @@ class Shutdown(msgspec.Struct, tag_field="op", tag="shutdown", forbid_unknown_fi
     pass
 
 
-Command = Union[AddPeer, Prefill, Release, Decode, Generate, Stats, Shutdown]
+Command = Union[AddPeer, Prefill, Release, Decode, Generate, Export, Stats, Shutdown]
 COMMAND_DECODER = msgspec.json.Decoder(Command)
 
 #: the protocol's stdout: fd 1 is re-pointed to stderr in main() so that library prints (NIXL's log
@@ -300,9 +313,20 @@ class DirectWorker:
             extra = {"compute_s": compute_s, "cached_tokens": cached}
         await self.emit("first", rid=c.rid, **extra)
         tokens = [int(first)]
+        migrated = False
         async for o in self.runner.decode(req, blocks, first):
             tokens.extend(int(t) for t in o.new_token_ids)
-        await self.emit("done", rid=c.rid, tokens=tokens)
+            migrated = o.finish_reason == "migrated"
+        await self.emit("done", rid=c.rid, tokens=tokens, migrated=migrated)
+
+    async def do_export(self, c: Export) -> None:
+        st = await self.runner.export(c.rid)
+        if st is None:
+            raise KeyError(f"request {c.rid} is not running here (finished or unknown)")
+        self.held[c.rid] = list(st.blocks)
+        await self.emit("exported", rid=f"{c.rid}#export", tokens=st.tokens, num_prompt=st.num_prompt,
+                        output=st.output, block_ids=list(st.blocks), num_computed=st.num_computed,
+                        agent=self.backend.agent_name, pool=self.kv_pool.name)
 
     async def do_stats(self) -> None:
         ld = self.runner.load()
@@ -324,6 +348,8 @@ class DirectWorker:
                 from dynamo_ext.transport import PeerInfo  # noqa: PLC0415
 
                 self.backend.add_peer(PeerInfo.decode(base64.b64decode(c.info)))
+            elif isinstance(c, Export):
+                await self.do_export(c)
             elif isinstance(c, Stats):
                 await self.do_stats()
         except Exception as e:  # noqa: BLE001 - reported per request, the worker keeps serving

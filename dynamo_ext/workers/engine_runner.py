@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from dynamo_ext.engine.protocol import Engine, PrefillResult, Request, RequestOutput
+from dynamo_ext.engine.protocol import DetachedRequest, Engine, PrefillResult, Request, RequestOutput
 from dynamo_ext.kv.pool import BlockPool
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,18 @@ class EngineRunner:
     async def free(self, block_ids: Sequence[int]) -> None:
         await self.call(self.engine.allocator.free, list(block_ids))
         self._freed.set()
+
+    # -- migration --------------------------------------------------------------------------------
+    async def export(self, request_id: str) -> DetachedRequest | None:
+        """Take a running request out of the engine with its KV blocks kept (the caller owns them and
+        releases them with ``release``); its ``decode()`` stream ends with finish reason ``migrated``."""
+        st = await self.call(self.engine.detach, request_id)
+        if st is None:
+            return None
+        q = self._queues.get(request_id)
+        if q is not None:
+            q.put_nowait(RequestOutput(request_id, [], True, "migrated", st.num_prompt, len(st.output)))
+        return st
 
     # -- decode -----------------------------------------------------------------------------------
     async def decode(self, req: Request, block_ids: Sequence[int], first_token: int) -> AsyncIterator[RequestOutput]:
