@@ -45,6 +45,11 @@ from dynamo_ext.discovery import decode_record
 from dynamo_ext.kv.pool import OutOfBlocks as PoolOutOfBlocks
 from dynamo_ext.transport import PeerInfo, RemotePool, TransferError, transfer_kv_cache
 
+#: a draining decode worker hands its running requests to other decode workers (DYNAMO_EXT_MIGRATE_ON_DRAIN=0: off)
+MIGRATE_ON_DRAIN = os.environ.get("DYNAMO_EXT_MIGRATE_ON_DRAIN", "1") != "0"
+#: seconds a draining decode worker keeps serving its handed-over KV before the runtime shutdown
+MIGRATION_GRACE_S = float(os.environ.get("DYNAMO_EXT_MIGRATION_GRACE_S", "1.0"))
+
 from .engine_runner import NoRoom
 from .engine_worker import EngineWorker
 from .protocol import BadRequest, KvHandle, error_chunk, handle_of, parse_request
@@ -73,6 +78,11 @@ class DecodeWorker(EngineWorker):
         self.disaggregated = args.role == "decode"
         self.release_client: Any = None
         self.transfers = 0
+        #: requests streaming here (engine request id -> request), for migration on drain
+        self._active: dict[str, Request] = {}
+        #: requests exported by the drain (engine request id -> DetachedRequest), until their stream ends
+        self._exported: dict[str, Any] = {}
+        self._draining = False  # handing running requests over (before the runtime shutdown)
 
     async def setup(self) -> Any:
         from dynamo.llm import ModelInput, ModelType, WorkerType, register_model  # noqa: PLC0415
@@ -101,6 +111,77 @@ class DecodeWorker(EngineWorker):
     async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
         yield self.health()
 
+    # -- drain: hand running requests over (migration) --------------------------------------------
+    def request_stop(self) -> None:
+        """SIGTERM: with requests running and migration on, hand them over first, then stop as before. The
+        runtime shutdown comes after the hand-over grace: it closes this process's UCX listener (seen:
+        'connect ... refused' on the target's READ), so the targets must have pulled by then."""
+        if self.stopping or self._draining or not (self.disaggregated and MIGRATE_ON_DRAIN and self._active):
+            super().request_stop()  # a second signal during the hand-over stops at once
+            return
+        self._draining = True
+        self.spawn(self._drain_then_stop(), "migrate-out")
+
+    async def _drain_then_stop(self) -> None:
+        try:
+            if await self._migrate_out():
+                t_end = time.monotonic() + MIGRATION_GRACE_S
+                while self._exported and time.monotonic() < t_end:  # the migrate chunks go out
+                    await asyncio.sleep(0.01)
+                # the targets' READs are one-sided (not observable here): a bounded grace for them; a later
+                # READ fails and that target recomputes instead (same tokens, greedy)
+                await asyncio.sleep(max(0.0, t_end - time.monotonic()))
+        except Exception as e:  # noqa: BLE001
+            log.warning("drain hand-over failed (%s): stopping", e)
+        finally:
+            super().request_stop()
+
+    async def _migrate_out(self) -> int:
+        """Export every running request (engine.detach: the KV stays in our pool) when another decode worker
+        is serving; each stream then ends with a ``migrate`` chunk and the router continues it elsewhere
+        (plan_migrations: pull the KV, or recompute). Alone: the requests finish here, as before."""
+        assert self.runner is not None and self.store is not None
+        try:
+            prefix = worker_key(self.namespace, "backend", 0)[: -len("0")]
+            listing = await self.store.get_prefix(prefix)
+            others = [kv.key for kv in listing if not kv.key.endswith(f"/{self.instance_id}")]
+        except Exception as e:  # noqa: BLE001
+            log.warning("drain: cannot list decode workers (%s): requests finish here", e)
+            return 0
+        if not others:
+            log.info("drain: no other decode worker: %d running requests finish here", len(self._active))
+            return 0
+        n = 0
+        for rid in list(self._active):
+            st = await self.runner.export(rid)
+            if st is not None:
+                self._exported[rid] = st
+                n += 1
+        log.info("drain: %d running requests exported for migration (%d other decode workers)", n, len(others))
+        return n
+
+    async def _hand_over(self, rid: str) -> dict[str, Any]:
+        """The ``migrate`` chunk of an exported request: a KvHandle over its blocks (the KV of all tokens but
+        the last; first_token = the last), our PeerInfo (our record is gone while we drain), the tokens."""
+        import base64  # noqa: PLC0415
+
+        assert self.backend is not None and self.kv_pool is not None and self.engine is not None
+        st = self._exported.pop(rid)
+        deadline = time.time() + 2 * self.cfg.kv_transfer.timeout_ms / 1000.0
+        h = KvHandle(handle_id=rid, worker_id=self.instance_id, component="backend", agent=self.backend.agent_name,
+                     pool=self.kv_pool.name, block_ids=list(st.blocks), num_tokens=len(st.tokens) - 1,
+                     first_token=int(st.tokens[-1]), layout=self.engine.kv_layout.to_dict(), deadline=deadline)
+        self.spawn(self._free_after(st.blocks, deadline), f"free-{rid}")
+        return {"kv_handle": h.to_dict(), "tokens": [int(t) for t in st.tokens], "output_len": len(st.output),
+                "peer_info": base64.b64encode(self.backend.local_peer_info().encode()).decode()}
+
+    async def _free_after(self, blocks: list[int], deadline: float) -> None:
+        """A migrated request's blocks stay readable until the handle's deadline (the target's READ is
+        one-sided: we are not told when it finished), then are freed."""
+        assert self.runner is not None
+        await asyncio.sleep(max(0.0, deadline - time.time()))
+        await self.runner.release(blocks)
+
     # -- the KV pull --------------------------------------------------------------------------------
     async def _remote(self, h: KvHandle) -> RemotePool:
         be = self.backend
@@ -118,6 +199,8 @@ class DecodeWorker(EngineWorker):
         return RemotePool(h.agent, be.peer(h.agent).pool(h.pool))
 
     async def _release(self, h: KvHandle, timeout: float = 2.0) -> bool:
+        if h.component == "backend":  # a draining decode worker's handle: it frees the blocks at the deadline
+            return time.time() <= h.deadline
         async def _call() -> bool:
             stream = await self.release_client.direct({"handle_id": h.handle_id}, h.worker_id)
             async for item in stream:
@@ -184,6 +267,9 @@ class DecodeWorker(EngineWorker):
             m.requests.labels("refused").inc()
             yield error_chunk("worker is shutting down")
             return
+        if self._draining:  # fail before the first chunk: the router sends the request to another decode worker
+            m.requests.labels("refused").inc()
+            raise RuntimeError("decode worker is draining (handing its requests over)")
         try:
             req = parse_request(request, _rid(context), vocab_size=self.vocab_size, max_model_len=self.max_model_len)
             handle = handle_of(request) if self.disaggregated else None
@@ -195,6 +281,16 @@ class DecodeWorker(EngineWorker):
         n_prompt = len(req.prompt_token_ids)
         blocks: list[int] | None = None
         first = 0
+        peer = request.get("kv_peer_info") if handle is not None and isinstance(request, dict) else None
+        if peer and self.backend is not None and not self.backend.has_peer(handle.agent):
+            try:  # a migration handle: the draining source's record is gone, its PeerInfo comes with it
+                import base64  # noqa: PLC0415
+
+                info = PeerInfo.decode(base64.b64decode(peer))
+                if info.agent_name == handle.agent:
+                    self.backend.add_peer(info)
+            except Exception as e:  # noqa: BLE001 - the pull then fails and we prefill locally
+                log.warning("kv_peer_info of %s unusable: %s", handle.agent, e)
         # our router asks for a report of the pull (link feedback, see router.py); Dynamo's frontend never does
         report: dict[str, Any] | None = None
         if handle is not None:
@@ -223,11 +319,28 @@ class DecodeWorker(EngineWorker):
         if report is not None and isinstance(request, dict) and request.get("report_kv_transfer"):
             first_chunk["kv_transfer"] = report
         yield first_chunk
+        self._active[req.request_id] = req
+        try:
+            async for chunk in self._stream(req, blocks, first, context, n_prompt, t_first):
+                yield chunk
+        finally:
+            self._active.pop(req.request_id, None)
+
+    async def _stream(self, req: Request, blocks: list[int], first: int, context: Any, n_prompt: int,
+                      t_first: float) -> AsyncIterator[dict[str, Any]]:
+        assert self.runner is not None and self.metrics is not None
+        m = self.metrics
         n_out = 1
         t_last = t_first
         async for o in self.runner.decode(req, blocks, first):
             if context is not None and hasattr(context, "is_stopped") and context.is_stopped():
                 m.requests.labels("cancelled").inc()
+                return
+            if o.finish_reason == "migrated":  # exported by the drain: hand it over, the router continues it
+                if o.new_token_ids:
+                    yield {"token_ids": list(o.new_token_ids)}
+                m.requests.labels("migrated").inc()
+                yield {"token_ids": [], "migrate": await self._hand_over(req.request_id)}
                 return
             n_out += len(o.new_token_ids)
             out: dict[str, Any] = {"token_ids": list(o.new_token_ids)}

@@ -59,7 +59,7 @@ from dynamo_ext.engine.config import ModelConfig
 from dynamo_ext.kv.indexer import KvEventIndexer, kv_events_subject
 from dynamo_ext.metrics import make_worker_metrics
 from dynamo_ext.routing import LinkEstimator, LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
-from dynamo_ext.routing import WorkerSnapshot
+from dynamo_ext.routing import Move, Recompute, RunningRequest, WorkerSnapshot, plan_migrations
 from dynamo_ext.routing.throughput import Priors, WorkerMeter
 from dynamo_ext.topology import Endpoint, NodeTopology, select_transport
 
@@ -292,6 +292,47 @@ class RouterWorker(WorkerProcess):
                                  overlap_blocks=scores.get(d, 0), node=self._node(rec["d", d])) for d in decodes]
         return snaps
 
+    # -- migration (a draining decode worker hands its running requests over) ----------------------
+    def _migration_target(self, request: dict[str, Any], prompt: list[int], emitted: list[int], mig: dict[str, Any],
+                          source: int, tried: set[int]) -> tuple[int, dict[str, Any] | None, str] | None:
+        """(target decode worker, its request (None: nothing left to generate), "move" | "recompute") for a
+        request the draining ``source`` exported, by ``routing.plan_migrations(reason=drain)``: Move (the
+        target pulls the KV) only when the transfer is faster than recomputing and the target has room;
+        else Recompute (the target prefills prompt + streamed tokens). None: no other decode worker."""
+        others = sorted(w for w in self.decode_client.instance_ids() if w != source and w not in tried)
+        if not others:
+            return None
+        toks = [int(t) for t in mig["tokens"]]
+        h = mig["kv_handle"]
+        nblocks = self.cfg.workers.decode.num_kv_blocks if self.cfg.workers.decode else 1024
+        per = max(len(h["block_ids"]), 1)
+        now = time.monotonic()
+        key = self._layout_key(self._record("backend", others[0]))
+        snaps = [WorkerSnapshot(worker_id=d, role="decode", prefill_tokens_per_s=self.meter.local_prefill_tokens_per_s(d, now),
+                                layout_key=key, free_blocks=max(nblocks - self.inflight[d] * per, 0),
+                                active_blocks=min(self.inflight[d] * per, nblocks), node="local")
+                 for d in others + [source]]
+        running = RunningRequest(request_id=str(h["handle_id"]), worker_id=source, tokens=len(toks),
+                                 blocks=len(h["block_ids"]), kv_bytes=len(h["block_ids"]) * self.block_size * self.kv_bytes_per_token,
+                                 layout_key=key)
+        links = LinkTable({(source, d): self._expected_decode_link() for d in others}, default=LINK)
+        try:
+            plan = plan_migrations(snaps, [running], links, reason="drain", source_ids=[source])
+        except Exception as e:  # noqa: BLE001 - a planning problem must not lose the request: recompute
+            log.warning("plan_migrations failed (%s): recompute", e)
+            plan = []
+        act = plan[0] if plan else None
+        if isinstance(act, Move):
+            self.decisions["migrate_move"] += 1
+            return act.target_id, migration_request(request, mig), "move"
+        self.decisions["migrate_recompute"] += 1
+        target = act.target_id if isinstance(act, Recompute) else others[0]
+        return target, rerun_request(request, prompt, emitted), "recompute"
+
+    def _expected_decode_link(self) -> LinkInfo:
+        """Decode -> decode on this node: the same expectation as a prefill -> decode pair (host memory here)."""
+        return next(iter(self._links.values()), LINK)
+
     # -- generate -----------------------------------------------------------------------------------
     async def _prefill(self, request: dict[str, Any], pid: int) -> dict[str, Any] | None:
         timeout = self.cfg.kv_transfer.timeout_ms / 1000.0 + 30.0
@@ -343,57 +384,122 @@ class RouterWorker(WorkerProcess):
         tried: set[int] = set()
         emitted: list[int] = []  # tokens already streamed to the client (over every decode worker)
         n_prompt = len(tokens)
+        offset = 0  # completion tokens the current worker's usage does not count (streamed before a switch)
+        skip_first = False  # a migration target repeats the last streamed token first: drop it
+        migrated = False
         while True:
             tried.add(did)
             cur = did
             self.inflight[cur] += 1
             sent = False
+            moved: dict[str, Any] | None = None
             try:
                 async for item in await self.decode_client.direct(dreq, did):
                     d = item.data()
+                    if isinstance(d, dict) and "migrate" in d:  # the worker is draining: continue elsewhere
+                        moved = d["migrate"]
+                        break
                     if isinstance(d, dict):  # measured local prefill / decode step (routing.throughput)
                         self.meter.decode_chunk(rid, cur, time.monotonic(), len(d.get("token_ids") or ()))
                     if isinstance(d, dict) and "kv_transfer" in d:
-                        d = self.feedback.observe(d, pid if "kv_handle" in dreq else None, did, time.monotonic())
+                        d = self.feedback.observe(d, pid if "kv_handle" in dreq and not migrated else None, did,
+                                                  time.monotonic())
                     if first:
                         self.metrics.ttft.observe(time.monotonic() - t0)
                         first = False
                     sent = True
                     if isinstance(d, dict):
-                        if emitted and isinstance(d.get("completion_usage"), dict):
-                            d = rerun_usage(d, n_prompt, len(emitted))
+                        if skip_first and d.get("token_ids"):
+                            d = {**d, "token_ids": list(d["token_ids"])[1:]}
+                            skip_first = False
+                        if offset and isinstance(d.get("completion_usage"), dict):
+                            d = rerun_usage(d, n_prompt, offset)
                         emitted.extend(int(t) for t in d.get("token_ids") or ())
                     yield d
-                self.metrics.requests.labels("recovered" if len(tried) > 1 and emitted else "ok").inc()
-                return
-            except Exception as e:  # noqa: BLE001
-                others = [w for w in self.decode_client.instance_ids() if w not in tried]
-                if not others:
-                    self.metrics.requests.labels("failed").inc()
-                    what = "died mid-stream" if emitted else "failed"
-                    yield error_chunk(f"decode worker {did} {what} ({e}) and no other decode worker is available",
-                                      n_prompt)
+                if moved is None:
+                    self.metrics.requests.labels("recovered" if len(tried) > 1 and emitted else "ok").inc()
                     return
-                dreq.pop("kv_handle", None)
-                if emitted:
-                    # recovery: re-run on another decode worker from the prompt + the tokens already streamed
-                    # (a local prefill there); greedy requests go on with exactly the tokens they would have had
-                    rerun = rerun_request(request, tokens, emitted)
-                    if rerun is None:  # nothing left to generate: close the stream as the worker would have
-                        self.metrics.requests.labels("recovered").inc()
-                        yield {"token_ids": [], "finish_reason": "length",
-                               "completion_usage": {"prompt_tokens": n_prompt, "completion_tokens": len(emitted),
-                                                    "total_tokens": n_prompt + len(emitted)}}
-                        return
-                    log.warning("decode worker %d died after %d tokens (%s): re-running on %d from prompt + "
-                                "streamed tokens", did, len(emitted), e, others[0])
-                    dreq = rerun
-                else:
-                    log.warning("decode on %d failed before its first token (%s): retrying on %d", did, e, others[0])
-                did = others[0]
+            except Exception as e:  # noqa: BLE001 - handled below, with the generic recovery
+                moved = None
+                err: Exception | None = e
+            else:
+                err = None
             finally:
                 self.inflight[cur] -= 1
                 self.meter.decode_done(rid)
+            if moved is not None:
+                full = [int(t) for t in moved.get("tokens") or ()]
+                seen = list(tokens) + emitted
+                if full[: len(seen)] == seen and len(full) > len(seen):  # tokens the worker produced before the
+                    missing = full[len(seen):]                           # export but had not streamed yet
+                    emitted.extend(missing)
+                    yield {"token_ids": missing}
+                target = self._migration_target(request, tokens, emitted, moved, cur, tried)
+                if target is not None and target[1] is None:  # nothing left to generate
+                    self.metrics.requests.labels("migrated").inc()
+                    yield {"token_ids": [], "finish_reason": "length",
+                           "completion_usage": {"prompt_tokens": n_prompt, "completion_tokens": len(emitted),
+                                                "total_tokens": n_prompt + len(emitted)}}
+                    return
+                if target is not None:
+                    did, nreq, how = target
+                    assert nreq is not None
+                    dreq = {**nreq, "report_kv_transfer": True}
+                    migrated = True
+                    if how == "move":  # the target pulls the KV and first repeats the last streamed token
+                        skip_first, offset = True, len(emitted) - 1
+                    else:
+                        skip_first, offset = False, len(emitted)
+                    log.info("request %s: decode worker %d drains after %d tokens: %s to %d", rid, cur, len(emitted),
+                             how, did)
+                    continue
+                err = RuntimeError(f"decode worker {cur} is draining and no other decode worker can take its requests")
+            e = err
+            others = [w for w in self.decode_client.instance_ids() if w not in tried]
+            if not others:
+                self.metrics.requests.labels("failed").inc()
+                what = "died mid-stream" if emitted else "failed"
+                yield error_chunk(f"decode worker {did} {what} ({e}) and no other decode worker is available",
+                                  n_prompt)
+                return
+            dreq.pop("kv_handle", None)
+            if emitted:
+                # recovery: re-run on another decode worker from the prompt + the tokens already streamed
+                # (a local prefill there); greedy requests go on with exactly the tokens they would have had
+                rerun = rerun_request(request, tokens, emitted)
+                if rerun is None:  # nothing left to generate: close the stream as the worker would have
+                    self.metrics.requests.labels("recovered").inc()
+                    yield {"token_ids": [], "finish_reason": "length",
+                           "completion_usage": {"prompt_tokens": n_prompt, "completion_tokens": len(emitted),
+                                                "total_tokens": n_prompt + len(emitted)}}
+                    return
+                log.warning("decode worker %d died after %d tokens (%s): re-running on %d from prompt + "
+                            "streamed tokens", did, len(emitted), e, others[0])
+                dreq = rerun
+            else:
+                log.warning("decode on %d failed before its first token (%s): retrying on %d", did, e, others[0])
+            offset, skip_first = len(emitted), False
+            did = others[0]
+
+
+def migration_request(request: dict[str, Any], mig: dict[str, Any]) -> dict[str, Any] | None:
+    """The request a target decode worker continues a migrated stream with: the tokens whose KV the handle
+    holds (all but the last) as the prompt, the handle (its first_token = the last streamed token), the
+    source's peer info (its record is gone while it drains), max_tokens reduced (+1: the repeated token)."""
+    toks = [int(t) for t in mig["tokens"]]
+    out = {k: v for k, v in request.items() if k not in ("kv_handle", "prefill_result")}
+    out["token_ids"] = toks[:-1]
+    out["kv_handle"] = dict(mig["kv_handle"])
+    out["kv_peer_info"] = mig.get("peer_info")
+    stop = dict(out.get("stop_conditions") or {})
+    mt = stop.get("max_tokens")
+    if isinstance(mt, int):
+        left = mt - int(mig["output_len"])
+        if left <= 0:
+            return None
+        stop["max_tokens"] = left + 1
+    out["stop_conditions"] = stop
+    return out
 
 
 def rerun_request(request: dict[str, Any], prompt: list[int], emitted: list[int]) -> dict[str, Any] | None:

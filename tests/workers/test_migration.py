@@ -1,0 +1,77 @@
+"""A draining decode worker hands its running requests over (issue #6: migration executed through transport).
+
+Real processes: Dynamo's HTTP frontend, our router (round-robin), 1 prefill + 2 decode workers (tiny CPU model,
+KV by NIXL in host memory). Long greedy streams run on both decode workers; one of them gets SIGTERM (scale-down):
+it exports every running request (``engine.detach``: the KV stays in its pool), ends each stream with a
+``migrate`` chunk (KvHandle over the blocks + its PeerInfo + the tokens), and the router asks
+``routing.plan_migrations(reason=drain)``: Move -> the other decode worker pulls the blocks with one planned
+READ and continues. Asserted: every stream completes all its tokens, its text equals an uninterrupted greedy
+run of the same prompt, the survivor pulled the KV from the drained worker (its transfer log names it, bytes
+> 0), and the drained worker exits long before its streams would have ended.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+from conftest import Graph
+from test_decode_kill import Stream, _stream
+
+N_STREAMS = 4
+LONG = 1500
+
+
+def test_draining_decode_worker_migrates_its_streams(servers, model_dir, tmp_path):
+    etcd, nats = servers
+    g = Graph(etcd.url, nats.url, tmp_path, model_dir, namespace="migr")
+    try:
+        p = g.start("prefill", wait=False)
+        d0, d1 = g.start("decode", wait=False), g.start("decode", wait=False)
+        r = g.start("router", wait=False)
+        g.wait_ready([p, d0, d1, r])
+        base = g.frontend("round-robin")
+
+        streams = [Stream(f"stream {i} starts a very long greedy story about", LONG) for i in range(N_STREAMS)]
+        threads = [threading.Thread(target=_stream, args=(base, s), daemon=True) for s in streams]
+        for t in threads:
+            t.start()
+        t_end = time.monotonic() + 30
+        while not all(s.chunks > 5 or s.done for s in streams):
+            assert time.monotonic() < t_end, [(s.chunks, s.error) for s in streams]
+            time.sleep(0.05)
+        running = [d0.health()["running"], d1.health()["running"]]
+        assert min(running) > 0, running
+        t_term = time.monotonic()
+        d0.popen.send_signal(signal.SIGTERM)
+        rc = d0.popen.wait(30)
+        t_exit = time.monotonic() - t_term
+        for t in threads:
+            t.join(90)
+        summary = [(s.chunks, s.tokens, s.finish, s.error) for s in streams]
+        print(f"drained worker exited {t_exit:.2f} s after SIGTERM (rc {rc}); streams:", summary)
+        assert rc == 0
+        assert all(s.tokens == LONG and s.finish == "length" and not s.error for s in streams), summary
+
+        rlog = re.sub(r"\x1b\[[0-9;]*m", "", r.err_path.read_text(errors="replace"))
+        moves = re.findall(rf"decode worker {d0.instance_id} drains after (\d+) tokens: move to {d1.instance_id}", rlog)
+        assert len(moves) == running[0] and all(int(n) > 0 for n in moves), rlog[-3000:]
+        dlog = re.sub(r"\x1b\[[0-9;]*m", "", d1.err_path.read_text(errors="replace"))
+        pulls = re.findall(rf"kv transfer received: peer={d0.instance_id} .*?bytes=(\d+)", dlog)
+        assert len(pulls) == running[0] and all(int(b) > 0 for b in pulls), dlog[-3000:]
+        assert "prefilling locally" not in dlog  # every hand-over was a pull, no recompute fallback
+
+        # greedy: each handed-over stream goes on with exactly the tokens of an uninterrupted run
+        again = [Stream(s.prompt, LONG) for s in streams]
+        ths = [threading.Thread(target=_stream, args=(base, s), daemon=True) for s in again]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(90)
+        assert all(a.tokens == LONG and not a.error for a in again), [(a.tokens, a.error) for a in again]
+        diff = [i for i, (s, a) in enumerate(zip(streams, again)) if s.text != a.text]
+        assert not diff, f"streams {diff} differ from an uninterrupted greedy run"
+    finally:
+        g.stop()
