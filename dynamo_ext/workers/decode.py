@@ -22,6 +22,12 @@ Protocol of one ``generate`` request (who calls what, in what order)::
                                         4. yield {"token_ids": [first]}; add_prefilled_request; stream the
                                            engine's outputs; last chunk: finish_reason + completion_usage
     client gone (context stopped)       abort in the engine, blocks freed
+    SIGTERM with requests running       drain hand-over (README "Migration and recovery"): export each
+                                        (engine.detach), last chunk {"token_ids": [], "migrate": {kv_handle,
+                                        peer_info, tokens, output_len}}, pool readable for the grace, then
+                                        the runtime shutdown; a handle with component "backend" (another
+                                        decode worker's) is pulled like a prefill's, with kv_peer_info, and
+                                        not released (its owner frees it at the deadline)
 
 Registration: role ``agg`` registers the public model (Tokens, Chat|Completions, WorkerType.Aggregated).
 Role ``decode`` registers the public model as WorkerType.Decode only when ``router.policy == dynamo-kv``
