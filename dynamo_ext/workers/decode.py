@@ -89,6 +89,7 @@ class DecodeWorker(EngineWorker):
         #: requests exported by the drain (engine request id -> DetachedRequest), until their stream ends
         self._exported: dict[str, Any] = {}
         self._draining = False  # handing running requests over (before the runtime shutdown)
+        self._by_router: dict[str, str] = {}  # the router's request id -> engine request id (export endpoint)
 
     async def setup(self) -> Any:
         from dynamo.llm import ModelInput, ModelType, WorkerType, register_model  # noqa: PLC0415
@@ -111,8 +112,25 @@ class DecodeWorker(EngineWorker):
         self.instance_id = int(ep.connection_id())
         self.spawn(ep.serve_endpoint(self.generate), "serve-generate")
         self.spawn(health_ep.serve_endpoint(self.health_handler), "serve-health")
+        if self.disaggregated:  # the router's rebalancing asks for running requests by its own request id
+            self.spawn(self.endpoint("export").serve_endpoint(self.export_handler), "serve-export")
         await self.wait_serving(ep)
         return ep
+
+    async def export_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+        """``export`` endpoint: {"router_rids": [...]} -> those running requests are detached (KV kept); each
+        stream then ends with a ``migrate`` chunk, as on drain. Replies {"exported": [router rids]}."""
+        assert self.runner is not None
+        done: list[str] = []
+        for rr in (request.get("router_rids") or []) if isinstance(request, dict) else []:
+            rid = self._by_router.get(str(rr))
+            if rid is None or self._draining or self.stopping:
+                continue
+            st = await self.runner.export(rid)
+            if st is not None:
+                self._exported[rid] = st
+                done.append(str(rr))
+        yield {"exported": done}
 
     async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
         yield self.health()
@@ -326,11 +344,16 @@ class DecodeWorker(EngineWorker):
             first_chunk["kv_transfer"] = report
         yield first_chunk
         self._active[req.request_id] = req
+        router_rid = request.get("router_rid") if isinstance(request, dict) else None
+        if router_rid:
+            self._by_router[str(router_rid)] = req.request_id
         try:
             async for chunk in self._stream(req, blocks, first, context, n_prompt, t_first):
                 yield chunk
         finally:
             self._active.pop(req.request_id, None)
+            if router_rid:
+                self._by_router.pop(str(router_rid), None)
 
     async def _stream(self, req: Request, blocks: list[int], first: int, context: Any, n_prompt: int,
                       t_first: float) -> AsyncIterator[dict[str, Any]]:

@@ -48,6 +48,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -127,6 +128,10 @@ class RouterWorker(WorkerProcess):
         self._rr_p = itertools.count()
         self._rr_d = itertools.count()
         self.inflight: dict[int, int] = defaultdict(int)  # requests per worker
+        #: streams decoding now: router request id -> (decode worker, prompt + streamed tokens) (rebalancing)
+        self.running: dict[str, tuple[int, int]] = {}
+        #: rebalancing moves asked for and not yet handed over: router request id -> target decode worker
+        self._planned_moves: dict[str, int] = {}
         self.inflight_tokens: dict[int, int] = defaultdict(int)  # prompt tokens waiting for prefill per worker
         self.decisions: dict[str, int] = defaultdict(int)
         self.registry: WorkerRegistry | None = None
@@ -146,6 +151,9 @@ class RouterWorker(WorkerProcess):
         health_ep = self.endpoint("health")
         self.prefill_client = await self.endpoint("prefill", component="prefill").client()
         self.decode_client = await self.endpoint("generate", component="backend").client()
+        self.export_client = await self.endpoint("export", component="backend").client()
+        if REBALANCE_S > 0:
+            self.spawn(self._rebalance_loop(), "rebalance")
         self.metrics = make_worker_metrics("router", int(ep.connection_id()))
         if self.policy == "dynamo-ext":
             try:  # worker records: layouts, nodes and topologies for the link table
@@ -294,7 +302,7 @@ class RouterWorker(WorkerProcess):
 
     # -- migration (a draining decode worker hands its running requests over) ----------------------
     def _migration_target(self, request: dict[str, Any], prompt: list[int], emitted: list[int], mig: dict[str, Any],
-                          source: int, tried: set[int]) -> tuple[int, dict[str, Any] | None, str] | None:
+                          source: int, tried: set[int], rid: str = "") -> tuple[int, dict[str, Any] | None, str] | None:
         """(target decode worker, its request (None: nothing left to generate), "move" | "recompute") for a
         request the draining ``source`` exported, by ``routing.plan_migrations(reason=drain)``: Move (the
         target pulls the KV) only when the transfer is faster than recomputing and the target has room;
@@ -302,6 +310,10 @@ class RouterWorker(WorkerProcess):
         others = sorted(w for w in self.decode_client.instance_ids() if w != source and w not in tried)
         if not others:
             return None
+        planned = self._planned_moves.pop(rid, None)
+        if planned in others:  # a rebalancing Move: plan_migrations(imbalance) chose the target already
+            self.decisions["rebalance_move"] += 1
+            return planned, migration_request(request, mig), "rebalance"
         toks = [int(t) for t in mig["tokens"]]
         h = mig["kv_handle"]
         nblocks = self.cfg.workers.decode.num_kv_blocks if self.cfg.workers.decode else 1024
@@ -328,6 +340,58 @@ class RouterWorker(WorkerProcess):
         self.decisions["migrate_recompute"] += 1
         target = act.target_id if isinstance(act, Recompute) else others[0]
         return target, rerun_request(request, prompt, emitted), "recompute"
+
+    async def _rebalance_loop(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(REBALANCE_S)
+            try:
+                await self._rebalance_once()
+            except Exception as e:  # noqa: BLE001 - rebalancing is an optimisation: never fatal
+                log.warning("rebalance failed: %s", e)
+
+    async def _rebalance_once(self) -> int:
+        """``routing.plan_migrations(reason=imbalance)`` over the streams this router sees; each Move is asked
+        of its source decode worker (``export`` endpoint); the stream's migrate chunk then goes to the planned
+        target (the generate loop), which pulls the KV. Returns the number of requests exported."""
+        decodes = sorted(self.decode_client.instance_ids())
+        if len(decodes) < 2 or not self.running:
+            return 0
+        bs = self.block_size
+        nblocks = self.cfg.workers.decode.num_kv_blocks if self.cfg.workers.decode else 1024
+        reqs = []
+        for r, (d, n) in list(self.running.items()):
+            if d in decodes and r not in self._planned_moves:
+                nb = -(-n // bs)
+                reqs.append(RunningRequest(request_id=r, worker_id=d, tokens=n, blocks=nb,
+                                           kv_bytes=nb * bs * self.kv_bytes_per_token, layout_key="model"))
+        active = {d: sum(x.blocks for x in reqs if x.worker_id == d) for d in decodes}
+        now = time.monotonic()
+        snaps = [WorkerSnapshot(worker_id=d, role="decode", prefill_tokens_per_s=self.meter.local_prefill_tokens_per_s(d, now),
+                                layout_key="model", active_blocks=min(active[d], nblocks),
+                                free_blocks=max(nblocks - active[d], 0), node="local") for d in decodes]
+        plan = plan_migrations(snaps, reqs, LinkTable({}, default=self._expected_decode_link()), reason="imbalance")
+        by_src: dict[int, list[str]] = defaultdict(list)
+        for act in plan:
+            if isinstance(act, Move):
+                self._planned_moves[act.request_id] = act.target_id
+                by_src[act.source_id].append(act.request_id)
+        n = 0
+        for src, rids in by_src.items():
+            data: dict[str, Any] = {}
+            try:
+                async for item in await asyncio.wait_for(self.export_client.direct({"router_rids": rids}, src), 5.0):
+                    data = item.data() if hasattr(item, "data") else item
+                    break
+            except Exception as e:  # noqa: BLE001
+                log.warning("rebalance: export on %d failed: %s", src, e)
+            got = set(data.get("exported") or ()) if isinstance(data, dict) else set()
+            for r in rids:
+                if r not in got:
+                    self._planned_moves.pop(r, None)
+            n += len(got)
+            if got:
+                log.info("rebalance: %d of %d planned requests exported by %d", len(got), len(rids), src)
+        return n
 
     def _expected_decode_link(self) -> LinkInfo:
         """Decode -> decode on this node: the same expectation as a prefill -> decode pair (host memory here)."""
@@ -361,6 +425,7 @@ class RouterWorker(WorkerProcess):
             return
         dreq = dict(request)
         dreq["report_kv_transfer"] = True  # the decode worker reports its pull (link feedback)
+        dreq["router_rid"] = rid  # the decode worker's export endpoint finds the request by it (rebalancing)
         if pid is not None:
             self.inflight[pid] += 1
             self.inflight_tokens[pid] += len(tokens)
@@ -415,6 +480,7 @@ class RouterWorker(WorkerProcess):
                         if offset and isinstance(d.get("completion_usage"), dict):
                             d = rerun_usage(d, n_prompt, offset)
                         emitted.extend(int(t) for t in d.get("token_ids") or ())
+                        self.running[rid] = (cur, n_prompt + len(emitted))
                     yield d
                 if moved is None:
                     self.metrics.requests.labels("recovered" if len(tried) > 1 and emitted else "ok").inc()
@@ -427,6 +493,7 @@ class RouterWorker(WorkerProcess):
             finally:
                 self.inflight[cur] -= 1
                 self.meter.decode_done(rid)
+                self.running.pop(rid, None)
             if moved is not None:
                 full = [int(t) for t in moved.get("tokens") or ()]
                 seen = list(tokens) + emitted
@@ -434,7 +501,7 @@ class RouterWorker(WorkerProcess):
                     missing = full[len(seen):]                           # export but had not streamed yet
                     emitted.extend(missing)
                     yield {"token_ids": missing}
-                target = self._migration_target(request, tokens, emitted, moved, cur, tried)
+                target = self._migration_target(request, tokens, emitted, moved, cur, tried, rid)
                 if target is not None and target[1] is None:  # nothing left to generate
                     self.metrics.requests.labels("migrated").inc()
                     yield {"token_ids": [], "finish_reason": "length",
@@ -450,8 +517,10 @@ class RouterWorker(WorkerProcess):
                         skip_first, offset = True, len(emitted) - 1
                     else:
                         skip_first, offset = False, len(emitted)
-                    log.info("request %s: decode worker %d drains after %d tokens: %s to %d", rid, cur, len(emitted),
-                             how, did)
+                    log.info("request %s: decode worker %d %s after %d tokens: %s to %d", rid, cur,
+                             "rebalances" if how == "rebalance" else "drains", len(emitted), how, did)
+                    if how == "rebalance":
+                        skip_first, offset = True, len(emitted) - 1
                     continue
                 err = RuntimeError(f"decode worker {cur} is draining and no other decode worker can take its requests")
             e = err
@@ -480,6 +549,17 @@ class RouterWorker(WorkerProcess):
                 log.warning("decode on %d failed before its first token (%s): retrying on %d", did, e, others[0])
             offset, skip_first = len(emitted), False
             did = others[0]
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+#: seconds between rebalancing rounds (routing.plan_migrations(imbalance)); 0 = off (the default)
+REBALANCE_S = _env_float("DYNAMO_EXT_REBALANCE_S", 0.0)
 
 
 def migration_request(request: dict[str, Any], mig: dict[str, Any]) -> dict[str, Any] | None:
