@@ -53,6 +53,7 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks._stats import pct  # noqa: E402,F401 - route.py imports it from here
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "dx/tiny"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired cats watch from the old red barn "
@@ -201,16 +202,6 @@ def run_load(base: str, reqs: list[Req], timeout: float, progress: Any = None) -
 
 
 # -- metrics --------------------------------------------------------------------------------------------------
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def scrape_kv(urls: list[str]) -> tuple[float, float, float]:

@@ -77,6 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks._machine import cpu_model  # noqa: E402
+from benchmarks._stats import pct  # noqa: E402
 from benchmarks.direct_worker import chain_keys  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -579,16 +580,6 @@ async def run_load(g: Graph, prompts: list[list[int]], out_len: int, concurrency
 
         await asyncio.gather(*(lane() for _ in range(max(1, concurrency))))
     return outs, t_start, time.perf_counter()
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def block_bytes_of(g: Graph) -> int | None:
