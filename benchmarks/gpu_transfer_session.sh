@@ -68,8 +68,8 @@ PYEOF
 if [ "$DRY" = 1 ]; then
   # CPU: sweep configs validated, NCCL rows through gloo (two processes), bench host->host at 64 MiB,
   # topology --probe (host pair), summary over what was written
-  stage A-dry 60 "$PY" benchmarks/transfer.py --dry-run "$OUT"
-  stage B-dry 90 "$PY" benchmarks/transfer.py --size 64MiB --paths 'host->host' --reps 1 \
+  stage A-dry 60 "$PY" -m dynamo_ext.bench.transfer --dry-run "$OUT"
+  stage B-dry 90 "$PY" -m dynamo_ext.bench.transfer --size 64MiB --paths 'host->host' --reps 1 \
       --methods planned,raw-single,copy --json "$OUT/transfer-cpu-dry.json"
   stage C-dry 60 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json --probe-bytes $((16<<20)) > \"$OUT/topology-probe.json\""
   FILES="$OUT/dry-run.json $OUT/transfer-cpu-dry.json"
@@ -78,9 +78,9 @@ else
   # ~10-18 s per process. Now: sweeps verify with GPU-side fingerprints, B keeps the rows not measured
   # elsewhere (B's rows are sha256-verified).
   # two processes: a kernel fault in one sweep (e.g. a P2P kernel) cannot poison the other's CUDA context
-  stage A1-same 55 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU0' --timeline --trace "$OUT/same-gpu-trace.json" \
+  stage A1-same 55 "$PY" -m dynamo_ext.bench.transfer --sweep 'GPU0->GPU0' --timeline --trace "$OUT/same-gpu-trace.json" \
       --reps 3 --json "$OUT/transfer-sweep-same-gpu.json"
-  stage A2-cross 50 "$PY" benchmarks/transfer.py --sweep 'GPU0->GPU1' --reps 3 --json "$OUT/transfer-sweep-cross-gpu.json" \
+  stage A2-cross 50 "$PY" -m dynamo_ext.bench.transfer --sweep 'GPU0->GPU1' --reps 3 --json "$OUT/transfer-sweep-cross-gpu.json" \
       --profile-cross "$OUT/cross-gpu-trace.json"
   # B: GPU0->GPU1 first (the NCCL rows, with the NIXL single-descriptor and copy ceilings of the same run),
   # then the cuda-ipc rows of the same GPU and the owner's GPU->host zero-copy; NIXL naive/planned/staged
@@ -88,7 +88,7 @@ else
   # cuda-ipc-direct is measured in A2 (its own process): here a P2P fault could not poison later paths
   M="GPU0->GPU1:raw-single,GPU0->GPU1:copy,GPU0->GPU1:cuda-ipc,nccl-single,nccl-planned,GPU0->GPU0:cuda-ipc"
   M="$M,GPU0->GPU0:cuda-ipc-torch,owner-copy-zc"
-  stage B-bench 75 "$PY" benchmarks/transfer.py --paths 'GPU0->GPU1,GPU0->GPU0,GPU0->host' --reps 3 \
+  stage B-bench 75 "$PY" -m dynamo_ext.bench.transfer --paths 'GPU0->GPU1,GPU0->GPU0,GPU0->host' --reps 3 \
       --methods "$M" --json "$OUT/transfer-gpu-llama3-70b-1024MiB.json"
   cp -f "$OUT"/transfer-gpu-llama3-70b-1024MiB.* benchmarks/results/ 2>/dev/null
   stage C-probe 45 sh -c "\"$PY\" -m dynamo_ext.cli topology --probe --json > \"$OUT/topology-probe.json\""
@@ -107,4 +107,4 @@ print("topology --probe (measured vs expected GB/s):")
 for p in doc.get("pairs", []):
     print(f"  {p['a']:>5} -> {p['b']:<5} {p['kind']:<10} {p['backend']:<9} expect {p['expected_gbps']:>7g}  measured {p.get('measured')}")
 PYEOF
-timeout 10 "$PY" benchmarks/transfer.py --summarize $FILES
+timeout 10 "$PY" -m dynamo_ext.bench.transfer --summarize $FILES

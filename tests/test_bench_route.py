@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from benchmarks.route import wait_quiet  # noqa: E402
+from dynamo_ext.bench.route import wait_quiet
 
 KEYS = {"policy": str, "ttft_p50_s": float, "ttft_p99_s": float, "throughput_tok_s": float,
         "prefix_hit_rate": float, "kv_bytes_moved": int}

@@ -1,6 +1,6 @@
 """Migration of a running decode request between two worker processes, through the transport layer.
 
-Worker A (``benchmarks/direct_worker.py``: the product's EngineRunner + BlockPool + a pool registered once with
+Worker A (``dynamo_ext/bench/direct_worker.py``: the product's EngineRunner + BlockPool + a pool registered once with
 the transfer backend) decodes a greedy request; mid-stream it is exported (``EngineRunner.export`` ->
 ``engine.detach``: the KV blocks stay, A's stream ends ``migrated``); worker B pulls those blocks from A's pool
 with ONE planned ``transfer_kv_cache`` READ (cma here, cuda_ipc between GPUs), continues the request with
@@ -10,20 +10,11 @@ part) equals an uninterrupted run token for token, exactly the request's blocks 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+import importlib
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("serve_direct_migration", ROOT / "benchmarks" / "serve_direct.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dynamo_ext.bench.serve_direct")
 
 
 def test_running_request_migrates_between_processes_with_the_same_tokens(tmp_path):

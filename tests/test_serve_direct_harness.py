@@ -4,7 +4,7 @@ between two processes by the transport layer, the same code path the GPU run use
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -15,16 +15,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("serve_direct_under_test", ROOT / "benchmarks" / "serve_direct.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("dynamo_ext.bench.serve_direct")
 
 
 def test_serve_direct_cpu_end_to_end(tmp_path):
@@ -120,7 +113,7 @@ def test_sigterm_prints_the_partial_table_and_stops_the_workers(tmp_path):
     """A time limit's SIGTERM mid-run: exit 130 within the bound, partial table printed last, children gone."""
     stem = tmp_path / "sd"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "serve_direct.py"), "--graphs", "agg:1,disagg:1p1d",
+        [sys.executable, "-m", "dynamo_ext.bench.serve_direct", "--graphs", "agg:1,disagg:1p1d",
          "--prompt-lens", "32,48", "--requests", "40", "--concurrency", "2", "--output-len", "40",
          "--out", str(stem), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -159,7 +152,7 @@ def test_deadline_skips_cells_instead_of_failing_them(tmp_path):
     """--deadline-s shorter than a graph's start-up: no cell starts, the skips are recorded, nothing fails."""
     stem = tmp_path / "sd"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serve_direct.py"), "--graphs", "agg:1,disagg:1p1d",
+        [sys.executable, "-m", "dynamo_ext.bench.serve_direct", "--graphs", "agg:1,disagg:1p1d",
          "--prompt-lens", "32", "--requests", "2", "--output-len", "2", "--deadline-s", "0.5",
          "--out", str(stem), "--no-progress"],
         capture_output=True, text=True, timeout=120,
@@ -172,11 +165,7 @@ def test_deadline_skips_cells_instead_of_failing_them(tmp_path):
 
 
 def test_only_context_poisoning_cuda_errors_end_a_worker():
-    spec = importlib.util.spec_from_file_location("direct_worker_under_test", ROOT / "benchmarks" / "direct_worker.py")
-    assert spec and spec.loader
-    w = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = w  # msgspec resolves the structs' annotations through the module
-    spec.loader.exec_module(w)
+    w = importlib.import_module("dynamo_ext.bench.direct_worker")
     assert w.is_fatal_cuda(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert w.is_fatal_cuda(type("AcceleratorError", (RuntimeError,), {})("unspecified launch failure"))
     assert not w.is_fatal_cuda(type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate"))

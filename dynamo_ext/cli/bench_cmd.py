@@ -1,21 +1,22 @@
-"""``dynamo-ext bench NAME [ARGS...]``: run a benchmark from the repository's ``benchmarks/`` folder.
+"""``dynamo-ext bench NAME [ARGS...]``: run a benchmark of ``dynamo_ext.bench``.
 
     dynamo-ext bench transfer [--size 1GiB] [--layout llama3-70b] [--json FILE] [--paths ...] [--reps N]
     dynamo-ext bench engine   [--device cuda] [--preset llama3-70b-shape] [--layers 4] ...
     dynamo-ext bench routing  [...]          (decision latency at 16 / 256 / 1,024 workers)
+    dynamo-ext bench serve    [--graphs agg,disagg] [--rates ...]  (graphs through Dynamo's HTTP frontend)
     dynamo-ext bench serve-direct [--device cuda] [--graphs agg:4,disagg:2p2d] [--prompt-lens 512,2048,4096]
     dynamo-ext bench route    [--workloads shared-prefix,mixed] [--policies ...]  (routing policies end to end)
 
-The benchmarks live in ``benchmarks/<module>.py`` (results go to ``benchmarks/results/``), next to the
-package in a source checkout; ARGS are passed to the benchmark's own ``main(argv)`` (``--help`` there).
+Each benchmark is a module ``dynamo_ext.bench.<module>`` with ``main(argv)``; ARGS are passed to it
+(``--help`` there). It works from an installed wheel as from a source checkout. Results go to
+``dynamo_ext.bench.results_dir()``: ``$DYNAMO_EXT_RESULTS``, else the checkout's ``benchmarks/results/``,
+else ``./benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 BENCHMARKS = {
     "transfer": ("transfer", "KV transfer between two processes: naive / planned / staged / raw / copy"),
@@ -27,32 +28,14 @@ BENCHMARKS = {
 }
 
 
-def benchmarks_dir() -> Path | None:
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent / "benchmarks"
-        if (cand / "transfer.py").is_file():
-            return cand
-    return None
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (transfer, engine, routing)")
+    p = sub.add_parser("bench", help="run a benchmark (" + ", ".join(sorted(BENCHMARKS)) + ")")
     p.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME", help=", ".join(sorted(BENCHMARKS)))
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see NAME --help)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    root = benchmarks_dir()
-    if root is None:
-        print("dynamo-ext bench: benchmarks/ not found; run from a source checkout of dynamo_ext", file=sys.stderr)
-        return 3
     module_name, _ = BENCHMARKS[args.name]
-    path = root / f"{module_name}.py"
-    spec = importlib.util.spec_from_file_location(f"dynamo_ext_bench_{module_name}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"dynamo_ext.bench.{module_name}")
     return int(module.main(list(args.args)) or 0)

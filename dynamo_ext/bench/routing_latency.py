@@ -7,8 +7,8 @@ plus measured entries for 10% of prefill->decode pairs (0.3..60 GB/s, 1% unhealt
 512..32k tokens (all above the short-prompt rule, so every decision evaluates pairs: the slow path).
 Only the ``decide`` call is timed (time.perf_counter_ns), inputs are built beforehand; GC stays on.
 
-    .venv/bin/python benchmarks/routing_latency.py [--decisions 2000] [--sizes 16 256 1024] [--label NAME]
-    .venv/bin/python benchmarks/routing_latency.py --no-measure --merge other/routing_latency.json
+    .venv/bin/dynamo-ext bench routing [--decisions 2000] [--sizes 16 256 1024] [--label NAME]
+    .venv/bin/dynamo-ext bench routing --no-measure --merge other/routing_latency.json
 
 Writes benchmarks/results/routing_latency.{json,md,png}: one run per ``--label`` (a run with the same
 label is replaced), so numbers from several machines sit side by side. Each decision is timed by wall
@@ -27,11 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._machine import cpu_model  # noqa: E402
-from dynamo_ext.routing import (  # noqa: E402
+from dynamo_ext.bench import results_dir
+from dynamo_ext.bench._machine import cpu_model
+from dynamo_ext.routing import (
     LinkInfo,
     LinkTable,
     RequestShape,
@@ -42,7 +40,6 @@ from dynamo_ext.routing import (  # noqa: E402
     estimate_all,
 )
 
-RESULTS = ROOT / "benchmarks" / "results"
 KV_BYTES_PER_TOKEN = 131_072  # Llama-3-8B-shaped: 32 layers x 8 KV heads x 128 x K,V x bf16
 BLOCK = 16
 
@@ -184,7 +181,7 @@ def merge_runs(runs: list[dict], new: list[dict]) -> list[dict]:
 def write_json(results_dir: Path, runs: list[dict]) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "routing_latency", "target": "p99 <= 1000 us at 256 workers",
-               "script": "benchmarks/routing_latency.py", "runs": runs}
+               "script": "dynamo_ext/bench/routing_latency.py", "runs": runs}
     (results_dir / "routing_latency.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -192,7 +189,7 @@ def render(results_dir: Path, runs: list[dict]) -> None:
     lines = [
         "# routing decision latency (`dynamo_ext.routing.decide`)",
         "",
-        "Produced by `benchmarks/routing_latency.py` (raw numbers in `routing_latency.json`). Only the",
+        "Produced by `dynamo-ext bench routing` (raw numbers in `routing_latency.json`). Only the",
         "`decide()` call is timed; inputs are built beforehand; garbage collection stays on; single thread.",
         "",
         "Workload: workers 1:3 prefill:decode, 8 per node; random queues, throughputs, free blocks, admission",
@@ -273,14 +270,14 @@ def render(results_dir: Path, runs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench routing", description=__doc__.splitlines()[0])
     ap.add_argument("--decisions", type=int, default=2000)
     ap.add_argument("--sizes", type=int, nargs="+", default=[16, 256, 1024])
     ap.add_argument("--scenarios", type=int, default=40, help="distinct (request, workers, links) inputs per size")
     ap.add_argument("--brute", type=int, default=50, help="unpruned estimate_all runs per size (<=256 workers)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--label", default="dev box", help="name of this run in the results (same label: replaced)")
-    ap.add_argument("--results-dir", type=Path, default=RESULTS)
+    ap.add_argument("--results-dir", type=Path, default=results_dir())
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="routing_latency.json files whose runs are merged in (e.g. from another machine)")
     ap.add_argument("--no-measure", action="store_true", help="only merge and render")

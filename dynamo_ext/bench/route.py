@@ -1,10 +1,10 @@
 """Routing benchmark: round-robin vs Dynamo's KV router vs dynamo-ext, on the same disaggregated workers.
 
     dynamo-ext bench route                                  # tiny on CPU (committed results, ~3 min on 2 cores)
-    python benchmarks/route.py --workloads shared-prefix,mixed --policies round-robin,dynamo-kv,dynamo-ext \
+    dynamo-ext bench route --workloads shared-prefix,mixed --policies round-robin,dynamo-kv,dynamo-ext \
         --requests 40 --rate 8 --runs 3 --layers 16 --systems 8 --prefill-kv-blocks 400
 
-For each policy one graph is started (the helpers of tests/workers, as benchmarks/serve.py: etcd + NATS
+For each policy one graph is started (the helpers of tests/workers, as bench serve: etcd + NATS
 on loopback, --prefill-workers prefill and --decode-workers decode workers, NIXL in host memory):
 
   round-robin  frontend (round-robin) -> our router (policy round-robin) -> next prefill, next decode
@@ -43,7 +43,7 @@ JSON (route-cpu-<workload>.runs.json) keeps the raw counts; ``--from-runs`` re-r
 
 Quiet, reproducible runs (the lead's final numbers; the 2-core box is shared otherwise):
 
-    python benchmarks/route.py --quiet-load 1 --one-graph --runs 3 --requests 80   # ~25-40 min, 2 idle cores
+    dynamo-ext bench route --quiet-load 1 --one-graph --runs 3 --requests 80   # ~25-40 min, 2 idle cores
 
 ``--quiet-load X`` waits before every measured run until the 1-minute load average is below X (polling
 every 5 s, at most ``--quiet-timeout`` s; a run that starts without reaching it is marked ``quiet: false``);
@@ -77,10 +77,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.serve import (  # noqa: E402
-    MODEL, RESULTS, WORDS, Req, _helpers, machine, pct, run_load, scrape_kv)
+from dynamo_ext.bench import results_dir
+from dynamo_ext.bench.serve import (
+    MODEL, WORDS, Req, _helpers, machine, pct, run_load, scrape_kv)
 
 POLICIES = ("round-robin", "dynamo-kv", "dynamo-ext")
 WORKLOADS = ("shared-prefix", "mixed")
@@ -386,7 +385,7 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
                                                       "is not measured)") + ".", "",
              "Prefix hit rate = (full blocks prefilled on prefill workers - blocks they newly stored, from their KV "
              "events, + a lower bound for prefills on decode workers) / full prompt blocks of the completed requests "
-             "(benchmarks/route.py's docstring gives the formula and its limits). "
+             "(dynamo_ext/bench/route.py's docstring gives the formula and its limits). "
              "KV bytes moved = decode workers' `dynamo_ext_kv_transfer_bytes_total` over the run (a decode worker "
              "reads only the prompt blocks its own prefix cache lacks; blocks it reused instead: "
              + ", ".join(f"{r['policy']} run {r['run']}: {r.get('kv_blocks_reused_by_decode', '?')}"
@@ -466,7 +465,7 @@ def write_outputs(a: argparse.Namespace, wl: str, rows: list[dict], info: dict, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench route", description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--requests", type=int, default=40)
@@ -492,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--ready-timeout", type=float, default=120.0)
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=str(results_dir()))
     ap.add_argument("--tag", default="route-cpu", help="file stem prefix: <tag>-<workload>.{json,md,png}")
     ap.add_argument("--note", default=None)
     ap.add_argument("--no-plot", action="store_true")
@@ -540,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = work / "model" / "tiny"
         subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "model", "init", "--preset", "tiny", str(model_dir)]
                        + (["--layers", str(a.layers)] if a.layers else []),
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL)
         etcd.start()
         nats.start()
         def report(pol: Policy, wl: str, run: int, row: dict) -> None:

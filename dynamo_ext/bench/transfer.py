@@ -31,7 +31,7 @@ Protocol::
       -> JSON {"machine", "size_bytes", "layout", "results": [{path, method, gbps, descriptors, verified}]}
          + a markdown table and a PNG bar chart next to it (benchmarks/results/ by default)
 
-Runs without the Dynamo runtime (torch, CUDA and nixl only). CLI: ``python benchmarks/transfer.py
+Runs without the Dynamo runtime (torch, CUDA and nixl only). CLI: ``dynamo-ext bench transfer
 --size 1GiB --layout llama3-70b``.
 """
 
@@ -50,14 +50,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
+from dynamo_ext.bench import results_dir  # noqa: E402
 from dynamo_ext.transport import KvPool, RemotePool, plan_naive, plan_transfer, preset, transfer_kv_cache  # noqa: E402
 from dynamo_ext.transport.probe import PeerProcess, digest, fill_pool, pool_bytes, probe_layout  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination device); -1 = host memory
     "host->host": (-1, -1),
     "GPU0->GPU0": (0, 0),
@@ -756,7 +754,7 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
 
     if json_path is None:
         tag = "gpu" if _gpus() else "cpu"
-        json_path = RESULTS / f"transfer-{tag}-{layout_name}-{size_bytes >> 20}MiB.json"
+        json_path = results_dir() / f"transfer-{tag}-{layout_name}-{size_bytes >> 20}MiB.json"
 
     def result_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"machine": machine_string(), "size_bytes": int(bench.nbytes), "layout": layout_name, "reps": reps,
@@ -895,7 +893,7 @@ def summarize(files: Sequence[str | Path]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     global NCCL_SLICE_BYTES
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="dynamo-ext bench transfer", description=__doc__.split("\n")[0])
     p.add_argument("--size", default="1GiB")
     p.add_argument("--layout", default="llama3-70b")
     p.add_argument("--json", default=None)
@@ -931,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--sweep: unknown paths {bad}; allowed: {list(SWEEP)} or 'all'")
         if len(_gpus()) < 2:
             sp = [x for x in sp if PATHS[x][1] == 0]
-        out = a.json or str(RESULTS / f"transfer-sweep-{a.layout}-{parse_size(a.size) >> 20}MiB.json")
+        out = a.json or str(results_dir() / f"transfer-sweep-{a.layout}-{parse_size(a.size) >> 20}MiB.json")
         d = run_sweep(sp, parse_size(a.size), a.layout, a.reps, out, a.timeline, a.trace, a.profile_cross)
         print(summarize([out]), flush=True)
         return 0

@@ -1,6 +1,6 @@
 """One serving worker without the Dynamo runtime: engine + BlockPool + transport, driven over stdin/stdout.
 
-Used by ``benchmarks/serve_direct.py`` (``dynamo-ext bench serve-direct``) where the Dynamo runtime cannot be
+Used by ``dynamo_ext/bench/serve_direct.py`` (``dynamo-ext bench serve-direct``) where the Dynamo runtime cannot be
 carried (the GPU machine): the same layers as ``dynamo_ext/workers`` (``EngineRunner``, ``BlockPool``,
 ``transfer_kv_cache`` over a pool registered once) with the Dynamo request plane replaced by JSON lines.
 
@@ -48,14 +48,10 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Union
 
 import msgspec
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("dynamo_ext.direct_worker")
 

@@ -1,7 +1,7 @@
 """Serving benchmark: aggregated vs disaggregated graphs through Dynamo's OpenAI HTTP frontend.
 
     dynamo-ext bench serve                                   # tiny on CPU (committed results, ~2 min on 2 cores)
-    python benchmarks/serve.py --rates 2,4,8,16,32,64 --requests 40 --prompt-len 256 --prompt-len-jitter 0.25 \
+    dynamo-ext bench serve --rates 2,4,8,16,32,64 --requests 40 --prompt-len 256 --prompt-len-jitter 0.25 \
         --output-len 32 --graphs agg,disagg
 
 For each graph (real processes, the same helpers as tests/workers: etcd + NATS on loopback, workers via
@@ -50,11 +50,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks._machine import cpu_model  # noqa: E402
-from benchmarks._stats import pct  # noqa: E402,F401 - route.py imports it from here
-RESULTS = Path(__file__).resolve().parent / "results"
+from dynamo_ext.bench import results_dir
+from dynamo_ext.bench._machine import cpu_model
+from dynamo_ext.bench._stats import pct  # noqa: F401 - route.py imports it from here
+
+ROOT = Path(__file__).resolve().parents[2]  # source checkout: tests/workers/conftest.py (until step 3)
 MODEL = "dx/tiny"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired cats watch from the old red barn "
          "and nobody counts how many small grey birds sing in tall green trees near quiet water").split()
@@ -387,7 +387,7 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `--runtime direct`: the same agg vs disagg comparison without the Dynamo runtime (benchmarks/serve_direct.py)
+    # `--runtime direct`: the same agg vs disagg comparison without the Dynamo runtime (dynamo_ext/bench/serve_direct.py)
     rest = list(sys.argv[1:] if argv is None else argv)
     for i, x in enumerate(rest):
         if x == "--runtime" or x.startswith("--runtime="):
@@ -396,12 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--runtime: {val!r} is not one of dynamo, direct")
             rest = rest[:i] + rest[i + (1 if "=" in x else 2):]
             if val == "direct":
-                sys.path.insert(0, str(Path(__file__).resolve().parent))
-                import serve_direct  # noqa: PLC0415
+                from dynamo_ext.bench import serve_direct  # noqa: PLC0415
 
                 return serve_direct.main(rest)
             return main(rest)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench serve", description=__doc__.split("\n")[0])
     ap.add_argument("--graphs", default="agg,disagg")
     ap.add_argument("--rates", default="2,4,8,16,32,64", help="request rates (req/s), comma-separated")
     ap.add_argument("--requests", type=int, default=40, help="requests per rate")
@@ -420,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=60.0, help="per request (s)")
     ap.add_argument("--ready-timeout", type=float, default=120.0)
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=str(results_dir()))
     ap.add_argument("--tag", default=None, help="file name stem (default serve-cpu-<preset>)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--note", default=None, help="a paragraph added to the markdown (e.g. run-to-run noise seen)")
@@ -446,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_dir = work / "model" / a.preset
         subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "model", "init", "--preset", a.preset, str(model_dir)],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL)
         etcd.start()
         nats.start()
         total = len(graphs) * len(a.rates) * a.requests

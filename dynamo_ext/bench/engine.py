@@ -1,7 +1,7 @@
 """Reference engine benchmark: paged engine vs a dense-KV reference on the same weights and shapes.
 
-    python benchmarks/engine.py                                   # tiny on CPU (committed results)
-    python benchmarks/engine.py --device cuda --preset llama3-70b-shape --layers 4
+    dynamo-ext bench engine                                   # tiny on CPU (committed results)
+    dynamo-ext bench engine --device cuda --preset llama3-70b-shape --layers 4
 
 Measures, for the paged engine (``LlmEngine.step``: scheduling, block tables, paged attention,
 sampling) and for a dense reference (same ``LlamaModel``, contiguous per-layer K/V [B, Hkv, S, D],
@@ -28,15 +28,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dynamo_ext.bench import results_dir
+from dynamo_ext.bench._machine import cpu_model
+from dynamo_ext.engine.attention import DenseKvCache
+from dynamo_ext.engine.core import EngineConfig, LlmEngine
+from dynamo_ext.engine.protocol import Request, SamplingParams
+from dynamo_ext.engine.weights import load_model
 
-from benchmarks._machine import cpu_model  # noqa: E402
-from dynamo_ext.engine.attention import DenseKvCache  # noqa: E402
-from dynamo_ext.engine.core import EngineConfig, LlmEngine  # noqa: E402
-from dynamo_ext.engine.protocol import Request, SamplingParams  # noqa: E402
-from dynamo_ext.engine.weights import load_model  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine(device: str) -> dict:
@@ -247,7 +245,7 @@ def profile(b: Bench, dbatch: int, pbatch: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench engine", description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--model", default=None, help="a model directory instead of a preset")
@@ -261,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=str(results_dir()))
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step of each kind, then exit")
     ap.add_argument("--tag", default=None, help="file name stem (default engine-<device>-<preset>)")
     a = ap.parse_args(argv)

@@ -3,25 +3,25 @@
     dynamo-ext bench serve-direct                                    # CPU, tiny, 1P+1D vs 2 agg (~1 min)
     # 4x H200, closed loop (~2 min; the committed serve-direct-4xH200-llama3-70b-shape-8l.* ran
     # --graphs agg:4,disagg:2p2d,disagg:3p1d,disagg:1p3d --requests 128 --warmup 2; start-up 4-5 s per graph):
-    python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
+    python3 -m dynamo_ext.bench.serve_direct --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --requests 96 --concurrency 32 --output-len 64
     # low-load KV share of TTFT (issue #5 target, 4K prompts on NVLink): --concurrency 1 --requests 16
     # issue #5 "several request rates" (one ~600 s call; estimate ~200 s: start-up ~5 s per graph, cells
     # from the committed run's req/s; env on the GPU machine: PYTHONPATH=/tmp/site:$PWD):
-    python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
+    python3 -m dynamo_ext.bench.serve_direct --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --requests 96 --concurrency 32 \
         --rates closed,8,16,32 --output-len 64 --request-timeout-s 90 --startup-timeout-s 120 --deadline-s 540 \
         --out benchmarks/results/serve-direct-4xH200-llama3-70b-shape-8l-rates
     # (--deadline-s: no cell starts after 540 s; SIGTERM prints the partial table; JSON written after every cell)
     # smoke (~1 min): same graphs and prompt lengths, --quick (16 requests x 16 tokens per cell, warm-up 1)
-    python3 benchmarks/serve_direct.py --device cuda --preset llama3-70b-shape --layers 8 \
+    python3 -m dynamo_ext.bench.serve_direct --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --quick --out /tmp/serve-direct-quick
 
 Why: the Dynamo runtime (75 MB wheel) cannot be carried to the GPU machine together with NIXL, and issues
 #5 and #8 need the prefill -> KV transfer -> decode flow measured on GPUs. This harness runs exactly the
 layers the Dynamo workers run (``engine`` + ``kv.BlockPool`` + ``workers.engine_runner.EngineRunner`` +
 ``transport.transfer_kv_cache`` over a pool registered once + ``topology.select_transport``), one process
-per GPU (``benchmarks/direct_worker.py``, protocol in its docstring), with the Dynamo request plane
+per GPU (``dynamo_ext/bench/direct_worker.py``, protocol in its docstring), with the Dynamo request plane
 replaced by JSON lines on the workers' stdin/stdout. What it does not measure: Dynamo's frontend (HTTP,
 tokenization, detokenization) and request-plane latency; ``bench serve`` covers those on CPU.
 
@@ -73,15 +73,13 @@ from typing import Any
 
 import msgspec
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-from benchmarks._machine import cpu_model  # noqa: E402
-from benchmarks._stats import pct  # noqa: E402
-from benchmarks.direct_worker import chain_keys  # noqa: E402
+from dynamo_ext.bench import results_dir
+from dynamo_ext.bench._machine import cpu_model
+from dynamo_ext.bench._stats import pct
+from dynamo_ext.bench.direct_worker import chain_keys
 
-RESULTS = Path(__file__).resolve().parent / "results"
-WORKER = Path(__file__).resolve().parent / "direct_worker.py"
+ROOT = Path(__file__).resolve().parents[2]  # the directory holding dynamo_ext (the workers' PYTHONPATH)
+WORKER = "dynamo_ext.bench.direct_worker"
 
 
 POLICIES = ("least-loaded", "round-robin", "dynamo-ext")
@@ -154,7 +152,7 @@ class WorkerProc:
 
     def argv(self, num_blocks: int) -> list[str]:
         a = self.a
-        out = [sys.executable, str(WORKER), "--role", self.role, "--name", self.name, "--device", self.device,
+        out = [sys.executable, "-m", WORKER, "--role", self.role, "--name", self.name, "--device", self.device,
                "--preset", a.preset, "--num-blocks", str(num_blocks), "--block-size", str(a.block_size),
                "--backend", a.backend, "--transfer-timeout-s", str(a.transfer_timeout_s)]
         if a.layers:
@@ -702,7 +700,7 @@ def result_stem(a: argparse.Namespace, m: dict[str, Any]) -> Path:
     """--out, else benchmarks/results/serve-direct-<machine tag>-<preset>[-<layers>l]."""
     if a.out:
         return Path(a.out)
-    return RESULTS / (f"serve-direct-{machine_tag(m)}-{a.preset}" + (f"-{a.layers}l" if a.layers else ""))
+    return results_dir() / (f"serve-direct-{machine_tag(m)}-{a.preset}" + (f"-{a.layers}l" if a.layers else ""))
 
 
 def machine_line(m: dict[str, Any]) -> str:
@@ -823,7 +821,7 @@ def write(res: dict[str, Any], stem: Path) -> None:
 
 # -- main -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench serve-direct", description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--layers", type=int, default=None, help="model layers (default: the preset's)")
@@ -1034,7 +1032,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    argv_text = "python benchmarks/serve_direct.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    argv_text = "dynamo-ext bench serve-direct " + " ".join(argv if argv is not None else sys.argv[1:])
     # SIGTERM (a time limit) ends like Ctrl-C: the workers are shut down, the partial table is printed
     signal.signal(signal.SIGTERM, _interrupt)
     try:
