@@ -15,6 +15,9 @@ Protocol (who calls what, in what order)::
         req.cancel()                           # on deadline/cancel; idempotent; releases the request
     target (passive side), regularly:
         be.progress(); be.get_notifs()        # {peer_name: [notif bytes, ...]} in send order
+                                              # progress() runs the notification handlers that protocols
+                                              # layered on the backend registered (add_notif_handler:
+                                              # staged.py); get_notifs() never returns PROTOCOL_PREFIX messages
     shutdown:
         await be.close()
 
@@ -26,7 +29,7 @@ checks that every range lies inside its pool, so a backend never touches bytes o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -35,14 +38,25 @@ from .peer import PeerInfo
 from .pool import KvPool, PoolDescriptor
 
 Op = Literal["read", "write"]
-STAGED_PREFIX = b"\x00DX"  # protocol notifications of staged transfers (transfer.py)
-STAGED_REQUEST = STAGED_PREFIX + b"S"  # WRITE landed in your staging: scatter it
-STAGED_GATHER = STAGED_PREFIX + b"G"  # READ: gather these blocks into your staging
-STAGED_RELEASE = STAGED_PREFIX + b"R"  # READ done: your staging is free again
-STAGED_ACK = STAGED_PREFIX + b"A"
-STAGED_NACK = STAGED_PREFIX + b"E"
-_SERVED = (STAGED_REQUEST, STAGED_GATHER, STAGED_RELEASE)
+#: notifications that start with this are reserved for protocols layered on the backend (staged.py):
+#: progress() hands them to the registered handlers, get_notifs() never returns them
+PROTOCOL_PREFIX = b"\x00DX"
 Triple = tuple[int, int, int]
+
+
+NotifHandler = Callable[["TransferBackend"], int]
+_NOTIF_HANDLERS: list[tuple[tuple[bytes, ...], NotifHandler]] = []
+
+
+def add_notif_handler(prefixes: tuple[bytes, ...], handler: NotifHandler) -> None:
+    """Have every backend's ``progress()`` call ``handler(backend)`` whenever a buffered notification
+    starts with one of ``prefixes`` (each under PROTOCOL_PREFIX). Idempotent; staged.py registers the
+    staged-transfer protocol here when it is imported."""
+    prefixes = tuple(prefixes)
+    if not prefixes or not all(p.startswith(PROTOCOL_PREFIX) and p != PROTOCOL_PREFIX for p in prefixes):
+        raise ValueError(f"notification handler prefixes must extend PROTOCOL_PREFIX, got {prefixes!r}")
+    if (prefixes, handler) not in _NOTIF_HANDLERS:
+        _NOTIF_HANDLERS.append((prefixes, handler))
 
 
 def as_triples(descs: Any) -> np.ndarray:
@@ -80,7 +94,7 @@ class TransferBackend(ABC):
     name: str = "abstract"
     #: conservative GB/s used for deadlines when the caller gives no measured bandwidth
     default_gbps: float = 1.0
-    #: seconds transfer_kv_cache sleeps between polls after the first 2 ms (0 = keep yielding)
+    #: seconds a TransferHandle sleeps between polls after the first 2 ms (0 = keep yielding)
     poll_interval_s: float = 0.0005
 
     def __init__(self, agent_name: str) -> None:
@@ -90,7 +104,6 @@ class TransferBackend(ABC):
         self._staging: KvPool | None = None
         self._stagings: dict[tuple[str, int], KvPool] = {}
         self._notifs: dict[str, list[bytes]] = {}
-        self._staging_lease: tuple[str, bytes, float] | None = None  # (peer, id, since): staged READ in progress
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:  # noqa: B027 - optional hook
@@ -214,19 +227,19 @@ class TransferBackend(ABC):
 
     # -- notifications -----------------------------------------------------------------------------
     # Every backend buffers received notifications in self._notifs {peer: [msg, ...]}. Messages that
-    # start with STAGED_PREFIX are the staged-transfer protocol of transfer.py (scatter requests,
-    # acks); progress() serves them, get_notifs() never returns them.
+    # start with PROTOCOL_PREFIX belong to protocols layered on the backend (the staged transfers of
+    # staged.py: scatter requests, acks); progress() runs their handlers, get_notifs() never returns them.
     def _pull_notifs(self) -> None:  # noqa: B027
         """Move newly received notifications into self._notifs (NIXL polls its agent here)."""
 
     def progress(self) -> None:
-        """Drive a passive side: pull notifications and serve staged-transfer requests. Call it
-        regularly (every ~1 ms) on a side that receives WRITEs, or run ``serve()`` as a task."""
+        """Drive a passive side: pull notifications and run the registered protocol handlers (staged
+        transfers). Call it regularly (every ~1 ms) on a side that receives WRITEs, or run ``serve()``
+        as a task."""
         self._pull_notifs()
-        if any(m.startswith(_SERVED) for v in self._notifs.values() for m in v):
-            from .transfer import serve_staged_requests  # noqa: PLC0415
-
-            serve_staged_requests(self)
+        for prefixes, handler in _NOTIF_HANDLERS:
+            if any(m.startswith(prefixes) for v in self._notifs.values() for m in v):
+                handler(self)
 
     async def serve(self, interval_s: float = 0.001) -> None:
         import asyncio  # noqa: PLC0415
@@ -242,7 +255,7 @@ class TransferBackend(ABC):
         keep: dict[str, list[bytes]] = {}
         for peer, msgs in self._notifs.items():
             for m in msgs:
-                (keep if m.startswith(STAGED_PREFIX) else out).setdefault(peer, []).append(m)
+                (keep if m.startswith(PROTOCOL_PREFIX) else out).setdefault(peer, []).append(m)
         self._notifs = keep
         return out
 

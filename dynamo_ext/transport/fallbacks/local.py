@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import STAGED_PREFIX, STAGED_REQUEST, DoneRequest, Op, TransferBackend, XferRequest, as_triples
+from ..backend import PROTOCOL_PREFIX, DoneRequest, Op, TransferBackend, XferRequest, as_triples
 from ..errors import PeerUnreachable, UnregisteredMemory
 from ..peer import PeerInfo
 from ..pool import KvPool, MemoryKind, PoolDescriptor
@@ -94,8 +94,8 @@ class LocalBackend(TransferBackend):
             copy_ranges(local, rpool, descs)
             if notif:
                 _LOCAL[peer]._notifs.setdefault(self.agent_name, []).append(notif)
-                if notif.startswith(STAGED_REQUEST):
-                    _LOCAL[peer].progress()  # same process: serve the scatter right away
+                if notif.startswith(PROTOCOL_PREFIX):
+                    _LOCAL[peer].progress()  # same process: serve the (staged) scatter request right away
         else:
             copy_ranges(rpool, local, descs[:, [1, 0, 2]])
         return DoneRequest()
@@ -103,7 +103,7 @@ class LocalBackend(TransferBackend):
     def send_notif(self, peer: str, msg: bytes) -> None:
         self.peer(peer)
         _LOCAL[peer]._notifs.setdefault(self.agent_name, []).append(msg)
-        if msg.startswith(STAGED_PREFIX):
+        if msg.startswith(PROTOCOL_PREFIX):
             _LOCAL[peer].progress()  # same process: serve protocol messages right away
 
     def close_sync(self) -> None:
