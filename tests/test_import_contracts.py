@@ -50,3 +50,21 @@ def test_upward_import_is_caught(tmp_path):
     (tree / "dynamo_ext/transport/bad_up.py").write_text("import dynamo_ext.workers\n")
     r = _lint(tree)
     assert r.returncode != 0 and "layers import downward only" in r.stdout
+
+
+def test_transport_import_cycle_is_caught(tmp_path):
+    """A lazy import inside a function closes a cycle too (backend -> staged -> backend), and so does one
+    between two fallbacks."""
+    tree = _copy_tree(tmp_path)
+    backend = tree / "dynamo_ext/transport/backend.py"
+    backend.write_text(backend.read_text() + "\n\ndef _late():\n    from .staged import serve_staged_requests  # noqa: PLC0415\n")
+    r = _lint(tree)
+    assert r.returncode != 0 and "transport modules import each other without cycles" in r.stdout
+    assert "No cycles are allowed in dynamo_ext.transport." in r.stdout
+    assert ".backend -> .staged" in r.stdout or ".staged -> .backend" in r.stdout  # the import it would remove
+
+    tree2 = _copy_tree(tmp_path / "fallbacks")
+    (tree2 / "dynamo_ext/transport/fallbacks/bad_a.py").write_text("from . import bad_b\n")
+    (tree2 / "dynamo_ext/transport/fallbacks/bad_b.py").write_text("def f():\n    from .bad_a import x  # noqa: PLC0415\n")
+    r = _lint(tree2)
+    assert r.returncode != 0 and "No cycles are allowed in dynamo_ext.transport.fallbacks." in r.stdout

@@ -67,7 +67,7 @@ def bench_case(layout_name: str, size_bytes: int) -> tuple[Any, list[int], list[
 
 
 def _digest_chunks(pool_host: np.ndarray, layout: Any, blocks: Sequence[int] | None, nbytes: int) -> bytes:
-    from ..probe import digest  # noqa: PLC0415
+    from ..verify import digest  # noqa: PLC0415
 
     if blocks is None:
         return hashlib.sha256(memoryview(pool_host[:nbytes])).digest()
@@ -79,7 +79,7 @@ def _worker(a: argparse.Namespace) -> int:
     import torch.distributed as dist  # noqa: PLC0415
 
     from ..plan import plan_transfer  # noqa: PLC0415
-    from ..probe import pattern  # noqa: PLC0415
+    from ..verify import pattern  # noqa: PLC0415
     from ..rowcopy import rows_of  # noqa: PLC0415
     from ..staging import _as_rows  # noqa: PLC0415
 
