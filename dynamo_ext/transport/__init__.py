@@ -6,12 +6,28 @@ Public API (imports nothing of Dynamo; torch and nixl only lazily, when a backen
     plan_transfer, plan_naive             plan.py     descriptors for a transfer (pure)
     KvPool, PoolDescriptor, MemoryKind    pool.py     registered-once regions
     PeerInfo, MalformedPeerInfo           peer.py     what peers exchange (msgpack)
-    TransferBackend                       backend.py  NixlBackend | TcpBackend | LocalBackend
-    transfer_kv_cache, RemotePool,        transfer.py validate -> plan -> post -> poll with deadline
-    TransferHandle, TransferStats
+    TransferBackend, XferRequest          backend.py  the swappable interface: registration, peers, post,
+                                                      poll, notifications (NixlBackend | TcpBackend |
+                                                      CmaBackend | LocalBackend | CudaIpcBackend)
+    pull, push, copy, TransferOptions,    transfer.py validate -> plan -> post -> poll with deadline
+    RemotePool, TransferHandle,                       (READ, WRITE, same-process copy)
+    TransferStats, deadline_for
+    transfer_kv_cache                     transfer.py compatibility wrapper over pull/push/copy (to be removed)
+                                          staged.py   the staged-transfer protocol (gather -> 1 descriptor ->
+                                                      scatter, acks as notifications), served by be.progress()
     probe_pair                            probe.py    measured GB/s between two processes
     errors: TransferError, LayoutMismatch, PeerUnreachable, TransferTimeout, BackendError,
             InvalidBlocks, UnregisteredMemory
+
+Modules import downward only, lazy imports included (import-linter contract ``transport-acyclic``)::
+
+    probe                  -> transfer, the backends, verify
+    transfer               -> staged, fallbacks.local (copy_ranges), metrics, plan, backend
+    staged                 -> backend (registers its handler there), plan, staging
+    nixl_backend, file_tier, fallbacks/{tcp, cma, local, cuda_ipc} -> backend (+ rowcopy for local/cuda_ipc)
+    fallbacks/nccl         -> verify, rowcopy, staging, plan
+    backend                -> peer, pool, errors          (never transfer or staged)
+    rowcopy -> staging -> plan -> layout -> errors;  verify -> pool, layout;  peer -> pool -> layout
 """
 
 from __future__ import annotations
@@ -31,7 +47,17 @@ from .layout import KvLayout, MemoryOrder, preset
 from .peer import MalformedPeerInfo, PeerInfo
 from .plan import TransferPlan, plan_naive, plan_transfer
 from .pool import KvPool, MemoryKind, PoolDescriptor
-from .transfer import RemotePool, TransferHandle, TransferStats, deadline_for, transfer_kv_cache
+from .transfer import (
+    RemotePool,
+    TransferHandle,
+    TransferOptions,
+    TransferStats,
+    copy,
+    deadline_for,
+    pull,
+    push,
+    transfer_kv_cache,
+)
 
 
 def make_backend(kind: str, agent_name: str, choice: dict | None = None, *, memory: str | None = None) -> TransferBackend:
@@ -67,7 +93,7 @@ def probe_pair(nbytes: int = 256 << 20, **kw):  # type: ignore[no-untyped-def]
 __all__ = [
     "BackendError", "InvalidBlocks", "KvLayout", "KvPool", "LayoutMismatch", "LocalBackend", "MalformedPeerInfo",
     "MemoryKind", "MemoryOrder", "PeerInfo", "PeerUnreachable", "PoolDescriptor", "RemotePool", "TcpBackend",
-    "TransferBackend", "TransferError", "TransferHandle", "TransferPlan", "TransferStats", "TransferTimeout",
-    "UnregisteredMemory", "XferRequest", "deadline_for", "make_backend", "plan_naive", "plan_transfer", "preset",
-    "probe_pair", "transfer_kv_cache",
+    "TransferBackend", "TransferError", "TransferHandle", "TransferOptions", "TransferPlan", "TransferStats",
+    "TransferTimeout", "UnregisteredMemory", "XferRequest", "copy", "deadline_for", "make_backend", "plan_naive",
+    "plan_transfer", "preset", "probe_pair", "pull", "push", "transfer_kv_cache",
 ]

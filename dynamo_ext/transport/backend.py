@@ -9,7 +9,7 @@ Protocol (who calls what, in what order)::
         info = be.local_peer_info()           # -> published to peers
     initiator, once per peer:
         be.add_peer(PeerInfo.decode(blob))    # unknown/unsupported peer -> PeerUnreachable
-    initiator, per transfer (driven by transfer.transfer_kv_cache, never by callers directly):
+    initiator, per transfer (driven by transfer.pull/push/copy, never by callers directly):
         req = be.post(op, local_pool, peer, remote_pool, descs, notif)   # op "read" pulls, "write" pushes
         while not req.poll(): await a short sleep    # poll raises PeerUnreachable/BackendError
         req.cancel()                           # on deadline/cancel; idempotent; releases the request

@@ -2,12 +2,12 @@
 
 Protocol map (who calls what, in what order)::
 
-    transfer.transfer_kv_cache (initiator)       staged.py                          peer (its backend.progress())
+    transfer.push / transfer.pull (initiator)    staged.py                          peer (its backend.progress())
     ------------------------------------------------------------------------------------------------------------
     kw = staged_plan_kwargs(be, local, peer,     {} = direct plan; else the plan_transfer
                             source_kind, stage)  kwargs both sides recompute the plan from
     plan = plan_transfer(..., **kw)
-    WRITE, plan.staged:
+    push, plan.staged:
       req = await post_staged_write(be, local,   lock this side's staging (one staged
               peer, remote, plan, kw, notif)     transfer per staging region at a time)
                                                  gather_into(pool -> staging)
@@ -22,7 +22,7 @@ Protocol map (who calls what, in what order)::
                                                                                     send_notif(STAGED_ACK + id)
       req.poll(): wire DONE, then the ack        unlock                             (error: STAGED_NACK + id + text
                                                                                      -> BackendError here)
-    READ, plan.staged:
+    pull, plan.staged:
       req = await post_staged_read(be, local,    lock this side's staging
               peer, remote, plan, kw)            send_notif(STAGED_GATHER + msgpack{id,
                                                    src_pool, src_blocks, dst_layout,

@@ -1,41 +1,48 @@
-"""transfer_kv_cache: validate, plan, post and await one KV transfer through a TransferBackend.
+"""pull / push / copy: validate, plan, post and await one KV transfer through a TransferBackend.
 
 Protocol (who calls what, in what order)::
 
     caller (a worker)                          transfer.py                         backend
     ------------------------------------------------------------------------------------------------
-    h = await transfer_kv_cache(src, dst, blocks, backend=be, ...)
-                                               1. which side is local -> op:
-                                                  KvPool -> RemotePool   = "write" (push)
-                                                  RemotePool -> KvPool   = "read"  (pull)
-                                                  KvPool -> KvPool       = "copy"  (same process)
-                                               2. plan = planner(layouts, ids)     LayoutMismatch /
+    h = await pull(be, RemotePool, KvPool, blocks, opts)   # READ  (this side pulls)
+      | await push(be, KvPool, RemotePool, blocks, opts)   # WRITE (this side pushes)
+      | await copy(KvPool, KvPool, blocks, opts)           # same process (file pools: backend=be)
+                                               1. blocks -> (src_ids, dst_ids)      InvalidBlocks
+                                               2. staging? staged.staged_plan_kwargs (pull/push, no
+                                                  planner, opts.stage is not False)
+                                               3. plan = planner(layouts, ids)     LayoutMismatch /
                                                                                    InvalidBlocks, nothing moved
-                                               3. be.peer(), registration checks   PeerUnreachable /
+                                               4. be.peer(), registration checks   PeerUnreachable /
                                                                                    UnregisteredMemory
-                                               4. deadline = max(0.5 s, 4 * bytes / expected GB/s)
-                                               5. req = be.post(op, local, peer, remote, wire, notif)
-                                               6. a task polls req.poll(), yielding to the loop between
+                                               5. deadline = opts.deadline_s, else
+                                                  max(0.5 s, 4 * bytes / expected GB/s)
+                                               6. req = be.post(op, local, peer, remote, wire, notif)
+                                                  (staged plan: staged.post_staged_write / _read)
+                                               7. a task polls req.poll(), yielding to the loop between
                                                   polls (sleep(0); after 2 ms sleep(be.poll_interval_s):
                                                   0 for NIXL without progress thread, whose polls ARE
                                                   the progress) until done / error / deadline
     stats = await h   (or h.result(), h.add_done_callback(cb), h.cancel())
-                                               7. deadline passed -> req.cancel(), TransferTimeout
-                                               8. done -> metrics (bytes, seconds, descriptors)
+                                               8. deadline passed -> req.cancel(), TransferTimeout
+                                               9. done -> metrics (bytes, seconds, descriptors)
 
-Arguments: ``src``/``dst`` are a local ``KvPool`` (registered with ``backend``) or a
-``RemotePool(peer_agent_name, PoolDescriptor)`` taken from the peer's ``PeerInfo``. ``blocks`` is a
-list of block ids used on both sides, or a pair ``(src_block_ids, dst_block_ids)`` of equal length.
-``stream`` is accepted for device copies (CUDA IPC / same-process torch copies); NIXL ignores it.
-``notif`` (write only) reaches the destination's ``backend.get_notifs()`` after the data landed.
-A KvPool -> KvPool transfer where one pool is a FILE pool goes through the backend (NIXL POSIX,
-the agent being its own remote): host -> file is a "write", file -> host a "read".
+Arguments: a local ``KvPool`` (registered with ``backend``) and a ``RemotePool(peer_agent_name,
+PoolDescriptor)`` taken from the peer's ``PeerInfo``. ``blocks`` is a list of block ids used on both
+sides, or a pair ``(src_block_ids, dst_block_ids)`` of equal length. ``TransferOptions``:
+``deadline_s`` (else derived from bytes and ``expected_gbps`` or ``backend.default_gbps``,
+``deadline_for``); ``notif`` (push only) reaches the destination's ``backend.get_notifs()`` after the
+data landed; ``stage`` (None = automatic: device source + staging on both sides; True forces; False
+never); ``planner`` (a custom plan function, benchmarks); ``stream`` for device copies (``copy``; NIXL
+ignores it); ``metrics`` ("default" = the process registry, None = none); ``on_done(handle)``.
+``copy`` of two KvPools where one is a FILE pool goes through ``backend`` (NIXL POSIX, the agent being
+its own remote): host -> file is a "write", file -> host a "read".
 
-The default planner is ``plan_transfer(..., stage=False)``: merged descriptors, pool to pool.
+The default planner is ``plan_transfer(..., stage=False)``: merged descriptors, pool to pool. Staged
+transfers (gather -> one wire descriptor -> scatter, with acks through notifications) are the protocol
+of ``staged.py``; see its map.
 
-Staged transfers (``stage=True``, or ``stage=None`` = automatic from device pools, when both sides
-registered a staging pool large enough: gather -> one wire descriptor -> scatter, acks through
-notifications) are the protocol of ``staged.py``; see its map.
+``transfer_kv_cache(src, dst, blocks, stream=None, *, backend=None, **kw)`` is the compatibility
+wrapper of the previous API (dispatches on the pool types to pull/push/copy).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import numpy as np
 
 from .backend import DoneRequest as _Done, TransferBackend, XferRequest
 from .errors import BackendError, InvalidBlocks, TransferError, TransferTimeout
+from .fallbacks.local import copy_ranges
 from .layout import KvLayout
 from .metrics import TransportMetrics, metrics as default_metrics
 from .plan import TransferPlan, plan_transfer
@@ -191,48 +199,28 @@ class TransferHandle:
         self._fut.add_done_callback(lambda _f: cb(self))
 
 
-async def transfer_kv_cache(
-    src: KvPool | RemotePool,
-    dst: KvPool | RemotePool,
-    blocks: Any,
-    stream: Any = None,
-    *,
-    backend: TransferBackend | None = None,
-    direction: Direction | None = None,
-    deadline_s: float | None = None,
-    expected_gbps: float | None = None,
-    notif: bytes = b"",
-    on_done: Callable[[TransferHandle], Any] | None = None,
-    planner: Planner | None = None,
-    stage: bool | None = None,
-    metrics: TransportMetrics | None | Literal["default"] = "default",
-) -> TransferHandle:
-    """Start moving the KV chunks of ``blocks`` from ``src`` to ``dst``; see the module docstring."""
-    src_ids, dst_ids = _split_blocks(blocks)
-    if isinstance(src, KvPool) and isinstance(dst, RemotePool):
-        op: Direction = "write"
-    elif isinstance(src, RemotePool) and isinstance(dst, KvPool):
-        op = "read"
-    elif isinstance(src, KvPool) and isinstance(dst, KvPool):
-        op = "copy"
-        if MemoryKind.FILE in (src.kind, dst.kind):  # host <-> file through the backend (NIXL POSIX)
-            if backend is None or not backend.supports_self:
-                raise ValueError("a transfer to/from a file pool needs a backend that supports it (nixl)")
-            if dst.kind is MemoryKind.FILE:
-                dst, op = RemotePool(backend.agent_name, dst.descriptor()), "write"
-            else:
-                src, op = RemotePool(backend.agent_name, src.descriptor()), "read"
-    else:
-        raise TypeError("src and dst must be a KvPool and/or a RemotePool, and not both remote")
-    if direction is not None and direction != op:
-        raise ValueError(f"direction={direction!r} but {type(src).__name__} -> {type(dst).__name__} is a {op}")
 
-    plan_kwargs: dict[str, Any] = {}
-    if planner is None and stage is not False and op in ("write", "read") and backend is not None:
-        local, remote = (src, dst) if op == "write" else (dst, src)
-        assert isinstance(local, KvPool) and isinstance(remote, RemotePool)
-        source_kind = local.kind if op == "write" else remote.pool.kind
-        plan_kwargs = staged_plan_kwargs(backend, local, remote.peer, source_kind, stage)
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """How one transfer runs; every field has the default of the plain call."""
+
+    deadline_s: float | None = None  # else derived from bytes / expected_gbps (deadline_for)
+    expected_gbps: float | None = None  # else backend.default_gbps
+    notif: bytes = b""  # push only: delivered to the peer after the bytes landed
+    stage: bool | None = None  # None = automatic (device source + staging on both sides)
+    planner: Planner | None = None  # custom plan function (benchmarks)
+    stream: Any = None  # device copies
+    metrics: TransportMetrics | None | Literal["default"] = "default"
+    on_done: Callable[[TransferHandle], Any] | None = None
+
+
+_DEFAULT_OPTIONS = TransferOptions()
+
+
+def _plan(src: KvPool | RemotePool, src_ids: list[int], dst: KvPool | RemotePool, dst_ids: list[int],
+          planner: Planner | None, plan_kwargs: dict[str, Any]) -> tuple[TransferPlan, dict[str, Any]]:
+    """The plan (custom planner, staged, or the default direct one) and the staged kwargs it used ({}: none)."""
     if planner is not None:
         plan = planner(_layout(src), src_ids, _layout(dst), dst_ids)
     elif plan_kwargs:
@@ -243,44 +231,135 @@ async def transfer_kv_cache(
     else:
         plan = default_planner(_layout(src), src_ids, _layout(dst), dst_ids)
     if plan.staged and not plan_kwargs:
-        raise BackendError("staged plans run only through transfer_kv_cache(stage=True|None) on a WRITE "
-                           "with registered staging on both sides")
-    wire = np.asarray(getattr(plan.wire, "array", plan.wire), dtype=np.int64).reshape(-1, 3)
-    path = f"{_kind(src)}->{_kind(dst)}"
-    met = default_metrics() if metrics == "default" else metrics
+        raise BackendError("staged plans run only through pull/push(stage=True|None) with registered staging "
+                           "on both sides")
+    return plan, plan_kwargs
 
-    if op == "copy":
-        from .fallbacks.local import copy_ranges  # noqa: PLC0415
 
-        t0 = time.monotonic()
-        assert isinstance(src, KvPool) and isinstance(dst, KvPool)
-        copy_ranges(src, dst, wire, stream=stream)
-        handle = TransferHandle(plan=plan, direction="copy", path=path, backend="local", deadline_s=float("inf"),
-                                req=_Done(), started=t0, metrics=met if isinstance(met, TransportMetrics) else None)
-    else:
-        if backend is None:
-            raise ValueError("a transfer with a remote pool needs backend=")
-        local, remote = (src, dst) if op == "write" else (dst, src)
-        assert isinstance(local, KvPool) and isinstance(remote, RemotePool)
-        backend.peer(remote.peer)  # PeerUnreachable for an unknown peer
-        backend.require_registered(local)
-        backend.require_remote_pool(remote.peer, remote.pool)
-        descs = wire if op == "write" else wire[:, [1, 0, 2]]
-        if deadline_s is None:
-            deadline_s = deadline_for(plan.total_bytes, expected_gbps or backend.default_gbps)
-        t0 = time.monotonic()
-        if plan.staged and op == "write":
-            req = await post_staged_write(backend, local, remote.peer, remote.pool, plan, plan_kwargs, notif)
-        elif plan.staged:
-            req = await post_staged_read(backend, local, remote.peer, remote.pool, plan, plan_kwargs)
-        else:
-            req = backend.post(op, local, remote.peer, remote.pool, descs, notif if op == "write" else b"")
-        handle = TransferHandle(plan=plan, direction=op, path=path, backend=backend.name, deadline_s=deadline_s,
-                                req=req, started=t0, metrics=met if isinstance(met, TransportMetrics) else None,
-                                poll_s=backend.poll_interval_s)
-    if on_done is not None:
-        handle.add_done_callback(on_done)
+def _metrics(options: TransferOptions) -> TransportMetrics | None:
+    met = default_metrics() if options.metrics == "default" else options.metrics
+    return met if isinstance(met, TransportMetrics) else None
+
+
+def _finish(handle: TransferHandle, options: TransferOptions) -> TransferHandle:
+    if options.on_done is not None:
+        handle.add_done_callback(options.on_done)
     return handle
 
 
-__all__ = ["RemotePool", "TransferHandle", "TransferStats", "deadline_for", "default_planner", "transfer_kv_cache"]
+async def _remote(op: Literal["read", "write"], backend: TransferBackend | None, local: KvPool, remote: RemotePool,
+                  blocks: Any, options: TransferOptions) -> TransferHandle:
+    """A READ (remote -> local) or WRITE (local -> remote) through ``backend``."""
+    src_ids, dst_ids = _split_blocks(blocks)
+    src, dst = (local, remote) if op == "write" else (remote, local)
+    plan_kwargs: dict[str, Any] = {}
+    if options.planner is None and options.stage is not False and backend is not None:
+        source_kind = local.kind if op == "write" else remote.pool.kind
+        plan_kwargs = staged_plan_kwargs(backend, local, remote.peer, source_kind, options.stage)
+    plan, plan_kwargs = _plan(src, src_ids, dst, dst_ids, options.planner, plan_kwargs)
+    wire = np.asarray(getattr(plan.wire, "array", plan.wire), dtype=np.int64).reshape(-1, 3)
+    path = f"{_kind(src)}->{_kind(dst)}"
+    met = _metrics(options)
+    if backend is None:
+        raise ValueError("a transfer with a remote pool needs backend=")
+    backend.peer(remote.peer)  # PeerUnreachable for an unknown peer
+    backend.require_registered(local)
+    backend.require_remote_pool(remote.peer, remote.pool)
+    descs = wire if op == "write" else wire[:, [1, 0, 2]]
+    deadline_s = options.deadline_s
+    if deadline_s is None:
+        deadline_s = deadline_for(plan.total_bytes, options.expected_gbps or backend.default_gbps)
+    t0 = time.monotonic()
+    if plan.staged and op == "write":
+        req = await post_staged_write(backend, local, remote.peer, remote.pool, plan, plan_kwargs, options.notif)
+    elif plan.staged:
+        req = await post_staged_read(backend, local, remote.peer, remote.pool, plan, plan_kwargs)
+    else:
+        req = backend.post(op, local, remote.peer, remote.pool, descs, options.notif if op == "write" else b"")
+    handle = TransferHandle(plan=plan, direction=op, path=path, backend=backend.name, deadline_s=deadline_s,
+                            req=req, started=t0, metrics=met, poll_s=backend.poll_interval_s)
+    return _finish(handle, options)
+
+
+async def pull(backend: TransferBackend, remote: RemotePool, local: KvPool, blocks: Any,
+               options: TransferOptions | None = None) -> TransferHandle:
+    """READ the KV chunks of ``blocks`` from the peer's ``remote`` pool into ``local``; see the module
+    docstring. ``options.notif`` is not used (a READ notifies nobody)."""
+    if not (isinstance(remote, RemotePool) and isinstance(local, KvPool)):
+        raise TypeError(f"pull(backend, remote: RemotePool, local: KvPool, ...), got "
+                        f"{type(remote).__name__}, {type(local).__name__}")
+    return await _remote("read", backend, local, remote, blocks, options or _DEFAULT_OPTIONS)
+
+
+async def push(backend: TransferBackend, local: KvPool, remote: RemotePool, blocks: Any,
+               options: TransferOptions | None = None) -> TransferHandle:
+    """WRITE the KV chunks of ``blocks`` from ``local`` into the peer's ``remote`` pool; see the module
+    docstring. ``options.notif`` reaches the peer's ``get_notifs()`` after the bytes landed."""
+    if not (isinstance(local, KvPool) and isinstance(remote, RemotePool)):
+        raise TypeError(f"push(backend, local: KvPool, remote: RemotePool, ...), got "
+                        f"{type(local).__name__}, {type(remote).__name__}")
+    return await _remote("write", backend, local, remote, blocks, options or _DEFAULT_OPTIONS)
+
+
+async def copy(src: KvPool, dst: KvPool, blocks: Any, options: TransferOptions | None = None, *,
+               backend: TransferBackend | None = None) -> TransferHandle:
+    """Copy the KV chunks of ``blocks`` between two pools of this process (host/device: numpy, torch or
+    the rowcopy kernels, synchronously; the handle is done when it is returned). A FILE pool on either
+    side goes through ``backend`` (one that ``supports_self``: NIXL POSIX): host -> file is a push to
+    this agent itself, file -> host a pull."""
+    if not (isinstance(src, KvPool) and isinstance(dst, KvPool)):
+        raise TypeError(f"copy(src: KvPool, dst: KvPool, ...), got {type(src).__name__}, {type(dst).__name__}")
+    options = options or _DEFAULT_OPTIONS
+    if MemoryKind.FILE in (src.kind, dst.kind):  # host <-> file through the backend (NIXL POSIX)
+        if backend is None or not backend.supports_self:
+            raise ValueError("a transfer to/from a file pool needs a backend that supports it (nixl)")
+        if dst.kind is MemoryKind.FILE:
+            return await _remote("write", backend, src, RemotePool(backend.agent_name, dst.descriptor()), blocks,
+                                 options)
+        return await _remote("read", backend, dst, RemotePool(backend.agent_name, src.descriptor()), blocks, options)
+    src_ids, dst_ids = _split_blocks(blocks)
+    plan, _ = _plan(src, src_ids, dst, dst_ids, options.planner, {})
+    wire = np.asarray(getattr(plan.wire, "array", plan.wire), dtype=np.int64).reshape(-1, 3)
+    path = f"{_kind(src)}->{_kind(dst)}"
+    met = _metrics(options)
+    t0 = time.monotonic()
+    copy_ranges(src, dst, wire, stream=options.stream)
+    handle = TransferHandle(plan=plan, direction="copy", path=path, backend="local", deadline_s=float("inf"),
+                            req=_Done(), started=t0, metrics=met)
+    return _finish(handle, options)
+
+
+async def transfer_kv_cache(src: KvPool | RemotePool, dst: KvPool | RemotePool, blocks: Any, stream: Any = None, *,
+                            backend: TransferBackend | None = None, direction: Direction | None = None,
+                            **kw: Any) -> TransferHandle:
+    """Compatibility: use pull/push/copy. Dispatches on the pool types (KvPool -> RemotePool = push,
+    RemotePool -> KvPool = pull, KvPool -> KvPool = copy); ``stream`` and ``**kw`` (deadline_s,
+    expected_gbps, notif, on_done, planner, stage, metrics) become a TransferOptions; ``direction``, when
+    given, must match the dispatch ("write", "read", or "copy"; a copy to/from a file pool is a "write"/"read").
+    Remaining callers: dynamo_ext/workers/, dynamo_ext/bench/ (to be ported, then this goes)."""
+    options = TransferOptions(stream=stream, **kw)
+    if isinstance(src, KvPool) and isinstance(dst, RemotePool):
+        op: Direction = "write"
+    elif isinstance(src, RemotePool) and isinstance(dst, KvPool):
+        op = "read"
+    elif isinstance(src, KvPool) and isinstance(dst, KvPool):
+        op = "copy"
+        if MemoryKind.FILE in (src.kind, dst.kind):
+            if backend is None or not backend.supports_self:
+                raise ValueError("a transfer to/from a file pool needs a backend that supports it (nixl)")
+            op = "write" if dst.kind is MemoryKind.FILE else "read"
+    else:
+        raise TypeError("src and dst must be a KvPool and/or a RemotePool, and not both remote")
+    if direction is not None and direction != op:
+        raise ValueError(f"direction={direction!r} but {type(src).__name__} -> {type(dst).__name__} is a {op}")
+    if isinstance(src, KvPool) and isinstance(dst, KvPool):
+        return await copy(src, dst, blocks, options, backend=backend)
+    if isinstance(dst, RemotePool):
+        assert isinstance(src, KvPool)
+        return await push(backend, src, dst, blocks, options)  # type: ignore[arg-type]
+    assert isinstance(src, RemotePool) and isinstance(dst, KvPool)
+    return await pull(backend, src, dst, blocks, options)  # type: ignore[arg-type]
+
+
+__all__ = ["RemotePool", "TransferHandle", "TransferOptions", "TransferStats", "copy", "deadline_for",
+           "default_planner", "pull", "push", "transfer_kv_cache"]
