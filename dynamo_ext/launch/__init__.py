@@ -41,8 +41,30 @@ Protocol (what ``dynamo-ext serve GRAPH -f CONFIG`` does, in order)
    ``dynamo_ext/v1/workers/<ns>/``; leftovers (a worker that had to be SIGKILLed) are removed by
    revoking their leases. Servers we started are stopped last.
 
+The same launch from Python (benchmarks, tests): ``launch_graph(graph, config, *, port=None,
+model_dir=None, log_dir=None, env=None, ready_timeout=300)`` is a context manager over the same
+``serve.Launch`` steps (``prepare`` = 1-3, ``start`` = 4-5, ``stop`` = 6) without signal handlers,
+``--once`` or the banner. It yields a ``LaunchedGraph``: ``base_url``, ``model``, ``children`` (name, role,
+pid, instance_id, metrics_url from each ready line), ``log_dir``, ``metrics(role=None)`` -> ``{child
+name: /metrics text}``, ``check()``, ``stop()``; leaving the ``with`` stops everything as step 6 does.
+Failures raise ``LaunchError`` (``.code`` = serve's exit status: 2 bad input, 1 a child failed).
+
 Modules: ``graph`` (typed Graph/Component API), ``infra`` (etcd/NATS probing and starting, etcd JSON
 gateway), ``modeldir``, ``supervisor`` (generic process supervision), ``plan`` (graph + config ->
 child specs), ``scaling`` (the planner executor's worker scaler), ``serve`` (the orchestration above,
-and the ``--once`` request).
+and the ``--once`` request), ``session`` (``launch_graph``), ``client`` (completions, model list, scrape).
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["LaunchError", "LaunchedChild", "LaunchedGraph", "launch_graph"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: graphs/ import launch.graph without the launcher behind it
+    if name in __all__:
+        from . import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

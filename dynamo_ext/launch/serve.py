@@ -46,6 +46,16 @@ class ServeOptions:
     python: str = sys.executable
     planner: bool | None = None  # None: planner.enabled decides; True: required (exit 2 if it cannot run); False: off
     planner_config: str | None = None  # a Dynamo planner config to use instead of the generated one
+    env: dict[str, str] | None = None  # added to every child's environment (after the loopback defaults)
+    quiet_progress: bool = False  # no "[serve] ... ready 3/5" progress line while waiting
+
+
+class LaunchError(Exception):
+    """A launch could not start (or had to stop): ``code`` is serve's exit status (2 for bad input, 1 otherwise)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        self.code = code
+        super().__init__(message)
 
 
 class _Stop(Exception):
@@ -117,7 +127,11 @@ def _answer_text(resp: dict[str, Any]) -> str:
 
 
 class Launch:
-    """One run of serve; ``run()`` returns the exit status."""
+    """One launch of a graph. ``run()`` is ``dynamo-ext serve`` (returns the exit status); the same steps are
+    public for :func:`dynamo_ext.launch.launch_graph`: ``prepare()`` (config, graph, port, model directory,
+    log directory), ``start()`` (etcd/NATS, children, readiness, planner), ``stop(code)`` (children in
+    reverse order, etcd record audit, servers we started, work directory). ``prepare`` and ``start`` raise
+    :class:`LaunchError`; ``stop`` is idempotent and returns the final exit status."""
 
     def __init__(self, opts: ServeOptions, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.opts = opts
@@ -128,9 +142,17 @@ class Launch:
         self.etcd: infra.ServerPlan | None = None
         self.workdir: Path | None = None
         self.stopping = False
+        self.stopped: int | None = None  # the exit status once stop() ran
         self.executor: Any = None  # planner.executor.ExecutorThread while the planner runs
         self.scaler: LauncherScaler | None = None
         self.run_planner = False
+        self.config: DynamoExtConfig | None = None
+        self.graph: Graph | None = None
+        self.port = 0
+        self.model_dir: Path | None = None
+        self.log_dir: Path | None = None
+        self.base = ""  # the frontend's base URL once started
+        self.ready_s = 0.0
 
     def say(self, text: str) -> None:
         print(f"[serve] {text}", file=self.err, flush=True)
@@ -139,68 +161,105 @@ class Launch:
         print(f"dynamo-ext serve: {text}", file=self.err, flush=True)
         return code
 
+    # -- the CLI --------------------------------------------------------------------------------------------
+
     def run(self) -> int:
-        o = self.opts
         try:
-            config = load_config(o.config)
-            graph = load_graph(o.graph)
-            graph.validate(config)
-        except ConfigError as e:
-            return self.fail(f"{e.source}: invalid config:\n" + "\n".join(f"  {line}" for line in e.lines), 2)
-        except GraphError as e:
-            return self.fail(f"{o.config} does not fit graph {e.graph!r}:\n" + "\n".join(f"  {x}" for x in e.lines), 2)
-        except (ImportError, OSError, SyntaxError) as e:
-            return self.fail(f"cannot load graph {o.graph!r}: {e}", 2)
-        self.run_planner, code = self._planner_check(config, graph)
-        if code:
-            return code
-        port = o.port or config.frontend.http_port
-        host = config.frontend.http_host
-        if not infra._port_free(host, port):
-            return self.fail(f"port {port} on {host} is in use (choose another with --port)", 2)
-        try:
-            model_dir, how = ensure_model_dir(config.model, o.model_dir)
-        except ModelDirError as e:
-            return self.fail(str(e), 2)
-        except (ImportError, OSError, ValueError) as e:  # the engine (torch) missing, a cache we cannot write
-            return self.fail(f"cannot generate the model directory for preset {config.model.preset!r}: {e}", 2)
-        self.say(f"{graph.describe(config)}")
-        noise = "; random weights: its text is noise, the path is the point" if how in ("cached", "generated") else ""
-        self.say(f"model {config.model.name}: {model_dir} ({how}{noise})")
-        log_dir = Path(o.log_dir) if o.log_dir else Path(tempfile.mkdtemp(prefix="dynamo-ext-serve-"))
-        self.workdir = Path(tempfile.mkdtemp(prefix="dynamo-ext-infra-"))
-        self.infra_sup = Supervisor(log_dir)
-        self.sup = Supervisor(log_dir, on_tolerated=self._tolerated)
-        self.say(f"logs: {log_dir}")
+            self.prepare()
+        except LaunchError as e:
+            return self.fail(str(e), e.code)
         code = 1
         with _signal_handlers(self):
             try:
-                code = self._start_and_serve(config, graph, Path(o.config).resolve(), model_dir, port)
+                self.start()
+                code = self._serve()
             except _Stop as s:
                 print(file=self.err)
                 self.say(f"{s} received: stopping")
                 code = 0
+            except LaunchError as e:
+                code = self.fail(str(e), e.code)
             except SupervisorError as e:
                 code = self.fail(str(e), 1)
             except infra.InfraError as e:
                 code = self.fail(str(e), 2)
             finally:
                 self.stopping = True
-                code = self._cleanup(config, code)
+                code = self.stop(code)
         return code
 
-    def _tolerated(self, child: Child) -> None:
-        self.say(f"{child.name} exited ({describe_status(child.returncode)}); tolerated, siblings still serve; "
-                 f"last lines of {child.log_path}:\n{indent(child.tail())}")  # fmt: skip
+    def _serve(self) -> int:
+        """After start(): the ready banner, then ``--once`` or supervise until a signal or a failure."""
+        assert self.sup is not None and self.infra_sup is not None and self.config is not None
+        assert self.graph is not None
+        o, config = self.opts, self.config
+        ids = _instance_ids(self.sup.children)
+        print(f"dynamo-ext serve: ready in {self.ready_s:.1f}s; {self.graph.describe(config)}", file=self.out)
+        print(f"  OpenAI API: {self.base}/v1  (model {config.model.name}; {len(ids)} registered instances)",
+              file=self.out)  # fmt: skip
+        print(f"  try:  {curl_line(self.base, config.model.name)}", file=self.out, flush=True)
+        if o.once is not None:
+            return self._once(self.base, config.model.name)
+        print("  Ctrl-C to stop", file=self.out, flush=True)
+        while True:
+            try:
+                self.check()
+            except SupervisorError as e:
+                return self.fail(str(e), 1)
+            time.sleep(0.5)
 
-    def _start_and_serve(self, config: DynamoExtConfig, graph: Graph, config_path: Path, model_dir: Path,
-                         port: int) -> int:  # fmt: skip
-        assert self.sup is not None and self.infra_sup is not None and self.workdir is not None
+    # -- the steps ------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load and check everything before a process starts; raises :class:`LaunchError` (code 2)."""
         o = self.opts
+        try:
+            config = load_config(o.config)
+            graph = load_graph(o.graph)
+            graph.validate(config)
+        except ConfigError as e:
+            raise LaunchError(f"{e.source}: invalid config:\n" + "\n".join(f"  {line}" for line in e.lines), 2) from None
+        except GraphError as e:
+            raise LaunchError(f"{o.config} does not fit graph {e.graph!r}:\n" + "\n".join(f"  {x}" for x in e.lines),
+                              2) from None  # fmt: skip
+        except (ImportError, OSError, SyntaxError) as e:
+            raise LaunchError(f"cannot load graph {o.graph!r}: {e}", 2) from None
+        self.config, self.graph = config, graph
+        self.run_planner = self._planner_check(config, graph)
+        port = o.port or config.frontend.http_port
+        host = config.frontend.http_host
+        if not infra._port_free(host, port):
+            raise LaunchError(f"port {port} on {host} is in use (choose another with --port)", 2)
+        self.port = port
+        try:
+            model_dir, how = ensure_model_dir(config.model, o.model_dir)
+        except ModelDirError as e:
+            raise LaunchError(str(e), 2) from None
+        except (ImportError, OSError, ValueError) as e:  # the engine (torch) missing, a cache we cannot write
+            raise LaunchError(f"cannot generate the model directory for preset {config.model.preset!r}: {e}", 2) from None
+        self.model_dir = model_dir
+        self.say(f"{graph.describe(config)}")
+        noise = "; random weights: its text is noise, the path is the point" if how in ("cached", "generated") else ""
+        self.say(f"model {config.model.name}: {model_dir} ({how}{noise})")
+        self.log_dir = Path(o.log_dir) if o.log_dir else Path(tempfile.mkdtemp(prefix="dynamo-ext-serve-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="dynamo-ext-infra-"))
+        self.infra_sup = Supervisor(self.log_dir)
+        self.sup = Supervisor(self.log_dir, on_tolerated=self._tolerated)
+        self.say(f"logs: {self.log_dir}")
+
+    def start(self) -> None:
+        """etcd and NATS (reused or started), every child of the graph, readiness, the planner. Raises
+        :class:`LaunchError` (a child exited or was not ready: 1; etcd/NATS cannot be had: 2)."""
+        assert self.sup is not None and self.infra_sup is not None and self.workdir is not None
+        assert self.config is not None and self.graph is not None and self.model_dir is not None
+        o, config = self.opts, self.config
         etcd_urls = config.discovery.etcd.endpoints
         nats_url = config.discovery.nats.url
-        self.etcd = infra.ensure_etcd(etcd_urls, self.workdir, child_env(config, etcd_urls[0], nats_url))
-        nats = infra.ensure_nats(nats_url, self.workdir, child_env(config, self.etcd.url, nats_url))
+        try:
+            self.etcd = infra.ensure_etcd(etcd_urls, self.workdir, child_env(config, etcd_urls[0], nats_url))
+            nats = infra.ensure_nats(nats_url, self.workdir, child_env(config, self.etcd.url, nats_url))
+        except infra.InfraError as e:
+            raise LaunchError(str(e), 2) from None
         for srv in (self.etcd, nats):
             if srv.reused:
                 self.say(f"{srv.name}: using the one at {srv.url}")
@@ -211,52 +270,49 @@ class Launch:
         try:
             self.infra_sup.wait_ready(30.0)
         except SupervisorError as e:
-            return self.fail(str(e), 1)
+            raise LaunchError(str(e), 1) from None
         env = child_env(config, ",".join(etcd_urls) if self.etcd.reused else self.etcd.url, nats.url)
+        env.update(o.env or {})
         # a stopping worker drains in-flight requests for DYNAMO_EXT_DRAIN_S: finish before our SIGKILL
         env.setdefault("DYNAMO_EXT_DRAIN_S", f"{max(1.0, o.stop_timeout - 3.0):g}")
-        specs = plan_processes(graph=graph, config=config, config_path=config_path, model_dir=model_dir,
-                               port=port, env=env, python=o.python, tolerate_exits=o.tolerate_exits,
-                               stop_timeout=o.stop_timeout)  # fmt: skip
+        specs = plan_processes(graph=self.graph, config=config, config_path=Path(o.config).resolve(),
+                               model_dir=self.model_dir, port=self.port, env=env, python=o.python,
+                               tolerate_exits=o.tolerate_exits, stop_timeout=o.stop_timeout)  # fmt: skip
         t0 = time.monotonic()
         for spec in specs:
             self.sup.start(spec)
         progress = _Progress(self.err)
         try:
-            self.sup.wait_ready(o.ready_timeout, progress)
+            self.sup.wait_ready(o.ready_timeout, None if o.quiet_progress else progress)
             self.infra_sup.check()
         except SupervisorError as e:
+            raise LaunchError(str(e), 1) from None
+        finally:
             progress.done()
-            return self.fail(str(e), 1)
-        progress.done()
-        base = frontend_base(config.frontend.http_host, port)
+        self.base = frontend_base(config.frontend.http_host, self.port)
         if self.run_planner:
-            code = self._start_planner(config, graph, env, base)
-            if code:
-                return code
-        ids = _instance_ids(self.sup.children)
-        print(f"dynamo-ext serve: ready in {time.monotonic() - t0:.1f}s; {graph.describe(config)}", file=self.out)
-        print(f"  OpenAI API: {base}/v1  (model {config.model.name}; {len(ids)} registered instances)", file=self.out)
-        print(f"  try:  {curl_line(base, config.model.name)}", file=self.out, flush=True)
-        if o.once is not None:
-            return self._once(base, config.model.name)
-        print("  Ctrl-C to stop", file=self.out, flush=True)
-        while True:
-            try:
-                self.sup.check()
-                self.infra_sup.check()
-            except SupervisorError as e:
-                return self.fail(str(e), 1)
-            time.sleep(0.5)
+            self._start_planner(config, self.graph, env, self.base)
+        self.ready_s = time.monotonic() - t0
 
-    def _planner_check(self, config: DynamoExtConfig, graph: Graph) -> tuple[bool, int]:
+    def _tolerated(self, child: Child) -> None:
+        self.say(f"{child.name} exited ({describe_status(child.returncode)}); tolerated, siblings still serve; "
+                 f"last lines of {child.log_path}:\n{indent(child.tail())}")  # fmt: skip
+
+    def check(self) -> None:
+        """Raises :class:`SupervisorError` when a child (or etcd/NATS we started) exited unexpectedly."""
+        if self.sup is not None:
+            self.sup.check()
+        if self.infra_sup is not None:
+            self.infra_sup.check()
+
+    def _planner_check(self, config: DynamoExtConfig, graph: Graph) -> bool:
         """Whether to run the planner, before anything starts: ``planner.enabled`` (or ``--planner`` /
         ``--no-planner``). Dependencies missing or no decode component: a warning and no planner, or
-        exit 2 when ``--planner`` asked for it."""
+        :class:`LaunchError` (exit 2) when ``--planner`` asked for it."""
         o = self.opts
         wanted = o.planner if o.planner is not None else config.planner.enabled
         if not wanted:
-            return False, 0
+            return False
         why = "--planner" if o.planner else "planner.enabled is true"
         try:
             from planner.executor import planner_missing_dependencies
@@ -273,16 +329,16 @@ class Launch:
         elif o.planner_config is not None and not Path(o.planner_config).is_file():
             problem = f"--planner-config {o.planner_config}: no such file"
         if problem is None:
-            return True, 0
+            return True
         if o.planner or o.planner_config is not None:  # asked for on the command line: an error
-            return False, self.fail(problem, 2)
+            raise LaunchError(problem, 2)
         self.say(f"WARNING: {problem}; serving without the planner (fixed worker counts; "
                  "--planner makes this an error)")
-        return False, 0
+        return False
 
-    def _start_planner(self, config: DynamoExtConfig, graph: Graph, env: dict[str, str], base: str) -> int:
+    def _start_planner(self, config: DynamoExtConfig, graph: Graph, env: dict[str, str], base: str) -> None:
         """Dynamo's planner (environment virtual, our plugins) as a supervised child, and the executor
-        thread that applies its decisions through :class:`LauncherScaler`. Returns an exit status or 0."""
+        thread that applies its decisions through :class:`LauncherScaler`; :class:`LaunchError` if it fails."""
         assert self.sup is not None
         o = self.opts
         import planner as planner_pkg
@@ -308,12 +364,11 @@ class Launch:
         try:
             self.executor.start()
         except (RuntimeError, TimeoutError) as e:
-            return self.fail(f"planner executor: {e}", 1)
+            raise LaunchError(f"planner executor: {e}", 1) from None
         self.say(f"planner: {' '.join(proc.argv())} (log {log_dir / 'planner.log'}); executor running; "
                  f"bounds prefill {config.planner.min_prefill}..{config.planner.max_prefill}, "
                  f"decode {config.planner.min_decode}..{config.planner.max_decode}, "
                  f"every {config.planner.interval_s:g}s")
-        return 0
 
     def _applied(self, rec: Any) -> None:
         self.say(f"planner decision {rec.decision_id}: {rec.before} -> {rec.after} in {rec.seconds:.1f}s"
@@ -349,14 +404,25 @@ class Launch:
                     moved.append(f"{c.name} {int(value):,} bytes ({how})")
         return "KV moved between workers: " + ("; ".join(moved) if moved else "none (served without a KV transfer)")
 
-    def _cleanup(self, config: DynamoExtConfig, code: int) -> int:
+    def stop(self, code: int = 0) -> int:
+        """Stop everything that was started, audit etcd, remove the work directory; idempotent: a second call
+        returns the first call's exit status."""
+        if self.stopped is not None:
+            return self.stopped
+        self.stopping = True
+        code = self._cleanup(self.config, code)
+        self.stopped = code
+        return code
+
+    def _cleanup(self, config: DynamoExtConfig | None, code: int) -> int:
         if self.executor is not None:
             self.executor.stop()  # no decision is applied while the workers stop
         if self.sup is not None and self.sup.children:
             self.say("stopping " + ", ".join(c.name for c in reversed(self.sup.children)))
             for name, how in self.sup.stop_all():
                 self.say(f"  {name}: {how}")
-            code = self._audit(config, code)
+            if config is not None:
+                code = self._audit(config, code)
         if self.infra_sup is not None and self.infra_sup.children:
             for name, how in self.infra_sup.stop_all():
                 self.say(f"  {name}: {how}")
