@@ -7,7 +7,7 @@ Who calls what::
     per request                                m.ttft.observe(s), m.tpot.observe(s), m.requests.labels(outcome).inc()
     every metrics tick (~0.5 s)                m.set_load(queued=, running=, kv_usage=, held_handles=)
     decode worker, per received transfer       transport/metrics.py (dynamo_ext_kv_transfer_*), updated by
-                                               transport.transfer_kv_cache itself, same registry
+                                               transport.pull / push / copy themselves, same registry
     shutdown                                   srv.close()
 
 Everything lives in prometheus_client's default registry (one worker per process), so the transfer

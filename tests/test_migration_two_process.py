@@ -3,7 +3,7 @@
 Worker A (``dynamo_ext/bench/direct_worker.py``: the product's EngineRunner + BlockPool + a pool registered once with
 the transfer backend) decodes a greedy request; mid-stream it is exported (``EngineRunner.export`` ->
 ``engine.detach``: the KV blocks stay, A's stream ends ``migrated``); worker B pulls those blocks from A's pool
-with ONE planned ``transfer_kv_cache`` READ (cma here, cuda_ipc between GPUs), continues the request with
+with ONE planned READ (``transport.pull``; cma here, cuda_ipc between GPUs), continues the request with
 ``add_prefilled_request`` and A releases the blocks. Asserted: the client's token sequence (A's part + B's
 part) equals an uninterrupted run token for token, exactly the request's blocks moved, nothing left held."""
 

@@ -15,8 +15,8 @@ Protocol::
     req.poll()                       -> check_xfer_state(h): "DONE" | "PROC" | "ERR"
     req.cancel()                     -> release_xfer_handle(h) (NIXL aborts an active transfer)
     target: be.progress(); be.get_notifs()   -> agent.get_new_notifs()
-    file pools: register_pool(KvPool.open_file(...)) creates the POSIX backend; transfer_kv_cache(host_pool,
-                file_pool, ...) posts WRITE/READ with this agent as its own remote (DRAM <-> FILE)
+    file pools: register_pool(KvPool.open_file(...)) creates the POSIX backend; transfer.copy(host_pool,
+                file_pool, ..., backend=be) posts WRITE/READ with this agent as its own remote (DRAM <-> FILE)
 
 Remote descriptor lists are built from plain (addr, nbytes, dev) tuples, never from
 get_serialized_descs (that pickles). Errors: nixlRemoteDisconnectError -> PeerUnreachable,

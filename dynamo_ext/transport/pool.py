@@ -6,7 +6,7 @@ Protocol (who calls what, in what order)::
                       backend.register_pool(pool)                      # ONCE; never per request
                       backend.local_peer_info()  -> PeerInfo(pools=[pool.descriptor(), ...])
                       (PeerInfo published to peers: etcd / discovery)
-    per request:      transfer_kv_cache(pool, RemotePool(peer, desc), blocks)   # no registration here
+    per request:      push(backend, pool, RemotePool(peer, desc), blocks)   # or pull; no registration here
     shutdown:         backend.close()  (deregisters everything)
 
 Memory kinds:

@@ -7,7 +7,7 @@ Protocol::
          (the *peer*): it creates its backend with the same env, allocates + registers one host pool,
          and prints one JSON line {"event": "ready", "info": base64(PeerInfo msgpack)} on stdout
       2. this process creates its own backend + pool, add_peer(info), warms up once, then times
-         ``reps`` transfers of the whole pool (READ or WRITE) through transfer_kv_cache
+         ``reps`` transfers of the whole pool (READ or WRITE) through transfer.pull / push
       3. returns the median GB/s (1e9 bytes/s) and stops the peer (``exit``; SIGKILL after a timeout)
 
 The peer speaks JSON lines on stdin/stdout (one command, one reply), used by the tests and the
@@ -332,7 +332,7 @@ class PeerProcess:
 async def probe_pair_async(nbytes: int = 256 << 20, *, backend: str = "nixl", choice: dict[str, Any] | None = None,
                            direction: str = "write", reps: int = 3, name: str = "probe") -> float:
     """Median GB/s of ``reps`` whole-pool transfers of ``nbytes`` to a fresh peer process (after one warm-up)."""
-    from .transfer import RemotePool, transfer_kv_cache  # noqa: PLC0415
+    from .transfer import RemotePool, TransferOptions, pull, push  # noqa: PLC0415
 
     layout = probe_layout(nbytes)
     peer = PeerProcess.start(backend=backend, name=f"{name}-peer-{os.getpid()}", layout=layout, choice=choice)
@@ -344,10 +344,13 @@ async def probe_pair_async(nbytes: int = 256 << 20, *, backend: str = "nixl", ch
         be.add_peer(peer.info)
         remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
         blocks = list(range(layout.num_blocks))
-        src, dst = (pool, remote) if direction == "write" else (remote, pool)
+        opts = TransferOptions(deadline_s=max(30.0, nbytes / 1e8))
         rates = []
         for i in range(reps + 1):
-            h = await transfer_kv_cache(src, dst, blocks, backend=be, deadline_s=max(30.0, nbytes / 1e8))
+            if direction == "write":
+                h = await push(be, pool, remote, blocks, opts)
+            else:
+                h = await pull(be, remote, pool, blocks, opts)
             st = await h
             if i:
                 rates.append(st.gbps)
@@ -369,7 +372,7 @@ class GpuProber:
     ``probe(src, dst)``  dst >= 0: CUDA IPC to a peer PROCESS whose pool is on GPU dst (same GPU when
                          src == dst); one peer per destination GPU, reused for every source GPU.
                          dst == -1: GPU -> host tier, the owner's copy into its own pinned host pool
-                         (transfer_kv_cache(gpu_pool, host_pool): zero-copy row kernel when Triton).
+                         (transfer.copy(gpu_pool, host_pool): zero-copy row kernel when Triton).
     Block ids: the destination ids are a fixed permutation of the source ids (1 MiB chunks)."""
 
     def __init__(self, nbytes: int = 256 << 20, reps: int = 3) -> None:
@@ -392,7 +395,7 @@ class GpuProber:
         return self.pools[dev]
 
     async def probe(self, src: int, dst: int) -> dict[str, Any]:
-        from .transfer import RemotePool, transfer_kv_cache  # noqa: PLC0415
+        from .transfer import RemotePool, TransferOptions, copy, push  # noqa: PLC0415
 
         pool = self._pool(src)
         if src not in self.digests:  # the source pool is written once, when created
@@ -402,7 +405,6 @@ class GpuProber:
             if self.tier is None:
                 self.tier = KvPool.allocate_host("probe-tier", self.layout, pin=True)
             target: Any = self.tier
-            backend = None
         else:
             if self.be is None:
                 from .fallbacks.cuda_ipc import CudaIpcBackend  # noqa: PLC0415
@@ -419,12 +421,12 @@ class GpuProber:
                 await self.peers[dst].acall({"cmd": "clear", "value": 9 + src}, timeout=120)
             peer = self.peers[dst]
             target = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
-            backend = self.be
+        opts = TransferOptions(deadline_s=60, metrics=None)
+        blocks = (self.src_ids, self.dst_ids)
         rates = []
         for i in range(self.reps + 1):
             t0 = time.perf_counter()
-            h = await transfer_kv_cache(pool, target, (self.src_ids, self.dst_ids), backend=backend, deadline_s=60,
-                                        metrics=None)
+            h = await (copy(pool, target, blocks, opts) if dst < 0 else push(self.be, pool, target, blocks, opts))
             await h
             if i:
                 rates.append(self.layout.pool_bytes / (time.perf_counter() - t0) / 1e9)

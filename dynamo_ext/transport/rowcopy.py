@@ -1,7 +1,7 @@
 """Executors for scattered KV chunks between two buffers THIS process can address (torch, lazily).
 
 Used by the CUDA IPC backend (the peer's pool mapped here) and by same-process copies
-(``transfer_kv_cache(gpu_pool, host_pool, ...)``: the owner offloads to its host tier). Every chunk
+(``transfer.copy(gpu_pool, host_pool, ...)``: the owner offloads to its host tier). Every chunk
 is one *row*: descriptors ``(src_off, dst_off, nbytes)`` are cut into rows of their common unit
 (the chunk size for KV plans; one shift per offset when every descriptor is one chunk), viewed as
 int64 elements when aligned.

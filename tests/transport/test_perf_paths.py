@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from dynamo_ext.transport import InvalidBlocks, KvLayout, KvPool, RemotePool, make_backend, plan_transfer, transfer_kv_cache
+from dynamo_ext.transport import InvalidBlocks, KvLayout, KvPool, RemotePool, make_backend, plan_transfer, pull, push
 from dynamo_ext.transport.fallbacks.cma import IOV_MAX, CmaBackend, _advance, _iov_batches, cma_available
 from dynamo_ext.transport.probe import digest, pattern, probe_layout
 
@@ -103,14 +103,14 @@ async def test_cma_large_scattered_byte_exact(shared_etcd, threads, direction):
         plan = plan_transfer(layout, src, layout, dst, stage=False)
         assert len(plan.wire) > IOV_MAX and plan.total_bytes > (1 << 20)
         if direction == "write":
-            st = await (await transfer_kv_cache(pool, remote, (src, dst), backend=be))
+            st = await (await push(be, pool, remote, (src, dst)))
             assert (await proc.acall({"cmd": "digest", "blocks": dst}))["sha256"] == digest(pool.host_view(), layout, src)
         else:
-            st = await (await transfer_kv_cache(remote, pool, (src, dst), backend=be))
+            st = await (await pull(be, remote, pool, (src, dst)))
             assert digest(pool.host_view(), layout, dst) == (await proc.acall({"cmd": "digest", "blocks": src}))["sha256"]
         assert st.backend == "cma" and st.bytes == plan.total_bytes
         with pytest.raises(InvalidBlocks, match="out of range"):
-            await transfer_kv_cache(pool, remote, [600], backend=be)
+            await push(be, pool, remote, [600])
         with pytest.raises(InvalidBlocks, match="outside the pools"):
             be.post("write", pool, info.agent_name, remote.pool, [(0, remote.pool.nbytes - 8, 16)])
     finally:
@@ -135,7 +135,7 @@ async def test_cma_peer_on_other_node_uses_tcp_data_path(shared_etcd):
         be.add_peer(fake)
         assert not be.is_same_node(info.agent_name)
         ids = list(range(layout.num_blocks))
-        await (await transfer_kv_cache(pool, RemotePool(info.agent_name, info.pool("kv")), ids, backend=be))
+        await (await push(be, pool, RemotePool(info.agent_name, info.pool("kv")), ids))
         assert (await proc.acall({"cmd": "digest", "blocks": ids}))["sha256"] == digest(pool.host_view(), layout, ids)
     finally:
         await be.close()
@@ -342,7 +342,7 @@ def test_rows_cache_reuses_rows_of_the_same_plan_object(fake_cuda, monkeypatch, 
         return rowcopy.copy_cross_device(src, d, descs, kernel=kernel, use_triton=False)
 
     orig = dst.clone()
-    view = plan.wire.array.reshape(-1, 3)  # what transfer_kv_cache passes: a fresh view of the same array
+    view = plan.wire.array.reshape(-1, 3)  # what pull/push/copy pass: a fresh view of the same array
     assert run(view, dst) == plan.total_bytes and torch.equal(dst, want)
     d2 = orig.clone()
     assert run(plan.wire.array.reshape(-1, 3), d2) == plan.total_bytes and torch.equal(d2, want)

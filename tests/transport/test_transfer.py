@@ -1,4 +1,4 @@
-"""transfer_kv_cache on every backend that runs here (nixl and tcp across two processes, local in one).
+"""pull / push / copy on every backend that runs here (nixl and tcp across two processes, local in one).
 
 Each test gets a ``pair`` (tests/transport/conftest.py): this side's backend + registered pool and
 the peer's pool; the peer's pool starts as pattern(7), ours as zeros. Bytes are checked with
@@ -23,14 +23,19 @@ from dynamo_ext.transport import (
     PeerUnreachable,
     PoolDescriptor,
     RemotePool,
+    TransferOptions,
     TransferStats,
     TransferTimeout,
     UnregisteredMemory,
+    copy,
     preset,
+    pull,
+    push,
     transfer_kv_cache,
 )
 from dynamo_ext.transport.metrics import make_metrics
 from dynamo_ext.transport.probe import digest, pattern
+from dynamo_ext.transport.staged import staging_lease
 
 
 
@@ -47,7 +52,7 @@ async def test_read_scattered_blocks_byte_exact(pair):
     n = pair.layout.num_blocks
     src, dst = scattered(n, 20, 1), scattered(n, 20, 2)
     before_rest = digest(pair.pool.host_view(), pair.layout, _others(n, dst))
-    h = await transfer_kv_cache(pair.remote, pair.pool, (src, dst), backend=pair.backend, direction="read")
+    h = await pull(pair.backend, pair.remote, pair.pool, (src, dst))
     st = await h
     assert isinstance(st, TransferStats) and st.direction == "read" and st.path == "host->host"
     assert st.bytes == 20 * pair.layout.block_bytes and st.backend == pair.kind
@@ -62,7 +67,7 @@ async def test_write_scattered_blocks_byte_exact_with_notification(pair):
     rest = _others(n, dst)
     before_rest = await pair.peer.digest(rest)
     tag = b"kv-landed:req-42"
-    h = await transfer_kv_cache(pair.pool, pair.remote, (src, dst), backend=pair.backend, notif=tag)
+    h = await push(pair.backend, pair.pool, pair.remote, (src, dst), TransferOptions(notif=tag))
     st = await h
     assert st.direction == "write" and st.descriptors >= 1
     assert await pair.peer.digest(dst) == digest(pair.pool.host_view(), pair.layout, src)
@@ -84,8 +89,8 @@ async def test_staged_write_gather_one_descriptor_peer_scatters(pair):
     before_rest = await pair.peer.digest(rest)
     tag = b"staged-landed"
     for _ in range(2):  # twice: the staging region is reused once the first scatter was acked
-        st = await (await transfer_kv_cache(pair.pool, pair.remote, (src, dst), backend=pair.backend, stage=True,
-                                            notif=tag, deadline_s=10))
+        st = await (await push(pair.backend, pair.pool, pair.remote, (src, dst),
+                               TransferOptions(stage=True, notif=tag, deadline_s=10)))
         assert st.descriptors == 1 and st.bytes == 16 * pair.layout.block_bytes
     assert await pair.peer.digest(dst) == digest(pair.pool.host_view(), pair.layout, src)
     assert await pair.peer.digest(rest) == before_rest
@@ -104,7 +109,7 @@ async def test_staged_read_peer_gathers_one_descriptor(pair):
     src, dst = scattered(n, 16, 13), scattered(n, 16, 14)
     rest = _others(n, dst)
     before_rest = digest(pair.pool.host_view(), pair.layout, rest)
-    hs = [await transfer_kv_cache(pair.remote, pair.pool, (src, dst), backend=pair.backend, stage=True, deadline_s=10)
+    hs = [await pull(pair.backend, pair.remote, pair.pool, (src, dst), TransferOptions(stage=True, deadline_s=10))
           for _ in range(2)]  # the second waits for the first (one staging region each side)
     for h in hs:
         st = await h
@@ -113,11 +118,13 @@ async def test_staged_read_peer_gathers_one_descriptor(pair):
     assert digest(pair.pool.host_view(), pair.layout, rest) == before_rest
     got = sum((await pair.peer.notifs()).values(), [])
     assert not [m for m in got if m.startswith(b"\x00DX")]  # protocol messages stay internal
+    if pair.peer.backend is not None:  # same process: the source's lease of its staging (staged.py) ended
+        assert staging_lease(pair.peer.backend) is None
 
 
 async def test_same_ids_both_sides_and_contiguous_run_merges(pair):
     ids = list(range(8, 24))
-    st = await (await transfer_kv_cache(pair.remote, pair.pool, ids, backend=pair.backend))
+    st = await (await pull(pair.backend, pair.remote, pair.pool, ids))
     assert digest(pair.pool.host_view(), pair.layout, ids) == await pair.peer.digest(ids)
     # layer-major: 16 consecutive ids are one run per (layer, kv) plane -> 4 descriptors, not 64 chunks
     assert st.descriptors == 2 * pair.layout.num_layers
@@ -130,9 +137,9 @@ async def test_layout_mismatch_moves_nothing(pair):
     before = await pair.peer.digest()
     local_before = digest(other.host_view(), bad, None)
     with pytest.raises(LayoutMismatch, match="head_dim"):
-        await transfer_kv_cache(pair.remote, other, [1, 2], backend=pair.backend)
+        await pull(pair.backend, pair.remote, other, [1, 2])
     with pytest.raises(LayoutMismatch):
-        await transfer_kv_cache(other, pair.remote, [1, 2], backend=pair.backend)
+        await push(pair.backend, other, pair.remote, [1, 2])
     await asyncio.sleep(0.05)
     assert await pair.peer.digest() == before
     assert digest(other.host_view(), bad, None) == local_before
@@ -142,32 +149,32 @@ async def test_layout_mismatch_moves_nothing(pair):
 async def test_invalid_blocks(pair, blocks):
     before = await pair.peer.digest()
     with pytest.raises(InvalidBlocks):
-        await transfer_kv_cache(pair.pool, pair.remote, blocks, backend=pair.backend)
+        await push(pair.backend, pair.pool, pair.remote, blocks)
     assert await pair.peer.digest() == before
 
 
 async def test_unknown_peer_is_clear(pair):
     ghost = RemotePool("no-such-agent", pair.remote.pool)
     with pytest.raises(PeerUnreachable, match="no-such-agent"):
-        await transfer_kv_cache(ghost, pair.pool, [1], backend=pair.backend)
+        await pull(pair.backend, ghost, pair.pool, [1])
 
 
 async def test_unregistered_memory(pair):
     stray = KvPool.allocate_host("stray", pair.layout)
     with pytest.raises(UnregisteredMemory, match="stray"):
-        await transfer_kv_cache(pair.remote, stray, [1], backend=pair.backend)
+        await pull(pair.backend, pair.remote, stray, [1])
     d = pair.remote.pool
     fake = PoolDescriptor("kv", d.kind, d.addr + 4096, d.nbytes, d.device_id, d.layout)
     with pytest.raises(UnregisteredMemory):
-        await transfer_kv_cache(pair.pool, RemotePool(pair.remote.peer, fake), [1], backend=pair.backend)
+        await push(pair.backend, pair.pool, RemotePool(pair.remote.peer, fake), [1])
 
 
 async def test_stats_metrics_and_callbacks(pair):
     reg = CollectorRegistry()
     met = make_metrics(reg)
     seen = []
-    h = await transfer_kv_cache(pair.remote, pair.pool, [3, 9, 27], backend=pair.backend, metrics=met,
-                                on_done=lambda hh: seen.append(hh.result()))
+    h = await pull(pair.backend, pair.remote, pair.pool, [3, 9, 27],
+                   TransferOptions(metrics=met, on_done=lambda hh: seen.append(hh.result())))
     st = await h
     assert h.done() and h.result() == st and st.gbps > 0 and st.seconds > 0
     await asyncio.sleep(0)
@@ -197,13 +204,13 @@ async def test_deadline_gives_timeout_and_releases(pair):
     if pair.kind == "local":
         pytest.skip("same-process copies complete inside post()")
     n = pair.layout.num_blocks
-    h = await transfer_kv_cache(pair.remote, pair.pool, list(range(n)), backend=pair.backend, deadline_s=0.0)
+    h = await pull(pair.backend, pair.remote, pair.pool, list(range(n)), TransferOptions(deadline_s=0.0))
     try:
         await h
     except TransferTimeout as e:
         assert "deadline" in str(e)
     # either it timed out or finished inside post(); the next transfer works in both cases
-    st = await (await transfer_kv_cache(pair.remote, pair.pool, [5], backend=pair.backend))
+    st = await (await pull(pair.backend, pair.remote, pair.pool, [5]))
     assert st.bytes == pair.layout.block_bytes
     assert digest(pair.pool.host_view(), pair.layout, [5]) == await pair.peer.digest([5])
 
@@ -212,7 +219,7 @@ async def test_same_process_copy_between_local_pools():
     lay = preset("tiny", 32)
     a, b = KvPool.allocate_host("a", lay), KvPool.allocate_host("b", lay)
     pattern(a.host_view(), 5)
-    st = await (await transfer_kv_cache(a, b, ([1, 7, 30], [0, 2, 4]), metrics=None))
+    st = await (await copy(a, b, ([1, 7, 30], [0, 2, 4]), TransferOptions(metrics=None)))
     assert st.backend == "local" and st.direction == "copy"
     assert digest(b.host_view(), lay, [0, 2, 4]) == digest(a.host_view(), lay, [1, 7, 30])
 
@@ -237,14 +244,43 @@ async def test_host_file_roundtrip_through_nixl_posix(tmp_path, request):
     pattern(src.host_view(), 77)
     back.host_view().fill(0)
     a, b = scattered(64, 12, 11), scattered(64, 12, 12)
-    st = await (await transfer_kv_cache(src, fpool, (a, b), backend=be))
+    st = await (await copy(src, fpool, (a, b), backend=be))
     assert st.direction == "write" and st.path == "host->file"
     import os
 
     with open(fpool.path, "rb") as f:
         data = np.frombuffer(f.read(), dtype=np.uint8)
     assert digest(data, lay, b) == digest(src.host_view(), lay, a)
-    st = await (await transfer_kv_cache(fpool, back, (b, a), backend=be))
+    st = await (await copy(fpool, back, (b, a), backend=be))
     assert st.direction == "read" and st.path == "file->host"
     assert digest(back.host_view(), lay, a) == digest(src.host_view(), lay, a)
     assert os.path.getsize(fpool.path) == lay.pool_bytes
+
+
+async def test_entry_points_refuse_swapped_pools(pair):
+    with pytest.raises(TypeError, match="pull"):
+        await pull(pair.backend, pair.pool, pair.remote, [1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="push"):
+        await push(pair.backend, pair.remote, pair.pool, [1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="copy"):
+        await copy(pair.pool, pair.remote, [1])  # type: ignore[arg-type]
+
+
+async def test_compat_wrapper_dispatches_to_pull_push_copy(pair):
+    """transfer_kv_cache (compatibility, for callers not yet ported) = pull / push / copy by the pool types."""
+    n = pair.layout.num_blocks
+    src, dst = scattered(n, 6, 21), scattered(n, 6, 22)
+    st = await (await transfer_kv_cache(pair.remote, pair.pool, (src, dst), backend=pair.backend, direction="read",
+                                        deadline_s=10, metrics=None))
+    assert st.direction == "read" and digest(pair.pool.host_view(), pair.layout, dst) == await pair.peer.digest(src)
+    st = await (await transfer_kv_cache(pair.pool, pair.remote, (dst, src), backend=pair.backend))
+    assert st.direction == "write" and await pair.peer.digest(src) == digest(pair.pool.host_view(), pair.layout, dst)
+    other = KvPool.allocate_host("compat-copy", pair.layout)
+    st = await (await transfer_kv_cache(pair.pool, other, dst))
+    assert st.direction == "copy" and st.backend == "local"
+    with pytest.raises(ValueError, match="direction"):
+        await transfer_kv_cache(pair.pool, pair.remote, [1], backend=pair.backend, direction="read")
+    with pytest.raises(TypeError, match="both remote"):
+        await transfer_kv_cache(pair.remote, pair.remote, [1], backend=pair.backend)
+    with pytest.raises(TypeError):
+        await transfer_kv_cache(pair.remote, pair.pool, [1], backend=pair.backend, bogus=1)

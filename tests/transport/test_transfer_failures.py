@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from dynamo_ext.transport import KvPool, PeerUnreachable, RemotePool, TransferTimeout, transfer_kv_cache
+from dynamo_ext.transport import KvPool, PeerUnreachable, RemotePool, TransferOptions, TransferTimeout, pull, push
 from dynamo_ext.transport.fallbacks import TcpBackend
 from dynamo_ext.transport.fallbacks.cma import CmaBackend
 from dynamo_ext.transport.probe import probe_layout
@@ -45,7 +45,11 @@ async def test_peer_sigkill_mid_transfer_fails_fast(kind, direction, shared_etcd
             be.register_pool(pool)
         be.add_peer(info)
         remote = RemotePool(info.agent_name, info.pool("kv"))
-        src, dst = (pool, remote) if direction == "write" else (remote, pool)
+        opts = TransferOptions(deadline_s=DEADLINE)
+
+        def move(ids: list[int], options: TransferOptions | None = opts):  # the direction under test
+            return push(be, pool, remote, ids, options) if direction == "write" else pull(be, remote, pool, ids, options)
+
         per = 8  # blocks per transfer = 16 MiB
         killed_at: list[float] = []
 
@@ -61,7 +65,7 @@ async def test_peer_sigkill_mid_transfer_fails_fast(kind, direction, shared_etcd
         while time.monotonic() < t_end:
             ids = [(done * per + i) % layout.num_blocks for i in range(per)]
             try:
-                h = await transfer_kv_cache(src, dst, ids, backend=be, deadline_s=DEADLINE)
+                h = await move(ids)
                 await h
                 done += 1
             except (PeerUnreachable, TransferTimeout) as e:
@@ -78,11 +82,11 @@ async def test_peer_sigkill_mid_transfer_fails_fast(kind, direction, shared_etcd
         # the dead peer keeps failing fast, never hangs
         t0 = time.monotonic()
         with pytest.raises((PeerUnreachable, TransferTimeout)):
-            await (await transfer_kv_cache(src, dst, [0], backend=be, deadline_s=DEADLINE))
+            await (await move([0]))
         assert time.monotonic() - t0 < DEADLINE + 1.0
         be.remove_peer(info.agent_name)
         with pytest.raises(PeerUnreachable, match="unknown peer"):
-            await transfer_kv_cache(src, dst, [0], backend=be)
+            await move([0], None)
         if kind in ("tcp", "cma"):
             await be.close()
     finally:

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from dynamo_ext.transport import KvPool, RemotePool, preset, transfer_kv_cache
+from dynamo_ext.transport import KvPool, RemotePool, TransferOptions, preset, pull, push
 from dynamo_ext.transport.probe import PeerProcess, digest, fill_pool, pool_bytes
 
 pytestmark = pytest.mark.gpu
@@ -58,11 +58,11 @@ async def test_gpu_scattered_blocks_byte_exact(kind, ddev, direction, request):
         src = [int(x) for x in rng.permutation(48)[:20]]
         dst = [int(x) for x in rng.permutation(48)[:20]]
         if direction == "write":
-            st = await (await transfer_kv_cache(pool, remote, (src, dst), backend=be, deadline_s=30))
+            st = await (await push(be, pool, remote, (src, dst), TransferOptions(deadline_s=30)))
             got = (await peer.acall({"cmd": "digest", "blocks": dst}))["sha256"]
             assert got == digest(pool_bytes(pool), layout, src)
         else:
-            st = await (await transfer_kv_cache(remote, pool, (src, dst), backend=be, deadline_s=30))
+            st = await (await pull(be, remote, pool, (src, dst), TransferOptions(deadline_s=30)))
             want = (await peer.acall({"cmd": "digest", "blocks": src}))["sha256"]
             assert digest(pool_bytes(pool), layout, dst) == want
         assert st.bytes == 20 * layout.block_bytes and st.backend == kind
@@ -76,7 +76,7 @@ async def test_gpu_scattered_blocks_byte_exact(kind, ddev, direction, request):
 @pytest.mark.parametrize("direction", ["write", "read"])
 @pytest.mark.parametrize("ddev", [0] + ([1] if _ngpus() > 1 else []))
 async def test_gpu_staged_one_descriptor(ddev, direction, nixl_backend):
-    """transfer_kv_cache(stage=None) with device pools stages automatically. WRITE: gather on GPU0, one
+    """pull/push (TransferOptions.stage=None) with device pools stage automatically. WRITE: gather on GPU0, one
     NIXL descriptor into the peer's device staging, the peer scatters and acks. READ: the peer gathers
     on request, one NIXL READ, scatter on GPU0, release."""
     import base64
@@ -104,12 +104,12 @@ async def test_gpu_staged_one_descriptor(ddev, direction, nixl_backend):
         remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
         if direction == "write":
             for _ in range(3):
-                st = await (await transfer_kv_cache(pool, remote, (src, dst), backend=be, deadline_s=30))
+                st = await (await push(be, pool, remote, (src, dst), TransferOptions(deadline_s=30)))
             got = (await peer.acall({"cmd": "digest", "blocks": dst}))["sha256"]
             assert got == digest(pool_bytes(pool), layout, src)
         else:
             for _ in range(3):
-                st = await (await transfer_kv_cache(remote, pool, (dst, src), backend=be, deadline_s=30))
+                st = await (await pull(be, remote, pool, (dst, src), TransferOptions(deadline_s=30)))
             want = (await peer.acall({"cmd": "digest", "blocks": dst}))["sha256"]
             assert digest(pool_bytes(pool), layout, src) == want
         assert st.descriptors == 1
