@@ -41,10 +41,14 @@ def test_bench_route_smoke(tmp_path):
     runs = json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["runs"]
     assert all(x["completed"] == x["requests"] == 4 and not x["errors"] for x in runs), runs
     assert all(x["quiet"] is True and x["quiet_wait_s"] == 0.0 and x["load_before"] >= 0 for x in runs), runs
-    for x in runs:  # pulls counted from the decode workers' log lines (prompt tokens, blocks reused)
-        assert isinstance(x["kv_blocks_reused_by_decode"], int) and x["kv_blocks_reused_by_decode"] >= 0, x
-        if x["policy"] == "round-robin":
+    for x in runs:  # pulls from the decode workers' /metrics (transfer counters, local prefills)
+        assert x["kv_blocks_reused_by_decode"] is None or x["kv_blocks_reused_by_decode"] >= 0, x
+        assert x["kv_bytes_moved"] == sum(p["kv_bytes"] for p in x["kv_by_path"]), x
+        if x["policy"] == "round-robin":  # every request pulled once: the split is exact
+            assert x["decode_local_prefills"] == 0 and x["kv_transfers"] == 4, x
+            assert isinstance(x["kv_blocks_reused_by_decode"], int), x
             assert 0 < x["blocks_prefilled_remotely"] <= x["prompt_blocks"], x
+            assert x["kv_backends"] and x["kv_pull_gbps"] > 0 and x["kv_pull_s_mean"] > 0, x
     info = json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["info"]
     assert [len(info[p]["runs"]) for p in ("round-robin", "dynamo-kv", "dynamo-ext")] == [1, 1, 1]  # --one-graph
     thr = info["dynamo-ext"]["router_throughput"]  # the router measured its workers

@@ -1,5 +1,7 @@
-"""`dynamo-ext bench serve` smoke run: both graphs (real etcd, NATS, workers, router, Dynamo frontend), one
-rate, 4 streaming requests each; the JSON has the documented shape and every request completed."""
+"""`dynamo-ext bench serve` smoke run: both graphs (started by launch_graph: real etcd, NATS, workers, router,
+Dynamo frontend), two request classes (prompt lengths), one rate, 4 streaming requests per cell; the JSON has
+the documented shape, every request completed, and the disagg cells' pulls (count, bytes, GB/s, backend) come
+from the decode workers' /metrics. ``_kv`` is checked on metrics text written by the transport's own metrics."""
 
 from __future__ import annotations
 
@@ -7,19 +9,26 @@ import json
 import subprocess
 import sys
 
+from prometheus_client import CollectorRegistry, generate_latest
+
+from dynamo_ext.bench._kv import kv_delta, kv_summary, kv_totals
+from dynamo_ext.transport.metrics import make_metrics
+
 
 def test_bench_serve_smoke(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "dynamo_ext.cli", "bench", "serve", "--rates", "4", "--requests", "4", "--warmup", "1",
-         "--prompt-len", "64", "--output-len", "8", "--out", str(tmp_path), "--tag", "smoke", "--no-progress"],
+         "--prompt-lens", "48,96", "--output-len", "8", "--out", str(tmp_path), "--tag", "smoke", "--no-progress"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     data = json.loads((tmp_path / "smoke.json").read_text())
-    assert set(data) >= {"machine", "params", "startup_s", "results", "wall_s"}
+    assert set(data) >= {"runtime", "machine", "params", "startup_s", "results", "wall_s"}
+    assert data["runtime"] == "dynamo" and data["machine"]["cpu"] is not None and data["machine"]["cores"] > 0
     assert data["params"]["graphs"] == ["agg", "disagg"] and set(data["startup_s"]) == {"agg", "disagg"}
     rows = data["results"]
-    assert [(x["graph"], x["rate"]) for x in rows] == [("agg", 4.0), ("disagg", 4.0)]
+    assert [(x["graph"], x["prompt_len"], x["rate"]) for x in rows] == [
+        ("agg", 48, 4.0), ("agg", 96, 4.0), ("disagg", 48, 4.0), ("disagg", 96, 4.0)]
     for row in rows:
         assert row["requests"] == 4 and row["completed"] == 4 and not row["errors"], row
         for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tok_s", "req_s"):
@@ -27,11 +36,36 @@ def test_bench_serve_smoke(tmp_path):
         assert row["ttft_p99_ms"] >= row["ttft_p50_ms"] and row["tpot_p99_ms"] >= row["tpot_p50_ms"]
         assert len(row["samples"]) == 4
         assert all(s["tokens"] == 8 and s["error"] is None and s["prompt_tokens"] > 0 for s in row["samples"])
-    dis = rows[1]
-    assert dis["kv_transfers"] == 4 and dis["kv_bytes_per_request"] > 0  # warm-up excluded: one READ per request
-    assert 0 < dis["kv_share_of_ttft"] < 1
-    assert "kv_share_of_ttft" not in rows[0]
+    for dis in rows[2:]:
+        assert dis["kv_transfers"] == 4 and dis["kv_bytes_per_request"] > 0  # warm-up excluded: one READ per request
+        assert 0 < dis["kv_share_of_ttft"] < 1 and dis["kv_pull_gbps"] > 0 and dis["kv_pull_s_mean"] > 0
+        assert dis["kv_share_of_ttft"] == round(dis["kv_pull_s_mean"] / (dis["ttft_mean_ms"] / 1e3), 4) or \
+            abs(dis["kv_share_of_ttft"] - dis["kv_pull_s_mean"] / (dis["ttft_mean_ms"] / 1e3)) < 2e-3
+        assert dis["kv_backends"] and dis["kv_bytes"] == sum(x["kv_bytes"] for x in dis["kv_by_path"])
+        assert sum(x["kv_transfers"] for x in dis["kv_by_path"]) == 4
+        assert all({"backend", "path", "direction", "kv_pull_gbps"} <= set(x) for x in dis["kv_by_path"])
+    assert rows[3]["kv_bytes_per_request"] > rows[2]["kv_bytes_per_request"]  # longer prompts, more KV
+    assert "kv_share_of_ttft" not in rows[0] and "kv_backends" not in rows[1]
     md = (tmp_path / "smoke.md").read_text()
-    assert "| disagg | 4 | 4/4 |" in md and "Not run here" in md
+    assert "| disagg | 4 | 4/4 |" in md and "Not run here" in md and "Runtime: dynamo" in md
     assert (tmp_path / "smoke.png").stat().st_size > 1000
     assert r.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
+
+
+def test_kv_stats_from_metrics_text():
+    """Two scrapes of two workers' transport metrics -> the cell's pulls per backend / path, GB/s, mean s."""
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    ms = [make_metrics(r) for r in regs]
+    ms[0].observe(path="host->host", direction="read", backend="nixl", nbytes=1000, seconds=0.5, descriptors=3)
+    before = kv_totals({f"decode-{i}": generate_latest(r).decode() for i, r in enumerate(regs)})
+    ms[0].observe(path="host->host", direction="read", backend="nixl", nbytes=4_000_000, seconds=0.002, descriptors=2)
+    ms[1].observe(path="host->host", direction="read", backend="nixl", nbytes=2_000_000, seconds=0.001, descriptors=4)
+    ms[1].observe(path="host->host", direction="read", backend="cma", nbytes=3_000_000, seconds=0.003, descriptors=1)
+    after = kv_totals({f"decode-{i}": generate_latest(r).decode() for i, r in enumerate(regs)})
+    s = kv_summary(kv_delta(after, before))
+    assert s["kv_transfers"] == 3 and s["kv_bytes"] == 9_000_000 and s["kv_backends"] == ["cma", "nixl"]
+    assert abs(s["kv_pull_s_mean"] - 0.002) < 1e-9 and abs(s["kv_pull_gbps"] - 1.5) < 1e-9
+    by = {x["backend"]: x for x in s["kv_by_path"]}
+    assert by["nixl"]["kv_transfers"] == 2 and by["nixl"]["kv_bytes"] == 6_000_000 and by["nixl"]["kv_pull_gbps"] == 2.0
+    assert by["nixl"]["kv_descriptors_mean"] == 3.0 and by["cma"]["path"] == "host->host"
+    assert kv_summary(kv_delta(after, after))["kv_transfers"] == 0

@@ -4,9 +4,10 @@
 workers), ``serve`` (agg vs disagg graphs through Dynamo's HTTP frontend, started with
 ``dynamo_ext.launch.launch_graph``), ``route`` (round-robin vs Dynamo KV router vs dynamo-ext end to end),
 ``serve_direct`` (``bench serve-direct``: agg vs disagg on several GPUs without the Dynamo runtime) with its
-worker process ``direct_worker``, and the shared helpers ``_machine`` (machine facts) and ``_stats``
-(percentiles). Results go to :func:`results_dir`. This is a top layer like ``cli``: it may import every
-layer below (workers, launch, routing, engine, kv, transport, ...); nothing below imports it.
+worker process ``direct_worker``, and the shared helpers ``_machine`` (machine facts), ``_stats``
+(percentiles) and ``_kv`` (KV pull statistics from the workers' ``/metrics``). Results go to
+:func:`results_dir`. This is a top layer like ``cli``: it may import every layer below (workers, launch,
+routing, engine, kv, transport, ...); nothing below imports it.
 """
 
 from __future__ import annotations

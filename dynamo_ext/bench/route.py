@@ -4,8 +4,9 @@
     dynamo-ext bench route --workloads shared-prefix,mixed --policies round-robin,dynamo-kv,dynamo-ext \
         --requests 40 --rate 8 --runs 3 --layers 16 --systems 8 --prefill-kv-blocks 400
 
-For each policy one graph is started (the helpers of tests/workers, as bench serve: etcd + NATS
-on loopback, --prefill-workers prefill and --decode-workers decode workers, NIXL in host memory):
+For each policy one graph (graphs/disagg.py) is started as ``dynamo-ext serve`` starts it
+(``dynamo_ext.launch.launch_graph``: etcd + NATS on free loopback ports, shared by the graphs of one
+benchmark run, --prefill-workers prefill and --decode-workers decode workers, NIXL in host memory):
 
   round-robin  frontend (round-robin) -> our router (policy round-robin) -> next prefill, next decode
   dynamo-ext   frontend (round-robin) -> our router (policy dynamo-ext: routing.decide with KV-event overlap)
@@ -23,7 +24,10 @@ Workloads (streaming completions, Poisson arrivals at --rate, greedy, ignore_eos
   mixed          unique prompts, long (--long-len) or short (--short-len) with probability 1/2
 
 Per policy: TTFT p50 / p99, output tokens/s (first send -> last completion), prefix hit rate, KV bytes
-moved (decode workers' ``dynamo_ext_kv_transfer_bytes_total``).
+moved. Pull statistics come from the decode workers' ``/metrics``, scraped before and after each run and
+differenced (``dynamo_ext/bench/_kv.py``): bytes (``dynamo_ext_kv_transfer_bytes_total``), pulls
+(``dynamo_ext_kv_transfer_seconds_count``), mean pull seconds, GB/s and backend(s), and the decode workers'
+local prefills (``dynamo_ext_worker_local_prefill_total``).
 
 Prefix hit rate: the benchmark subscribes to the graph's KV events (NATS, the subject our workers publish
 to) and counts the blocks newly stored by each worker. A prefill computes and stores only the full blocks
@@ -32,12 +36,19 @@ so, over the full prompt blocks of all completed requests,
 
     hit rate = (full blocks prefilled on prefill workers - blocks those workers newly stored) / full blocks
 
-where the first term is the full blocks of the pulled prompts (the decode workers' "kv transfer received:
-... tokens=N ... cached_blocks=K" log lines, N // block size each; K = blocks the decode worker reused
-from its own prefix cache instead of reading them, reported as kv_blocks_reused_by_decode). Prefills on
-a decode worker (dynamo-ext's "local" option, no pull) are not separable in the decode workers' stored events (they also store the blocks they pull): they are counted
-as hits only as far as the decode workers stored fewer blocks than those prefills covered,
-max(0, local full blocks - blocks stored by decode workers), which is a lower bound. Two concurrent misses
+where the first term is the full blocks of the pulled prompts. A pull of an N-token prompt whose first K
+full blocks the decode worker's own prefix cache holds reads ceil(N / block size) - K blocks, so when every
+completed request was pulled exactly once (pulls == completed requests, no decode-side local prefill: the
+round-robin and dynamo-kv graphs here) the metrics give it exactly: sum of N // block size over the
+requests, and K summed = sum of ceil(N / block size) - bytes read / block bytes (kv_blocks_reused_by_decode).
+When some requests were prefilled locally (dynamo-ext's "local" option) the metrics do not say which, so the
+first term is estimated from the bytes (blocks read - one partial block per pull; reused blocks unknown:
+kv_blocks_reused_by_decode = null). The hit rate hardly depends on that split: unless a term is clipped at
+0 it is (full blocks - blocks stored by prefill workers - blocks stored by decode workers) / full blocks.
+Prefills on a decode worker (no pull) are not separable in the decode workers' stored events (they also
+store the blocks they pull): they are counted as hits only as far as the decode workers stored fewer
+blocks than those prefills covered, max(0, local full blocks - blocks stored by decode workers), which is
+a lower bound. Two concurrent misses
 of the same block on one worker store it once (an upper-bound effect, small at these loads). The per-run
 JSON (route-cpu-<workload>.runs.json) keeps the raw counts; ``--from-runs`` re-renders from it.
 
@@ -64,7 +75,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -73,13 +83,18 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from dynamo_ext.bench import results_dir
-from dynamo_ext.bench.serve import (
-    MODEL, WORDS, Req, _helpers, machine, pct, run_load, scrape_kv)
+from dynamo_ext.bench._kv import counter_total, kv_delta, kv_summary, kv_totals
+from dynamo_ext.bench.serve import MODEL, WORDS, Req, machine, pct, run_load
+from dynamo_ext.launch import launch_graph
+from dynamo_ext.launch.infra import free_port
 
 POLICIES = ("round-robin", "dynamo-kv", "dynamo-ext")
 WORKLOADS = ("shared-prefix", "mixed")
@@ -165,6 +180,13 @@ class StoredCounter:
     def snapshot(self) -> dict[int, int]:
         return dict(self.stored)
 
+    def __enter__(self) -> StoredCounter:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self._idx is not None:
             try:
@@ -198,40 +220,20 @@ def wait_quiet(max_load: float, timeout_s: float, *, poll_s: float = 5.0, loadav
     return {"load_before": round(load, 2), "quiet_wait_s": round(clock() - t0, 1), "quiet": load < max_load}
 
 
-def start_graph(h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str, workdir: Path, model_dir: Path,
-                ns_suffix: str = ""):
-    ns = "rt" + policy.replace("-", "") + ns_suffix
-    cfg = {"router": {"policy": policy, "disagg_min_prompt_tokens": 0},
-           "workers": {"agg": {"count": 0, "num_kv_blocks": a.kv_blocks},
-                       "prefill": {"count": a.prefill_workers, "num_kv_blocks": a.prefill_kv_blocks or a.kv_blocks},
-                       "decode": {"count": a.decode_workers, "num_kv_blocks": a.kv_blocks}}}
-    g = h.Graph(etcd, nats, workdir, model_dir, namespace=ns, **cfg)
-    counter = StoredCounter(nats, ns)
-    counter.start()
-    prefills = [g.start("prefill", wait=False) for _ in range(a.prefill_workers)]
-    decodes = [g.start("decode", wait=False) for _ in range(a.decode_workers)]
-    procs = prefills + decodes
-    router = None
-    if policy != "dynamo-kv":
-        router = g.start("router", wait=False)
-        procs.append(router)
-    g.wait_ready(procs, timeout=a.ready_timeout)
-    base = g.frontend("kv" if policy == "dynamo-kv" else "round-robin", model=MODEL, timeout=a.ready_timeout)
-    return g, base, prefills, decodes, router, counter
+def graph_config(policy: str, a: argparse.Namespace, etcd: str, nats: str, namespace: str) -> dict[str, Any]:
+    return {"model": {"name": MODEL, "preset": "tiny", "block_size": BLOCK, "dtype": "float32"},
+            "kv_transfer": {"backend": "nixl", "timeout_ms": 2000},
+            "workers": {"prefill": {"count": a.prefill_workers, "num_kv_blocks": a.prefill_kv_blocks or a.kv_blocks},
+                        "decode": {"count": a.decode_workers, "num_kv_blocks": a.kv_blocks}},
+            "router": {"policy": policy, "disagg_min_prompt_tokens": 0},
+            "discovery": {"namespace": namespace, "etcd": {"endpoints": [etcd], "lease_ttl_s": 10},
+                          "nats": {"url": nats}}}  # fmt: skip
 
 
-_PULL = re.compile(r"kv transfer received:.* tokens=(\d+) .*cached_blocks=(\d+)")
-
-
-def pull_lines(procs: list) -> list[list[tuple[int, int]]]:
-    """Per decode worker, its pulls so far from its log: (prompt tokens, blocks reused from its own cache)."""
-    out = []
-    for p in procs:
-        try:
-            out.append([(int(m.group(1)), int(m.group(2))) for m in _PULL.finditer(p.log())])
-        except Exception:  # noqa: BLE001 - no log: the byte-based estimate is used
-            out.append([])
-    return out
+def decode_scrape(g: Any) -> tuple[dict, float]:
+    """The decode workers' KV transfer counters and their local prefills (sum over workers)."""
+    texts = g.metrics(role="decode")
+    return kv_totals(texts), counter_total(texts, "dynamo_ext_worker_local_prefill_total")
 
 
 def full_blocks(r: Req) -> int:
@@ -248,16 +250,29 @@ def with_hit_rate(row: dict) -> dict:
 
 
 class Policy:
-    """One policy's running graph and its counters."""
+    """One policy's running graph (``launch_graph``, held open until ``stop``) and its counters."""
 
-    def __init__(self, h: Any, policy: str, a: argparse.Namespace, etcd: str, nats: str, work: Path,
+    def __init__(self, policy: str, a: argparse.Namespace, etcd: str, nats: str, work: Path,
                  model_dir: Path, ns_suffix: str = "") -> None:
         from dynamo_ext.engine.config import ModelConfig
 
         self.name, self.a = policy, a
         t_start = time.monotonic()
-        self.g, self.base, self.prefills, self.decodes, self.router, self.counter = start_graph(
-            h, policy, a, etcd, nats, work, model_dir, ns_suffix)
+        ns = "rt" + policy.replace("-", "") + ns_suffix
+        self._stack = ExitStack()
+        try:
+            self.g = self._stack.enter_context(launch_graph(
+                "graphs.disagg", graph_config(policy, a, etcd, nats, ns), model_dir=model_dir,
+                log_dir=work / f"logs-{ns}", ready_timeout=a.ready_timeout))
+            self.base = self.g.base_url
+            self.prefill_ids = {c.instance_id for c in self.g.children if c.role == "prefill"}
+            routers = [c for c in self.g.children if c.role == "router"]
+            self.router_health = (routers[0].metrics_url.rsplit("/", 1)[0] + "/health"
+                                  if routers and routers[0].metrics_url else None)  # fmt: skip
+            self.counter = self._stack.enter_context(StoredCounter(nats, ns))
+        except BaseException:
+            self._stack.close()
+            raise
         self.info: dict[str, Any] = {"startup_s": round(time.monotonic() - t_start, 1)}
         mc = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
         self.block_bytes = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * {"float32": 4}.get(mc.dtype, 2) * BLOCK
@@ -266,18 +281,17 @@ class Policy:
 
     def measure(self, wl: str, run: int) -> dict:
         a = self.a
-        kv_urls = [d.metrics_url for d in self.decodes]
-        pids = {p.instance_id for p in self.prefills}
+        pids = self.prefill_ids
         time.sleep(0.3)
         quiet = wait_quiet(a.quiet_load, a.quiet_timeout, log=lambda s: print(s, file=sys.stderr, flush=True))
-        kv0, st0 = scrape_kv(kv_urls), self.counter.snapshot()
-        n_pulls0 = [len(x) for x in pull_lines(self.decodes)]
+        (kv0, local0), st0 = decode_scrape(self.g), self.counter.snapshot()
         dec0 = self.decisions()
         reqs = make_workload(wl, a, a.seed + 1000 * run)
         t0 = run_load(self.base, reqs, a.timeout)
         time.sleep(0.5)
-        kv1, st1 = scrape_kv(kv_urls), self.counter.snapshot()
+        (kv1, local1), st1 = decode_scrape(self.g), self.counter.snapshot()
         dec1 = self.decisions()
+        self.g.check()  # a worker that died under the load fails the run
         ok = [r for r in reqs if r.ok]
         ttft = [r.ttft() for r in ok]
         end = max((r.done for r in reqs), default=t0)
@@ -285,17 +299,19 @@ class Policy:
         stored = {w: st1.get(w, 0) - st0.get(w, 0) for w in set(st1) | set(st0)}
         stored_p = sum(v for w, v in stored.items() if w in pids)
         blocks = sum(full_blocks(r) for r in ok)
-        transfers = int(kv1[1] - kv0[1])
-        # full blocks of the prompts prefilled on prefill workers: from the decode workers' pull log lines
-        # (prompt tokens per pull); the decode worker reads only the blocks its own cache lacks, so the
-        # bytes moved undercount them. Without log lines: pulled blocks minus each pull's partial block.
-        new = [x[n:] for x, n in zip(pull_lines(self.decodes), n_pulls0)]
-        new_pulls = [t for x in new for t in x]
-        if new_pulls:
-            pulled = min(blocks, sum(tok // BLOCK for tok, _ in new_pulls))
+        kv = kv_summary(kv_delta(kv1, kv0))
+        transfers, moved = kv["kv_transfers"], kv["kv_bytes"]
+        local = int(round(local1 - local0))
+        read_blocks = moved // self.block_bytes
+        # full blocks of the prompts prefilled on prefill workers (the module docstring): exact when every
+        # completed request was pulled once, else estimated from the bytes (reused blocks unknown)
+        reused: int | None
+        if transfers == len(ok) == len(reqs) and local == 0:
+            pulled = blocks
+            reused = max(0, sum(-(-(r.prompt_tokens or len(r.prompt)) // BLOCK) for r in ok) - read_blocks)
         else:
-            pulled = max(0, min(blocks, int(kv1[2] - kv0[2]) // self.block_bytes - transfers))
-        reused = sum(c for _, c in new_pulls)
+            pulled = max(0, min(blocks, read_blocks - transfers))
+            reused = None
         return with_hit_rate({"policy": self.name, "run": run, "requests": len(reqs), "completed": len(ok),
                 "errors": [r.error or f"finish={r.finish}" for r in reqs if not r.ok][:3],
                 "ttft_p50_s": round(pct(ttft, 0.5) or float("nan"), 4),
@@ -303,39 +319,50 @@ class Policy:
                 "ttft_mean_s": round(statistics.fmean(ttft), 4) if ttft else None,
                 "throughput_tok_s": round(sum(r.tokens for r in ok) / dur, 1),
                 "prefix_hit_rate": 0.0,
-                "kv_bytes_moved": int(kv1[2] - kv0[2]), "kv_transfers": transfers,
+                "kv_bytes_moved": moved, "kv_transfers": transfers, "kv_pull_s_mean": kv["kv_pull_s_mean"],
+                "kv_pull_gbps": kv["kv_pull_gbps"], "kv_backends": kv["kv_backends"], "kv_by_path": kv["kv_by_path"],
+                "decode_local_prefills": local,
                 "blocks_prefilled_remotely": pulled, "kv_blocks_reused_by_decode": reused, "prompt_blocks": blocks,
                 "stored_blocks_prefill": stored_p,
                 "stored_blocks_decode": sum(v for w, v in stored.items() if w not in pids),
                 "router_decisions": {k: dec1.get(k, 0) - dec0.get(k, 0) for k in dec1 if dec1.get(k, 0) != dec0.get(k, 0)}
-                if self.router is not None else None,
+                if self.router_health is not None else None,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "load_before": quiet["load_before"], "load_after": round(os.getloadavg()[0], 2),
                 "quiet_wait_s": quiet["quiet_wait_s"], "quiet": quiet["quiet"],
                 "prompt_tokens_mean": round(statistics.fmean([r.prompt_tokens for r in ok]), 1) if ok else None})
 
-    def decisions(self) -> dict[str, int]:  # noqa: D102
-        if self.router is None:
+    def health(self) -> dict[str, Any]:
+        """Our router's /health (an error answer still carries the JSON); {} without a router or an answer."""
+        if self.router_health is None:
             return {}
         try:
-            return dict(self.router.health().get("decisions") or {})
-        except Exception:  # noqa: BLE001
+            with urllib.request.urlopen(self.router_health, timeout=5) as r:
+                return dict(json.loads(r.read()))
+        except urllib.error.HTTPError as e:
+            try:
+                return dict(json.loads(e.read()))
+            except ValueError:
+                return {}
+        except (OSError, ValueError):
             return {}
+
+    def decisions(self) -> dict[str, int]:  # noqa: D102
+        return dict(self.health().get("decisions") or {})
 
     def throughput(self) -> dict | None:
         """The router's measured throughput estimates per worker (health ``throughput``), if any."""
-        if self.router is None:
-            return None
-        try:
-            return self.router.health().get("throughput") or None
-        except Exception:  # noqa: BLE001
-            return None
+        return self.health().get("throughput") or None
 
     def stop(self) -> None:
-        self.info["router_decisions"] = self.decisions() or None
-        self.info["router_throughput"] = self.throughput()
-        self.counter.stop()
-        self.g.stop()
+        """Stop the counter and the graph (children in reverse order, etcd records audited)."""
+        if self.router_health is not None:
+            self.info["router_decisions"] = self.decisions() or None
+            self.info["router_throughput"] = self.throughput()
+        else:
+            self.info.setdefault("router_decisions", None)
+            self.info.setdefault("router_throughput", None)
+        self._stack.close()
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -357,6 +384,10 @@ def table(res: dict) -> str:
         lines.append(f"| {r['policy']} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['throughput_tok_s']:.1f} "
                      f"| {r['prefix_hit_rate']:.1%} | {r['kv_bytes_moved']:,} |")
     return "\n".join(lines)
+
+
+def _or(x: Any, default: str) -> Any:
+    return default if x is None else x
 
 
 def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
@@ -388,16 +419,21 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
              "(dynamo_ext/bench/route.py's docstring gives the formula and its limits). "
              "KV bytes moved = decode workers' `dynamo_ext_kv_transfer_bytes_total` over the run (a decode worker "
              "reads only the prompt blocks its own prefix cache lacks; blocks it reused instead: "
-             + ", ".join(f"{r['policy']} run {r['run']}: {r.get('kv_blocks_reused_by_decode', '?')}"
-                         for r in extra["runs"]) + ").", ""]
+             + ", ".join(f"{r['policy']} run {r['run']}: {_or(r.get('kv_blocks_reused_by_decode'), 'unknown')}"
+                         for r in extra["runs"]) + "; unknown when some requests were prefilled on a decode "
+             "worker, see the docstring). Pulls, pull GB/s and backend: the decode workers' "
+             "`dynamo_ext_kv_transfer_*` metrics over the run.", ""]
     lines += ["Per run:", "", "| policy | run | done | prompt tok (mean) | TTFT p50 | TTFT p99 | tok/s | hit | "
-              "stored blocks (prefill / decode) | blocks prefilled remotely / all | KV bytes | load before -> after |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+              "stored blocks (prefill / decode) | blocks prefilled remotely / all | KV bytes | pulls | pull GB/s | "
+              "backend | load before -> after |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
     for r in extra["runs"]:
         lines.append(f"| {r['policy']} | {r['run']} | {r['completed']}/{r['requests']} | {r['prompt_tokens_mean']} | "
                      f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['throughput_tok_s']:.1f} | "
                      f"{r['prefix_hit_rate']:.1%} | {r['stored_blocks_prefill']} / {r['stored_blocks_decode']} | "
                      f"{r['blocks_prefilled_remotely']} / {r['prompt_blocks']} | {r['kv_bytes_moved']:,} | "
+                     f"{_or(r.get('kv_transfers'), '-')} | {_or(r.get('kv_pull_gbps'), '-')} | "
+                     f"{', '.join(r.get('kv_backends') or []) or '-'} | "
                      f"{r.get('load_before', '?')} -> {r.get('load_after', r.get('load_avg_1m', '?'))} |")
     lines += ["", "Router decisions (our router; dynamo-kv has none): "
               + "; ".join(f"{p}: {i.get('router_decisions')}" for p, i in extra["info"].items()) + ".", "",
@@ -525,11 +561,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t0 = time.time()
-    h = _helpers()
     mach = machine()
     work = Path(tempfile.mkdtemp(prefix="dx-bench-route-"))
-    etcd = h.EtcdServer("etcd", h.make_workdir("dx-br-etcd-"))
-    nats = h.NatsServer("nats", h.make_workdir("dx-br-nats-"))
+    # one etcd and one NATS per benchmark run: the first graph's launch starts them, the graphs running
+    # beside it reuse them (stopped in reverse order, so their owner goes last); --one-graph: one per run
+    etcd, nats = f"http://127.0.0.1:{free_port()}", f"nats://127.0.0.1:{free_port()}"
+    ok = False
     rows: dict[str, list[dict]] = defaultdict(list)
     info: dict[str, Any] = {}
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -540,8 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "model", "init", "--preset", "tiny", str(model_dir)]
                        + (["--layers", str(a.layers)] if a.layers else []),
                        check=True, stdout=subprocess.DEVNULL)
-        etcd.start()
-        nats.start()
+
         def report(pol: Policy, wl: str, run: int, row: dict) -> None:
             rows[wl].append(row)
             log(f"{pol.name} {wl} run {run}: {row['completed']}/{row['requests']} ok, TTFT p50 "
@@ -553,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             for wl in a.workloads:
                 for run in range(a.runs):
                     for name in (policies if run % 2 == 0 else policies[::-1]):
-                        pol = Policy(h, name, a, etcd.url, nats.url, work, model_dir, f"{wl[:1]}{run}")
+                        pol = Policy(name, a, etcd, nats, work, model_dir, f"{wl[:1]}{run}")
                         running.append(pol)
                         try:
                             row = pol.measure(wl, run)
@@ -568,18 +604,20 @@ def main(argv: list[str] | None = None) -> int:
                             prev["router_throughput"] = pol.info.get("router_throughput")
         else:
             for policy in policies:  # all graphs up at once: runs interleave, so background load hits all alike
-                running.append(Policy(h, policy, a, etcd.url, nats.url, work, model_dir))
+                running.append(Policy(policy, a, etcd, nats, work, model_dir))
             for wl in a.workloads:
                 for run in range(a.runs):
                     for pol in (running if run % 2 == 0 else running[::-1]):
                         report(pol, wl, run, pol.measure(wl, run))
+        ok = True
     finally:
-        for pol in running:
+        for pol in reversed(running):  # the graph that started etcd / NATS stops last
             pol.stop()
             info[pol.name] = pol.info
-        etcd.stop()
-        nats.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"dynamo-ext bench route: logs kept in {work}")
     mach["wall_s"] = round(time.time() - t0, 1)
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)

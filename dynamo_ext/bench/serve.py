@@ -3,9 +3,11 @@
     dynamo-ext bench serve                                   # tiny on CPU (committed results, ~2 min on 2 cores)
     dynamo-ext bench serve --rates 2,4,8,16,32,64 --requests 40 --prompt-len 256 --prompt-len-jitter 0.25 \
         --output-len 32 --graphs agg,disagg
+    dynamo-ext bench serve --prompt-lens 64,512,1024 --rates 4 ...    # one cell per (graph, prompt length, rate)
 
-For each graph (real processes, the same helpers as tests/workers: etcd + NATS on loopback, workers via
-``python -m dynamo_ext.workers``, our router, ``python -m dynamo.frontend --router-mode round-robin``):
+Each graph is started as ``dynamo-ext serve`` starts it (``dynamo_ext.launch.launch_graph``: etcd + NATS on
+free loopback ports, workers via ``python -m dynamo_ext.workers``, our router, Dynamo's frontend
+``python -m dynamo.frontend --router-mode round-robin``), and stopped (records audited) before the next:
 
   agg     frontend -> router -> --agg-workers aggregated workers                         (graphs/agg.py)
   disagg  frontend -> router -> --prefill-workers prefill, --decode-workers decode;
@@ -13,18 +15,22 @@ For each graph (real processes, the same helpers as tests/workers: etcd + NATS o
 
 the graph is started, warmed up (a few requests), then for every rate in --rates, --requests streaming
 completions (``stream: true``, ``ignore_eos``, usage included) are sent with Poisson arrivals (exponential
-gaps, seeded). Prompts are random words of --prompt-len bytes +- --prompt-len-jitter (uniform, a
-fraction; the tiny tokenizer is byte-level: bytes = tokens), each with a unique prefix (no prefix-cache
-hits); outputs --output-len tokens +- --output-len-jitter.
+gaps, seeded), for every request class (prompt length) of --prompt-lens (default: --prompt-len). Prompts
+are random words of the class's length in bytes +- --prompt-len-jitter (uniform, a fraction; the tiny
+tokenizer is byte-level: bytes = tokens), each with a unique prefix (no prefix-cache hits); outputs
+--output-len tokens +- --output-len-jitter.
 
 Per request: TTFT = first SSE chunk with a choice - send; TPOT = (last chunk - first chunk) / (tokens - 1),
-tokens = ``usage.completion_tokens``. Per (graph, rate): TTFT / TPOT p50 and p99 (linear interpolation;
-with 20 requests p99 is close to the maximum), output tokens/s and requests/s over the window from the
-first send to the last completion. Disagg: the decode workers' ``dynamo_ext_kv_transfer_seconds``
-(sum / count, scraped before and after each rate) gives the mean KV transfer per request and its share of
-the mean TTFT.
+tokens = ``usage.completion_tokens``. Per cell (graph, prompt length, rate): TTFT / TPOT p50 and p99 (linear
+interpolation; with 20 requests p99 is close to the maximum), output tokens/s and requests/s over the window
+from the first send to the last completion. Disagg: the decode workers' ``/metrics`` are scraped before and
+after each cell (``launch_graph(...).metrics(role="decode")``, parsed with prometheus_client) and
+differenced per backend / path / direction (``dynamo_ext/bench/_kv.py``): KV bytes, pulls
+(``dynamo_ext_kv_transfer_seconds_count``), mean pull seconds (``_sum / _count``), pull GB/s (bytes /
+summed pull seconds), the backend(s), and the KV transfer share of TTFT = mean pull s / mean TTFT.
 
-Writes benchmarks/results/serve-<device>-<preset>.{json,md,png} (machine described) and prints the table
+Writes benchmarks/results/serve-<device>-<preset>.{json,md,png} (or --out / --tag; JSON: {"runtime":
+"dynamo", "machine", "params", "startup_s", "results": [one row per cell], "wall_s"}) and prints the table
 last. The committed results are CPU-only; the GPU part (llama3-70b-shape, 4K prompts, NVLink) is not run.
 """
 
@@ -32,12 +38,10 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.util
 import json
 import os
 import platform
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -51,26 +55,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dynamo_ext.bench import results_dir
+from dynamo_ext.bench._kv import kv_delta, kv_summary, kv_totals
 from dynamo_ext.bench._machine import cpu_model
 from dynamo_ext.bench._stats import pct  # noqa: F401 - route.py imports it from here
-
-ROOT = Path(__file__).resolve().parents[2]  # source checkout: tests/workers/conftest.py (until step 3)
+from dynamo_ext.launch import launch_graph
+from dynamo_ext.launch.infra import free_port
 MODEL = "dx/tiny"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired cats watch from the old red barn "
          "and nobody counts how many small grey birds sing in tall green trees near quiet water").split()
-
-
-def _helpers() -> Any:
-    """tests/workers/conftest.py (Graph: workers, frontend) and tests/fixtures/servers.py (etcd, NATS)."""
-    path = ROOT / "tests" / "workers" / "conftest.py"
-    if not path.is_file():
-        raise SystemExit("dynamo-ext bench serve: tests/workers/ not found; run from a source checkout")
-    spec = importlib.util.spec_from_file_location("dynamo_ext_bench_worker_helpers", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def machine() -> dict[str, Any]:
@@ -124,12 +116,13 @@ def _prompt(rng: random.Random, n: int, tag: str) -> str:
     return s[:n]
 
 
-def make_requests(a: argparse.Namespace, rate: float, seed: int, tag: str) -> list[Req]:
+def make_requests(a: argparse.Namespace, rate: float, seed: int, tag: str, prompt_len: int | None = None) -> list[Req]:
     rng = random.Random(seed)
     t, out = 0.0, []
+    plen = a.prompt_len if prompt_len is None else prompt_len
     for i in range(a.requests):
         t += rng.expovariate(rate) if i else 0.0
-        pl = max(8, round(a.prompt_len * (1 + rng.uniform(-a.prompt_len_jitter, a.prompt_len_jitter))))
+        pl = max(8, round(plen * (1 + rng.uniform(-a.prompt_len_jitter, a.prompt_len_jitter))))
         ol = max(2, round(a.output_len * (1 + rng.uniform(-a.output_len_jitter, a.output_len_jitter))))
         out.append(Req(i, t, _prompt(rng, pl, f"{tag}-{i}-{rng.getrandbits(32):08x}"), ol))
     return out
@@ -204,21 +197,14 @@ def run_load(base: str, reqs: list[Req], timeout: float, progress: Any = None) -
 # -- metrics --------------------------------------------------------------------------------------------------
 
 
-def scrape_kv(urls: list[str]) -> tuple[float, float, float]:
-    """Sum over workers of dynamo_ext_kv_transfer_seconds_sum / _count and dynamo_ext_kv_transfer_bytes_total."""
-    import urllib.request
-
-    tot = [0.0, 0.0, 0.0]
-    for url in urls:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
-        for i, name in enumerate(("dynamo_ext_kv_transfer_seconds_sum", "dynamo_ext_kv_transfer_seconds_count",
-                                  "dynamo_ext_kv_transfer_bytes_total")):
-            tot[i] += sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-    return tot[0], tot[1], tot[2]
+def decode_kv(g: Any) -> dict:
+    """The decode workers' KV transfer counters now, per backend / path / direction (summed over workers)."""
+    return kv_totals(g.metrics(role="decode"))
 
 
-def summarize(graph: str, rate: float, reqs: list[Req], t0: float, kv: tuple[float, float, float] | None) -> dict:
+def summarize(graph: str, rate: float, reqs: list[Req], t0: float, kv: dict[str, Any] | None,
+              prompt_len: int | None = None) -> dict:
+    """One cell's row; ``kv``: ``_kv.kv_summary`` of the decode workers' metrics over the cell (None: agg)."""
     ok = [r for r in reqs if r.ok]
     ttft = [r.ttft() for r in ok]
     tpot = [x for x in (r.tpot() for r in ok) if x is not None]
@@ -226,7 +212,7 @@ def summarize(graph: str, rate: float, reqs: list[Req], t0: float, kv: tuple[flo
     dur = max(end - t0, 1e-9)
     ms = lambda x: None if x is None else round(x * 1e3, 2)  # noqa: E731
     row: dict[str, Any] = {
-        "graph": graph, "rate": rate, "requests": len(reqs), "completed": len(ok),
+        "graph": graph, "prompt_len": prompt_len, "rate": rate, "requests": len(reqs), "completed": len(ok),
         "errors": [r.error or f"finish={r.finish} tokens={r.tokens}" for r in reqs if not r.ok][:5],
         "duration_s": round(dur, 3),
         "ttft_p50_ms": ms(pct(ttft, 0.5)), "ttft_p99_ms": ms(pct(ttft, 0.99)),
@@ -240,63 +226,61 @@ def summarize(graph: str, rate: float, reqs: list[Req], t0: float, kv: tuple[flo
                      "error": None if r.ok else (r.error or f"finish={r.finish}")} for r in reqs],
     }
     if kv is not None:
-        s, n, b = kv
-        row["kv_transfers"] = int(n)
+        n, b, mean_s = kv["kv_transfers"], kv["kv_bytes"], kv["kv_pull_s_mean"]
+        row.update(kv)  # kv_bytes, kv_transfers (pulls), kv_pull_s_mean, kv_pull_gbps, kv_backends, kv_by_path
         row["kv_bytes_per_request"] = round(b / n) if n else None
-        row["kv_transfer_mean_ms"] = ms(s / n) if n else None
-        row["kv_share_of_ttft"] = round((s / n) / statistics.fmean(ttft), 4) if n and ttft else None
+        row["kv_transfer_mean_ms"] = ms(mean_s) if n else None
+        row["kv_share_of_ttft"] = round(mean_s / statistics.fmean(ttft), 4) if n and ttft else None
     return row
 
 
 # -- graphs ---------------------------------------------------------------------------------------------------
 
 
-def start_graph(h: Any, kind: str, a: argparse.Namespace, etcd: str, nats: str, workdir: Path, model_dir: Path):
-    cfg = {"router": {"policy": a.policy, "disagg_min_prompt_tokens": 0},
-           "workers": {"agg": {"count": a.agg_workers, "num_kv_blocks": a.kv_blocks},
-                       "prefill": {"count": a.prefill_workers, "num_kv_blocks": a.kv_blocks},
-                       "decode": {"count": a.decode_workers, "num_kv_blocks": a.kv_blocks}}}
-    g = h.Graph(etcd, nats, workdir, model_dir, namespace=f"bench{kind}", **cfg)
-    procs = []
-    if kind == "agg":
-        procs += [g.start("agg", wait=False) for _ in range(a.agg_workers)]
-        decodes = []
-    else:
-        procs += [g.start("prefill", wait=False) for _ in range(a.prefill_workers)]
-        decodes = [g.start("decode", wait=False) for _ in range(a.decode_workers)]
-        procs += decodes
-    procs.append(g.start("router", wait=False))
-    g.wait_ready(procs, timeout=a.ready_timeout)
-    base = g.frontend("round-robin", model=MODEL, timeout=a.ready_timeout)
-    return g, base, [d.metrics_url for d in decodes]
+def graph_config(kind: str, a: argparse.Namespace) -> dict[str, Any]:
+    """The dynamo.yaml of one graph (etcd and NATS on free loopback ports: the launch starts them)."""
+    workers = ({"agg": {"count": a.agg_workers, "num_kv_blocks": a.kv_blocks}} if kind == "agg" else
+               {"prefill": {"count": a.prefill_workers, "num_kv_blocks": a.kv_blocks},
+                "decode": {"count": a.decode_workers, "num_kv_blocks": a.kv_blocks}})
+    return {"model": {"name": MODEL, "preset": a.preset, "block_size": 16, "dtype": "float32"},
+            "kv_transfer": {"backend": "nixl", "timeout_ms": 2000},
+            "workers": workers,
+            "router": {"policy": a.policy, "disagg_min_prompt_tokens": 0},
+            "discovery": {"namespace": f"bench{kind}",
+                          "etcd": {"endpoints": [f"http://127.0.0.1:{free_port()}"], "lease_ttl_s": 10},
+                          "nats": {"url": f"nats://127.0.0.1:{free_port()}"}}}  # fmt: skip
 
 
-def bench_graph(h: Any, kind: str, a: argparse.Namespace, etcd: str, nats: str, workdir: Path, model_dir: Path,
-                bar: Any) -> tuple[list[dict], float]:
+def bench_graph(kind: str, a: argparse.Namespace, workdir: Path, model_dir: Path, bar: Any) -> tuple[list[dict], float]:
     t_start = time.monotonic()
-    g, base, kv_urls = start_graph(h, kind, a, etcd, nats, workdir, model_dir)
-    startup = time.monotonic() - t_start
     rows = []
-    try:
+    with launch_graph(f"graphs.{kind}", graph_config(kind, a),
+                      model_dir=model_dir, log_dir=workdir / f"logs-{kind}",
+                      ready_timeout=a.ready_timeout) as g:  # fmt: skip
+        startup = time.monotonic() - t_start
+        pulls = kind == "disagg"
         warm = make_requests(argparse.Namespace(**{**vars(a), "requests": a.warmup}), 100.0, a.seed + 999, "warm")
-        run_load(base, warm, a.timeout)
-        for k, rate in enumerate(a.rates):
-            before = scrape_kv(kv_urls) if kv_urls else None
-            reqs = make_requests(a, rate, a.seed + k, f"{kind}{rate}")
-            bar.set_postfix_str(f"{kind} {rate:g} req/s")
-            t0 = run_load(base, reqs, a.timeout, bar)
-            kv = None
-            if kv_urls:
-                time.sleep(0.3)
-                after = scrape_kv(kv_urls)
-                kv = tuple(x - y for x, y in zip(after, before))  # type: ignore[arg-type]
-            row = summarize(kind, rate, reqs, t0, kv)
-            rows.append(row)
-            bar.write(f"{kind} {rate:g} req/s: {row['completed']}/{row['requests']} ok, "
-                      f"TTFT p50 {row['ttft_p50_ms']} ms, "
-                      f"TPOT p50 {row['tpot_p50_ms']} ms, {row['output_tok_s']} tok/s")
-    finally:
-        g.stop()
+        run_load(g.base_url, warm, a.timeout)
+        k = 0
+        for plen in a.prompt_lens:
+            for rate in a.rates:
+                before = decode_kv(g) if pulls else None
+                reqs = make_requests(a, rate, a.seed + k, f"{kind}{plen}-{rate}", plen)
+                k += 1
+                bar.set_postfix_str(f"{kind} {plen} tok {rate:g} req/s")
+                t0 = run_load(g.base_url, reqs, a.timeout, bar)
+                kv = None
+                if pulls:
+                    time.sleep(0.3)
+                    kv = kv_summary(kv_delta(decode_kv(g), before))
+                g.check()  # a worker that died under the load fails the run, not a cell later
+                row = summarize(kind, rate, reqs, t0, kv, plen)
+                rows.append(row)
+                bar.write(f"{kind} {plen} tok {rate:g} req/s: {row['completed']}/{row['requests']} ok, "
+                          f"TTFT p50 {row['ttft_p50_ms']} ms, TPOT p50 {row['tpot_p50_ms']} ms, "
+                          f"{row['output_tok_s']} tok/s"
+                          + (f", KV {row['kv_transfers']} pulls {row['kv_pull_gbps']} GB/s {row['kv_backends']}"
+                             if kv is not None else ""))  # fmt: skip
     return rows, startup
 
 
@@ -310,21 +294,27 @@ def _f(x: Any, fmt: str = "{:.1f}") -> str:
 def table(res: dict) -> str:
     """The markdown: setup and notes first, the results table last."""
     m, p = res["machine"], res["params"]
+    plens = ", ".join(str(x) for x in (p.get("prompt_lens") or [p["prompt_len"]]))
     lines = [f"# Serving benchmark: agg vs disagg, {p['preset']} on {m['device']} through Dynamo's HTTP frontend", "",
+             f"Runtime: {res.get('runtime', 'dynamo')} (Dynamo's frontend and our workers, each graph started by "
+             "`dynamo_ext.launch.launch_graph` as `dynamo-ext serve` starts it). "
              f"Machine: {m['cpu']}, {m['cores']} cores (shared), Python {m['python']}, "
              f"ai-dynamo {m.get('ai-dynamo')}, torch {m.get('torch')}; load average at start {m['load_avg_1m']}.", "",
              f"Graphs: agg = frontend -> router ({p['policy']}) -> {p['agg_workers']} aggregated worker(s); "
              f"disagg = frontend -> router ({p['policy']}) -> {p['prefill_workers']} prefill + {p['decode_workers']} "
              f"decode worker(s), KV by NIXL in host memory. Start-up: "
              + ", ".join(f"{k} {v:.1f} s" for k, v in res["startup_s"].items()) + ".", "",
-             f"Load: {p['requests']} streaming completions per rate, Poisson arrivals, prompts {p['prompt_len']} "
-             f"tokens +-{p['prompt_len_jitter']:.0%} (uniform), outputs {p['output_len']} tokens "
+             f"Load: {p['requests']} streaming completions per cell (graph, prompt length, rate), Poisson "
+             f"arrivals, prompts of {plens} tokens +-{p['prompt_len_jitter']:.0%} (uniform), outputs {p['output_len']} tokens "
              f"+-{p['output_len_jitter']:.0%} (ignore_eos), greedy; {p['warmup']} warm-up requests per graph. "
              "TTFT = first SSE chunk - send; TPOT = (last - first chunk) / (tokens - 1); throughput over first "
              f"send -> last completion. With {p['requests']} requests p99 is about the maximum. "
              f"Total wall {res['wall_s']} s.", "",
-             "KV share of TTFT = mean `dynamo_ext_kv_transfer_seconds` (decode workers, sum/count over the rate's "
-             "requests) / mean TTFT; it times the NIXL READ only (add_peer, the prefill -> router -> decode "
+             "KV pulls from the decode workers' `/metrics`, scraped before and after each cell and differenced "
+             "per backend / path: pulls = `dynamo_ext_kv_transfer_seconds_count`, bytes = "
+             "`dynamo_ext_kv_transfer_bytes_total`, pull GB/s = bytes / summed pull seconds. "
+             "KV share of TTFT = mean pull seconds (`dynamo_ext_kv_transfer_seconds` sum/count over the cell) "
+             "/ mean TTFT; it times the READ only (add_peer, the prefill -> router -> decode "
              "hand-off and the release call are not in it: they are part of the disagg - agg TTFT difference, with "
              f"the extra hop). The tiny model's KV per request is small ({_kv_bytes(res)}), moved by NIXL/UCX in "
              f"host memory; TTFT here is mostly HTTP + frontend + router + queueing on {m['cores']} cores shared by "
@@ -338,8 +328,9 @@ def table(res: dict) -> str:
     if res.get("note"):
         lines += ["", res["note"]]
     lines += ["", "| graph | rate (req/s) | done | prompt tok (mean) | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
-              "| TPOT p99 (ms) | output tok/s | req/s | KV transfer mean (ms) | KV share of TTFT |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| TPOT p99 (ms) | output tok/s | req/s | KV transfer mean (ms) | KV share of TTFT | KV pulls | "
+              "KV KiB/req | pull GB/s | backend |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["results"]:
         share = r.get("kv_share_of_ttft")
         lines.append(f"| {r['graph']} | {r['rate']:g} | {r['completed']}/{r['requests']} | "
@@ -347,7 +338,10 @@ def table(res: dict) -> str:
                      f"{_f(r['tpot_p50_ms'], '{:.2f}')} | {_f(r['tpot_p99_ms'], '{:.2f}')} | "
                      f"{_f(r['output_tok_s'])} | {_f(r['req_s'], '{:.2f}')} | "
                      f"{_f(r.get('kv_transfer_mean_ms'), '{:.2f}')} | "
-                     f"{_f(None if share is None else share * 100, '{:.1f}%')} |")
+                     f"{_f(None if share is None else share * 100, '{:.1f}%')} | "
+                     f"{_f(r.get('kv_transfers'), '{:d}')} | "
+                     f"{_f(None if r.get('kv_bytes_per_request') is None else r['kv_bytes_per_request'] / 1024)} | "
+                     f"{_f(r.get('kv_pull_gbps'), '{:.3f}')} | {', '.join(r.get('kv_backends') or []) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -363,15 +357,21 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axs = plt.subplots(1, 3, figsize=(13, 4))
-    for kind, style, color in (("agg", "o-", "tab:blue"), ("disagg", "s--", "tab:orange")):
-        rs = [r for r in res["results"] if r["graph"] == kind]
-        if not rs:
-            continue
-        x = [r["rate"] for r in rs]
-        for ax, key in ((axs[0], "ttft"), (axs[1], "tpot")):
-            ax.plot(x, [r[f"{key}_p50_ms"] for r in rs], style, color=color, label=f"{kind} p50")
-            ax.plot(x, [r[f"{key}_p99_ms"] for r in rs], style, color=color, alpha=0.4, label=f"{kind} p99")
-        axs[2].plot(x, [r["output_tok_s"] for r in rs], style, color=color, label=kind)
+    plens = sorted({r.get("prompt_len") for r in res["results"]}, key=lambda x: x or 0)
+    colors = {"agg": plt.cm.Blues, "disagg": plt.cm.Oranges}
+    for kind, style in (("agg", "o-"), ("disagg", "s--")):
+        for j, plen in enumerate(plens):
+            rs = [r for r in res["results"] if r["graph"] == kind and r.get("prompt_len") == plen]
+            if not rs:
+                continue
+            color = colors[kind](0.75 - 0.4 * j / max(1, len(plens) - 1)) if len(plens) > 1 else \
+                {"agg": "tab:blue", "disagg": "tab:orange"}[kind]
+            name = kind if len(plens) == 1 else f"{kind} {plen} tok"
+            x = [r["rate"] for r in rs]
+            for ax, key in ((axs[0], "ttft"), (axs[1], "tpot")):
+                ax.plot(x, [r[f"{key}_p50_ms"] for r in rs], style, color=color, label=f"{name} p50")
+                ax.plot(x, [r[f"{key}_p99_ms"] for r in rs], style, color=color, alpha=0.4, label=f"{name} p99")
+            axs[2].plot(x, [r["output_tok_s"] for r in rs], style, color=color, label=name)
     for ax, t, y in zip(axs, ("TTFT", "TPOT", "throughput"), ("ms", "ms", "output tokens/s")):
         ax.set_title(t)
         ax.set_xlabel("request rate (req/s, Poisson)")
@@ -379,7 +379,8 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel(y)
         ax.legend(fontsize=8)
     p, m = res["params"], res["machine"]
-    fig.suptitle(f"{p['preset']} on {m['cpu']} ({m['cores']} cores): prompts {p['prompt_len']}, "
+    fig.suptitle(f"{p['preset']} on {m['cpu']} ({m['cores']} cores): prompts "
+                 f"{', '.join(str(x) for x in (p.get('prompt_lens') or [p['prompt_len']]))}, "
                  f"outputs {p['output_len']}, "
                  f"{p['requests']} requests per rate", fontsize=9)
     fig.tight_layout()
@@ -406,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=40, help="requests per rate")
     ap.add_argument("--prompt-len", type=int, default=256,
                     help="prompt tokens (bytes: the tiny tokenizer is byte-level)")
-    ap.add_argument("--prompt-len-jitter", type=float, default=0.25, help="uniform +- fraction of --prompt-len")
+    ap.add_argument("--prompt-lens", default=None,
+                    help="request classes: prompt lengths, comma-separated (default: --prompt-len); one cell per "
+                         "(graph, prompt length, rate)")
+    ap.add_argument("--prompt-len-jitter", type=float, default=0.25, help="uniform +- fraction of the prompt length")
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--output-len-jitter", type=float, default=0.0)
     ap.add_argument("--warmup", type=int, default=4, help="requests sent to each graph before measuring")
@@ -425,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default=None, help="a paragraph added to the markdown (e.g. run-to-run noise seen)")
     a = ap.parse_args(argv)
     a.rates = [float(x) for x in a.rates.split(",")]
+    try:
+        a.prompt_lens = [int(x) for x in (a.prompt_lens or str(a.prompt_len)).split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--prompt-lens: {a.prompt_lens!r} is not a list of integers")
+    if not a.prompt_lens or min(a.prompt_lens) < 8:
+        ap.error("--prompt-lens: at least one length, each >= 8")
     graphs = [g.strip() for g in a.graphs.split(",") if g.strip()]
     if not set(graphs) <= {"agg", "disagg"} or not graphs:
         ap.error("--graphs: agg, disagg")
@@ -434,30 +444,28 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     t0 = time.time()
-    h = _helpers()
-    res: dict[str, Any] = {"machine": machine(), "params": {k: v for k, v in vars(a).items()
-                                                             if k not in ("out", "tag", "no_progress", "note")},
-                           "startup_s": {}, "results": []}
+    res: dict[str, Any] = {"runtime": "dynamo", "machine": machine(),
+                           "params": {k: v for k, v in vars(a).items() if k not in ("out", "tag", "no_progress", "note")},
+                           "startup_s": {}, "results": []}  # fmt: skip
     res["params"]["graphs"] = graphs
     work = Path(tempfile.mkdtemp(prefix="dx-bench-serve-"))
-    etcd = h.EtcdServer("etcd", h.make_workdir("dx-bs-etcd-"))
-    nats = h.NatsServer("nats", h.make_workdir("dx-bs-nats-"))
+    ok = False
     try:
         model_dir = work / "model" / a.preset
         subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "model", "init", "--preset", a.preset, str(model_dir)],
                        check=True, stdout=subprocess.DEVNULL)
-        etcd.start()
-        nats.start()
-        total = len(graphs) * len(a.rates) * a.requests
+        total = len(graphs) * len(a.prompt_lens) * len(a.rates) * a.requests
         with tqdm(total=total, desc="serve bench", unit="req", disable=a.no_progress, file=sys.stderr) as bar:
             for kind in graphs:
-                rows, startup = bench_graph(h, kind, a, etcd.url, nats.url, work, model_dir, bar)
+                rows, startup = bench_graph(kind, a, work, model_dir, bar)
                 res["results"] += rows
                 res["startup_s"][kind] = round(startup, 1)
+        ok = True
     finally:
-        etcd.stop()
-        nats.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"dynamo-ext bench serve: logs kept in {work}", file=sys.stderr)
     res["wall_s"] = round(time.time() - t0, 1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
