@@ -35,6 +35,8 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
     from this venv's site-packages, placed after the wheel's site on PYTHONPATH."""
     wheels, venv, cwd = tmp_path / "wheels", tmp_path / "venv", tmp_path / "cwd"
     cwd.mkdir()
+    # no PYTHONPATH while installing: a source tree on it (with a dynamo_ext.egg-info) would look installed
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     r = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -42,19 +44,18 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
     assert r.returncode == 0, r.stderr
     (whl,) = wheels.glob("dynamo_ext-*.whl")
     assert "dynamo_ext/bench/transfer.py" in zipfile.ZipFile(whl).namelist()
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120, env=clean)
     py = venv / "bin" / "python"
     r = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(whl)],
-        capture_output=True, text=True, timeout=300, cwd=cwd,
+        capture_output=True, text=True, timeout=300, cwd=cwd, env=clean,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     wheel_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                capture_output=True, text=True, check=True, timeout=60, cwd=cwd).stdout.strip()
+                                capture_output=True, text=True, check=True, timeout=60, cwd=cwd, env=clean).stdout.strip()
     main_site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()
                      and str(p).startswith(sys.prefix))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["PYTHONPATH"] = os.pathsep.join([wheel_site, main_site])
+    env = {**clean, "PYTHONPATH": os.pathsep.join([wheel_site, main_site])}
     code = "import dynamo_ext.bench, sys; print(dynamo_ext.bench.__file__)"
     where = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=60, cwd=cwd, env=env)
     assert where.returncode == 0 and where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
