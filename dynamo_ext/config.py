@@ -58,6 +58,9 @@ class KvTransferConfig(_Strict):
     rdma_device: str | None = None
     transport_threads: int = Field(4, ge=1, le=64)
     timeout_ms: int = Field(2000, ge=10, le=600_000)
+    #: seconds a prefill worker holds a prefilled KV handle for its decode worker to pull (then frees it);
+    #: default 2 x timeout_ms
+    hold_s: float | None = Field(None, gt=0, le=3600)
 
     @field_validator("metadata_server")
     @classmethod
@@ -70,6 +73,16 @@ class WorkerPoolConfig(_Strict):
     gpu_type: str = "cpu"
     tensor_parallel: Literal[1, 2, 4, 8] = 1
     num_kv_blocks: int = Field(1024, ge=16, le=10_000_000)
+    #: CUDA devices this role's workers use (model.device: cuda), one per worker in turn; None: the launcher
+    #: hands out every visible GPU to the workers of all roles in turn (shared when there are fewer GPUs)
+    gpu_ids: list[int] | None = Field(None, min_length=1)
+
+    @field_validator("gpu_ids")
+    @classmethod
+    def _ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError(f"gpu_ids must be CUDA device indices >= 0, got {v}")
+        return v
 
     @field_validator("gpu_type")
     @classmethod
@@ -83,6 +96,12 @@ class WorkersConfig(_Strict):
     prefill: WorkerPoolConfig | None = None
     decode: WorkerPoolConfig | None = None
     agg: WorkerPoolConfig | None = None
+    #: seconds a stopping worker waits for its in-flight requests before it exits anyway
+    drain_s: float = Field(30.0, ge=0, le=3600)
+    #: a stopping decode worker hands its running requests to another decode worker (KV pulled or recomputed)
+    migrate_on_drain: bool = True
+    #: seconds a draining decode worker keeps its handed-over KV readable before its runtime shuts down
+    migration_grace_s: float = Field(1.0, ge=0, le=600)
 
     @model_validator(mode="after")
     def _some(self) -> "WorkersConfig":
@@ -99,6 +118,8 @@ class ModelConfig(_Strict):
     max_model_len: int = Field(4096, ge=64, le=1_048_576)
     dtype: KvDtype = "float32"
     seed: int = 0
+    #: where the workers' engines and KV pools live: cpu, or cuda (one GPU per worker process: workers.*.gpu_ids)
+    device: Literal["cpu", "cuda"] = "cpu"
 
 
 class RouterConfig(_Strict):
@@ -106,6 +127,8 @@ class RouterConfig(_Strict):
     replicas: int = Field(1, ge=1, le=64)
     disagg_min_prompt_tokens: int = Field(64, ge=0)
     overlap_weight: float = Field(1.0, ge=0.0, le=100.0)
+    #: seconds between rebalancing rounds (routing.plan_migrations(imbalance) over running streams); 0 = off
+    rebalance_s: float = Field(0.0, ge=0, le=3600)
 
 
 class SlaConfig(_Strict):
@@ -198,6 +221,14 @@ class DynamoExtConfig(_Strict):
     @property
     def disaggregated(self) -> bool:
         return self.workers.decode is not None and self.workers.prefill is not None
+
+    @model_validator(mode="after")
+    def _devices(self) -> "DynamoExtConfig":
+        for role in ("prefill", "decode", "agg"):
+            pc = getattr(self.workers, role)
+            if pc is not None and pc.gpu_ids is not None and self.model.device != "cuda":
+                raise ValueError(f"workers.{role}.gpu_ids needs model.device: cuda (model.device is {self.model.device!r})")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ class DirectWorker:
         from dynamo_ext.engine.core import EngineConfig, LlmEngine  # noqa: PLC0415
         from dynamo_ext.engine.weights import load_model  # noqa: PLC0415
         from dynamo_ext.kv.pool import BlockPool  # noqa: PLC0415
-        from dynamo_ext.workers.engine_runner import EngineRunner  # noqa: PLC0415
+        from dynamo_ext.serving.engine_runner import EngineRunner  # noqa: PLC0415
 
         a = self.a
         self.cuda_index: int | None = None

@@ -68,7 +68,7 @@ def probe_route(a: Endpoint, b: Endpoint, choice: TransportChoice, cuda_index: d
     or the owner's GPU -> pinned host copy); ("n/a: why", -1, -1) = not probed.
     ``cuda_index``: topology GPU index -> CUDA device index (None: hidden from CUDA)."""
     if a.device == "host" and b.device == "host":
-        return ("host", -1, -1) if choice.backend == "nixl" else (f"n/a: backend {choice.backend} (no peer-process probe)", -1, -1)
+        return ("host", -1, -1) if _host_backends(choice) else (f"n/a: backends {choice.backends} (no peer-process probe)", -1, -1)
     if a.device == "host":  # the table lists GPUs first; keep GPU as the source
         a, b = b, a
     ca = cuda_index.get(int(a.device))  # type: ignore[arg-type]
@@ -78,18 +78,32 @@ def probe_route(a: Endpoint, b: Endpoint, choice: TransportChoice, cuda_index: d
     return ("gpu", int(ca), int(cb))
 
 
+_PROBED_HOST_BACKENDS = ("cma", "nixl", "tcp")  # backends transport.probe's peer process can run
+
+
+def _host_backends(choice: TransportChoice) -> list[str]:
+    return [b for b in choice.backends if b in _PROBED_HOST_BACKENDS]
+
+
 def probe_one(probe_pair: Any, a: Endpoint, b: Endpoint, choice: TransportChoice, nbytes: int) -> str | dict:
     """Measure one pair with ``dynamo_ext.transport.probe.probe_pair(nbytes, backend=, choice=, direction=)``
-    (a fresh peer process, host memory, median of 3 after a warm-up). That probe moves host memory only,
-    so GPU pairs and local-copy choices are reported as not probed rather than measured wrongly."""
+    (a fresh peer process, host memory, median of 3 after a warm-up) for EVERY backend of the choice, in its
+    order, with the choice's UCX settings for NIXL: ``{backend: {"write": GB/s, "read": GB/s} | "error: ..."}``.
+    That probe moves host memory only, so GPU pairs are reported as not probed rather than measured wrongly."""
     if a.device != "host" or b.device != "host":
         return "n/a: the probe moves host memory only"
-    if choice.backend != "nixl":
-        return f"n/a: backend {choice.backend} (no peer-process probe)"
-    out: dict[str, float] = {}
+    backends = _host_backends(choice)
+    if not backends:
+        return f"n/a: backends {choice.backends} (no peer-process probe)"
+    out: dict[str, Any] = {}
     ch = host_probe_choice(choice, bool(a.topology.gpus))
-    for direction in ("write", "read"):  # READ and WRITE can differ (nixl#610)
-        out[direction] = float(probe_pair(nbytes, backend="nixl", choice=ch, direction=direction))
+    for be in backends:
+        try:
+            out[be] = {direction: float(probe_pair(nbytes, backend=be, choice=ch if be == "nixl" else None,
+                                                   direction=direction))
+                       for direction in ("write", "read")}  # READ and WRITE can differ (nixl#610)
+        except Exception as e:  # noqa: BLE001 - one backend failing is a result of the probe
+            out[be] = f"error: {type(e).__name__}: {e}"
     return out
 
 
@@ -238,13 +252,13 @@ def format_topology(t: NodeTopology) -> str:
 
 def format_pairs(pairs: list[tuple[str, str, Endpoint, Endpoint, TransportChoice]],
                  measured: dict[tuple[str, str], Any] | None = None) -> str:  # fmt: skip
-    head = ["a", "b", "kind", "backend", "expect GB/s", "lat us"]
+    head = ["a", "b", "kind", "backends", "expect GB/s", "lat us"]
     if measured is not None:
         head.append("measured GB/s")
     head.append("env (side a)")
     rows = []
     for na, nb, _a, _b, c in pairs:
-        r = [na, nb, c.kind, c.backend, f"{c.expected_gbps:g}", f"{c.expected_latency_us:g}"]
+        r = [na, nb, c.kind, ">".join(c.backends) or c.backend, f"{c.expected_gbps:g}", f"{c.expected_latency_us:g}"]
         if measured is not None:
             m = measured.get((na, nb))
             r.append(_fmt_measured(m))
@@ -263,6 +277,8 @@ def format_pairs(pairs: list[tuple[str, str, Endpoint, Endpoint, TransportChoice
 
 
 def _fmt_measured(m: Any) -> str:
+    if isinstance(m, dict) and m and all(isinstance(v, (dict, str)) for v in m.values()):  # per backend
+        return "; ".join(f"{k}: {_fmt_measured(v)}" for k, v in m.items())
     if isinstance(m, dict):
         return " ".join(f"{k[0].upper()} {v:.3g}" for k, v in m.items())
     return "-" if m is None else str(m)

@@ -64,8 +64,8 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str
     pid: _NonNeg
     started_at: float  # unix seconds
-    nixl_agent_name: str = ""
-    nixl_agent_metadata: bytes = b""
+    agent_name: str = ""  # the worker's transport agent name (NIXL agent and every other backend)
+    transports: bytes = b""  # serving.PeerTransports (msgpack): per backend its PeerInfo, topology, device
     topology: dict[str, Any] = msgspec.field(default_factory=dict)
     kv_layout: dict[str, Any] = msgspec.field(default_factory=dict)
     pools: list[PoolDescriptor] = msgspec.field(default_factory=list)

@@ -18,9 +18,9 @@ Protocol::
 Sinks:
     NullKvEventSink        drops everything (a pool without a router)
     RecordingKvEventSink   keeps the events in a list (tests; replay)
-    DynamoKvEventSink      over ``dynamo.llm.KvEventPublisher``: the worker builds the publisher on
-                           its served endpoint and hands it in (or calls ``from_endpoint``, which
-                           imports Dynamo lazily). Wire format: notes §2 (msgpack envelope on core NATS,
+    DynamoKvEventSink      over ``dynamo.llm.KvEventPublisher``: the worker (workers/) builds the
+                           publisher on its served endpoint and hands it in; this module never
+                           imports Dynamo. Wire format: notes §2 (msgpack envelope on core NATS,
                            subject ``namespace.<ns>.component.<comp>.endpoint.<ep>.kv-events``).
 
 Nothing here imports Dynamo at module import time.
@@ -105,14 +105,6 @@ class DynamoKvEventSink:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.publisher = publisher
         self.block_size = block_size
-
-    @classmethod
-    def from_endpoint(cls, endpoint: Any, block_size: int, *, enable_local_indexer: bool = True, **kw: Any) -> "DynamoKvEventSink":
-        """Build the publisher on a served Dynamo endpoint (lazy import: kv runs without Dynamo)."""
-        from dynamo.llm import KvEventPublisher
-
-        pub = KvEventPublisher(endpoint, kv_block_size=block_size, enable_local_indexer=enable_local_indexer, **kw)
-        return cls(pub, block_size)
 
     def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None:
         n = len(block_ids)

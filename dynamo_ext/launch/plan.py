@@ -10,7 +10,13 @@ Protocol
 * ``plan_processes(graph, config, ...)``: for each active component (``Graph.plan``, dependencies
   first) and each index ``0..count-1`` one :class:`ChildSpec` named ``<component>-<index>``:
   - workers and routers: ``python -m dynamo_ext.workers --role R --config FILE --model-dir DIR
-    --index N --metrics-port P`` (a free port each), ready on ``DYNAMO_EXT_READY``;
+    --index N --metrics-port P --drain-s D [--device cuda:G]`` (a free port each; D = the stop timeout
+    - 3 s when that is shorter than ``workers.drain_s``, so a worker's drain ends before our SIGKILL),
+    ready on ``DYNAMO_EXT_READY``;
+* ``assign_devices(plan, config, gpu_count)``: with ``model.device: cuda`` each engine worker gets one
+  CUDA device: ``workers.<role>.gpu_ids`` in turn when given, else the ``gpu_count`` visible GPUs handed
+  to the engine workers of all roles in start order, in turn (several workers share a GPU when there are
+  fewer GPUs than workers). Routers and the frontend get none.
   - frontend: ``python -m dynamo.frontend --http-host H --http-port P --router-mode kv|round-robin
     --namespace NS`` (``kv`` under ``router.policy: dynamo-kv``, else it round-robins over our router
     replicas), ready when ``/v1/models`` lists ``model.name``.
@@ -58,13 +64,44 @@ def model_listed(base: str, model: str) -> ReadyCheck:
     return check
 
 
+ENGINE_ROLES = ("prefill", "decode", "agg")
+
+
+def assign_devices(plan: list[tuple[str, int]], config: DynamoExtConfig, gpu_count: int) -> dict[tuple[str, int], str]:
+    """``{(role, index): "cuda:N"}`` for the engine workers of ``plan`` ([(role, count)] in start order); empty
+    on CPU. ValueError when a configured gpu id is not visible or no GPU is."""
+    if config.model.device != "cuda":
+        return {}
+    if gpu_count < 1:
+        raise ValueError("model.device is 'cuda' but no CUDA device is visible here")
+    out: dict[tuple[str, int], str] = {}
+    shared = 0
+    for role, count in plan:
+        if role not in ENGINE_ROLES:
+            continue
+        ids = getattr(config.workers, role).gpu_ids if getattr(config.workers, role, None) else None
+        for i in range(count):
+            if ids:
+                g = ids[i % len(ids)]
+                if g >= gpu_count:
+                    raise ValueError(f"workers.{role}.gpu_ids: GPU {g} is not visible ({gpu_count} visible: "
+                                     f"0..{gpu_count - 1})")
+            else:
+                g, shared = shared % gpu_count, shared + 1
+            out[(role, i)] = f"cuda:{g}"
+    return out
+
+
 def plan_processes(
     graph: Graph, config: DynamoExtConfig, *, config_path: Path, model_dir: Path, port: int, env: dict[str, str],
-    python: str = sys.executable, tolerate_exits: bool = False, stop_timeout: float = 10.0,
+    python: str = sys.executable, tolerate_exits: bool = False, stop_timeout: float = 10.0, gpu_count: int = 0,
 ) -> list[ChildSpec]:  # fmt: skip
     specs: list[ChildSpec] = []
     host = config.frontend.http_host
-    for comp, count in graph.plan(config):
+    planned = graph.plan(config)
+    devices = assign_devices([(c.role, n) for c, n in planned], config, gpu_count)
+    drain_s = min(config.workers.drain_s, max(1.0, stop_timeout - 3.0))
+    for comp, count in planned:
         for i in range(count):
             name = f"{comp.name}-{i}" if count > 1 or comp.role != "frontend" else comp.name
             if comp.role == "frontend":
@@ -76,7 +113,9 @@ def plan_processes(
             else:
                 argv = [python, "-m", "dynamo_ext.workers", "--role", comp.role, "--config", str(config_path),
                         "--model-dir", str(model_dir), "--index", str(i),
-                        "--metrics-port", str(free_port())]  # fmt: skip
+                        "--metrics-port", str(free_port()), "--drain-s", f"{drain_s:g}"]  # fmt: skip
+                if (comp.role, i) in devices:
+                    argv += ["--device", devices[(comp.role, i)]]
                 ready = ready_line(READY_PREFIX)
                 tolerate = tolerate_exits
             specs.append(ChildSpec(name, argv, env, component=comp.name, ready=ready, tolerate_exit=tolerate,

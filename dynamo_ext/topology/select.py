@@ -1,22 +1,25 @@
 """Which transport a pair of endpoints should use, with the parameters and environment that make it
 work and the bandwidth to expect (``baselines.py``). Pure: facts in, ``TransportChoice`` out.
 
-Decision (auto), first match wins; ``a`` is the side that will run with ``env`` (``peer_env`` is b's):
+Decision (auto), first match wins; ``a`` is the side that will run with ``env`` (``peer_env`` is b's).
+``backends`` is what the worker that pulls tries, in order (``transport.make_backend`` names), among the
+backends both sides run for their memory (``BACKEND_MEMORY``):
 
-  same host id + pid namespace + pid ......... same-process  local-copy (NIXL never: two agents in one
-                                                            process fall to tcp/lo at 0.3-0.7 GB/s)
-  same host, both GPUs, same UUID ............ same-gpu      nixl, UCX cuda_ipc, ~1,400 GB/s
-  same host, both GPUs, NVLink peers ......... nvlink        nixl, UCX cuda_ipc, error mode none, ~300
-  same host, both GPUs, no NVLink ............ pcie          nixl, UCX cuda_ipc over PCIe P2P, ~25
-  same host, one GPU, one host buffer ........ pcie          local-copy: the GPU's owner copies to its
-                                                            own pinned host memory (55 GB/s), then
-                                                            host-shm; NIXL's default GPU->foreign host
-                                                            path falls to TCP (0.68 GB/s, measured)
-  same host, both host memory ................ host-shm      nixl, UCX cma (posix,sysv if the pid
-                                                            namespaces differ), progress thread off
-  different hosts, both with an active RDMA port  rdma       nixl, UCX rc, NIC nearest each GPU
-                                                            (UCX_NET_DEVICES=mlx5_X:1), GPUDirect if loaded
-  otherwise .................................. tcp           nixl, UCX_TLS=tcp
+  kind         when                                       backends             UCX (for nixl)
+  same-process same host id + pid namespace + pid         local                (NIXL never: two agents in
+                                                                               one process fall to tcp/lo)
+  same-gpu     same host, both GPUs, same UUID            cuda_ipc, nixl       cuda_ipc, GET zero-copy on
+  nvlink       same host, both GPUs, NVLink peers         cuda_ipc, nixl       cuda_ipc, error mode none
+  pcie         same host, both GPUs, no NVLink            cuda_ipc, nixl       cuda_ipc over PCIe P2P
+  pcie         same host, one GPU, one host buffer        nixl                 (NIXL's default GPU -> foreign
+                                                                               host path falls to TCP, 0.68
+                                                                               GB/s: offload through the
+                                                                               GPU's owner instead)
+  host-shm     same host, both host memory                cma, nixl, tcp       cma (posix,sysv and no cma
+                                                                               backend when the pid
+                                                                               namespaces differ)
+  rdma         other hosts, active RDMA port on both      nixl                 rc, NIC nearest each GPU
+  tcp          otherwise                                  nixl, tcp            UCX_TLS=tcp (forced: tcp first)
 
 ``tcp`` is kept in every UCX_TLS list: UCX needs a connection-capable transport for its control
 messages (cuda_ipc,cuda_copy,self,sm failed at backend creation; cma alone failed; NI§7).
@@ -38,7 +41,12 @@ from .model import PCI_AFFINITY_ORDER, GpuInfo, NodeTopology, RdmaNic, RdmaPort
 
 Kind = Literal["same-process", "same-gpu", "nvlink", "pcie", "host-shm", "rdma", "tcp"]
 KINDS: tuple[str, ...] = ("same-process", "same-gpu", "nvlink", "pcie", "host-shm", "rdma", "tcp")
-Backend = Literal["nixl", "local-copy", "cuda-ipc", "tcp-stream"]
+Backend = Literal["local", "cuda_ipc", "cma", "nixl", "tcp"]  # transport.make_backend names
+#: which memory each backend moves between two processes (nixl: both; local: one process)
+BACKEND_MEMORY: dict[str, frozenset[str]] = {
+    "local": frozenset({"host", "device"}), "cuda_ipc": frozenset({"device"}), "cma": frozenset({"host"}),
+    "nixl": frozenset({"host", "device"}), "tcp": frozenset({"host"}),
+}
 Force = Literal["auto", "nvlink", "pcie", "rdma", "tcp"]
 FORCES: tuple[str, ...] = ("auto", "nvlink", "pcie", "rdma", "tcp")
 _FORCE_ALIASES = {"ib": "rdma", "infiniband": "rdma", "roce": "rdma"}
@@ -75,7 +83,7 @@ class Endpoint(NamedTuple):
 
 class TransportChoice(msgspec.Struct, frozen=True, kw_only=True):
     kind: str  # one of KINDS
-    backend: str  # nixl | local-copy | cuda-ipc | tcp-stream
+    backend: str  # the first of ``backends``
     expected_gbps: float
     expected_latency_us: float
     nixl_params: dict[str, str] = {}  # UCX backend parameters (create_backend("UCX", params))
@@ -88,6 +96,9 @@ class TransportChoice(msgspec.Struct, frozen=True, kw_only=True):
     reasons: tuple[str, ...] = ()  # why this kind
     notes: tuple[str, ...] = ()  # caveats and advice for the caller
     forced: bool = False
+    #: transport backends (``transport.make_backend`` names) for a pull between the two processes, best
+    #: first; the worker that pulls tries them in this order among those both sides run for their memory
+    backends: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return msgspec.json.decode(msgspec.json.encode(self))  # lists, not tuples: JSON-shaped
@@ -251,7 +262,7 @@ def _forced(force: str, a: Endpoint, b: Endpoint, rdma_device: str | None) -> Tr
         # keep the data off NVLink / the IPC path: no cuda_ipc, UCX stages through host memory
         tls = f"cuda_copy,cma,self,{TLS_CONTROL}"
         return TransportChoice(
-            kind="pcie", backend="nixl", expected_gbps=B.HOST_SHM_CMA_GBPS,
+            kind="pcie", backend="nixl", backends=("nixl",), expected_gbps=B.HOST_SHM_CMA_GBPS,
             expected_latency_us=B.LATENCY_US["pcie"], nixl_params={"ucx_error_handling_mode": "none"},
             agent_config={"enable_prog_thread": False}, env=_ucx_env(tls, "lo"), peer_env=_ucx_env(tls, "lo"),
             reasons=(why, "cuda_ipc left out of UCX_TLS so the bytes cross PCIe through host memory"),
@@ -279,7 +290,7 @@ def _same_process_choice(a: Endpoint, b: Endpoint) -> TransportChoice:
     else:
         gbps, what = B.SAME_PROCESS_HOST_GBPS, "memcpy"
     return TransportChoice(
-        kind="same-process", backend="local-copy", expected_gbps=gbps,
+        kind="same-process", backend="local", backends=("local",), expected_gbps=gbps,
         expected_latency_us=B.LATENCY_US["same-process"],
         reasons=(f"same host, pid namespace and pid {a.pid}: {what}",),
         notes=(f"never NIXL here: two agents in one process fall to tcp/lo at {B.NIXL_ONE_PROCESS_GBPS} GB/s "
@@ -291,7 +302,12 @@ def _ipc_choice(kind: str, gbps: float, a: Endpoint, b: Endpoint, reasons: list[
     # UCX_NET_DEVICES=lo: TCP (control only) stays on loopback and the agent advertises no other NIC.
     tls = f"cuda_ipc,cuda_copy,self,{TLS_CONTROL}"
     notes = [
+        "backend cuda_ipc (ours: CUDA IPC handles + row copy kernels) first, NIXL second: NIXL moves scattered "
+        "KV at 5-148 GB/s on one H200 against 330-480 for cuda_ipc (benchmarks/results/transfer-perf.md)",
         "UCX_TLS keeps tcp for UCX control messages; data goes over cuda_ipc",
+        "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=on: UCX 1.23's 'auto' turns cuda_ipc GET zero-copy off where it sees no "
+        "active NVLink (one GPU, PCIe-only GPUs), so a NIXL READ ran over TCP loopback at 0.45-0.49 GB/s; "
+        "887 GB/s with it on (one H200, 128 MiB, two processes)",
         "expected bandwidth assumes few large descriptors (32 KiB x 32,768 measured 4.4 GB/s): "
         "merge runs or stage through one buffer",
     ]
@@ -300,9 +316,11 @@ def _ipc_choice(kind: str, gbps: float, a: Endpoint, b: Endpoint, reasons: list[
     if kind == "pcie":
         notes.append("ESTIMATE: CUDA IPC over PCIe P2P was not measured; probe it")
     return TransportChoice(
-        kind=kind, backend="nixl", expected_gbps=gbps, expected_latency_us=B.LATENCY_US[kind],
+        kind=kind, backend="cuda_ipc", backends=("cuda_ipc", "nixl"), expected_gbps=gbps,
+        expected_latency_us=B.LATENCY_US[kind],
         nixl_params={"ucx_error_handling_mode": "none"}, agent_config={"enable_prog_thread": False},
-        env=_ucx_env(tls, "lo"), peer_env=_ucx_env(tls, "lo"), reasons=tuple(reasons), notes=tuple(notes),
+        env=_ucx_env(tls, "lo", UCX_CUDA_IPC_ENABLE_GET_ZCOPY="on"),
+        peer_env=_ucx_env(tls, "lo", UCX_CUDA_IPC_ENABLE_GET_ZCOPY="on"), reasons=tuple(reasons), notes=tuple(notes),
     )  # fmt: skip
 
 
@@ -312,7 +330,8 @@ def _gpu_host_choice(a: Endpoint, b: Endpoint) -> TransportChoice:
     assert g is not None
     base = _host_shm_choice(a, b)
     return TransportChoice(
-        kind="pcie", backend="local-copy", expected_gbps=min(B.PCIE_HOST_DEVICE_GBPS, base.expected_gbps),
+        kind="pcie", backend="nixl", backends=("nixl",),
+        expected_gbps=min(B.PCIE_HOST_DEVICE_GBPS, base.expected_gbps),
         expected_latency_us=B.LATENCY_US["pcie"], nixl_params=base.nixl_params, agent_config=base.agent_config,
         env=base.env, peer_env=base.peer_env,
         reasons=(f"GPU {g.index} of pid {gpu_side.pid} <-> host memory of pid {host_side.pid} on one host",
@@ -331,8 +350,12 @@ def _host_shm_choice(a: Endpoint, b: Endpoint) -> TransportChoice:
     else:
         tls, gbps = f"posix,sysv,self,{TLS_CONTROL}", B.HOST_SHM_POSIX_GBPS
         why = "host memory, one kernel, different pid namespaces (cma needs one): UCX posix/sysv shared memory"
+    if a.topology.gpus or b.topology.gpus:  # NIXL 1.5.1 refuses a UCX_TLS without cuda_copy on a GPU node
+        tls = f"{tls},cuda_copy"
     return TransportChoice(
-        kind="host-shm", backend="nixl", expected_gbps=gbps, expected_latency_us=B.LATENCY_US["host-shm"],
+        kind="host-shm", backend="cma" if same_ns else "nixl",
+        backends=("cma", "nixl", "tcp") if same_ns else ("nixl", "tcp"),
+        expected_gbps=gbps, expected_latency_us=B.LATENCY_US["host-shm"],
         agent_config={"enable_prog_thread": False}, env=_ucx_env(tls, "lo"), peer_env=_ucx_env(tls, "lo"),
         reasons=(why,),
         notes=("enable_prog_thread=False on both sides (11.0 vs 7.6 GB/s, and ms -> us notification latency "
@@ -378,7 +401,7 @@ def _rdma_choice(a: Endpoint, b: Endpoint, rdma_device: str | None, forced: bool
 
     notes.append("UCX_NET_DEVICES is per process: an agent that talks over several NICs needs them all listed")
     return TransportChoice(
-        kind="rdma", backend="nixl", expected_gbps=gbps, expected_latency_us=B.LATENCY_US["rdma"],
+        kind="rdma", backend="nixl", backends=("nixl",), expected_gbps=gbps, expected_latency_us=B.LATENCY_US["rdma"],
         nixl_params={"ucx_error_handling_mode": "peer"}, agent_config={},
         env=env(a, na, gd[0]), peer_env=env(b, nb, gd[1]),
         nic_a=f"{na[0].name}:{na[1].port}", nic_b=f"{nb[0].name}:{nb[1].port}", gpudirect=gpudirect,
@@ -394,7 +417,8 @@ def _tcp_choice(a: Endpoint, b: Endpoint, reasons: list[str], forced: bool) -> T
         gbps = B.TCP_CROSS_NODE_GBPS
         dev_a, dev_b = a.topology.host.default_iface, b.topology.host.default_iface
     return TransportChoice(
-        kind="tcp", backend="nixl", expected_gbps=gbps, expected_latency_us=B.LATENCY_US["tcp"],
+        kind="tcp", backend="tcp" if forced else "nixl", backends=("tcp", "nixl") if forced else ("nixl", "tcp"),
+        expected_gbps=gbps, expected_latency_us=B.LATENCY_US["tcp"],
         nixl_params={"ucx_error_handling_mode": "peer"}, agent_config={"enable_prog_thread": False},
         env=_ucx_env("tcp", dev_a), peer_env=_ucx_env("tcp", dev_b), reasons=tuple(reasons),
         notes=("UCX over TCP: 0.55 GB/s on 100G (published), 3.9 GB/s on loopback (measured); "

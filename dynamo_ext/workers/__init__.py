@@ -2,12 +2,12 @@
 
     __main__.py        python -m dynamo_ext.workers --role {agg,prefill,decode,router} --config --model-dir
     runtime.py         WorkerProcess: DistributedRuntime, leased etcd record, /metrics + /health, ready line, SIGTERM
-    engine_runner.py   EngineRunner: one engine thread, step loop, per-request queues, waits for free blocks
-    engine_worker.py   EngineWorker: engine + BlockPool + KV events + FPM/KV-usage publishers + NIXL pool
-    decode.py          DecodeWorker (roles decode, agg): generate; pulls a KvHandle with one NIXL READ
-    prefill.py         PrefillWorker: prefill / generate -> KvHandle, release, deadline reaper
-    router.py          RouterWorker: public model endpoint; round-robin or routing.decide; prefill -> decode
-    protocol.py        KvHandle, request parsing (BadRequest), error chunks
+    engine_worker.py   EngineWorker: serving.ServingWorker + KV events + FPM/KV-usage publishers + record;
+                       DynamoWorkerPlane (records in etcd, the prefill release endpoint)
+    decode.py          DecodeWorker (roles decode, agg): generate / export / drain hand-over endpoints
+    prefill.py         PrefillWorker: prefill / generate -> KvHandle, release
+    router.py          RouterWorker: public model endpoint over serving.RouterCore; DynamoRouterPlane
 
+Only Dynamo adapters live here: what a worker and a router do is ``dynamo_ext.serving``'s.
 Submodules import Dynamo lazily (inside setup()), so importing this package needs no Dynamo runtime.
 """

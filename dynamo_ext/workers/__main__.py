@@ -28,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> WorkerArgs:
     p.add_argument("--model-dir", required=True, help="model directory (dynamo-ext model init)")
     p.add_argument("--index", type=int, default=0, help="replica index (logs only)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics and /health port (0 = free)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda:N (this process's CUDA index); default: model.device (cuda -> cuda:0)")
+    p.add_argument("--drain-s", type=float, default=None,
+                   help="seconds a stopping worker waits for in-flight requests (default: workers.drain_s)")
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config)
@@ -38,7 +42,15 @@ def parse_args(argv: list[str] | None = None) -> WorkerArgs:
     if not os.path.isdir(a.model_dir):
         print(f"--model-dir {a.model_dir}: not a directory", file=sys.stderr)
         raise SystemExit(2)
-    return WorkerArgs(a.role, cfg, os.path.abspath(a.model_dir), a.index, a.metrics_port)
+    if a.device is not None and not (a.device == "cpu" or a.device == "cuda" or
+                                     (a.device.startswith("cuda:") and a.device[5:].isdigit())):
+        print(f"--device {a.device!r}: allowed: cpu, cuda, cuda:N", file=sys.stderr)
+        raise SystemExit(2)
+    if a.device is not None and a.device.startswith("cuda") and cfg.model.device != "cuda":
+        print(f"--device {a.device}: model.device is {cfg.model.device!r} in {a.config} (set model.device: cuda)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return WorkerArgs(a.role, cfg, os.path.abspath(a.model_dir), a.index, a.metrics_port, a.device, a.drain_s)
 
 
 def build(args: WorkerArgs):  # type: ignore[no-untyped-def]

@@ -1,20 +1,21 @@
-"""Shared part of the workers that own an engine (prefill, decode, agg): engine, pool, events, load, NIXL.
+"""Shared Dynamo adapter of the workers that own an engine (prefill, decode, agg) over ``serving.ServingWorker``.
 
-Start-up order (``EngineWorker.start_engine`` then ``start_transport``), called from a role's setup()::
+Start-up order (``EngineWorker.start_core``), called from a role's setup() once its primary endpoint exists::
 
-    model = load_model(--model-dir)                                 engine/
-    pool = BlockPool(num_kv_blocks, block_size)                     kv/ (the engine's allocator)
-    engine = LlmEngine(model, EngineConfig(...), allocator=pool)
-    runner = EngineRunner(engine, pool); spawn(runner.run())
-    ep = rt.endpoint(...)  (by the role)
+    ep = rt.endpoint(...)  (by the role); iid = ep.connection_id()
+    core = ServingWorker(WorkerSettings.from_config(cfg, role, "<role>-<iid>", --model-dir, --device),
+                         DynamoWorkerPlane(self), metrics)
+    core.start_engine()                                              engine/ + kv/ BlockPool + EngineRunner
     pool.sink = DynamoKvEventSink(KvEventPublisher(ep, block_size, enable_local_indexer=True))
+    await core.start(topology)    step loop; prefill/decode: every transport backend the topology supports
     FpmDirectPublisher(ep, id, 1) + WorkerMetricsPublisher().create_endpoint(ep); spawn(load tick, 0.5 s)
-    be = make_backend(nixl|tcp, agent "<role>-<instance id>"); be.register_pool(KvPool over engine.kv_buffer())
-    record: nixl_agent_name, nixl_agent_metadata = PeerInfo.encode() (agent metadata + pool descriptors:
-            all a peer needs for add_peer / RemotePool), kv_layout, pools, topology
+    record: agent_name, transports = PeerTransports blob (serving/transports.py: per backend its PeerInfo,
+            plus the topology and device a peer needs for select_transport), kv_layout, pools, topology
 
 The load tick publishes what Dynamo's planner and KV router read (forward-pass metrics, KV blocks in
-use) and sets this process's Prometheus gauges.
+use) and sets this process's Prometheus gauges. ``DynamoWorkerPlane`` is the core's way to other workers:
+records in etcd (a peer's transports), the prefill component's ``release`` endpoint, the decode records
+(drain hand-over).
 """
 
 from __future__ import annotations
@@ -24,56 +25,105 @@ import logging
 import time
 from typing import Any
 
-import torch
-
-from dynamo_ext.engine.core import EngineConfig, LlmEngine
-from dynamo_ext.engine.weights import load_model
+from dynamo_ext.discovery import decode_record
 from dynamo_ext.kv.events import DynamoKvEventSink
-from dynamo_ext.kv.pool import BlockPool
 from dynamo_ext.metrics import make_worker_metrics
+from dynamo_ext.serving import KvHandle, PeerTransports, ServingWorker, WorkerSettings
 from dynamo_ext.topology import collect_local_topology
-from dynamo_ext.transport import KvPool, TransferBackend, make_backend
+from dynamo_ext.transport import TransferError
 
-from .engine_runner import EngineRunner
-from .runtime import WorkerArgs, WorkerProcess, record_pools, stdout_logs_to_stderr
+from .runtime import WorkerArgs, WorkerProcess, record_pools, stdout_logs_to_stderr, worker_key
 
 log = logging.getLogger("dynamo_ext.workers")
+
+
+class DynamoWorkerPlane:
+    """``serving.WorkerPlane`` over etcd records and Dynamo endpoints."""
+
+    def __init__(self, w: "EngineWorker") -> None:
+        self.w = w
+        self.release_client: Any = None
+
+    async def peer(self, handle: KvHandle) -> PeerTransports:
+        w = self.w
+        assert w.store is not None
+        key = worker_key(w.namespace, handle.component, handle.worker_id)
+        blob = await w.store.get(key)
+        if blob is None:
+            raise TransferError(f"no record for worker {handle.worker_id} at {key} (gone?)")
+        rec = decode_record(key, blob)
+        if not rec.transports:
+            raise TransferError(f"the record of worker {handle.worker_id} advertises no transports")
+        return PeerTransports.decode(rec.transports)
+
+    async def release(self, handle: KvHandle, timeout_s: float) -> bool:
+        if self.release_client is None:
+            self.release_client = await self.w.endpoint("release", component="prefill").client()
+
+        async def _call() -> bool:
+            stream = await self.release_client.direct({"handle_id": handle.handle_id}, handle.worker_id)
+            async for item in stream:
+                d = item.data() if hasattr(item, "data") else item
+                return bool(d.get("released"))
+            return False
+
+        return await asyncio.wait_for(_call(), timeout_s)
+
+    async def decode_peers(self) -> int:
+        w = self.w
+        assert w.store is not None
+        prefix = worker_key(w.namespace, "backend", 0)[: -len("0")]
+        listing = await w.store.get_prefix(prefix)
+        return sum(1 for kv in listing if not kv.key.endswith(f"/{w.instance_id}"))
 
 
 class EngineWorker(WorkerProcess):
     def __init__(self, args: WorkerArgs) -> None:
         super().__init__(args)
-        pc = getattr(self.cfg.workers, args.role, None) or self.cfg.workers.decode or self.cfg.workers.agg
-        self.pool_cfg = pc
-        self.block_size = self.cfg.model.block_size
-        self.runner: EngineRunner | None = None
-        self.engine: LlmEngine | None = None
-        self.max_model_len = self.cfg.model.max_model_len
-        self.vocab_size = 0
-        self.backend: TransferBackend | None = None
-        self.kv_pool: KvPool | None = None
+        self.core: ServingWorker | None = None
+        self.plane = DynamoWorkerPlane(self)
         self._fpm: Any = None
         self._wm: Any = None
-        self.held_handles = 0
+        self.topology: Any = None
 
-    def start_engine(self) -> EngineRunner:
-        torch.set_num_threads(1)
-        model = load_model(self.args.model_dir)
-        n = self.pool_cfg.num_kv_blocks
-        pool = BlockPool(n, self.block_size)
-        ec = EngineConfig(block_size=self.block_size, num_blocks=n, seed=self.cfg.model.seed)
-        self.engine = LlmEngine(model, ec, allocator=pool)
-        self.vocab_size = model.config.vocab_size
-        self.max_model_len = min(self.cfg.model.max_model_len, model.config.max_position_embeddings)
-        self.runner = EngineRunner(self.engine, pool)
-        self.spawn(self.runner.run(), "engine-loop")
-        return self.runner
+    @property
+    def device(self) -> str:
+        return self.args.device or ("cuda:0" if self.cfg.model.device == "cuda" else "cpu")
 
-    async def start_publishers(self, ep: Any) -> None:
+    async def start_core(self, ep: Any) -> ServingWorker:
+        """Engine, KV events on ``ep``, transports: the serving core of this process (module docstring)."""
+        iid = int(ep.connection_id())
+        self.instance_id = iid
+        self.metrics = make_worker_metrics(self.args.role, iid)
+        settings = WorkerSettings.from_config(self.cfg, self.args.role, f"{self.args.role}-{iid}", self.args.model_dir,
+                                              self.device)
+        core = ServingWorker(settings, self.plane, self.metrics)
+        core.instance_id = iid
+        self.core = core
+        core.start_engine()
+        assert core.runner is not None
+        from dynamo.llm import KvEventPublisher  # noqa: PLC0415
+
+        core.runner.pool.sink = DynamoKvEventSink(
+            KvEventPublisher(ep, kv_block_size=settings.block_size, enable_local_indexer=True), settings.block_size)
+        try:
+            self.topology = collect_local_topology(core.cuda_index())
+        except Exception as e:  # noqa: BLE001 - a worker without a topology still serves (host memory assumed)
+            log.warning("topology probe failed: %s", e)
+            self.topology = None
+        try:
+            import nixl._api  # noqa: F401, PLC0415 - configures NIXL's logging (to stdout) before we move it
+        except Exception:  # noqa: BLE001
+            pass
+        stdout_logs_to_stderr()
+        await core.start(self.topology)
+        stdout_logs_to_stderr()
+        await self._start_publishers(ep)
+        return core
+
+    async def _start_publishers(self, ep: Any) -> None:
         from dynamo.llm import FpmDirectPublisher, WorkerMetricsPublisher  # noqa: PLC0415
 
-        assert self.runner is not None
-        self.runner.pool.sink = DynamoKvEventSink.from_endpoint(ep, self.block_size, enable_local_indexer=True)
         try:
             self._fpm = FpmDirectPublisher(ep, str(ep.connection_id()), 1)
         except Exception as e:  # noqa: BLE001 - load telemetry must not stop serving
@@ -84,20 +134,20 @@ class EngineWorker(WorkerProcess):
         except Exception as e:  # noqa: BLE001
             log.warning("WorkerMetricsPublisher unavailable: %s", e)
             self._wm = None
-        self.metrics = make_worker_metrics(self.args.role, int(ep.connection_id()))
         self.spawn(self._load_tick(), "load-tick")
 
     async def _load_tick(self) -> None:
-        assert self.runner is not None
+        assert self.core is not None and self.core.runner is not None
+        runner = self.core.runner
         last = time.monotonic()
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
-            ld = self.runner.load()
-            pool = self.runner.pool
+            ld = runner.load()
+            pool = runner.pool
             if self.metrics is not None:
                 self.metrics.set_load(queued=ld.waiting, running=ld.running, kv_usage=pool.kv_cache_usage_perc,
-                                      held_handles=self.held_handles)
+                                      held_handles=len(self.core.held))
             try:
                 if self._fpm is not None:
                     self._fpm.publish(dp_rank=0, scheduled_num_prefill_requests=0, scheduled_sum_prefill_tokens=0,
@@ -112,57 +162,28 @@ class EngineWorker(WorkerProcess):
                 log.debug("load publish failed: %s", e)
             last = now
 
-    async def start_transport(self) -> None:
-        assert self.engine is not None
-        kind = "nixl" if self.cfg.kv_transfer.backend == "nixl" else "tcp"
-        try:
-            import nixl._api  # noqa: F401, PLC0415 - configures NIXL's logging (to stdout) before we move it
-        except Exception:  # noqa: BLE001
-            pass
-        stdout_logs_to_stderr()
-        self.backend = make_backend(kind, f"{self.args.role}-{self.instance_id_hint()}")
-        await self.backend.start()
-        stdout_logs_to_stderr()
-        self.kv_pool = KvPool.from_tensor(f"kv-{self.args.role}", self.engine.kv_layout, self.engine.kv_buffer())
-        self.backend.register_pool(self.kv_pool)
-        self.spawn(self.backend.serve(0.01), "transport-progress")  # staged-transfer protocol messages
-
-    def instance_id_hint(self) -> int:
-        return int(self._primary_ep.connection_id())
-
-    _primary_ep: Any = None
-
     def record_fields(self) -> dict[str, Any]:
-        assert self.engine is not None
-        out: dict[str, Any] = {"kv_layout": self.engine.kv_layout.to_dict()}
-        try:
-            out["topology"] = collect_local_topology(None).to_dict()
-        except Exception as e:  # noqa: BLE001
-            log.warning("topology probe failed: %s", e)
-        if self.backend is not None and self.kv_pool is not None:
-            out["nixl_agent_name"] = self.backend.agent_name
-            out["nixl_agent_metadata"] = self.backend.local_peer_info().encode()
-            out["pools"] = record_pools([self.kv_pool])
+        core = self.core
+        assert core is not None and core.engine is not None
+        out: dict[str, Any] = {"kv_layout": core.engine.kv_layout.to_dict(), "agent_name": core.s.name}
+        if self.topology is not None:
+            out["topology"] = self.topology.to_dict()
+        if core.transports is not None and core.kv_pool is not None:
+            out["transports"] = core.advertise()
+            out["pools"] = record_pools([core.kv_pool])
         return out
 
     def health(self) -> dict[str, Any]:
         h = super().health()
-        if self.runner is not None:
-            ld = self.runner.load()
-            h.update(waiting=ld.waiting, running=ld.running, kv_cache_usage_perc=self.runner.pool.kv_cache_usage_perc,
-                     held_handles=self.held_handles)
+        if self.core is not None:
+            h.update(self.core.health())
         return h
 
     async def teardown(self) -> None:
-        if self.runner is not None:
-            self.runner.stop()
         if self._fpm is not None:
             try:
                 self._fpm.shutdown()
             except Exception:  # noqa: BLE001
                 pass
-        if self.backend is not None:
-            try:
-                await self.backend.close()
-            except Exception as e:  # noqa: BLE001
-                log.debug("backend close: %s", e)
+        if self.core is not None:
+            await self.core.close()

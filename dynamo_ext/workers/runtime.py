@@ -6,7 +6,7 @@ Order of a worker's life (``WorkerProcess.main``)::
     2. rt = DistributedRuntime(loop, "etcd", "tcp", event_plane="nats")   instance id = rt lease id
     3. SIGTERM / SIGINT -> request_stop(): our record is deleted at once, rt.shutdown(): Dynamo
        unregisters the endpoints (no new requests; any that still reach us get an error chunk), waits
-       for in-flight requests (we wait up to DYNAMO_EXT_DRAIN_S, default 30 s), then revokes the lease
+       for in-flight requests (we wait up to workers.drain_s, default 30 s, or --drain-s), then revokes the lease
        (instance, model card gone); leave main() -> exit 0
     4. await self.setup()            role: engine, endpoints, register_model, serve_endpoint tasks
     5. store.put(worker_key, encode_record(WorkerRecord(...)), lease=ep.connection_id())
@@ -39,9 +39,6 @@ from dynamo_ext.metrics import MetricsServer, WorkerMetrics, make_worker_metrics
 log = logging.getLogger("dynamo_ext.workers")
 
 # Component names Dynamo's planner and tools expect (notes §5): decode/agg under "backend".
-# seconds a stopping worker waits for its in-flight requests (DYNAMO_EXT_DRAIN_S)
-DRAIN_S = float(os.environ.get("DYNAMO_EXT_DRAIN_S", "30"))
-
 COMPONENTS = {"agg": "backend", "decode": "backend", "prefill": "prefill", "router": "router"}
 
 
@@ -52,6 +49,12 @@ class WorkerArgs:
     model_dir: str
     index: int = 0
     metrics_port: int = 0
+    device: str | None = None  # cpu | cuda:N; None: model.device (cuda -> cuda:0)
+    drain_s: float | None = None  # None: workers.drain_s
+
+    @property
+    def drain_timeout_s(self) -> float:
+        return self.config.workers.drain_s if self.drain_s is None else self.drain_s
 
 
 def apply_env_defaults(cfg: DynamoExtConfig) -> None:
@@ -180,9 +183,10 @@ class WorkerProcess:
         # Dynamo's graceful shutdown: serve_endpoint returns once in-flight requests finished (bounded)
         serving = [t for t, n in zip(self._tasks, self._task_names) if n.startswith("serve-")]
         if serving:
-            done, pending = await asyncio.wait(serving, timeout=DRAIN_S)
+            drain_s = self.args.drain_timeout_s
+            done, pending = await asyncio.wait(serving, timeout=drain_s)
             if pending:
-                log.warning("%d endpoints still busy after %.0f s: exiting anyway", len(pending), DRAIN_S)
+                log.warning("%d endpoints still busy after %.0f s: exiting anyway", len(pending), drain_s)
         try:
             await asyncio.wait_for(self.teardown(), 5.0)
         except Exception as e:  # noqa: BLE001

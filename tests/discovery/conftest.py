@@ -25,8 +25,8 @@ def make_record(ns: str) -> Callable[..., WorkerRecord]:
     def make(instance_id: int = 1, role: str = "decode", component: str = "backend", **kw) -> WorkerRecord:
         fields = dict(
             namespace=ns, component=component, role=role, instance_id=instance_id, model="tiny",
-            host="127.0.0.1", pid=1234, started_at=time.time(), nixl_agent_name=f"agent-{instance_id}",
-            nixl_agent_metadata=b"\x00\x01blob", topology={"host_id": "h1", "gpus": []},
+            host="127.0.0.1", pid=1234, started_at=time.time(), agent_name=f"agent-{instance_id}",
+            transports=b"\x00\x01blob", topology={"host_id": "h1", "gpus": []},
             kv_layout={"layers": 2, "block_size": 16},
             pools=[PoolDescriptor(kind="host", addr=4096, nbytes=1 << 20, device_id=0)],
         )

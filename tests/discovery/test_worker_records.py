@@ -41,7 +41,7 @@ def test_round_trip(make_record):
     blob = encode_record(rec)
     assert isinstance(blob, bytes)
     assert decode_record(rec.key, blob) == rec
-    assert decode_record(rec.key, blob).nixl_agent_metadata == b"\x00\x01blob"
+    assert decode_record(rec.key, blob).transports == b"\x00\x01blob"
 
 
 class _Boom:

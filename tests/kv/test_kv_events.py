@@ -104,7 +104,9 @@ async def test_pool_events_reach_dynamo_radix_tree_over_nats(shared_etcd, shared
         assert client.instance_ids() == [worker_id]
 
         await idx.start(shared_nats.url, kv_events_subject(ns))
-        sink = DynamoKvEventSink.from_endpoint(ep, BS, enable_local_indexer=True)
+        from dynamo.llm import KvEventPublisher
+
+        sink = DynamoKvEventSink(KvEventPublisher(ep, kv_block_size=BS, enable_local_indexer=True), BS)
         pool = BlockPool(8, BS, sink)
 
         rng = random.Random(3)

@@ -51,15 +51,22 @@ def test_probe_calls_probe_pair_for_host_pairs_only(monkeypatch, capsys):
     calls = []
 
     def fake_probe_pair(nbytes, *, backend, choice, direction):
-        calls.append((nbytes, backend, choice["env"]["UCX_TLS"], direction))
+        calls.append((nbytes, backend, choice["env"]["UCX_TLS"] if choice else None, direction))
+        if backend == "tcp":
+            raise RuntimeError("no route")
         return 9.5 if direction == "write" else 8.5
 
     monkeypatch.setattr(topology_cmd, "_load_probe", lambda: fake_probe_pair)
     assert topology_cmd.run(ns(probe=True, json=True)) == 0
     doc = json.loads(capsys.readouterr().out)
     hh = next(p for p in doc["pairs"] if p["a"] == "host" and p["b"] == "host")
-    assert hh["measured"] == {"write": 9.5, "read": 8.5}
-    assert calls == [(1 << 20, "nixl", "cma,self,tcp", "write"), (1 << 20, "nixl", "cma,self,tcp", "read")]
+    # every backend of the choice, in its order; NIXL with the choice's UCX settings; a failure is a result
+    assert hh["backends"] == ["cma", "nixl", "tcp"]
+    assert hh["measured"] == {"cma": {"write": 9.5, "read": 8.5}, "nixl": {"write": 9.5, "read": 8.5},
+                              "tcp": "error: RuntimeError: no route"}
+    assert calls == [(1 << 20, "cma", None, "write"), (1 << 20, "cma", None, "read"),
+                     (1 << 20, "nixl", "cma,self,tcp", "write"), (1 << 20, "nixl", "cma,self,tcp", "read"),
+                     (1 << 20, "tcp", None, "write")]
 
 
 def test_pairs_and_rendering_on_a_gpu_node():
@@ -69,19 +76,23 @@ def test_pairs_and_rendering_on_a_gpu_node():
     assert kinds == {("gpu0", "gpu0"): "same-gpu", ("gpu0", "gpu1"): "nvlink", ("gpu0", "host"): "pcie",
                      ("gpu1", "gpu1"): "same-gpu", ("gpu1", "host"): "pcie", ("host", "host"): "host-shm"}
     text = topology_cmd.format_topology(t) + "\n" + topology_cmd.format_pairs(pairs, {("gpu0", "gpu1"): "n/a"})
-    assert "nvlink gpu1" in text and "mlx5_0:PIX" in text and "local-copy" in text and "UCX_TLS=cuda_ipc" in text
+    assert "nvlink gpu1" in text and "mlx5_0:PIX" in text and "cuda_ipc>nixl" in text and "UCX_TLS=cuda_ipc" in text
+    assert "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=on" in text
 
 
 @pytest.mark.slow
 def test_real_probe_host_pair(capsys):
-    """The real transport probe on the host<->host pair (two processes, NIXL UCX over cma)."""
+    """The real transport probe on the host<->host pair: every backend of the choice (cma, NIXL with the
+    choice's UCX cma settings, our TCP), each between two processes, READ and WRITE."""
     pytest.importorskip("nixl")
     if topology_cmd._load_probe() is None:
         pytest.skip("dynamo_ext.transport.probe not available")
     assert topology_cmd.run(ns(probe=True, json=True, probe_bytes=16 << 20)) == 0
     doc = json.loads(capsys.readouterr().out)
     hh = next(p for p in doc["pairs"] if p["a"] == "host" and p["b"] == "host")
-    assert hh["measured"]["write"] > 0.1 and hh["measured"]["read"] > 0.1, hh
+    assert set(hh["measured"]) == {"cma", "nixl", "tcp"}, hh
+    for be, m in hh["measured"].items():
+        assert m["write"] > 0.1 and m["read"] > 0.1, (be, hh)
 
 
 def test_probe_route_picks_the_gpu_branch_per_pair():

@@ -24,7 +24,7 @@ def test_same_process_is_a_local_copy_never_nixl():
     for da, db, gbps in ((0, 0, B.SAME_PROCESS_SAME_GPU_GBPS), (0, 1, B.SAME_PROCESS_NVLINK_GBPS),
                          (0, "host", B.PCIE_HOST_DEVICE_GBPS), ("host", "host", B.SAME_PROCESS_HOST_GBPS)):
         c = select_transport(ep(A, da), ep(A, db))
-        assert (c.kind, c.backend, c.expected_gbps) == ("same-process", "local-copy", gbps)
+        assert (c.kind, c.backend, c.backends, c.expected_gbps) == ("same-process", "local", ("local",), gbps)
         assert not c.env and any("never NIXL" in n for n in c.notes)
 
 
@@ -37,14 +37,16 @@ def test_same_pid_in_another_pid_namespace_is_not_the_same_process():
 
 def test_same_gpu_two_processes():
     c = select_transport(ep(A, 0), ep(A2, 0))
-    assert (c.kind, c.backend, c.expected_gbps) == ("same-gpu", "nixl", B.SAME_GPU_IPC_GBPS)
+    assert (c.kind, c.backends, c.expected_gbps) == ("same-gpu", ("cuda_ipc", "nixl"), B.SAME_GPU_IPC_GBPS)
     assert "cuda_ipc" in c.env["UCX_TLS"] and "tcp" in c.env["UCX_TLS"].split(",")
+    # a NIXL READ between GPU processes without NVLink runs over TCP unless GET zero-copy is forced on
+    assert c.env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "on" == c.peer_env["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"]
     assert c.nixl_params == {"ucx_error_handling_mode": "none"}
 
 
 def test_nvlink_peers():
     c = select_transport(ep(A, 0), ep(A2, 1))
-    assert (c.kind, c.backend, c.expected_gbps) == ("nvlink", "nixl", 300.0)
+    assert (c.kind, c.backend, c.backends, c.expected_gbps) == ("nvlink", "cuda_ipc", ("cuda_ipc", "nixl"), 300.0)
     assert c.nixl_params["ucx_error_handling_mode"] == "none"
     assert c.env["UCX_TLS"].split(",")[-1] == "tcp" and c.env["UCX_NET_DEVICES"] == "lo"
     assert c.agent_config == {"enable_prog_thread": False}
@@ -54,28 +56,30 @@ def test_nvlink_peers():
 
 def test_pcie_gpu_pair_without_nvlink():
     c = select_transport(ep(PCIE, 0), ep(PCIE2, 1))
-    assert (c.kind, c.backend, c.expected_gbps) == ("pcie", "nixl", B.PCIE_P2P_GBPS)
+    assert (c.kind, c.backends, c.expected_gbps) == ("pcie", ("cuda_ipc", "nixl"), B.PCIE_P2P_GBPS)
     assert any("ESTIMATE" in n for n in c.notes)
 
 
-def test_gpu_to_host_of_another_process_prefers_a_local_copy():
+def test_gpu_to_host_of_another_process_is_nixl_and_says_it_is_slow():
     for a, b in ((ep(A, 0), ep(A2, "host")), (ep(A, "host"), ep(A2, 1))):
         c = select_transport(a, b)
-        assert (c.kind, c.backend) == ("pcie", "local-copy")
+        assert (c.kind, c.backend, c.backends) == ("pcie", "nixl", ("nixl",))
         assert c.expected_gbps == min(B.PCIE_HOST_DEVICE_GBPS, B.HOST_SHM_CMA_GBPS)
         assert any("0.68" in n and "TCP" in n for n in c.notes)
 
 
 def test_host_shm_on_a_cpu_box():
     c = select_transport(ep(CPU1), ep(CPU2))
-    assert (c.kind, c.backend, c.expected_gbps) == ("host-shm", "nixl", 10.0)
+    assert (c.kind, c.backend, c.backends, c.expected_gbps) == ("host-shm", "cma", ("cma", "nixl", "tcp"), 10.0)
     assert c.env == {"UCX_TLS": "cma,self,tcp", "UCX_NET_DEVICES": "lo"}
+    gpu_node = select_transport(ep(A, "host"), ep(A2, "host"))  # NIXL 1.5.1 wants cuda_copy on a GPU node
+    assert gpu_node.env["UCX_TLS"] == "cma,self,tcp,cuda_copy"
     assert c.agent_config == {"enable_prog_thread": False}
 
 
 def test_rdma_across_nodes_picks_the_nic_nearest_each_gpu():
     c = select_transport(ep(A, 0), ep(B_, 1))
-    assert (c.kind, c.backend) == ("rdma", "nixl")
+    assert (c.kind, c.backend, c.backends) == ("rdma", "nixl", ("nixl",))
     assert c.nic_a == "mlx5_0:1" and c.nic_b == "mlx5_3:1"
     assert c.env["UCX_NET_DEVICES"] == "mlx5_0:1" and c.peer_env["UCX_NET_DEVICES"] == "mlx5_3:1"
     assert c.gpudirect and c.env["UCX_IB_GPU_DIRECT_RDMA"] == "yes"
@@ -101,7 +105,7 @@ def test_rdma_device_override_and_host_memory():
 
 def test_tcp_fallback_across_nodes_without_rdma():
     c = select_transport(ep(CPU1), ep(cpu_node("other-box", pid=1)))
-    assert (c.kind, c.backend, c.expected_gbps) == ("tcp", "nixl", B.TCP_CROSS_NODE_GBPS)
+    assert (c.kind, c.backends, c.expected_gbps) == ("tcp", ("nixl", "tcp"), B.TCP_CROSS_NODE_GBPS)
     assert c.env == {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "bond0"}
 
 
@@ -112,6 +116,7 @@ def test_forced_kinds_that_work():
     c = select_transport(ep(A, 0), ep(A2, 1), force="tcp")
     assert (c.kind, c.forced, c.expected_gbps) == ("tcp", True, B.TCP_LOOPBACK_GBPS)
     assert c.env["UCX_TLS"] == "tcp" and "forced" in c.reasons[0]
+    assert c.backends == ("tcp", "nixl")  # forced: our TCP stream first (host pools), NIXL over UCX tcp next
     c = select_transport(ep(A, 0), ep(A2, 1), force="nvlink")
     assert (c.kind, c.forced) == ("nvlink", True)
     c = select_transport(ep(A, 0), ep(A2, 1), force="pcie")  # NVLink peers kept off NVLink
@@ -121,7 +126,7 @@ def test_forced_kinds_that_work():
     c = select_transport(ep(A, 0), ep(B_, 0), force="ib")  # dynamo.yaml spelling of rdma
     assert (c.kind, c.forced) == ("rdma", True)
     c = select_transport(ep(PCIE, 0), ep(PCIE2, "host"), force="pcie")
-    assert (c.kind, c.backend, c.forced) == ("pcie", "local-copy", True)
+    assert (c.kind, c.backend, c.forced) == ("pcie", "nixl", True)
     c = select_transport(ep(A, 0), ep(A, 1), force="tcp")  # one process: NIXL over tcp works (slowly)
     assert c.kind == "tcp" and c.expected_gbps == B.NIXL_ONE_PROCESS_GBPS
     c = select_transport(ep(A, 0), ep(A2, 1), force="auto")

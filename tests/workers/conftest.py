@@ -192,5 +192,15 @@ class Graph:
                 p.popen.wait()
 
 
+HOOKS = Path(__file__).parent / "hooks"
+
+
+def hooks_env(**values: str) -> dict[str, str]:
+    """Environment that loads tests/workers/hooks/sitecustomize.py in a worker process (test-only fault
+    injection, e.g. ``hooks_env(DXTEST_PULL_DELAY_S="1")``)."""
+    path = os.pathsep.join([str(HOOKS), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return {"PYTHONPATH": path, **values}
+
+
 def tokens_of(chunks: list[dict[str, Any]]) -> list[int]:
     return [t for c in chunks for t in c.get("token_ids", [])]

@@ -3,8 +3,9 @@
 - a KV handle nobody pulls is freed at its deadline (held blocks back to idle);
 - bad requests (empty prompt, negative or huge max_tokens, prompt longer than the context, ids outside
   the vocabulary) get one clear error chunk through the router, and the graph keeps serving;
-- the prefill worker is SIGKILLed after it handed out the KV handle and before the decode worker's NIXL
-  READ (the decode worker waits DYNAMO_EXT_TEST_PULL_DELAY_S before reading): the request completes by
+- the prefill worker is SIGKILLed after it handed out the KV handle and before the decode worker's pull
+  (the decode worker waits DXTEST_PULL_DELAY_S before reading, injected by tests/workers/hooks, never by
+  production code; the handle is held kv_transfer.hold_s): the request completes by
   a local prefill on the decode worker, with the same greedy tokens, within kv_transfer.timeout_ms +
   one prefill; later requests (prefill worker gone) complete too.
 """
@@ -16,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import PY, REPO, Graph, tokens_of
+from conftest import PY, REPO, Graph, hooks_env, tokens_of
 
 from dynamo_ext.engine.core import EngineConfig, LlmEngine
 from dynamo_ext.engine.protocol import SamplingParams
@@ -33,10 +34,11 @@ def _req(tokens, max_tokens=6):
 def test_handles_bad_input_and_prefill_killed(servers, model_dir, tmp_path):
     etcd, nats = servers
     g = Graph(etcd.url, nats.url, tmp_path, model_dir, namespace="fail")
-    env = {"DYNAMO_EXT_KV_HOLD_S": str(HOLD_S), "DYNAMO_EXT_TEST_PULL_DELAY_S": str(PULL_DELAY_S)}
+    env = hooks_env(DXTEST_PULL_DELAY_S=str(PULL_DELAY_S))
+    cfg = g.write_config("hold", kv_transfer={"backend": "nixl", "timeout_ms": 2000, "hold_s": HOLD_S})
     try:
-        p = g.start("prefill", extra_env=env, wait=False)
-        d = g.start("decode", extra_env=env, wait=False)
+        p = g.start("prefill", extra_env=env, wait=False, config=cfg)
+        d = g.start("decode", extra_env=env, wait=False, config=cfg)
         r = g.start("router", wait=False)
         g.wait_ready([p, d, r])
         eng = LlmEngine(load_model(model_dir), EngineConfig(num_blocks=256))

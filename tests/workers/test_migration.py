@@ -17,11 +17,12 @@ import signal
 import threading
 import time
 
-from conftest import Graph
+from conftest import Graph, hooks_env
 from test_decode_kill import Stream, _stream
 
 N_STREAMS = 4
 LONG = 1500
+STEP_DELAY_S = 0.004  # >= 6 s for LONG tokens on the slowed worker
 
 
 def test_draining_decode_worker_migrates_its_streams(servers, model_dir, tmp_path):
@@ -79,23 +80,26 @@ def test_draining_decode_worker_migrates_its_streams(servers, model_dir, tmp_pat
 
 def test_router_rebalances_running_streams_onto_a_new_decode_worker(servers, model_dir, tmp_path):
     """Imbalance: 4 long streams run on the only decode worker; a second one starts. The router's rebalancing
-    round (DYNAMO_EXT_REBALANCE_S) asks routing.plan_migrations(reason=imbalance), exports the planned requests
+    round (router.rebalance_s) asks routing.plan_migrations(reason=imbalance), exports the planned requests
     from the busy worker (its ``export`` endpoint) and the new worker pulls their KV and continues them: the
     texts equal uninterrupted greedy runs, the new worker's transfer log names the busy one."""
     etcd, nats = servers
     g = Graph(etcd.url, nats.url, tmp_path, model_dir, namespace="rebal")
     try:
         p = g.start("prefill", wait=False)
-        d0 = g.start("decode", wait=False)
-        r = g.start("router", wait=False, extra_env={"DYNAMO_EXT_REBALANCE_S": "0.5"})
+        # d0's steps are slowed (test hook) so that its streams outlast the new worker's start-up on any machine
+        d0 = g.start("decode", wait=False, extra_env=hooks_env(DXTEST_STEP_DELAY_S=str(STEP_DELAY_S)))
+        cfg = g.write_config("rebal", router={"policy": "round-robin", "disagg_min_prompt_tokens": 0, "rebalance_s": 0.5})
+        r = g.start("router", wait=False, config=cfg)
         g.wait_ready([p, d0, r])
         base = g.frontend("round-robin")
-        streams = [Stream(f"stream {i} keeps telling a very long greedy story about", LONG) for i in range(N_STREAMS)]
+        n_tok = LONG
+        streams = [Stream(f"stream {i} keeps telling a very long greedy story about", n_tok) for i in range(N_STREAMS)]
         threads = [threading.Thread(target=_stream, args=(base, s), daemon=True) for s in streams]
         for t in threads:
             t.start()
         t_end = time.monotonic() + 30
-        while not all(s.chunks > 5 or s.done for s in streams):
+        while not all(s.chunks > 1 or s.done for s in streams):
             assert time.monotonic() < t_end, [(s.chunks, s.error) for s in streams]
             time.sleep(0.05)
         assert d0.health()["running"] == N_STREAMS
@@ -103,7 +107,7 @@ def test_router_rebalances_running_streams_onto_a_new_decode_worker(servers, mod
         for t in threads:
             t.join(90)
         summary = [(s.chunks, s.tokens, s.finish, s.error) for s in streams]
-        assert all(s.tokens == LONG and s.finish == "length" and not s.error for s in streams), summary
+        assert all(s.tokens == n_tok and s.finish == "length" and not s.error for s in streams), summary
         rlog = re.sub(r"\x1b\[[0-9;]*m", "", r.err_path.read_text(errors="replace"))
         moved = re.findall(rf"decode worker {d0.instance_id} rebalances after (\d+) tokens: rebalance to {d1.instance_id}", rlog)
         print("rebalanced streams (tokens streamed before the move):", moved)
@@ -112,7 +116,7 @@ def test_router_rebalances_running_streams_onto_a_new_decode_worker(servers, mod
         pulls = re.findall(rf"kv transfer received: peer={d0.instance_id} .*?bytes=(\d+)", dlog)
         assert len(pulls) == len(moved) and all(int(b) > 0 for b in pulls), dlog[-3000:]
 
-        again = [Stream(s.prompt, LONG) for s in streams]
+        again = [Stream(s.prompt, n_tok) for s in streams]
         ths = [threading.Thread(target=_stream, args=(base, s), daemon=True) for s in again]
         for t in ths:
             t.start()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dynamo_ext.workers.protocol import BadRequest, KvHandle, error_chunk, handle_of, parse_request
+from dynamo_ext.serving.protocol import BadRequest, KvHandle, error_chunk, handle_of, parse_request
 
 H = KvHandle(handle_id="h1", worker_id=7, component="prefill", agent="prefill-7", pool="kv-prefill",
              block_ids=[3, 4], num_tokens=20, first_token=42,

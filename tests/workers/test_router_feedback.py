@@ -1,4 +1,4 @@
-"""Router link feedback (workers/router.py ``LinkFeedback``): a decode chunk's ``kv_transfer`` report is taken
+"""Router link feedback (serving/router.py ``LinkFeedback``): a decode chunk's ``kv_transfer`` report is taken
 out of the stream and fed to ``routing.LinkEstimator`` for the chosen (prefill, decode) pair; the measured
 GB/s replaces the topology's expectation; a failed pull marks the pair unhealthy, ``decide`` avoids it, and
 after the back-off the pair is offered once more (the probe). Pure: no processes, times are arguments."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from dynamo_ext.routing import LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, WorkerSnapshot, decide
-from dynamo_ext.workers.router import LinkFeedback
+from dynamo_ext.serving.router import LinkFeedback
 
 EXPECTED = LinkInfo(gb_per_s=10.0, latency_s=0.0)
 

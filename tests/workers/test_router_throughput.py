@@ -1,28 +1,31 @@
 """The router's WorkerSnapshots come from measured throughput (routing.throughput.WorkerMeter), not constants:
-RouterWorker._snapshots on a router state without processes (real WorkerMeter, real decide)."""
+serving.RouterCore.snapshots on a router core without processes (real WorkerMeter, real decide)."""
 
 from __future__ import annotations
-
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 
 from dynamo_ext.routing import LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide, estimate_all
 from dynamo_ext.routing.throughput import Priors, WorkerMeter
-from dynamo_ext.workers.router import DECODE_STEP_S, PREFILL_TOKENS_PER_S, RouterWorker
+from dynamo_ext.serving.router import DECODE_STEP_S, PREFILL_TOKENS_PER_S, RouterCore, RouterSettings
 
 
-def _router(layers: int) -> SimpleNamespace:
-    meter = WorkerMeter(Priors.for_layers(layers, ref_prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
-                                          ref_decode_step_s=DECODE_STEP_S), alpha=1.0)
-    return SimpleNamespace(meter=meter, inflight=defaultdict(int), _layout_key=RouterWorker._layout_key,
-                           _node=RouterWorker._node)
+class _NoPlane:
+    """No worker records: snapshots use the defaults for layout and node."""
+
+    def info(self, role, worker):
+        return None
 
 
-def _snaps(r: SimpleNamespace, scores: dict[int, int], now: float, decodes: tuple[int, ...] = (7,)):
-    rec = {("p", 1): None, **{("d", d): None for d in decodes}}
-    return RouterWorker._snapshots(r, scores, rec, [1], list(decodes), 1024, now)
+def _router(layers: int) -> RouterCore:
+    r = RouterCore(RouterSettings(num_layers=layers, decode_num_blocks=1024), _NoPlane(), metrics=None)
+    r.meter = WorkerMeter(Priors.for_layers(layers, ref_prefill_tokens_per_s=PREFILL_TOKENS_PER_S,
+                                            ref_decode_step_s=DECODE_STEP_S), alpha=1.0)
+    return r
+
+
+def _snaps(r: RouterCore, scores: dict[int, int], now: float, decodes: tuple[int, ...] = (7,)):
+    return r.snapshots(scores, [1], list(decodes), now)
 
 
 def test_snapshots_start_from_layer_scaled_priors():

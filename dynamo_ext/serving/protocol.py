@@ -17,6 +17,11 @@ NIXL agent, pool name, block ids, layout) and until when it is held (``deadline`
 Whoever pulls it calls the prefill worker's ``release`` endpoint with ``{"handle_id": ...}``; the
 answer ``{"released": true}`` proves the blocks were still held (not reaped at the deadline and
 reused) while the bytes were read. A handle nobody releases is freed at its deadline.
+
+A decode stream that a worker hands over (drain, rebalance) ends with ``{"token_ids": [], "migrate": {
+kv_handle, tokens, output_len, peer_info}}`` (``peer_info``: base64 of ``serving.PeerTransports``); the
+router continues it with ``migration_request`` (the target pulls the KV) or ``rerun_request`` (prompt +
+streamed tokens, recomputed); ``rerun_usage`` rewrites the last chunk's usage for the client's request.
 """
 
 from __future__ import annotations
@@ -113,3 +118,48 @@ def error_chunk(message: str, prompt_tokens: int = 0) -> dict[str, Any]:
     return {"token_ids": [], "finish_reason": f"error: {message}", "error": message,
             "completion_usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
                                  "total_tokens": prompt_tokens}}
+
+
+# -- continuing a stream on another decode worker (the router's session) ------------------------------
+def migration_request(request: dict[str, Any], mig: dict[str, Any]) -> dict[str, Any] | None:
+    """The request a target decode worker continues a migrated stream with: the tokens whose KV the handle
+    holds (all but the last) as the prompt, the handle (its first_token = the last streamed token), the
+    source's peer info (its record is gone while it drains), max_tokens reduced (+1: the repeated token)."""
+    toks = [int(t) for t in mig["tokens"]]
+    out = {k: v for k, v in request.items() if k not in ("kv_handle", "prefill_result")}
+    out["token_ids"] = toks[:-1]
+    out["kv_handle"] = dict(mig["kv_handle"])
+    out["kv_peer_info"] = mig.get("peer_info")
+    stop = dict(out.get("stop_conditions") or {})
+    mt = stop.get("max_tokens")
+    if isinstance(mt, int):
+        left = mt - int(mig["output_len"])
+        if left <= 0:
+            return None
+        stop["max_tokens"] = left + 1
+    out["stop_conditions"] = stop
+    return out
+
+
+def rerun_request(request: dict[str, Any], prompt: list[int], emitted: list[int]) -> dict[str, Any] | None:
+    """The request that continues a stream on another worker: prompt + emitted tokens, max_tokens reduced by
+    what was emitted (None: nothing left). Sampling options are kept (greedy continues exactly)."""
+    out = dict(request)
+    out.pop("kv_handle", None)
+    out["token_ids"] = list(prompt) + list(emitted)
+    stop = dict(out.get("stop_conditions") or {})
+    mt = stop.get("max_tokens")
+    if isinstance(mt, int):
+        if mt - len(emitted) <= 0:
+            return None
+        stop["max_tokens"] = mt - len(emitted)
+    out["stop_conditions"] = stop
+    return out
+
+
+def rerun_usage(chunk: dict[str, Any], n_prompt: int, n_before: int) -> dict[str, Any]:
+    """The last chunk of a re-run reports usage for the client's request: its prompt, all tokens streamed."""
+    u = dict(chunk["completion_usage"])
+    comp = int(u.get("completion_tokens") or 0) + n_before
+    u.update(prompt_tokens=n_prompt, completion_tokens=comp, total_tokens=n_prompt + comp)
+    return {**chunk, "completion_usage": u}
