@@ -20,13 +20,17 @@
 # 4. Runs COMMAND (exec: its exit status is this script's). Without a command: exit 0 when nothing is missing,
 #    1 otherwise.
 #
-# Proved on the CPU machine (Python 3.11, a bare venv holding only what the GPU machine has, torch 2.13 CPU):
-#   bash scripts/gpu_bundle.sh --python 3.11
-#   PATH=/tmp/dx-bare/bin:$PATH bash scripts/gpu_run.sh --bundle .gpu_bundle-py311 -- \
-#     python -m dynamo_ext.cli serve graphs/disagg.py -f configs/disagg.yaml --once "Hello" --max-tokens 8
-#   -> the block lists everything but triton and CUDA as importable, etcd / nats-server from dx-bin; the
-#      disaggregated graph (1 prefill + 2 decode, router, Dynamo's frontend) answers with the KV pulled over
-#      the trimmed NIXL (UCX, host to host); exit status 0. Details: README.md, "Running on the lent GPU machine".
+# Proved (2026-12-04), both times `exit status 0`, etcd / nats-server from dx-bin, the modules from dx-site:
+#   here, CPU, Python 3.11 (bash scripts/gpu_bundle.sh --python 3.11; a bare venv /tmp/dx-bare holding only what
+#   the GPU machine has, torch 2.13 CPU; `PATH=/tmp/dx-bare/bin:$PATH bash scripts/gpu_run.sh --bundle
+#   .gpu_bundle-py311 -- python -m dynamo_ext.cli serve ...`): report "1 missing" (triton; no CUDA here);
+#   lent H200, Python 3.12.3, one call carrying .gpu_bundle (55.0 MiB with the tree): report "0 missing"
+#   (torch 2.11.0+cu130, cuda available, triton 3.6.0), unpacked in 4.5 s, graph ready in 6.3 s.
+#   --once "Hello" (5 tokens) is answered by a decode worker alone (below router.disagg_min_prompt_tokens);
+#   the 89-token prompt of scripts/main.sh is disaggregated: 49,152 KV bytes pulled host->host by cma, and by
+#   NIXL (UCX) from the trimmed bundle when cma is made unavailable (proof-only sitecustomize that sets
+#   dynamo_ext.transport.fallbacks.cma._available = False): "KV moved between workers: decode-1 49,152 bytes
+#   (nixl read host->host)". Details: README.md, "Running on the lent GPU machine".
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUNDLE=${DX_BUNDLE:-$ROOT/.gpu_bundle}
@@ -127,7 +131,7 @@ gpu_expected = sys.argv[1] == "1"
 DIST = {"dynamo.runtime": "ai-dynamo-runtime", "dynamo.llm": "ai-dynamo-runtime", "dynamo.frontend": "ai-dynamo",
         "nixl._api": "nixl", "nats": "nats-py", "etcd3aio": "etcd3aio"}
 def version(name, mod):
-    v = getattr(mod, "__version__", None)
+    v = getattr(mod, "__version__", None) or getattr(sys.modules.get(name.split(".")[0]), "__version__", None)
     if v is None:
         try:
             v = md.version(DIST.get(name, name.split(".")[0]))
