@@ -11,10 +11,10 @@ Protocol::
            random subsets of pools 1.5x larger (what a busy allocator leaves)
         3. methods, each 1 warm-up + ``reps`` timed WRITEs, median GB/s, then verified (sha256 of
            the destination chunks in the peer == of the source chunks here):
-             naive          transfer_kv_cache with plan_naive (one descriptor per chunk)
-             planned        transfer_kv_cache with plan_transfer (merged runs, pool -> pool)
-             planned-staged transfer_kv_cache(stage=True): gather into staging here, ONE wire descriptor,
-                            the peer recomputes the pure plan and scatters, then acks
+             naive          transport.push(TransferOptions(planner=plan_naive)) (one descriptor per chunk)
+             planned        transport.push with plan_transfer (merged runs, pool -> pool)
+             planned-staged transport.push(TransferOptions(stage=True)): gather into staging here, ONE wire
+                            descriptor, the peer recomputes the pure plan and scatters, then acks
              raw-single     one descriptor of the same bytes, pool -> pool (NIXL ceiling)
              memcpy / torch-copy   one local copy of the same bytes on the same devices (copy ceiling)
              cuda-ipc       (GPU->GPU paths) planned transfer through the CUDA IPC fallback backend
@@ -24,7 +24,7 @@ Protocol::
                             (process_vm_writev, iovec arrays) when the kernel allows it; then the
                             NIXL row is called planned-nixl; cma-2t/-4t: cma with 2/4 copy threads
              owner-copy     (GPU->host) the GPU owner copies into its own pinned host pool:
-                            transfer_kv_cache(gpu_pool, host_pool) (rowcopy.copy_device_to_host,
+                            transport.copy(gpu_pool, host_pool) (rowcopy.copy_device_to_host,
                             zero-copy when pinned + Triton); owner-copy-staged: gather -> D2H slots ->
                             threaded host scatter; owner-copy-zc: the row kernel stores into pinned
                             host memory directly (UVA zero-copy)
@@ -53,7 +53,16 @@ import numpy as np
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 from dynamo_ext.bench import results_dir  # noqa: E402
-from dynamo_ext.transport import KvPool, RemotePool, plan_naive, plan_transfer, preset, transfer_kv_cache  # noqa: E402
+from dynamo_ext.transport import (  # noqa: E402
+    KvPool,
+    RemotePool,
+    TransferOptions,
+    copy,
+    plan_naive,
+    plan_transfer,
+    preset,
+    push,
+)
 from dynamo_ext.transport.probe import PeerProcess, digest, fill_pool, pool_bytes, probe_layout  # noqa: E402
 
 PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination device); -1 = host memory
@@ -270,8 +279,8 @@ class _Bench:
             deadline = max(60.0, self.nbytes / 1e8)
 
             async def via(planner: Callable[..., Any]) -> int:
-                h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=self.be,
-                                            planner=planner, deadline_s=deadline, metrics=None)
+                h = await push(self.be, pool, remote, (self.src_ids, self.dst_ids),
+                               TransferOptions(planner=planner, deadline_s=deadline, metrics=None))
                 return (await h).descriptors
 
             async def post_wait(local: KvPool, rem: Any, descs: Any) -> None:
@@ -285,8 +294,8 @@ class _Bench:
             await peer.acall({"cmd": "add_peer", "info": base64.b64encode(self.be.local_peer_info().encode()).decode()})
 
             async def staged() -> int:
-                h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=self.be, stage=True,
-                                            deadline_s=deadline, metrics=None)
+                h = await push(self.be, pool, remote, (self.src_ids, self.dst_ids),
+                               TransferOptions(stage=True, deadline_s=deadline, metrics=None))
                 return (await h).descriptors
 
             for seed, method in enumerate(METHODS, start=20):
@@ -341,8 +350,8 @@ class _Bench:
             nd = [0]
 
             async def go() -> None:
-                h = await transfer_kv_cache(lpool, remote, (self.src_ids, self.dst_ids), backend=be, deadline_s=120,
-                                            metrics=None, stage=False)
+                h = await push(be, lpool, remote, (self.src_ids, self.dst_ids),
+                               TransferOptions(deadline_s=120, metrics=None, stage=False))
                 nd[0] = (await h).descriptors
 
             times = await self._timed(go)
@@ -432,7 +441,7 @@ class _Bench:
     async def timeline(self, path: str = "GPU0->GPU0", reps: int = 5, trace: str | None = None,
                        peer: PeerProcess | None = None) -> dict[str, Any]:
         """Where the time of one cuda-ipc transfer goes: host phases (perf_counter) vs GPU time (CUDA
-        events) vs the poll/await; plus a torch.profiler trace of one transfer_kv_cache (chrome JSON)."""
+        events) vs the poll/await; plus a torch.profiler trace of one ``transport.push`` (chrome JSON)."""
         import torch
 
         from dynamo_ext.transport import rowcopy
@@ -443,11 +452,12 @@ class _Bench:
         own = peer is None
         peer = peer or self.ipc_peer(sdev, ddev, "timeline")
         # plan/rows: host prep; post: backend.post (rows + upload + launch, enqueue only); gpu: CUDA events around
-        # the post on the stream; poll: post return -> event done; direct_total: all of that; transfer_kv_cache:
-        # the same transfer through the public API; upload_sync: index H2D + sync; launch_host: one Triton/torch
-        # launch (host); kernel_only: the row kernel alone (CUDA events, indices already on the GPU)
+        # the post on the stream; poll: post return -> event done; direct_total: all of that; push: the same
+        # transfer through the public API (transport.push; "transfer_kv_cache_ms" in result files before
+        # 2026-12-04); upload_sync: index H2D + sync; launch_host: one Triton/torch launch (host); kernel_only:
+        # the row kernel alone (CUDA events, indices already on the GPU)
         phases: dict[str, list[float]] = {k: [] for k in ("plan_ms", "rows_ms", "post_ms", "gpu_ms", "poll_ms",
-                                                          "direct_total_ms", "transfer_kv_cache_ms", "upload_sync_ms",
+                                                          "direct_total_ms", "push_ms", "upload_sync_ms",
                                                           "launch_host_ms", "kernel_only_ms")}
         try:
             remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
@@ -471,8 +481,8 @@ class _Bench:
                 t5 = time.perf_counter()
                 e1.synchronize()
                 t6 = time.perf_counter()
-                h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc, deadline_s=60,
-                                            metrics=None)
+                h = await push(ipc, pool, remote, (self.src_ids, self.dst_ids),
+                               TransferOptions(deadline_s=60, metrics=None))
                 await h
                 t7 = time.perf_counter()
                 # the kernel alone, indices already on the GPU
@@ -496,7 +506,7 @@ class _Bench:
                 k1.synchronize()
                 if i:
                     for k, v in (("plan_ms", t1 - t0), ("rows_ms", t2 - t1), ("post_ms", t4 - t3), ("poll_ms", t5 - t4),
-                                 ("direct_total_ms", t6 - t0), ("transfer_kv_cache_ms", t7 - t6),
+                                 ("direct_total_ms", t6 - t0), ("push_ms", t7 - t6),
                                  ("upload_sync_ms", u1 - u0), ("launch_host_ms", l1 - l0)):
                         phases[k].append(v * 1e3)
                     phases["gpu_ms"].append(e0.elapsed_time(e1))
@@ -506,8 +516,8 @@ class _Bench:
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc,
-                                                deadline_s=60, metrics=None)
+                    h = await push(ipc, pool, remote, (self.src_ids, self.dst_ids),
+                                   TransferOptions(deadline_s=60, metrics=None))
                     await h
                     torch.cuda.synchronize(dev)
                 prof.export_chrome_trace(trace)
@@ -541,8 +551,8 @@ class _Bench:
                         ctx = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if prof_on else None
                         if ctx is not None:
                             ctx.__enter__()
-                        h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc,
-                                                    deadline_s=60, metrics=None)
+                        h = await push(ipc, pool, remote, (self.src_ids, self.dst_ids),
+                                       TransferOptions(deadline_s=60, metrics=None))
                         await h
                         torch.cuda.synchronize(sdev)
                         torch.cuda.synchronize(ddev)
@@ -573,7 +583,7 @@ class _Bench:
         nd = [0]
 
         async def go() -> None:
-            h = await transfer_kv_cache(pool, tier, (self.src_ids, self.dst_ids), metrics=None)
+            h = await copy(pool, tier, (self.src_ids, self.dst_ids), TransferOptions(metrics=None))
             nd[0] = (await h).descriptors
 
         async def go_direct() -> None:  # the executor itself, zero-copy forced on or off
@@ -593,7 +603,7 @@ class _Bench:
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": {"owner-copy": "local (transfer_kv_cache)", "owner-copy-staged": "local (staged + host scatter)",
+                "backend": {"owner-copy": "local (transport.copy)", "owner-copy-staged": "local (staged + host scatter)",
                             "owner-copy-zc": "local (zero-copy kernel)"}[name]}
 
     def _ipc(self, pool: KvPool) -> Any:
@@ -644,8 +654,8 @@ class _Bench:
             nd = [0]
 
             async def go() -> None:
-                h = await transfer_kv_cache(pool, remote, (self.src_ids, self.dst_ids), backend=ipc, deadline_s=60,
-                                            metrics=None, planner=planner)
+                h = await push(ipc, pool, remote, (self.src_ids, self.dst_ids),
+                               TransferOptions(deadline_s=60, metrics=None, planner=planner))
                 nd[0] = (await h).descriptors
 
             times = await self._timed(go)
