@@ -1,8 +1,19 @@
-"""KV transfer benchmark: naive vs planned descriptors vs the NIXL and copy ceilings, two processes.
+"""KV transfer benchmark: naive vs planned descriptors vs the NIXL and copy ceilings vs the product's pull,
+two processes.
 
 Protocol::
 
-    run_transfer_bench(size_bytes, layout_name, json_path, paths=None)
+    run_transfer_bench(size_bytes, layout_name, json_path, paths=None, reps=5, methods=None)
+      0. product-pull, first, for each path (before this process creates its own NIXL agent, so the
+         WorkerTransports below hold the process's only one, as in a worker); listed after the path's rows:
+             a peer PROCESS (python -m dynamo_ext.bench._pull_peer) runs serving.WorkerTransports over the
+             SOURCE pool on the path's source device (as a prefill worker); this process runs WorkerTransports
+             over a fresh destination pool on the path's destination device and times
+             WorkerTransports.pull(peer, "kv-prefill", src_ids, dst_ids, deadline_s=...) = what a decode worker
+             calls: select_transport's backends for the pair (next on failure), add_peer at the first pull, one
+             TransferOptions, default metrics. READs; verified like the rest (sha256 of the chunks here == there);
+             the table says which backend the product chose: ``product-pull (cma)``; UCX variables the
+             transports set in os.environ are restored afterwards
       for each path (host->host; with CUDA also GPU0->GPU0, GPU0->GPU1, GPU0->host):
         1. a peer PROCESS (dynamo_ext.transport.probe peer) holds the destination pool (+ staging)
            on the path's destination device; this process holds the source pool (one NIXL agent
@@ -22,17 +33,23 @@ Protocol::
                             pipelined over 64 MiB slices across GPUs); cuda-ipc-torch: same, torch ops
              planned        on host->host: through make_backend("auto", memory="host") = the cma backend
                             (process_vm_writev, iovec arrays) when the kernel allows it; then the
-                            NIXL row is called planned-nixl; cma-2t/-4t: cma with 2/4 copy threads
+                            NIXL row is called planned-nixl; cma-2t/-4t: cma with 2/4 copy threads;
+                            cma-pull: planned READs (process_vm_readv) through a bare cma backend from a cma
+                            peer into a fresh pool here = product-pull's backend and direction without the
+                            serving layer
              owner-copy     (GPU->host) the GPU owner copies into its own pinned host pool:
                             transport.copy(gpu_pool, host_pool) (rowcopy.copy_device_to_host,
                             zero-copy when pinned + Triton); owner-copy-staged: gather -> D2H slots ->
                             threaded host scatter; owner-copy-zc: the row kernel stores into pinned
                             host memory directly (UVA zero-copy)
-      -> JSON {"machine", "size_bytes", "layout", "results": [{path, method, gbps, descriptors, verified}]}
-         + a markdown table and a PNG bar chart next to it (benchmarks/results/ by default)
+      -> JSON {"machine", "size_bytes", "layout", "results": [{path, method, gbps, descriptors, verified,
+         backend, ...}]} (product-pull adds chosen, kind, backends_used, fell_back, started, skipped, puller,
+         peer) + a markdown table and a PNG bar chart next to it (benchmarks/results/ by default)
 
 Runs without the Dynamo runtime (torch, CUDA and nixl only). CLI: ``dynamo-ext bench transfer
---size 1GiB --layout llama3-70b``.
+--size 1GiB --layout llama3-70b [--methods product-pull,cma-pull,planned,...]`` (``python -m
+dynamo_ext.bench.transfer`` is the same).  Transfers go through ``transport.push`` / ``copy`` with one
+``TransferOptions`` (``pull`` for the READ rows); ``memo_planner()`` memoises plans for the sweeps.
 """
 
 from __future__ import annotations
@@ -72,7 +89,7 @@ PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination dev
     "GPU0->host": (0, -1),
 }
 METHODS = ["naive", "planned", "planned-staged", "raw-single", "copy"]
-EXTRA = ["planned-nixl", "cma-2t", "cma-4t", "cuda-ipc", "cuda-ipc-torch", "owner-copy", "owner-copy-staged",
+EXTRA = ["planned-nixl", "cma-2t", "cma-4t", "cma-pull", "product-pull", "cuda-ipc", "cuda-ipc-torch", "owner-copy", "owner-copy-staged",
          "owner-copy-zc", "cuda-ipc-direct", "nccl-single", "nccl-planned"]
 NCCL_SLICE_BYTES = 128 << 20  # nccl-planned: gather/isend/irecv/scatter slices (0 = one message)
 
@@ -169,14 +186,12 @@ def parse_size(s: str) -> int:
 
 
 class _Bench:
-    """One NIXL agent for the whole run; pools registered once per device."""
+    """One NIXL agent for the whole run, created at its first use (``be``); pools registered once per device."""
 
     def __init__(self, size_bytes: int, layout_name: str, reps: int, progress: Any,
                  methods: Sequence[str] | None = None) -> None:
-        from dynamo_ext.transport.nixl_backend import NixlBackend
-
         self.methods = set(methods) if methods else None
-        self.be = NixlBackend(f"bench-{os.getpid()}")
+        self._be: Any = None
         self.size, self.layout_name, self.reps, self.bar = size_bytes, layout_name, reps, progress
         lay1 = preset(layout_name, 1)
         self.k = max(1, size_bytes // lay1.block_bytes)
@@ -186,6 +201,20 @@ class _Bench:
         self.src_ids = [int(x) for x in rng.permutation(self.layout.num_blocks)[: self.k]]
         self.dst_ids = [int(x) for x in rng.permutation(self.layout.num_blocks)[: self.k]]
         self.pools: dict[int, tuple[KvPool, KvPool]] = {}
+
+    @property
+    def be(self) -> Any:
+        """This process's one NIXL agent, created when a row first needs it: the product-pull rows run before
+        it exists, so their WorkerTransports owns the process's only agent, as in a worker."""
+        if self._be is None:
+            from dynamo_ext.transport.nixl_backend import NixlBackend
+
+            self._be = NixlBackend(f"bench-{os.getpid()}")
+        return self._be
+
+    def close(self) -> None:
+        if self._be is not None:
+            self._be.close_sync()
 
     def local(self, dev: int) -> tuple[KvPool, KvPool]:
         if dev not in self.pools:
@@ -207,6 +236,10 @@ class _Bench:
         """``methods`` entries: a method name (every path) or ``path:method`` (that path only)."""
         path = path or self.path
         return self.methods is None or method in self.methods or f"{path}:{method}" in self.methods
+
+    def wants_path(self, path: str) -> bool:
+        """Any row of ``run_path`` wanted on ``path`` (product-pull runs on its own, before them)."""
+        return any(self.want(m, path) for m in METHODS + EXTRA if m != "product-pull")
 
     async def _timed(self, fn: Callable[[], Any]) -> list[float]:
         times = []
@@ -235,6 +268,8 @@ class _Bench:
             for threads, name in ((None, "planned"), (2, "cma-2t"), (4, "cma-4t")):
                 if self.want(name):
                     out.append(await self._cma(path, pool, threads, name))
+            if self.want("cma-pull"):
+                out.append(await self._cma_pull(path))
         if sdev >= 0 and ddev >= 0:
             from dynamo_ext.transport import rowcopy
 
@@ -364,6 +399,111 @@ class _Bench:
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
                 "backend": f"cma x{be.threads}"}
+
+    def _pull_pool(self, dev: int, name: str) -> KvPool:
+        """A fresh destination pool for the READ rows (the run's source pool ``local(dev)`` stays untouched)."""
+        return (KvPool.allocate_device(name, self.layout, dev) if dev >= 0
+                else KvPool.allocate_host(name, self.layout))
+
+    async def _cma_pull(self, path: str) -> dict[str, Any]:
+        """planned (stage=False) READs through a bare cma backend (process_vm_readv) from a cma peer process
+        into a fresh pool here: the same backend and direction as product-pull, without the serving layer."""
+        from dynamo_ext.transport import make_backend, pull
+        from dynamo_ext.transport.fallbacks.cma import CmaBackend
+
+        name = "cma-pull"
+        be = make_backend("auto", f"bench-cmapull-{os.getpid()}", memory="host")
+        assert isinstance(be, CmaBackend), type(be)
+        await be.start()
+        lpool = self._pull_pool(-1, "kv-pull")
+        be.register_pool(lpool)
+        peer = PeerProcess.start(backend="cma", name=f"bench-cmapull-peer-{os.getpid()}", layout=self.layout,
+                                 seed=19, timeout=120)
+        try:
+            be.add_peer(peer.info)
+            remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+            nd = [0]
+
+            async def go() -> None:
+                h = await pull(be, remote, lpool, (self.src_ids, self.dst_ids),
+                               TransferOptions(deadline_s=120, metrics=None, stage=False))
+                nd[0] = (await h).descriptors
+
+            times = await self._timed(go)
+            ok = (await peer.acall({"cmd": "digest", "blocks": self.src_ids}, timeout=300))["sha256"] == \
+                digest(pool_bytes(lpool), self.layout, self.dst_ids)
+        finally:
+            peer.close()
+            await be.close()
+        gbps = self.nbytes / statistics.median(times) / 1e9
+        self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
+        return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
+                "backend": f"cma x{be.threads} (READ)"}
+
+    async def product_pull(self, path: str) -> dict[str, Any]:
+        """The product's pull (what a decode worker calls): a peer PROCESS runs serving.WorkerTransports over the
+        source pool on the path's source device (``bench._pull_peer``, as a prefill worker); this process runs
+        WorkerTransports over a fresh destination pool on the path's destination device and times
+        ``WorkerTransports.pull(peer, pool, src_ids, dst_ids, deadline_s=...)``: select_transport's backend for
+        the pair (next on failure), add_peer at the first pull, one TransferOptions, the default metrics.
+        Verified like the other rows (sha256 of the destination chunks here == of the source chunks there).
+        UCX variables the transports set in os.environ are restored afterwards (the bench's own NIXL agent,
+        created later, keeps the run's environment)."""
+        from dynamo_ext.bench._pull_peer import PullPeer
+        from dynamo_ext.serving.transports import TransportOptions, WorkerTransports
+        from dynamo_ext.topology import collect_local_topology
+        from dynamo_ext.topology.select import Endpoint
+
+        name = "product-pull"
+        sdev, ddev = PATHS[path]
+        tag = path.replace(">", "").replace("-", "")
+        saved_env = dict(os.environ)
+        peer: PullPeer | None = None
+        ts: WorkerTransports | None = None
+        used: list[Any] = []
+        try:
+            peer = PullPeer.start_peer(name=f"bench-prefill-{tag}-{os.getpid()}", layout=self.layout,
+                                       device=sdev, seed=23, timeout=120)
+            pool = self._pull_pool(ddev, "kv-decode")
+            topo = collect_local_topology(ddev if ddev >= 0 else None)  # as ServingWorker.start
+            dev = "host" if topo.worker_gpu is None else topo.worker_gpu
+            ts = WorkerTransports(f"bench-decode-{tag}-{os.getpid()}", pool, Endpoint(topo, topo.pid, dev),
+                                  TransportOptions())
+            await ts.start()
+            pt = peer.transports
+            deadline = max(60.0, self.nbytes / 1e8)
+
+            async def go() -> None:
+                used.append(await ts.pull(pt, "kv-prefill", self.src_ids, self.dst_ids, deadline_s=deadline))
+
+            times = await self._timed(go)
+            ok = (await peer.acall({"cmd": "digest", "blocks": self.src_ids}, timeout=300))["sha256"] == \
+                digest(pool_bytes(pool), self.layout, self.dst_ids)
+            last = used[-1]
+            be = ts.backends[last.backend]
+            label = f"cma x{be.threads}" if last.backend == "cma" else last.backend
+            started, skipped = list(ts.backends), dict(ts.skipped)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+            row = self._failed(path, name, "WorkerTransports.pull", e)
+            if used:
+                row["chosen"] = used[-1].backend
+            return row
+        finally:
+            if ts is not None:
+                await ts.close()
+            if peer is not None:
+                peer.close()
+            for k in [k for k in os.environ if k not in saved_env]:
+                del os.environ[k]
+            os.environ.update(saved_env)
+        gbps = self.nbytes / statistics.median(times) / 1e9
+        self.bar.set_postfix_str(f"{path} {name} ({last.backend}) {gbps:.2f} GB/s")
+        chosen = sorted({r.backend for r in used})
+        return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(last.stats.descriptors),
+                "verified": bool(ok), "backend": f"{label} (WorkerTransports.pull, {last.kind})",
+                "chosen": last.backend, "kind": last.kind, "backends_used": chosen,
+                "fell_back": sorted({f"{b}: {m}"[:200] for r in used for b, m in r.failed}),
+                "started": started, "skipped": skipped, "puller": dev, "peer": peer.ready.get("device")}
 
     def _failed(self, path: str, name: str, backend: str, e: BaseException) -> dict[str, Any]:
         print(f"{path} {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -705,6 +845,11 @@ class _Bench:
         return times, bool(torch.equal(a.cpu(), b.cpu()))
 
 
+def method_label(r: dict[str, Any]) -> str:
+    """The row's method, with the backend the product path chose: ``product-pull (cma)``."""
+    return f"{r['method']} ({r['chosen']})" if r.get("chosen") else r["method"]
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     lines = [f"# KV transfer benchmark: {result['layout']}, {result['size_bytes'] / 2**30:.3f} GiB",
              "", f"Machine: {result['machine']}", "",
@@ -714,7 +859,7 @@ def markdown_table(result: dict[str, Any]) -> str:
              "| path | method | backend | GB/s | descriptors | verified |", "|---|---|---|---:|---:|---|"]
     for r in result["results"]:
         err = f" ({r['error']})" if r.get("error") else ""
-        lines.append(f"| {r['path']} | {r['method']} | {r.get('backend', '')} | {r['gbps']:.2f} | {r['descriptors']} | "
+        lines.append(f"| {r['path']} | {method_label(r)} | {r.get('backend', '')} | {r['gbps']:.2f} | {r['descriptors']} | "
                      f"{r['verified']}{err} |")
     return "\n".join(lines) + "\n"
 
@@ -734,7 +879,7 @@ def write_outputs(result: dict[str, Any], json_path: Path, png: bool = True) -> 
 
     res = result["results"]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(res)), 4))
-    labels = [f"{r['path']}\n{r['method']}" for r in res]
+    labels = [f"{r['path']}\n{method_label(r)}" for r in res]
     colors = ["tab:green" if r["verified"] else "tab:red" for r in res]
     ax.bar(range(len(res)), [r["gbps"] for r in res], color=colors)
     ax.set_xticks(range(len(res)), labels, rotation=45, ha="right", fontsize=8)
@@ -758,7 +903,7 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
     bad = [m for m in (methods or []) if m.rsplit(":", 1)[-1] not in METHODS + EXTRA]
     if bad:
         raise ValueError(f"unknown methods {bad}; known: {METHODS + EXTRA}")
-    n = len(methods) if methods else len(METHODS) + 2
+    n = len(methods) if methods else len(METHODS) + 5
     bar = tqdm(total=len(paths) * n * (reps + 1), desc="kv-transfer", unit="xfer", file=sys.stderr)
     bench = _Bench(size_bytes, layout_name, reps, bar, methods)
 
@@ -770,14 +915,25 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
         return {"machine": machine_string(), "size_bytes": int(bench.nbytes), "layout": layout_name, "reps": reps,
                 "results": rows}
 
+    def report(rows: list[dict[str, Any]]) -> None:  # progress on stdout, partial outputs if the run is cut short
+        for r in rows:
+            print(f"{r['path']:12s} {method_label(r):20s} {r['gbps']:10.2f} GB/s {r['descriptors']:6d} desc "
+                  f"verified={r['verified']} {r.get('error', '')}", flush=True)
+
     async def main() -> list[dict[str, Any]]:
+        # the product's pulls first, while this process holds no NIXL agent of its own (a worker has one only:
+        # the WorkerTransports' one); each path's product row is listed after that path's other rows
+        product: dict[str, dict[str, Any]] = {}
+        for p in paths:
+            if bench.want("product-pull", p):
+                product[p] = await bench.product_pull(p)
+                report([product[p]])
+                write_outputs(result_of(list(product.values())), Path(json_path), png=False)
         res: list[dict[str, Any]] = []
         for p in paths:
-            rows = await bench.run_path(p)
-            res += rows
-            for r in rows:  # progress on stdout, and partial outputs in case the run is cut short
-                print(f"{r['path']:12s} {r['method']:15s} {r['gbps']:10.2f} GB/s {r['descriptors']:6d} desc "
-                      f"verified={r['verified']} {r.get('error', '')}", flush=True)
+            rows = await bench.run_path(p) if bench.wants_path(p) else []
+            report(rows)
+            res += rows + ([product[p]] if p in product else [])
             write_outputs(result_of(res), Path(json_path), png=False)
         return res
 
@@ -785,7 +941,7 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
         results = asyncio.run(main())
     finally:
         bar.close()
-        bench.be.close_sync()
+        bench.close()
     result = result_of(results)
     write_outputs(result, Path(json_path))
     return result
@@ -847,7 +1003,7 @@ def run_sweep(paths: Sequence[str], size_bytes: int, layout_name: str, reps: int
         asyncio.run(main())
     finally:
         bar.close()
-        bench.be.close_sync()
+        bench.close()
     write_outputs(doc, Path(json_path), png=False)
     return doc
 

@@ -1,0 +1,58 @@
+"""`bench transfer`'s product-pull row: the product's WorkerTransports.pull against a peer PROCESS running
+WorkerTransports (dynamo_ext.bench._pull_peer), through the bench's main(), tiny sizes, verified, and the
+backend the product path chose named in the JSON and the table."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dynamo_ext.serving.transports import ALL_BACKENDS
+from dynamo_ext.transport.fallbacks.cma import cma_available
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    # the bench module sets UCX_NET_DEVICES=lo when imported: keep it out of the rest of the session
+    monkeypatch.setenv("UCX_NET_DEVICES", os.environ.get("UCX_NET_DEVICES", "lo"))
+    from dynamo_ext.bench import transfer
+
+    return transfer
+
+
+def test_product_pull_row_alone(bench, tmp_path):
+    from dynamo_ext.transport import nixl_backend
+
+    env_before = dict(os.environ)
+    out = tmp_path / "pp.json"
+    rc = bench.main(["--size", "4MiB", "--paths", "host->host", "--reps", "2", "--methods", "product-pull",
+                     "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in rows] == ["product-pull"], rows
+    r = rows[0]
+    assert r["verified"] is True and r["gbps"] > 0 and not r.get("error"), r
+    assert r["chosen"] in ALL_BACKENDS and r["backends_used"] == [r["chosen"]] and not r["fell_back"], r
+    assert r["backend"].split(" ")[0] == r["chosen"] and "WorkerTransports.pull" in r["backend"], r
+    if cma_available():  # select_transport's first backend for two host processes of one host
+        assert (r["chosen"], r["kind"]) == ("cma", "host-shm"), r
+    assert r["descriptors"] > 0 and r["puller"] == "host" and r["peer"] == "host"
+    md = out.with_suffix(".md").read_text()
+    assert f"| host->host | product-pull ({r['chosen']}) |" in md, md
+    assert out.with_suffix(".png").stat().st_size > 1000
+    # selected alone: no NIXL agent of the bench's own, and the transports' UCX variables were put back
+    assert nixl_backend._AGENTS_IN_PROCESS == []
+    assert dict(os.environ) == env_before
+
+
+@pytest.mark.skipif(not cma_available(), reason="process_vm_readv not allowed here")
+def test_product_pull_listed_after_the_path_rows(bench, tmp_path):
+    out = tmp_path / "pp2.json"
+    assert bench.main(["--size", "2MiB", "--paths", "host->host", "--reps", "1", "--methods",
+                       "product-pull,cma-pull,planned", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in rows] == ["planned", "cma-pull", "product-pull"], rows
+    assert all(r["verified"] for r in rows), rows
+    assert rows[1]["backend"].startswith("cma x") and rows[1]["backend"].endswith("(READ)")
