@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 GPU_TYPES = (
     "cpu", "a100_40g", "a100_80g", "h100_pcie", "h100_sxm5", "h200", "h20", "l40s", "b200", "gb200",
@@ -120,6 +120,17 @@ class ModelConfig(_Strict):
     seed: int = 0
     #: where the workers' engines and KV pools live: cpu, or cuda (one GPU per worker process: workers.*.gpu_ids)
     device: Literal["cpu", "cuda"] = "cpu"
+    #: layers of the generated preset model (None: the preset's); presets only (no model.path)
+    num_layers: int | None = Field(None, ge=1, le=1024)
+
+    @field_validator("num_layers")
+    @classmethod
+    def _layers_for_presets(cls, v: int | None, info: ValidationInfo) -> int | None:
+        path = info.data.get("path")
+        if v is not None and path is not None:
+            raise ValueError(f"applies to a generated preset model only, but model.path is set ({path!r}: a "
+                             "directory has its own layers); drop one of the two")
+        return v
 
 
 class RouterConfig(_Strict):

@@ -119,3 +119,13 @@ def test_cli_show_fills_defaults():
     assert r.returncode == 0
     shown = yaml.safe_load(r.stdout)
     assert shown["kv_transfer"]["timeout_ms"] == 2000 and shown["planner"]["enabled"] is False
+
+
+def test_model_num_layers_presets_only():
+    cfg = parse_config({"workers": {"agg": {}}, "model": {"preset": "llama3-8b-shape", "num_layers": 8}})
+    assert cfg.model.num_layers == 8
+    assert parse_config({"workers": {"agg": {}}}).model.num_layers is None  # None: the preset's
+    assert _errors({"workers": {"agg": {}}, "model": {"num_layers": 0}}) == [
+        "model.num_layers: 0 is out of range (allowed range: >= 1)"]
+    lines = _errors({"workers": {"agg": {}}, "model": {"path": "/models/x", "num_layers": 4}})
+    assert len(lines) == 1 and lines[0].startswith("model.num_layers: ") and "model.path" in lines[0], lines

@@ -11,7 +11,7 @@ Protocol (what ``dynamo-ext serve GRAPH -f CONFIG`` does, in order)
    on that loopback address with its data in a temporary directory (a non-loopback address that does
    not answer is an error: we do not start servers for other hosts).
 3. ``modeldir.ensure_model_dir``: ``model.path`` when set, else a generated directory cached under
-   ``$DYNAMO_EXT_CACHE`` (default ``~/.cache/dynamo_ext``) ``/models/<preset>-seed<seed>-<dtype>``,
+   ``$DYNAMO_EXT_CACHE`` (default ``~/.cache/dynamo_ext``) ``/models/<preset>-seed<seed>-<dtype>[-L<num_layers>]``,
    written to a temporary sibling and renamed (concurrent launches never see half a directory).
 4. ``plan.plan_processes``: one :class:`supervisor.ChildSpec` per process of the graph, dependencies
    first (prefill, decode | agg, router replicas, frontend). Workers and routers run

@@ -5,10 +5,14 @@ Protocol
 * ``ensure_model_dir(model, override)``: ``override`` (``serve --model-dir``) wins, then ``model.path``;
   either must be a directory with a ``config.json`` (else :class:`ModelDirError`).
 * Otherwise the directory is generated with the engine's writer (``engine.weights.init_model_dir``, the
-  same as ``dynamo-ext model init``) at ``<cache>/models/<preset>-seed<seed>-<dtype>`` where ``<cache>``
-  is ``$DYNAMO_EXT_CACHE`` or ``~/.cache/dynamo_ext``. It is written into a temporary sibling and renamed
-  into place, so a concurrent launch either sees the complete directory or writes its own copy; a
-  complete directory (has ``config.json``, ``tokenizer.json`` and ``model.safetensors``) is reused.
+  same as ``dynamo-ext model init``: random weights on CPU, deterministic per seed, streamed to the file) at
+  ``<cache>/models/<preset>-seed<seed>-<dtype>[-L<num_layers>]`` (``-L`` only when ``model.num_layers`` is
+  set) where ``<cache>`` is ``$DYNAMO_EXT_CACHE`` or ``~/.cache/dynamo_ext``. Every process of a graph
+  loads that one directory, so they all hold the same weights (greedy outputs agree across roles). It is
+  written into a temporary sibling and renamed into place, so a concurrent launch either sees the complete
+  directory or writes its own copy; a complete directory (has ``config.json``, ``tokenizer.json`` and
+  ``model.safetensors``) is reused. llama3-8b-shape with 8 layers in bfloat16 (1.75 G parameters, 3.5 GB):
+  ~15 s on 2 shared CPU cores, bound by the file write.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def cache_root() -> Path:
 
 
 def cached_dir(model: ModelConfig) -> Path:
-    return cache_root() / "models" / f"{model.preset}-seed{model.seed}-{model.dtype}"
+    layers = "" if model.num_layers is None else f"-L{model.num_layers}"
+    return cache_root() / "models" / f"{model.preset}-seed{model.seed}-{model.dtype}{layers}"
 
 
 def is_complete(path: Path) -> bool:
@@ -56,7 +61,7 @@ def ensure_model_dir(model: ModelConfig, override: str | None = None) -> tuple[P
     try:
         from dynamo_ext.engine.weights import init_model_dir
 
-        init_model_dir(tmp, model.preset, seed=model.seed, dtype=model.dtype)
+        init_model_dir(tmp, model.preset, seed=model.seed, num_layers=model.num_layers, dtype=model.dtype)
         try:
             os.rename(tmp, target)
         except OSError:  # someone else renamed theirs first (or a partial directory is in the way)

@@ -109,6 +109,17 @@ class _Progress:
 
 
 
+def visible_gpu_count() -> int:
+    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` applies); 0 without torch or CUDA. torch counts
+    through NVML where it can, so the launcher creates no CUDA context."""
+    try:
+        import torch  # noqa: PLC0415
+
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001
+        return 0
+
+
 def _instance_ids(children: list[Child]) -> set[int]:
     ids = set()
     for c in children:
@@ -153,6 +164,7 @@ class Launch:
         self.log_dir: Path | None = None
         self.base = ""  # the frontend's base URL once started
         self.ready_s = 0.0
+        self.gpu_count = 0  # visible CUDA devices (counted under model.device: cuda)
 
     def say(self, text: str) -> None:
         print(f"[serve] {text}", file=self.err, flush=True)
@@ -231,6 +243,10 @@ class Launch:
         if not infra._port_free(host, port):
             raise LaunchError(f"port {port} on {host} is in use (choose another with --port)", 2)
         self.port = port
+        self.gpu_count = visible_gpu_count() if config.model.device == "cuda" else 0
+        if config.model.device == "cuda" and self.gpu_count < 1:
+            raise LaunchError("model.device is 'cuda' but no CUDA device is visible here (torch.cuda.device_count() "
+                              "is 0)", 2)
         try:
             model_dir, how = ensure_model_dir(config.model, o.model_dir)
         except ModelDirError as e:
@@ -275,9 +291,13 @@ class Launch:
         env.update(o.env or {})
         # a stopping worker drains in-flight requests for DYNAMO_EXT_DRAIN_S: finish before our SIGKILL
         env.setdefault("DYNAMO_EXT_DRAIN_S", f"{max(1.0, o.stop_timeout - 3.0):g}")
-        specs = plan_processes(graph=self.graph, config=config, config_path=Path(o.config).resolve(),
-                               model_dir=self.model_dir, port=self.port, env=env, python=o.python,
-                               tolerate_exits=o.tolerate_exits, stop_timeout=o.stop_timeout)  # fmt: skip
+        try:
+            specs = plan_processes(graph=self.graph, config=config, config_path=Path(o.config).resolve(),
+                                   model_dir=self.model_dir, port=self.port, env=env, python=o.python,
+                                   tolerate_exits=o.tolerate_exits, stop_timeout=o.stop_timeout,
+                                   gpu_count=self.gpu_count)  # fmt: skip
+        except ValueError as e:  # assign_devices: a configured gpu id that is not visible
+            raise LaunchError(str(e), 2) from None
         t0 = time.monotonic()
         for spec in specs:
             self.sup.start(spec)

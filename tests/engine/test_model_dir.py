@@ -123,3 +123,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "unknown preset" in err and "neither a model directory nor a preset" in err
+
+
+@pytest.mark.parametrize("dtype,layers", [("bfloat16", 3), ("float16", 1)])
+def test_init_model_dir_streams_random_weights(tmp_path, dtype, layers):
+    """init_model_dir writes the file tensor by tensor (threads, reused buffers): the same tensors, in the
+    file's dtype, as random_weights of the same preset, seed and layers (what a model held in memory gets)."""
+    from safetensors.torch import load_file
+
+    from dynamo_ext.engine.weights import init_model_dir, preset_model
+
+    m = init_model_dir(tmp_path / "m", "tiny", seed=5, num_layers=layers, dtype=dtype)
+    assert m.config.num_layers == layers and m.config.dtype == dtype
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    want = preset_model("tiny", seed=5, num_layers=layers, dtype=dtype).weights
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)

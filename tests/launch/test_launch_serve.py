@@ -151,3 +151,25 @@ def test_cli_errors_exit_2(tmp_path, capsys):
         s.listen()
         assert main(["serve", "graphs/agg.py", "-f", "configs/agg.yaml", "--port", str(s.getsockname()[1])]) == 2
     assert "is in use" in capsys.readouterr().err
+
+
+def test_cuda_model_device_counts_gpus(tmp_path, monkeypatch, capsys):
+    """model.device: cuda: serve counts the visible GPUs (none: exit 2 before anything starts) and hands each
+    engine worker a --device (launch/plan.py assign_devices: one GPU shared in turn)."""
+    from dynamo_ext.config import parse_config
+    from dynamo_ext.launch import serve as serve_mod
+    from dynamo_ext.launch.graph import load_graph
+    from dynamo_ext.launch.plan import plan_processes
+
+    cfg = tmp_path / "cuda.yaml"
+    cfg.write_text("model: {preset: tiny, device: cuda}\nworkers: {prefill: {count: 1}, decode: {count: 1}}\n")
+    monkeypatch.setattr(serve_mod, "visible_gpu_count", lambda: 0)
+    assert main(["serve", "graphs/disagg.py", "-f", str(cfg), "--port", str(infra.free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is visible" in err and "Traceback" not in err
+    config = parse_config({"model": {"preset": "tiny", "device": "cuda"},
+                           "workers": {"prefill": {"count": 1}, "decode": {"count": 1}}})
+    specs = plan_processes(load_graph("graphs/disagg.py"), config, config_path=cfg, model_dir=tmp_path, port=1,
+                           env={}, gpu_count=1)
+    devices = {s.name: s.argv[s.argv.index("--device") + 1] if "--device" in s.argv else None for s in specs}
+    assert devices == {"prefill-0": "cuda:0", "decode-0": "cuda:0", "router-0": None, "frontend": None}, devices
