@@ -1,16 +1,19 @@
-"""Migration of a running decode request between two worker processes, through the transport layer.
+"""Migration of a running decode request between two worker processes, through the serving core and the
+transport layer.
 
-Worker A (``dynamo_ext/bench/direct_worker.py``: the product's EngineRunner + BlockPool + a pool registered once with
-the transfer backend) decodes a greedy request; mid-stream it is exported (``EngineRunner.export`` ->
-``engine.detach``: the KV blocks stay, A's stream ends ``migrated``); worker B pulls those blocks from A's pool
-with ONE planned READ (``transport.pull``; cma here, cuda_ipc between GPUs), continues the request with
-``add_prefilled_request`` and A releases the blocks. Asserted: the client's token sequence (A's part + B's
-part) equals an uninterrupted run token for token, exactly the request's blocks moved, nothing left held."""
+Two decode workers (``dynamo_ext.bench.direct_worker``: ``serving.ServingWorker`` over JSON lines, the same core
+the Dynamo workers run). Worker A decodes a greedy request; mid-stream it is exported (``ServingWorker.export``
+-> ``engine.detach``: the KV blocks stay, A's stream ends with a ``migrate`` chunk: a KvHandle over the
+blocks, A's transports, the tokens); worker B continues it with ``serving.migration_request`` (B pulls the
+blocks from A's pool over the backend select_transport picks: cma here, cuda_ipc between GPUs, and computes
+from there). Asserted: the client's token sequence (A's part + B's part) equals an uninterrupted run token for
+token, exactly the handle's blocks moved, and A frees them at the handle's deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import time
 
 
 def _harness():
@@ -18,59 +21,55 @@ def _harness():
 
 
 def test_running_request_migrates_between_processes_with_the_same_tokens(tmp_path):
+    from dynamo_ext.serving import migration_request
+    from dynamo_ext.transport import KvLayout
+
     m = _harness()
-    a_args = m.parse_args(["--no-progress"])
+    args = m.parse_args(["--no-progress", "--transfer-timeout-s", "1"])
     n_out = 1500
 
     async def scenario():
-        a = m.WorkerProc("decode-a", "decode", "cpu", a_args, tmp_path)
-        b = m.WorkerProc("decode-b", "decode", "cpu", a_args, tmp_path)
+        g = m.Graph(m.GraphSpec("disagg", 0, 2), args, tmp_path)  # two decode workers, no prefill worker
+        a, b = g.decode
         try:
-            await a.start(256)
-            await b.start(256)
-            a.ready = await a.wait_ready(120)
-            b.ready = await b.wait_ready(120)
-            b.send({"op": "add_peer", "info": a.ready["peer_info"]})
+            await g.start(256, 120)
             prompt = m.make_prompts(1, 64, int(a.ready["vocab"]), 5)[0]
+            req = {"token_ids": prompt, "stop_conditions": {"max_tokens": n_out, "ignore_eos": True},
+                   "sampling_options": {"temperature": 0.0}}
+            ref = [t for c in [x async for x in b.stream("generate", 120, request=req)] for t in c.get("token_ids", [])]
+            free_a = (await a.call("stats", 10))["free_blocks"]
 
-            q = b.expect("ref")
-            b.send({"op": "decode", "rid": "ref", "prompt": prompt, "max_tokens": n_out, "handle": None})
-            await m.wait_event(q, "first", 60, "ref")
-            ref = (await m.wait_event(q, "done", 120, "ref"))["tokens"]
+            chunks_a: list[dict] = []
 
-            qa, qe = a.expect("m1"), a.expect("m1#export")
-            a.send({"op": "decode", "rid": "m1", "prompt": prompt, "max_tokens": n_out, "handle": None})
-            await m.wait_event(qa, "first", 60, "m1 first")
+            async def run_a() -> None:
+                async for c in a.stream("generate", 120, request={**req, "router_rid": "m1"}):
+                    chunks_a.append(c)
+
+            ta = asyncio.create_task(run_a())
+            while not chunks_a:
+                await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)
-            a.send({"op": "export", "rid": "m1"})
-            done_a = await m.wait_event(qa, "done", 60, "m1 on A")
-            exp = await m.wait_event(qe, "exported", 60, "m1 export")
-
-            qb = b.expect("m1b")
-            toks = exp["tokens"]
-            b.send({"op": "decode", "rid": "m1b", "prompt": toks[:-1], "max_tokens": n_out - len(exp["output"]) + 1,
-                    "handle": {"agent": exp["agent"], "pool": exp["pool"], "block_ids": exp["block_ids"],
-                               "first_token": toks[-1]}})
-            pulled = await m.wait_event(qb, "pulled", 60, "m1 pull")
-            qr = a.expect("m1")
-            a.send({"op": "release", "rid": "m1"})
-            released = await m.wait_event(qr, "released", 30, "m1 release")
-            await m.wait_event(qb, "first", 60, "m1 on B first")
-            done_b = await m.wait_event(qb, "done", 120, "m1 on B")
-            qs = a.expect("__stats__")
-            a.send({"op": "stats"})
-            stats_a = await m.wait_event(qs, "stats", 30, "stats")
-            return ref, done_a, exp, pulled, released, done_b, stats_a, a.ready["layout"]
+            exported = await a.call("export", 10, router_rids=["m1"])
+            await ta
+            mig = chunks_a[-1]["migrate"]
+            cont = {**migration_request(req, mig), "report_kv_transfer": True}
+            chunks_b = [x async for x in b.stream("generate", 120, request=cont)]
+            t_deadline = mig["kv_handle"]["deadline"]
+            await asyncio.sleep(max(0.0, t_deadline - time.time()) + 0.3)
+            stats_a = await a.call("stats", 10)
+            return ref, exported, chunks_a, mig, chunks_b, free_a, stats_a, a.ready["layout"]
         finally:
-            await a.stop()
-            await b.stop()
+            await g.stop()
 
-    ref, done_a, exp, pulled, released, done_b, stats_a, layout = asyncio.run(scenario())
-    from dynamo_ext.transport import KvLayout
-
-    assert done_a["migrated"] is True and 1 < len(done_a["tokens"]) < n_out  # stopped mid-stream on A
-    assert exp["output"] == done_a["tokens"] and exp["num_computed"] == len(exp["tokens"]) - 1
-    assert done_b["tokens"][0] == exp["tokens"][-1]  # B starts from the last token A streamed
-    assert done_a["tokens"] + done_b["tokens"][1:] == ref  # the client's sequence = an uninterrupted run
-    assert pulled["bytes"] == len(exp["block_ids"]) * KvLayout.from_dict(layout).block_bytes
-    assert released["held"] is True and stats_a["held"] == 0 and stats_a["running"] == 0
+    ref, exported, chunks_a, mig, chunks_b, free_a, stats_a, layout = asyncio.run(scenario())
+    toks_a = [t for c in chunks_a for t in c.get("token_ids", [])]
+    toks_b = [t for c in chunks_b for t in c.get("token_ids", [])]
+    assert exported == ["m1"] and "migrate" in chunks_a[-1] and 1 < len(toks_a) < n_out  # stopped mid-stream on A
+    assert mig["output_len"] == len(toks_a) and mig["tokens"][-1] == toks_a[-1]
+    assert toks_b[0] == toks_a[-1]  # B starts from the last token A streamed
+    assert toks_a + toks_b[1:] == ref  # the client's sequence = an uninterrupted run
+    rep = chunks_b[0]["kv_transfer"]
+    # prefix-aware pull: B's cache holds the prompt's 4 full blocks (from the reference run): only the rest moves
+    assert rep["bytes"] == (len(mig["kv_handle"]["block_ids"]) - 64 // 16) * KvLayout.from_dict(layout).block_bytes, rep
+    assert rep["kind"] == "host-shm" and rep["backend"] in ("cma", "nixl", "tcp"), rep
+    assert stats_a["running"] == 0 and stats_a["free_blocks"] == free_a  # A freed the blocks at the deadline

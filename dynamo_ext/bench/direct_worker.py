@@ -1,40 +1,34 @@
-"""One serving worker without the Dynamo runtime: engine + BlockPool + transport, driven over stdin/stdout.
+"""One serving worker without the Dynamo runtime: ``serving.ServingWorker`` driven over JSON lines on
+stdin/stdout — a request-plane adapter, nothing more (the serving logic is the core's, the same code the
+Dynamo workers run).
 
-Used by ``dynamo_ext/bench/serve_direct.py`` (``dynamo-ext bench serve-direct``) where the Dynamo runtime cannot be
-carried (the GPU machine): the same layers as ``dynamo_ext/workers`` (``EngineRunner``, ``BlockPool``,
-``transfer_kv_cache`` over a pool registered once) with the Dynamo request plane replaced by JSON lines.
+    python -m dynamo_ext.bench.direct_worker --role {agg,prefill,decode} --worker-id N --name NAME
+        [--device cpu|cuda:N] [--preset P --layers L --dtype D] [--num-blocks B] [--block-size 16]
+        [--transport auto|nvlink|pcie|rdma|tcp] [--no-nixl] [--transfer-timeout-s S] [--seed S]
 
-Protocol (one JSON object per line; every line is validated with msgspec, nothing is pickled)::
+Protocol (one JSON object per line; every line validated with msgspec, nothing is pickled)::
 
-    coordinator -> worker (stdin)                  worker -> coordinator (stdout)
+    coordinator -> worker (stdin)                     worker -> coordinator (stdout)
     -----------------------------------------------------------------------------------------------------
-                                                   {"ev":"ready", peer_info (base64 PeerInfo.encode()),
-                                                    topology (NodeTopology dict), layout, device, role,
-                                                    startup_s}
-    {"op":"add_peer","info":b64}                   (nothing; errors -> {"ev":"error"})
-    {"op":"prefill","rid","prompt"}                prefix match + prefill_only; blocks held under rid
-                                                   -> {"ev":"prefilled", rid, block_ids, first_token,
-                                                       agent, pool, seconds}
-    {"op":"release","rid"}                         the held blocks are freed -> {"ev":"released", rid}
-    {"op":"decode","rid","prompt","max_tokens",   handle: allocate, ONE planned READ from the prefill
-     "handle"?: {agent,pool,block_ids,first_token}} worker's pool (transfer_kv_cache), -> {"ev":"pulled",
-                                                   rid, bytes, seconds, descriptors, path, backend}
-                                                   no handle: local prefill (aggregated)
-                                                   -> {"ev":"first", rid} then {"ev":"done", rid, tokens}
-                                                   local prefill: "first" carries compute_s, cached_tokens
-    (engine's BlockPool events)                    -> {"ev":"kv","rid":"__kv__","events":[["stored"|"removed",
-                                                       [chain keys]]...]}  (chain_keys(): the prefix index)
-    {"op":"generate","rid","prompt","max_tokens"}  = decode without a handle (aggregated: local prefill + decode)
-    {"op":"export","rid"}                          migration out: runner.export (engine.detach) -> the request's
-                                                   "done" carries migrated=true; blocks held under rid;
-                                                   -> {"ev":"exported","rid":"<rid>#export", tokens, num_prompt,
-                                                       output, block_ids, num_computed, agent, pool}
-                                                   the target continues it with "decode" (prompt = tokens[:-1],
-                                                   handle.first_token = tokens[-1]); then "release" here
-    {"op":"stats"}                                 -> {"ev":"stats", steps, prefills, free_blocks, ...}
-    {"op":"shutdown"}                              process exits 0
-    any failure of one request                     -> {"ev":"error", rid, error}
-    a fatal CUDA error (poisoned context)          -> that error line, then the process exits with code 3
+                                                      {"ev":"ready", worker_id, role, name, device, pid,
+                                                       transports (base64 PeerTransports | null), topology,
+                                                       layout, vocab, num_blocks, startup_s}
+    {"op":"peer", worker_id, transports}              a peer's transports (plane.peer looks them up by
+                                                      the handle's worker_id)
+    {"op":"prefill", rid, request}                    core.prefill -> {"ev":"chunk", rid, chunk}, {"ev":"end", rid}
+    {"op":"generate", rid, request}                   core.generate -> {"ev":"chunk", rid, chunk}..., {"ev":"end", rid}
+                                                      (a raise, e.g. Draining -> {"ev":"end", rid, error})
+    {"op":"release", rid, handle_id}                  core.release -> {"ev":"result", rid, value: bool}
+    {"op":"export", rid, router_rids}                 core.export -> {"ev":"result", rid, value: [router rids]}
+    {"op":"stats", rid}                               -> {"ev":"result", rid, value: {...}}
+    {"op":"reply", cid, value}                        the answer to one of our calls (below)
+    {"op":"shutdown"}                                 the process exits 0
+                                                      {"ev":"call", cid, op:"release", worker_id, handle_id}
+                                                      (plane.release: the holder frees the handle) and
+                                                      {"ev":"call", cid, op:"decode_peers"} -> a reply each
+    (the pool's KV events)                            {"ev":"kv", events: [router events]} (kv.RouterEventSink:
+                                                      the coordinator's KvEventIndexer applies them)
+    a fatal CUDA error (poisoned context)             {"ev":"fatal", error}, then the process exits with code 3
 
 stdin EOF (the coordinator died) ends the worker too. Logs go to stderr.
 """
@@ -44,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import logging
 import os
 import sys
@@ -52,62 +47,50 @@ from typing import Any, Union
 
 import msgspec
 
-
 log = logging.getLogger("dynamo_ext.direct_worker")
 
 
 # -- messages in ------------------------------------------------------------------------------------
-class Handle(msgspec.Struct, forbid_unknown_fields=True):
-    agent: str
-    pool: str
-    block_ids: list[int]
-    first_token: int
-
-
-class AddPeer(msgspec.Struct, tag_field="op", tag="add_peer", forbid_unknown_fields=True):
-    info: str
+class Peer(msgspec.Struct, tag_field="op", tag="peer", forbid_unknown_fields=True):
+    worker_id: int
+    transports: str
 
 
 class Prefill(msgspec.Struct, tag_field="op", tag="prefill", forbid_unknown_fields=True):
     rid: str
-    prompt: list[int]
+    request: dict[str, Any]
+
+
+class Generate(msgspec.Struct, tag_field="op", tag="generate", forbid_unknown_fields=True):
+    rid: str
+    request: dict[str, Any]
 
 
 class Release(msgspec.Struct, tag_field="op", tag="release", forbid_unknown_fields=True):
     rid: str
-
-
-class Decode(msgspec.Struct, tag_field="op", tag="decode", forbid_unknown_fields=True):
-    rid: str
-    prompt: list[int]
-    max_tokens: int
-    handle: Handle | None = None
-
-
-class Generate(msgspec.Struct, tag_field="op", tag="generate", forbid_unknown_fields=True):
-    """Aggregated serving: local prefill (prefix cache) + decode on this worker; the same events as decode."""
-
-    rid: str
-    prompt: list[int]
-    max_tokens: int
+    handle_id: str
 
 
 class Export(msgspec.Struct, tag_field="op", tag="export", forbid_unknown_fields=True):
-    """Migrate a running request out: its stream ends ("done" with migrated=true), its blocks are held under
-    rid for the target's pull (then "release"), and an "exported" event carries what the target needs."""
-
     rid: str
+    router_rids: list[str]
 
 
 class Stats(msgspec.Struct, tag_field="op", tag="stats", forbid_unknown_fields=True):
-    pass
+    rid: str
+
+
+class Reply(msgspec.Struct, tag_field="op", tag="reply", forbid_unknown_fields=True):
+    cid: int
+    value: Any = None
+    error: str | None = None
 
 
 class Shutdown(msgspec.Struct, tag_field="op", tag="shutdown", forbid_unknown_fields=True):
     pass
 
 
-Command = Union[AddPeer, Prefill, Release, Decode, Generate, Export, Stats, Shutdown]
+Command = Union[Peer, Prefill, Generate, Release, Export, Stats, Reply, Shutdown]
 COMMAND_DECODER = msgspec.json.Decoder(Command)
 
 #: the protocol's stdout: fd 1 is re-pointed to stderr in main() so that library prints (NIXL's log
@@ -115,127 +98,93 @@ COMMAND_DECODER = msgspec.json.Decoder(Command)
 PROTOCOL_OUT: Any = None
 
 
-def chain_keys(tokens: list[int] | tuple[int, ...], block_size: int, parent_key: int = 0) -> list[int]:
-    """Keys of the full blocks of ``tokens``: each chains its parent's key with its own tokens (Python's
-    tuple-of-int hash: equal in every process, unlike str/bytes hashes). The coordinator computes the
-    same keys from a prompt to score prefix overlap; they stand in for Dynamo's block hashes."""
-    out, k = [], parent_key
-    for i in range(len(tokens) // block_size):
-        k = hash((k, tuple(tokens[i * block_size:(i + 1) * block_size])))
-        out.append(k)
-    return out
-
-
-class KvEventForwarder:
-    """``kv.KvEventSink`` of this worker's BlockPool: stored / removed blocks -> {"ev":"kv"} lines.
-
-    Called on the engine thread; events are queued and flushed on the asyncio loop, in order."""
-
-    def __init__(self, block_size: int, loop: asyncio.AbstractEventLoop, emit: Any) -> None:
-        self.bs, self.loop, self.emit = block_size, loop, emit
-        self.key_of: dict[int, int] = {}  # block id -> chain key
-        self.pending: list[tuple[str, list[int]]] = []
-        self.scheduled = False
-
-    def publish_stored(self, token_ids: Any, block_ids: Any, parent: int | None) -> None:
-        keys = chain_keys(list(token_ids), self.bs, self.key_of.get(parent, 0) if parent is not None else 0)
-        for b, k in zip(block_ids, keys):
-            self.key_of[int(b)] = k
-        self._queue("stored", keys)
-
-    def publish_removed(self, block_ids: Any) -> None:
-        keys = [self.key_of.pop(int(b)) for b in block_ids if int(b) in self.key_of]
-        self._queue("removed", keys)
-
-    def _queue(self, kind: str, keys: list[int]) -> None:
-        if not keys:
-            return
-        self.pending.append((kind, keys))
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._flush()))
-
-    async def _flush(self) -> None:
-        self.scheduled = False
-        batch, self.pending = self.pending, []
-        if batch:
-            await self.emit("kv", rid="__kv__", events=[[k, keys] for k, keys in batch])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dynamo_ext.bench.direct_worker", description=__doc__.splitlines()[0])
     p.add_argument("--role", choices=("agg", "prefill", "decode"), required=True)
-    p.add_argument("--name", required=True, help="agent / worker name, unique in the graph")
+    p.add_argument("--worker-id", type=int, required=True, help="this worker's id in the graph (handles name it)")
+    p.add_argument("--name", required=True, help="transport agent name, unique in the graph")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help="a model preset or a model directory")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--num-blocks", type=int, default=512)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=16384)
-    p.add_argument("--backend", default="auto", help="auto (cuda_ipc on CUDA, cma or nixl on CPU), nixl, cma, tcp, cuda_ipc")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--transport", default="auto", help="kv_transfer.transport: auto, nvlink, pcie, rdma, tcp")
+    p.add_argument("--no-nixl", action="store_true", help="kv_transfer.backend: fallback (no NIXL)")
     p.add_argument("--transfer-timeout-s", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0, help="weights seed: equal on every worker of a graph")
     return p.parse_args(argv)
 
 
+class JsonLinesPlane:
+    """``serving.WorkerPlane`` over the coordinator: peers it announced, calls answered by ``reply``."""
+
+    def __init__(self, w: "DirectWorker") -> None:
+        self.w = w
+        self.peers: dict[int, Any] = {}
+        self._cid = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+
+    async def peer(self, handle: Any) -> Any:
+        from dynamo_ext.transport import TransferError  # noqa: PLC0415
+
+        pt = self.peers.get(int(handle.worker_id))
+        if pt is None:
+            raise TransferError(f"no transports known for worker {handle.worker_id}")
+        return pt
+
+    async def _call(self, op: str, timeout_s: float, **fields: Any) -> Any:
+        cid = next(self._cid)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = fut
+        try:
+            await self.w.emit("call", cid=cid, op=op, **fields)
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._pending.pop(cid, None)
+
+    def answer(self, r: Reply) -> None:
+        fut = self._pending.get(r.cid)
+        if fut is not None and not fut.done():
+            if r.error:
+                fut.set_exception(RuntimeError(r.error))
+            else:
+                fut.set_result(r.value)
+
+    async def release(self, handle: Any, timeout_s: float) -> bool:
+        return bool(await self._call("release", timeout_s, worker_id=int(handle.worker_id), handle_id=handle.handle_id))
+
+    async def decode_peers(self) -> int:
+        return int(await self._call("decode_peers", 5.0))
+
+
+class _NoMetrics:
+    """The harness measures at the coordinator; the core's Prometheus calls go nowhere."""
+
+    class _M:
+        def labels(self, *a: Any) -> "_NoMetrics._M":
+            return self
+
+        def inc(self, *a: Any) -> None:
+            pass
+
+        def observe(self, *a: Any) -> None:
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return self._M()
+
+
 class DirectWorker:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
-        self.held: dict[str, list[int]] = {}
+        self.plane = JsonLinesPlane(self)
         self.tasks: set[asyncio.Task[Any]] = set()
         self._write_lock = asyncio.Lock()
-        self.transfers = 0
-
-    # -- start-up ---------------------------------------------------------------------------------
-    def start_engine(self) -> None:
-        import torch  # noqa: PLC0415
-
-        from dynamo_ext.engine.core import EngineConfig, LlmEngine  # noqa: PLC0415
-        from dynamo_ext.engine.weights import load_model  # noqa: PLC0415
-        from dynamo_ext.kv.pool import BlockPool  # noqa: PLC0415
-        from dynamo_ext.serving.engine_runner import EngineRunner  # noqa: PLC0415
-
-        a = self.a
-        self.cuda_index: int | None = None
-        if a.device.startswith("cuda"):
-            self.cuda_index = int(a.device.split(":", 1)[1]) if ":" in a.device else 0
-            torch.cuda.set_device(self.cuda_index)
-            a.device = f"cuda:{self.cuda_index}"
-        else:
-            torch.set_num_threads(1)
-        model = load_model(a.preset, device=a.device, seed=a.seed, num_layers=a.layers, dtype=a.dtype)
-        self.pool = BlockPool(a.num_blocks, a.block_size)
-        ec = EngineConfig(block_size=a.block_size, num_blocks=a.num_blocks, device=a.device,
-                          max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched_tokens, seed=a.seed)
-        self.engine = LlmEngine(model, ec, allocator=self.pool)
-        model.weights.clear()  # the engine's model holds its own (fused) copies
-        self.runner = EngineRunner(self.engine, self.pool)
-        self.vocab = model.config.vocab_size
-        step = self.engine.step
-
-        def guarded_step() -> Any:  # the runner logs step errors and retries: a dead GPU context must end us
-            try:
-                return step()
-            except Exception as e:
-                exit_if_fatal(e, "engine step")
-                raise
-
-        self.engine.step = guarded_step  # type: ignore[method-assign]
-
-    async def start_transport(self) -> None:
-        from dynamo_ext.transport import KvPool, make_backend  # noqa: PLC0415
-
-        kind = self.a.backend
-        if kind == "auto":
-            kind = "cuda_ipc" if self.cuda_index is not None else "auto"
-        self.backend = make_backend(kind, self.a.name, memory="host" if self.cuda_index is None else "device")
-        await self.backend.start()
-        self.kv_pool = KvPool.from_tensor(f"kv-{self.a.name}", self.engine.kv_layout, self.engine.kv_buffer())
-        self.backend.register_pool(self.kv_pool)  # once, never per request
-        self.pool.sink = KvEventForwarder(self.a.block_size, asyncio.get_running_loop(), self.emit)
-        self.spawn(self.backend.serve(0.01))
+        self.core: Any = None
 
     def spawn(self, coro: Any) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -247,128 +196,101 @@ class DirectWorker:
         async with self._write_lock:
             PROTOCOL_OUT.write(line)
 
+    # -- start-up ---------------------------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        from dynamo_ext.kv.events import RouterEventSink  # noqa: PLC0415
+        from dynamo_ext.serving import ServingWorker, TransportOptions, WorkerSettings  # noqa: PLC0415
+        from dynamo_ext.topology import collect_local_topology  # noqa: PLC0415
+
+        a = self.a
+        s = WorkerSettings(role=a.role, name=a.name, model=a.preset, device=a.device, block_size=a.block_size,
+                           num_kv_blocks=a.num_blocks, max_model_len=a.max_model_len, seed=a.seed,
+                           num_layers=a.layers, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
+                           max_num_batched_tokens=a.max_batched_tokens, transfer_timeout_s=a.transfer_timeout_s,
+                           hold_s=max(2 * a.transfer_timeout_s, 30.0),
+                           transport=TransportOptions(nixl=not a.no_nixl, force=a.transport))
+        core = ServingWorker(s, self.plane, _NoMetrics())
+        core.instance_id = a.worker_id
+        self.core = core
+        runner = core.start_engine()
+        guard_fatal(core.engine)
+        loop = asyncio.get_running_loop()
+        pending: list[dict[str, Any]] = []
+
+        def on_event(ev: dict[str, Any]) -> None:  # engine thread: batch, flush on the loop, in order
+            pending.append(ev)
+            if len(pending) == 1:
+                loop.call_soon_threadsafe(lambda: self.spawn(self._flush_kv(pending)))
+
+        runner.pool.sink = RouterEventSink(a.block_size, on_event)
+        try:
+            topo = collect_local_topology(core.cuda_index())
+        except Exception as e:  # noqa: BLE001 - host memory assumed
+            log.warning("topology: %s", e)
+            topo = None
+        await core.start(topo)
+        return {"role": a.role, "name": a.name, "device": a.device, "pid": os.getpid(), "worker_id": a.worker_id,
+                "transports": base64.b64encode(core.advertise()).decode() if core.transports else None,
+                "topology": topo.to_dict() if topo is not None else None, "layout": core.engine.kv_layout.to_dict(),
+                "vocab": core.vocab_size, "num_blocks": a.num_blocks,
+                "backends": list(core.transports.backends) if core.transports else []}
+
+    async def _flush_kv(self, pending: list[dict[str, Any]]) -> None:
+        batch = list(pending)
+        pending.clear()
+        if batch:
+            await self.emit("kv", events=batch)
+
     # -- commands ---------------------------------------------------------------------------------
-    def _request(self, rid: str, prompt: list[int], max_tokens: int) -> Any:
-        from dynamo_ext.engine.protocol import Request, SamplingParams  # noqa: PLC0415
+    async def _stream(self, rid: str, agen: Any) -> None:
+        try:
+            async for chunk in agen:
+                await self.emit("chunk", rid=rid, chunk=chunk)
+        except Exception as e:  # noqa: BLE001 - the coordinator's session decides (retry elsewhere, error)
+            await self.emit("end", rid=rid, error=f"{type(e).__name__}: {e}")
+            exit_if_fatal(e, f"request {rid}")
+            return
+        await self.emit("end", rid=rid)
 
-        return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-
-    async def do_prefill(self, c: Prefill) -> None:
-        t0 = time.perf_counter()
-        req = self._request(c.rid, c.prompt, 1)
-        res, compute_s, cached = await self.prefill_timed(req)
-        self.held[c.rid] = list(res.block_ids)
-        await self.emit("prefilled", rid=c.rid, block_ids=list(res.block_ids), first_token=int(res.first_token),
-                        agent=self.backend.agent_name, pool=self.kv_pool.name, seconds=time.perf_counter() - t0,
-                        compute_s=compute_s, cached_tokens=cached)
-
-    async def prefill_timed(self, req: Any) -> tuple[Any, float, int]:
-        """``EngineRunner.prefill`` with the engine-thread time and the prefix-cache hit (tokens) measured."""
-        out: dict[str, Any] = {}
-
-        def run() -> Any:
-            t = time.perf_counter()
-            res = self.runner._prefill_sync(req)
-            out["s"] = time.perf_counter() - t
-            return res
-
-        res = await self.runner.wait_room(run)
-        usable = min(len(req.prefix_blocks), (len(req.prompt_token_ids) - 1) // self.a.block_size)
-        return res, out["s"], usable * self.a.block_size
-
-    async def do_release(self, c: Release) -> None:
-        blocks = self.held.pop(c.rid, None)
-        if blocks is not None:
-            await self.runner.release(blocks)
-        await self.emit("released", rid=c.rid, held=blocks is not None)
-
-    async def do_decode(self, c: Decode) -> None:
-        from dynamo_ext.transport import RemotePool, transfer_kv_cache  # noqa: PLC0415
-
-        req = self._request(c.rid, c.prompt, c.max_tokens)
-        if c.handle is not None:
-            h = c.handle
-            remote = RemotePool(h.agent, self.backend.peer(h.agent).pool(h.pool))
-            dst = await self.runner.allocate(len(h.block_ids))
-            try:
-                th = await transfer_kv_cache(remote, self.kv_pool, (list(h.block_ids), dst), backend=self.backend,
-                                             deadline_s=self.a.transfer_timeout_s)
-                st = await th
-            except BaseException:
-                await self.runner.free(dst)
-                raise
-            self.transfers += 1
-            await self.emit("pulled", rid=c.rid, bytes=st.bytes, seconds=st.seconds, descriptors=st.descriptors,
-                            path=str(st.path), backend=str(st.backend))
-            await self.runner.commit_pulled(req, dst)
-            blocks, first = dst, h.first_token
-            extra: dict[str, Any] = {}
-        else:
-            res, compute_s, cached = await self.prefill_timed(req)
-            blocks, first = res.block_ids, res.first_token
-            extra = {"compute_s": compute_s, "cached_tokens": cached}
-        await self.emit("first", rid=c.rid, **extra)
-        tokens = [int(first)]
-        migrated = False
-        async for o in self.runner.decode(req, blocks, first):
-            tokens.extend(int(t) for t in o.new_token_ids)
-            migrated = o.finish_reason == "migrated"
-        await self.emit("done", rid=c.rid, tokens=tokens, migrated=migrated)
-
-    async def do_export(self, c: Export) -> None:
-        st = await self.runner.export(c.rid)
-        if st is None:
-            raise KeyError(f"request {c.rid} is not running here (finished or unknown)")
-        self.held[c.rid] = list(st.blocks)
-        await self.emit("exported", rid=f"{c.rid}#export", tokens=st.tokens, num_prompt=st.num_prompt,
-                        output=st.output, block_ids=list(st.blocks), num_computed=st.num_computed,
-                        agent=self.backend.agent_name, pool=self.kv_pool.name)
-
-    async def do_stats(self) -> None:
-        ld = self.runner.load()
-        await self.emit("stats", rid="__stats__", steps=self.runner.steps, prefills=self.runner.prefills, free_blocks=self.pool.num_free,
-                        held=len(self.held), running=ld.running, waiting=ld.waiting, transfers=self.transfers)
+    async def _one(self, c: Prefill) -> Any:
+        yield await self.core.prefill(c.request)
 
     async def run_command(self, c: Any) -> None:
-        rid = getattr(c, "rid", None)
-        try:
-            if isinstance(c, Prefill):
-                await self.do_prefill(c)
-            elif isinstance(c, Release):
-                await self.do_release(c)
-            elif isinstance(c, Generate):
-                await self.do_decode(Decode(c.rid, c.prompt, c.max_tokens, None))
-            elif isinstance(c, Decode):
-                await self.do_decode(c)
-            elif isinstance(c, AddPeer):
-                from dynamo_ext.transport import PeerInfo  # noqa: PLC0415
+        core = self.core
+        if isinstance(c, Prefill):
+            await self._stream(c.rid, self._one(c))
+        elif isinstance(c, Generate):
+            await self._stream(c.rid, core.generate(c.request, c.rid))
+        elif isinstance(c, Release):
+            await self.emit("result", rid=c.rid, value=await core.release(c.handle_id))
+        elif isinstance(c, Export):
+            await self.emit("result", rid=c.rid, value=await core.export(c.router_rids))
+        elif isinstance(c, Stats):
+            ld = core.load()
+            await self.emit("result", rid=c.rid, value={
+                **core.runner.counters(), "free_blocks": core.pool.num_free, "held": len(core.held),
+                "running": ld.running, "waiting": ld.waiting, "transfers": core.transfers})
+        elif isinstance(c, Peer):
+            from dynamo_ext.serving import PeerTransports  # noqa: PLC0415
 
-                self.backend.add_peer(PeerInfo.decode(base64.b64decode(c.info)))
-            elif isinstance(c, Export):
-                await self.do_export(c)
-            elif isinstance(c, Stats):
-                await self.do_stats()
-        except Exception as e:  # noqa: BLE001 - reported per request, the worker keeps serving
-            log.warning("%s %s failed: %s: %s", type(c).__name__, rid, type(e).__name__, e)
-            await self.emit("error", rid=rid, op=type(c).__name__.lower(), error=f"{type(e).__name__}: {e}")
-            exit_if_fatal(e, f"{type(c).__name__} {rid}")
+            self.plane.peers[c.worker_id] = PeerTransports.decode(base64.b64decode(c.transports))
+        elif isinstance(c, Reply):
+            self.plane.answer(c)
+
+    async def _guarded(self, c: Any) -> None:
+        try:
+            await self.run_command(c)
+        except Exception as e:  # noqa: BLE001 - reported, the worker keeps serving
+            log.warning("%s failed: %s: %s", type(c).__name__, type(e).__name__, e)
+            rid = getattr(c, "rid", None)
+            if rid is not None:
+                await self.emit("end", rid=rid, error=f"{type(e).__name__}: {e}")
+            exit_if_fatal(e, type(c).__name__)
 
     async def main(self) -> int:
         t0 = time.perf_counter()
-        self.start_engine()
-        self.spawn(self.runner.run())
-        await self.start_transport()
-        from dynamo_ext.topology import collect_local_topology  # noqa: PLC0415
-
-        try:
-            topo = collect_local_topology(self.cuda_index).to_dict()
-        except Exception as e:  # noqa: BLE001 - topology is reported, not needed to serve
-            log.warning("topology: %s", e)
-            topo = None
-        await self.emit("ready", role=self.a.role, name=self.a.name, device=self.a.device, pid=os.getpid(),
-                        peer_info=base64.b64encode(self.backend.local_peer_info().encode()).decode(),
-                        topology=topo, layout=self.engine.kv_layout.to_dict(), vocab=self.vocab, num_blocks=self.a.num_blocks,
-                        startup_s=time.perf_counter() - t0)
+        ready = await self.start()
+        await self.emit("ready", startup_s=time.perf_counter() - t0, **ready)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 26)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -381,16 +303,15 @@ class DirectWorker:
             try:
                 c = COMMAND_DECODER.decode(line)
             except msgspec.ValidationError as e:
-                await self.emit("error", rid=None, op="parse", error=f"invalid command: {e}")
+                await self.emit("error", error=f"invalid command: {e}")
                 continue
             if isinstance(c, Shutdown):
                 break
-            self.spawn(self.run_command(c))
-        self.runner.stop()
-        try:
-            await self.backend.close()
-        except Exception:  # noqa: BLE001
-            pass
+            if isinstance(c, (Peer, Reply)):  # in order, at once
+                await self.run_command(c)
+            else:
+                self.spawn(self._guarded(c))
+        await self.core.close()
         return 0
 
 
@@ -413,6 +334,20 @@ def exit_if_fatal(e: BaseException, what: str) -> None:
         log.critical("%s: fatal CUDA error, exiting with %d: %s", what, FATAL_EXIT_CODE, e)
         sys.stderr.flush()
         os._exit(FATAL_EXIT_CODE)
+
+
+def guard_fatal(engine: Any) -> None:
+    """The engine runner logs step errors and retries: a dead GPU context must end the process instead."""
+    step = engine.step
+
+    def guarded_step() -> Any:
+        try:
+            return step()
+        except Exception as e:
+            exit_if_fatal(e, "engine step")
+            raise
+
+    engine.step = guarded_step
 
 
 def main(argv: list[str] | None = None) -> int:

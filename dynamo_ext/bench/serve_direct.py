@@ -17,22 +17,23 @@
     python3 -m dynamo_ext.bench.serve_direct --device cuda --preset llama3-70b-shape --layers 8 \
         --graphs agg:4,disagg:2p2d --prompt-lens 512,2048,4096 --quick --out /tmp/serve-direct-quick
 
-Why: the Dynamo runtime (75 MB wheel) cannot be carried to the GPU machine together with NIXL, and issues
-#5 and #8 need the prefill -> KV transfer -> decode flow measured on GPUs. This harness runs exactly the
-layers the Dynamo workers run (``engine`` + ``kv.BlockPool`` + ``workers.engine_runner.EngineRunner`` +
-``transport.transfer_kv_cache`` over a pool registered once + ``topology.select_transport``), one process
-per GPU (``dynamo_ext/bench/direct_worker.py``, protocol in its docstring), with the Dynamo request plane
-replaced by JSON lines on the workers' stdin/stdout. What it does not measure: Dynamo's frontend (HTTP,
-tokenization, detokenization) and request-plane latency; ``bench serve`` covers those on CPU.
+What it is: the serving core of the product (``dynamo_ext.serving``: ``ServingWorker`` in each worker
+process, ``RouterCore`` + one ``StreamSession`` per request in this coordinator, ``WorkerTransports`` picking
+the transport per pair from the topology) with the Dynamo request plane replaced by JSON lines on the
+workers' stdin/stdout (``dynamo_ext/bench/direct_worker.py``, protocol in its docstring; the coordinator's
+``DirectRouterPlane`` answers the workers' calls and feeds their KV events into the same ``KvEventIndexer``
+the Dynamo router uses). Lines of the product this path does NOT run: the Dynamo adapters in
+``dynamo_ext/workers/`` (endpoints, etcd records, NATS KV events and FPM/KV-usage publishers,
+``DynamoWorkerPlane`` / ``DynamoRouterPlane``), Dynamo's frontend (HTTP, tokenization, detokenization) and
+its request plane. ``bench serve`` runs those (``"runtime": "dynamo"`` in its results; ``"direct"`` here).
 
 Graphs (``--graphs``, comma-separated):
-  ``agg:N``      N aggregated workers (device i = GPU i), each request prefilled and decoded on one worker;
-                 the coordinator sends each request to the worker with the fewest in flight.
-  ``disagg:XpYd`` X prefill workers (GPUs 0..X-1) + Y decode workers (GPUs X..X+Y-1); per request: the
-                 prefill worker with the fewest in flight prefills and holds the blocks, the decode worker
-                 with the fewest in flight allocates blocks and pulls the KV with ONE planned READ (device
-                 pools: ``cuda_ipc``; host pools: ``cma``/NIXL), the coordinator releases the prefill's
-                 blocks, the decode worker streams the tokens.
+  ``agg:N``      N aggregated workers (device i = GPU i), each request prefilled and decoded on one worker,
+                 chosen by the router core's policy.
+  ``disagg:XpYd`` X prefill workers (GPUs 0..X-1) + Y decode workers (GPUs X..X+Y-1); per request the router
+                 core's session: prefill (the worker holds the blocks), the decode worker pulls the KV over
+                 the backend select_transport picks (device pools: ``cuda_ipc``; host pools: ``cma``), asks
+                 the holder to release, streams the tokens.
 
 Load per (graph, prompt length): ``--requests`` prompts of random token ids (seeded; the same prompts for
 every graph, no prefix-cache hits), ``--output-len`` tokens each (greedy, EOS ignored); closed loop with
@@ -41,11 +42,12 @@ closed,8,16``: one row per load on the same warm workers, fresh prompts per load
 previous one's prefix cache). Before measuring,
 every worker serves ``--warmup`` requests of each prompt length (CUDA/Triton warm-up).
 
-Metrics: TTFT = first token leaves the worker that decodes (after the pull in disagg) - request issued;
+Metrics: TTFT = the session's first chunk (after the pull in disagg) - request issued;
 TPOT = (done - first) / (tokens - 1); requests/s and output tokens/s over the window from the first issue to
 the last completion; output tokens/s per GPU (all GPUs of the graph); KV transfer: mean pull seconds, its
-share of the mean TTFT, GB/s per (prefill, decode) pair next to the path and the GB/s that
-``topology.select_transport`` expected for the pair. ``--verify``: greedy tokens of every disagg request
+share of the mean TTFT, GB/s per (prefill, decode) pair next to the backend and path that moved the bytes
+(the decode worker's pull report) and the GB/s that ``topology.select_transport`` expected for the pair;
+prefix hit rate from the engines' own counters (cached / prefilled prompt tokens over the cell). ``--verify``: greedy tokens of every disagg request
 equal the agg graph's for the same prompt (asserted on CPU where numerics are batch-independent; on GPU
 the match fraction is reported: bf16 results depend on the batch a request shares).
 
@@ -58,7 +60,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
+import logging
 import os
 import platform
 import random
@@ -69,20 +73,17 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import msgspec
 
 from dynamo_ext.bench import results_dir
 from dynamo_ext.bench._machine import cpu_model
 from dynamo_ext.bench._stats import pct
-from dynamo_ext.bench.direct_worker import chain_keys
 
-ROOT = Path(__file__).resolve().parents[2]  # the directory holding dynamo_ext (the workers' PYTHONPATH)
-WORKER = "dynamo_ext.bench.direct_worker"
+log = logging.getLogger("dynamo_ext.bench.serve_direct")
 
-
-POLICIES = ("least-loaded", "round-robin", "dynamo-ext")
+POLICIES = ("least-loaded", "round-robin", "dynamo-ext")  # serving.router.POLICIES
 
 
 class GraphSpecError(ValueError):
@@ -130,41 +131,39 @@ class WorkerDied(RuntimeError):
 
 
 class WorkerProc:
-    """One ``direct_worker.py`` process: commands in, events routed to per-request queues."""
+    """One ``direct_worker`` process: commands in, events routed to per-request queues, its calls answered."""
 
-    def __init__(self, name: str, role: str, device: str, args: argparse.Namespace, log_dir: Path) -> None:
-        self.name, self.role, self.device, self.a = name, role, device, args
+    def __init__(self, wid: int, name: str, role: str, device: str, args: argparse.Namespace, log_dir: Path,
+                 graph: "Graph") -> None:
+        self.wid, self.name, self.role, self.device, self.a, self.graph = wid, name, role, device, args, graph
         self.log_path = log_dir / f"{name}.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.ready: dict[str, Any] = {}
         self.queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
-        self.inflight = 0
-        #: prefix index from this worker's KV events (chain keys of the blocks its pool holds)
-        self.cached_keys: set[int] = set()
-        #: prefill work sent and not yet done: uncached tokens, requests
-        self.queue_tokens = 0
-        self.queued = 0
-        #: measured prefill throughput (tokens/s of engine-thread time), EWMA; None until measured
-        self.prefill_rate: float | None = None
         self.dead: str | None = None
+        self._seq = itertools.count()
         self._reader: asyncio.Task[None] | None = None
         self._ready_fut: asyncio.Future[dict[str, Any]] | None = None
 
     def argv(self, num_blocks: int) -> list[str]:
         a = self.a
-        out = [sys.executable, "-m", WORKER, "--role", self.role, "--name", self.name, "--device", self.device,
-               "--preset", a.preset, "--num-blocks", str(num_blocks), "--block-size", str(a.block_size),
-               "--backend", a.backend, "--transfer-timeout-s", str(a.transfer_timeout_s)]
+        out = [sys.executable, "-m", "dynamo_ext.bench.direct_worker", "--role", self.role, "--worker-id", str(self.wid),
+               "--name", self.name, "--device", self.device, "--preset", a.preset, "--num-blocks", str(num_blocks),
+               "--block-size", str(a.block_size), "--transport", a.transport,
+               "--transfer-timeout-s", str(a.transfer_timeout_s), "--seed", str(a.seed)]
         if a.layers:
             out += ["--layers", str(a.layers)]
         if a.dtype:
             out += ["--dtype", a.dtype]
+        if a.no_nixl:
+            out += ["--no-nixl"]
         return out
 
     async def start(self, num_blocks: int) -> None:
         env = dict(os.environ)
         env.setdefault("UCX_NET_DEVICES", "lo")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        pkg_root = str(Path(__file__).resolve().parents[2])  # the checkout or site-packages holding dynamo_ext
+        env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = await asyncio.create_subprocess_exec(*self.argv(num_blocks), stdin=asyncio.subprocess.PIPE,
                                                          stdout=asyncio.subprocess.PIPE, stderr=self._log,
@@ -200,54 +199,56 @@ class WorkerProc:
             if kind == "ready":
                 if self._ready_fut and not self._ready_fut.done():
                     self._ready_fut.set_result(ev)
-                continue
-            if kind == "kv":
-                for what, keys in ev.get("events", []):
-                    if what == "stored":
-                        self.cached_keys.update(keys)
-                    else:
-                        self.cached_keys.difference_update(keys)
-                continue
-            q = self.queues.get(str(ev.get("rid")))
-            if q is not None:
-                q.put_nowait(ev)
+            elif kind == "kv":
+                self.graph.plane.apply_kv(self.wid, ev.get("events") or [])
+            elif kind == "call":
+                asyncio.get_running_loop().create_task(self.graph.plane.answer(self, ev))
+            else:
+                q = self.queues.get(str(ev.get("rid")))
+                if q is not None:
+                    q.put_nowait(ev)
         rc = await self.proc.wait()
         self.dead = f"worker {self.name} ({self.role}, {self.device}, pid {self.proc.pid}) exited with code {rc}"
-        err = {"ev": "error", "error": self.dead}
         if self._ready_fut and not self._ready_fut.done():
             self._ready_fut.set_exception(WorkerDied(f"{self.dead} before it was ready; last log lines:\n{self.tail()}"))
         for q in self.queues.values():
-            q.put_nowait(err)
-
-    def overlap_blocks(self, keys: list[int]) -> int:
-        n = 0
-        for k in keys:
-            if k not in self.cached_keys:
-                break
-            n += 1
-        return n
-
-    def observe_prefill(self, ev: dict[str, Any], prompt_tokens: int) -> None:
-        s = float(ev.get("compute_s") or 0.0)
-        if s <= 0:
-            return
-        rate = max(prompt_tokens - int(ev.get("cached_tokens") or 0), 1) / s
-        self.prefill_rate = rate if self.prefill_rate is None else 0.7 * self.prefill_rate + 0.3 * rate
-
-    def expect(self, rid: str) -> asyncio.Queue[dict[str, Any]]:
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.queues[rid] = q
-        if self.dead:
-            q.put_nowait({"ev": "error", "error": self.dead})
-        return q
-
-    def done(self, rid: str) -> None:
-        self.queues.pop(rid, None)
+            q.put_nowait({"ev": "end", "error": self.dead})
 
     def send(self, cmd: dict[str, Any]) -> None:
         if self.dead or self.proc is None or self.proc.stdin is None:
             raise WorkerDied(self.dead or f"worker {self.name} is not running")
         self.proc.stdin.write(msgspec.json.encode(cmd) + b"\n")
+
+    async def stream(self, op: str, timeout: float, **fields: Any) -> AsyncIterator[dict[str, Any]]:
+        """Send one command; yield its chunks until its end (raise on an error end or a timeout)."""
+        rid = f"{op}-{next(self._seq)}"
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.queues[rid] = q
+        try:
+            if self.dead:
+                raise WorkerDied(self.dead)
+            self.send({"op": op, "rid": rid, **fields})
+            while True:
+                try:
+                    ev = await asyncio.wait_for(q.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{op} on {self.name}: nothing for {timeout:.0f} s") from None
+                if ev.get("ev") == "chunk":
+                    yield ev["chunk"]
+                elif ev.get("ev") == "result":
+                    yield ev.get("value")
+                    return
+                elif ev.get("ev") == "end":
+                    if ev.get("error"):
+                        raise RuntimeError(f"{op} on {self.name}: {ev['error']}")
+                    return
+        finally:
+            self.queues.pop(rid, None)
+
+    async def call(self, op: str, timeout: float, **fields: Any) -> Any:
+        async for v in self.stream(op, timeout, **fields):
+            return v
+        return None
 
     async def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None:
@@ -267,16 +268,89 @@ class WorkerProc:
         self._log.close()
 
 
-async def wait_event(q: asyncio.Queue[dict[str, Any]], want: str, timeout: float, what: str) -> dict[str, Any]:
-    try:
-        ev = await asyncio.wait_for(q.get(), timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError(f"{what}: no {want!r} within {timeout:.0f} s") from None
-    if ev.get("ev") == "error":
-        raise RuntimeError(f"{what}: {ev.get('error')}")
-    if ev.get("ev") != want:
-        raise RuntimeError(f"{what}: expected {want!r}, got {ev.get('ev')!r}")
-    return ev
+class DirectRouterPlane:
+    """``serving.RouterPlane`` over the worker processes' JSON lines; the workers' calls (release, decode
+    peers) answered here; their KV events into one ``kv.KvEventIndexer``. Raw decode chunks pass through
+    ``observe`` first (the bench's per-request view of the pull reports the core pops)."""
+
+    def __init__(self, g: "Graph") -> None:
+        self.g = g
+        self.indexer: Any = None
+        try:
+            from dynamo_ext.kv.indexer import KvEventIndexer  # noqa: PLC0415
+
+            self.indexer = KvEventIndexer(g.a.block_size)
+        except Exception as e:  # noqa: BLE001 - Dynamo's RadixTree absent: no prefix scores (policy dynamo-ext)
+            log.warning("no prefix index (%s): overlap scores are 0", e)
+        self.pulls: dict[str, dict[str, Any]] = {}  # router rid -> the decode worker's pull report
+        self.prefill_s: dict[str, float] = {}
+        self.handle_blocks: dict[str, int] = {}  # router rid -> blocks of the KV handle the prefill returned
+
+    def _live(self, ws: list[WorkerProc]) -> list[int]:
+        return [w.wid for w in ws if not w.dead]
+
+    def prefill_ids(self) -> list[int]:
+        return self._live(self.g.prefill)
+
+    def decode_ids(self) -> list[int]:
+        return self._live(self.g.decode)
+
+    def info(self, role: str, worker: int) -> Any:
+        from dynamo_ext.serving import WorkerInfo  # noqa: PLC0415
+
+        r = self.g.by_id[worker].ready
+        topo = r.get("topology") or {}
+        gpu = topo.get("worker_gpu")
+        return WorkerInfo(kv_layout=r.get("layout") or {}, topology=topo, started_at=float(r.get("pid", 0)),
+                          device=gpu if isinstance(gpu, int) else None)
+
+    def overlap(self, tokens: list[int]) -> dict[int, int]:
+        return self.indexer.scores(tokens) if self.indexer is not None else {}
+
+    def apply_kv(self, wid: int, events: list[dict[str, Any]]) -> None:
+        if self.indexer is not None:
+            for ev in events:
+                try:
+                    self.indexer.apply_event(wid, ev)
+                except Exception as e:  # noqa: BLE001 - as the Dynamo router: a bad event is logged, not fatal
+                    log.debug("KV event of %d not applied: %s", wid, e)
+
+    async def prefill(self, request: dict[str, Any], worker: int, timeout_s: float) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        out = await self.g.by_id[worker].call("prefill", timeout_s, request=request)
+        rr = str(request.get("router_rid", ""))
+        self.prefill_s[rr] = time.perf_counter() - t0
+        if isinstance(out, dict) and isinstance(out.get("kv_handle"), dict):
+            self.handle_blocks[rr] = len(out["kv_handle"].get("block_ids") or ())
+        return out
+
+    async def decode(self, request: dict[str, Any], worker: int) -> AsyncIterator[dict[str, Any]]:
+        rr = str(request.get("router_rid", ""))
+        async for chunk in self.g.by_id[worker].stream("generate", self.g.timeout, request=request):
+            if isinstance(chunk, dict) and "kv_transfer" in chunk and "error" not in chunk["kv_transfer"]:
+                self.pulls[rr] = {**chunk["kv_transfer"], "decode": worker}
+            yield chunk
+
+    async def export(self, worker: int, router_rids: list[str], timeout_s: float) -> list[str]:
+        return list(await self.g.by_id[worker].call("export", timeout_s, router_rids=router_rids) or [])
+
+    async def answer(self, w: WorkerProc, ev: dict[str, Any]) -> None:
+        """A worker's plane call: release a handle on its holder, or count the other decode workers."""
+        cid = ev.get("cid")
+        try:
+            if ev.get("op") == "release":
+                value: Any = bool(await self.g.by_id[int(ev["worker_id"])].call("release", 10.0,
+                                                                                 handle_id=str(ev["handle_id"])))
+            elif ev.get("op") == "decode_peers":
+                value = len([d for d in self.decode_ids() if d != w.wid])
+            else:
+                raise ValueError(f"unknown call {ev.get('op')!r}")
+            w.send({"op": "reply", "cid": cid, "value": value})
+        except Exception as e:  # noqa: BLE001 - the worker sees the error
+            try:
+                w.send({"op": "reply", "cid": cid, "error": f"{type(e).__name__}: {e}"})
+            except WorkerDied:
+                pass
 
 
 # -- one graph ----------------------------------------------------------------------------------------
@@ -293,41 +367,42 @@ class Outcome:
     pulled_blocks: int = 0
     error: str | None = None
     prompt_tokens: int = 0
-    cached_tokens: int = 0  # prefix-cache hit on the worker that prefilled (measured there)
-    predicted_overlap: int = 0  # what the coordinator's index predicted
+    predicted_overlap: int = 0  # what the router's prefix index predicted (tokens)
     reason: str = ""
 
 
 class Graph:
+    """The worker processes of one graph and a ``serving.RouterCore`` over them (the same router core as the
+    Dynamo router component); each request is one ``StreamSession``."""
+
     def __init__(self, spec: GraphSpec, args: argparse.Namespace, log_dir: Path) -> None:
         self.spec, self.a = spec, args
         dev = (lambda i: f"cuda:{i}") if args.device == "cuda" else (lambda i: "cpu")
+        wid = itertools.count(1)
         if spec.kind == "agg":
             self.prefill: list[WorkerProc] = []
-            self.decode = [WorkerProc(f"agg-{i}", "agg", dev(i), args, log_dir) for i in range(spec.decode)]
+            self.decode = [WorkerProc(next(wid), f"agg-{i}", "agg", dev(i), args, log_dir, self)
+                           for i in range(spec.decode)]
         else:
-            self.prefill = [WorkerProc(f"prefill-{i}", "prefill", dev(i), args, log_dir) for i in range(spec.prefill)]
-            self.decode = [WorkerProc(f"decode-{j}", "decode", dev(spec.prefill + j), args, log_dir)
+            self.prefill = [WorkerProc(next(wid), f"prefill-{i}", "prefill", dev(i), args, log_dir, self)
+                            for i in range(spec.prefill)]
+            self.decode = [WorkerProc(next(wid), f"decode-{j}", "decode", dev(spec.prefill + j), args, log_dir, self)
                            for j in range(spec.decode)]
         self.workers = self.prefill + self.decode
-        self._seq = 0
+        self.by_id = {w.wid: w for w in self.workers}
+        self.plane = DirectRouterPlane(self)
+        self.core: Any = None
         self.pairs: dict[str, dict[str, Any]] = {}
         self.startup_s = 0.0
-        self.release_errors: list[str] = []
-        self._bg: set[asyncio.Task[None]] = set()
         self.policy = "least-loaded"  # amain sets it per run (--policies)
         self.label = spec.label
-        self._rr = -1
-        self.decision_errors: list[str] = []
-        self.link_gbps: dict[tuple[str, str], float] = {}  # measured; seeded from topology's expectations
-        self.default_gbps = 10.0
-        self.link_latency_s = 50e-6
-        self.kv_bytes_per_token = 0
+        self.timeout = args.request_timeout_s
         self.num_blocks: dict[str, int] = {}
 
     async def start(self, num_blocks: int, timeout: float, cache_blocks: int | None = None) -> None:
         """``cache_blocks``: KV blocks of the workers that prefill from their cache (prefill, agg), when the
         prefix cache should be smaller than the working set (shared-prefix runs); decode: ``num_blocks``."""
+        from dynamo_ext.serving import RouterCore, RouterSettings  # noqa: PLC0415
         from dynamo_ext.transport import KvLayout  # noqa: PLC0415
 
         t0 = time.perf_counter()
@@ -336,201 +411,100 @@ class Graph:
             await w.start(self.num_blocks[w.name])
         for w in self.workers:
             w.ready = await w.wait_ready(timeout)
-        for d in self.decode if self.prefill else []:
+        for d in self.decode if self.prefill else []:  # the decode workers' plane.peer(handle) table
             for p in self.prefill:
-                d.send({"op": "add_peer", "info": p.ready["peer_info"]})
+                d.send({"op": "peer", "worker_id": p.wid, "transports": p.ready["transports"]})
         self.startup_s = time.perf_counter() - t0
         lay = KvLayout.from_dict(self.workers[0].ready["layout"])
-        self.kv_bytes_per_token = lay.block_bytes // lay.block_size
+        self.core = RouterCore(RouterSettings(
+            policy=self.policy, block_size=self.a.block_size, num_layers=lay.num_layers,
+            kv_bytes_per_token=lay.block_bytes // lay.block_size, decode_num_blocks=num_blocks,
+            disagg_min_prompt_tokens=0, transfer_timeout_s=self.a.transfer_timeout_s, force=self.a.transport,
+            decode_role="agg" if self.spec.kind == "agg" else "decode",
+            prefill_call_extra_s=self.a.request_timeout_s), self.plane, _CoordinatorMetrics())
         self.pairs = describe_pairs(self)
-        for key, v in self.pairs.items():  # the router's prior: what topology expects for the pair
-            src, _, dst = key.partition("->")
-            if v.get("expected_gbps"):
-                self.link_gbps[(src, dst)] = float(v["expected_gbps"])
-
-    async def drain(self, timeout: float = 30.0) -> None:
-        """Wait for the outstanding releases (the prefill workers' pools back to idle)."""
-        if self._bg:
-            await asyncio.wait(set(self._bg), timeout=timeout)
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
 
-    @staticmethod
-    def _least_loaded(ws: list[WorkerProc]) -> WorkerProc:
-        live = [w for w in ws if not w.dead] or ws
-        return min(live, key=lambda w: w.inflight)
-
-    # -- routing ------------------------------------------------------------------------------------
-    def choose(self, prompt: list[int], keys: list[int], out_len: int) -> tuple[WorkerProc | None, WorkerProc, str]:
-        """(prefill worker or None for a local prefill, decode/agg worker, decision reason) by --policy."""
-        pol = self.policy
-        if pol == "round-robin":
-            self._rr += 1
-            d = self.decode[self._rr % len(self.decode)]
-            p = self.prefill[self._rr % len(self.prefill)] if self.prefill else None
-            return p, d, "round_robin"
-        if pol == "dynamo-ext":
-            try:
-                return self._decide(prompt, keys, out_len)
-            except Exception as e:  # noqa: BLE001 - as the router does: any error -> least loaded
-                self.decision_errors.append(f"{type(e).__name__}: {e}")
-        d = self._least_loaded(self.decode)
-        p = self._least_loaded(self.prefill) if self.prefill else None
-        return p, d, "least_loaded"
-
-    def _decide(self, prompt: list[int], keys: list[int], out_len: int) -> tuple[WorkerProc | None, WorkerProc, str]:
-        from dynamo_ext.routing import LinkInfo, LinkTable, RequestShape, Role, WorkerSnapshot, decide  # noqa: PLC0415
-
-        bs = self.a.block_size
-        rates = [w.prefill_rate for w in self.workers if w.prefill_rate]
-        prior = statistics.fmean(rates) if rates else 20_000.0
-        per_req_blocks = -(-(len(prompt) + out_len + 1) // bs)
-        snaps = []
-        for wid, w in enumerate(self.workers):
-            role = Role.PREFILL if w.role == "prefill" else Role.AGG if w.role == "agg" else Role.DECODE
-            free = self.num_blocks[w.name] - (w.inflight * per_req_blocks if role is not Role.PREFILL else w.queued * per_req_blocks)
-            snaps.append(WorkerSnapshot(worker_id=wid, role=role, prefill_tokens_per_s=w.prefill_rate or prior,
-                                        queue_tokens=w.queue_tokens, queued_requests=w.queued,
-                                        free_blocks=max(free, 0), overlap_blocks=w.overlap_blocks(keys),
-                                        admission_delay_s=0.0, node="n0"))
-        links = {}
-        for pi, p in enumerate(self.workers):
-            for di, d in enumerate(self.workers):
-                pair = self.link_gbps.get((p.name, d.name))
-                if pair:
-                    links[(pi, di)] = LinkInfo(gb_per_s=pair, latency_s=self.link_latency_s)
-        shape = RequestShape(prompt_tokens=len(prompt), block_size=bs, kv_bytes_per_token=self.kv_bytes_per_token,
-                             block_hashes=tuple(keys), expected_output_tokens=out_len)
-        dec = decide(shape, snaps, LinkTable(links, default=LinkInfo(gb_per_s=self.default_gbps, latency_s=self.link_latency_s)))
-        c = dec.chosen
-        d = self.workers[c.decode_id]
-        p = None if c.kind.value == "local" else self.workers[c.prefill_id]
-        return p, d, dec.reason.value
-
     async def serve(self, i: int, prompt: list[int], out_len: int, issued: float, timeout: float) -> Outcome:
-        self._seq += 1
-        rid = f"r{self._seq}"
+        from dynamo_ext.serving import StreamSession  # noqa: PLC0415
+
         o = Outcome(i, issued, prompt_tokens=len(prompt))
-        keys = chain_keys(prompt, self.a.block_size)
-        p, d, o.reason = self.choose(prompt, keys, out_len)
-        o.predicted_overlap = (p or d).overlap_blocks(keys) * self.a.block_size
-        pf = p or d  # the worker that prefills
-        guess = max(len(prompt) - o.predicted_overlap, 1)
-        pf.queue_tokens += guess
-        pf.queued += 1
-        qd = d.expect(rid)
-        qp = p.expect(rid) if p else None
-        d.inflight += 1
-        if p:
-            p.inflight += 1
-        queued = True
+        req = {"token_ids": prompt, "stop_conditions": {"max_tokens": out_len, "ignore_eos": True},
+               "sampling_options": {"temperature": 0.0}}
+        s = StreamSession(self.core, req)
+        self.timeout = timeout
         try:
-            handle = None
-            if p is not None and qp is not None:
-                t0 = time.perf_counter()
-                p.send({"op": "prefill", "rid": rid, "prompt": prompt})
-                ev = await wait_event(qp, "prefilled", timeout, f"prefill of {rid} on {p.name}")
-                pf.queue_tokens -= guess
-                pf.queued -= 1
-                queued = False
-                p.observe_prefill(ev, len(prompt))
-                o.cached_tokens = int(ev.get("cached_tokens") or 0)
-                o.prefill_s = time.perf_counter() - t0
-                handle = {k: ev[k] for k in ("agent", "pool", "block_ids", "first_token")}
-                o.pulled_blocks = len(handle["block_ids"])
-                o.pair = (p.name, d.name)
-            if handle is None:  # local prefill + decode on d (agg, or a local decision of the router)
-                d.send({"op": "generate", "rid": rid, "prompt": prompt, "max_tokens": out_len})
-            else:
-                d.send({"op": "decode", "rid": rid, "prompt": prompt, "max_tokens": out_len, "handle": handle})
-            if handle is not None and p is not None and qp is not None:
-                try:
-                    o.pull = await wait_event(qd, "pulled", timeout, f"KV pull of {rid} {p.name} -> {d.name}")
-                finally:
-                    if not p.dead:
-                        p.send({"op": "release", "rid": rid})
-                p.inflight -= 1
-                st = o.pull
-                if st and st.get("seconds"):  # measured link speed per pair (EWMA), as the router's LinkEstimator
-                    g = st["bytes"] / st["seconds"] / 1e9
-                    old = self.link_gbps.get((p.name, d.name))
-                    self.link_gbps[(p.name, d.name)] = g if old is None else 0.8 * old + 0.2 * g
-                # the release runs on the prefill's engine thread (behind its queued prefills): never wait for
-                # it on the request's path, as the Dynamo decode worker does not either
-                self._track_release(p, qp, rid, timeout)
-                p = None
-            ev = await wait_event(qd, "first", timeout, f"first token of {rid} on {d.name}")
-            o.first = time.perf_counter()
-            if handle is None:
-                pf.queue_tokens -= guess
-                pf.queued -= 1
-                queued = False
-                d.observe_prefill(ev, len(prompt))
-                o.cached_tokens = int(ev.get("cached_tokens") or 0)
-            ev = await wait_event(qd, "done", timeout, f"decode of {rid} on {d.name}")
+            async for chunk in s.run():
+                if o.first == 0.0:
+                    o.first = time.perf_counter()
+                o.tokens.extend(int(t) for t in chunk.get("token_ids") or ())
+                fr = str(chunk.get("finish_reason") or "")
+                if fr.startswith("error"):
+                    o.error = chunk.get("error") or fr
             o.done = time.perf_counter()
-            o.tokens = list(ev["tokens"])
         except Exception as e:  # noqa: BLE001 - one request's failure is a result, not a crash
-            o.error = str(e)
-        finally:
-            if queued:
-                pf.queue_tokens -= guess
-                pf.queued -= 1
-            d.inflight -= 1
-            d.done(rid)
-            if p is not None:
-                p.inflight -= 1
-                p.done(rid)
+            o.error = f"{type(e).__name__}: {e}"
+        r = s.route
+        if r is not None:
+            o.reason = r.reason
+            o.predicted_overlap = r.overlap_blocks * self.a.block_size
+            pull = self.plane.pulls.pop(s.rid, None)
+            o.prefill_s = self.plane.prefill_s.pop(s.rid, 0.0)
+            handed = self.plane.handle_blocks.pop(s.rid, 0)
+            if pull is not None and r.prefill is not None:
+                o.pull = pull
+                o.pair = (self.by_id[r.prefill].name, self.by_id[pull["decode"]].name)
+                o.pulled_blocks = handed  # the pull reads them all unless the decode worker's cache holds some
         return o
 
-    async def stats(self) -> list[dict[str, Any]]:
-        out = []
+    async def counters(self) -> dict[str, dict[str, Any]]:
+        """Each worker's engine counters (prefills, prompt and cached tokens) and pool state."""
+        out: dict[str, dict[str, Any]] = {}
         for w in self.workers:
-            q = w.expect("__stats__")
             try:
-                w.send({"op": "stats"})
-                out.append({"name": w.name, **(await wait_event(q, "stats", 10.0, f"stats of {w.name}"))})
+                out[w.name] = dict(await w.call("stats", 10.0) or {})
             except Exception as e:  # noqa: BLE001
-                out.append({"name": w.name, "error": str(e)})
-            finally:
-                w.done("__stats__")
+                out[w.name] = {"error": str(e)}
         return out
 
-    def _track_release(self, p: WorkerProc, q: asyncio.Queue[dict[str, Any]], rid: str, timeout: float) -> None:
-        async def wait() -> None:
-            try:
-                ev = await wait_event(q, "released", timeout, f"release of {rid} on {p.name}")
-                if not ev.get("held"):
-                    self.release_errors.append(f"{rid}: {p.name} no longer held the blocks")
-            except Exception as e:  # noqa: BLE001
-                self.release_errors.append(str(e))
-            finally:
-                p.done(rid)
 
-        t = asyncio.get_running_loop().create_task(wait())
-        self._bg.add(t)
-        t.add_done_callback(self._bg.discard)
+class _CoordinatorMetrics:
+    """The harness measures per request itself; the router core's Prometheus calls go nowhere."""
+
+    class _M:
+        def labels(self, *a: Any) -> "_CoordinatorMetrics._M":
+            return self
+
+        def inc(self, *a: Any) -> None:
+            pass
+
+        def observe(self, *a: Any) -> None:
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return self._M()
 
 
 def describe_pairs(g: Graph) -> dict[str, dict[str, Any]]:
-    """What topology.select_transport chooses for every (prefill, decode) pair of the graph."""
+    """What topology.select_transport chooses for every (prefill, decode) pair of the graph (the side that
+    pulls first), with the backends the two workers run."""
     out: dict[str, dict[str, Any]] = {}
     if not g.prefill:
         return out
-    try:
-        from dynamo_ext.topology import NodeTopology  # noqa: PLC0415
-        from dynamo_ext.topology.select import Endpoint, select_transport  # noqa: PLC0415
-    except Exception as e:  # noqa: BLE001
-        return {"error": {"error": str(e)}}
+    from dynamo_ext.serving import PeerTransports  # noqa: PLC0415
+    from dynamo_ext.topology.select import select_transport  # noqa: PLC0415
+
     for p in g.prefill:
         for d in g.decode:
             key = f"{p.name}->{d.name}"
             try:
-                tp, td = NodeTopology.from_dict(p.ready["topology"]), NodeTopology.from_dict(d.ready["topology"])
-                c = select_transport(Endpoint.of(tp), Endpoint.of(td))
-                out[key] = {"kind": c.kind, "backend": c.backend, "expected_gbps": c.expected_gbps,
-                            "devices": f"{p.device}->{d.device}"}
+                tp = PeerTransports.decode(base64.b64decode(p.ready["transports"]))
+                td = PeerTransports.decode(base64.b64decode(d.ready["transports"]))
+                c = select_transport(td.endpoint(), tp.endpoint(), g.a.transport)
+                out[key] = {"kind": c.kind, "backends": [b for b in c.backends if b in tp.backends and b in td.backends],
+                            "expected_gbps": c.expected_gbps, "devices": f"{p.device}->{d.device}"}
             except Exception as e:  # noqa: BLE001
                 out[key] = {"kind": "?", "error": f"{type(e).__name__}: {e}", "devices": f"{p.device}->{d.device}"}
     return out
@@ -590,8 +564,19 @@ def block_bytes_of(g: Graph) -> int | None:
         return None
 
 
+def _hit_rate(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> float | None:
+    """Prompt tokens served from the prefix cache / prompt tokens prefilled, over every worker's engine
+    counters (the engines' own numbers, differences over the cell)."""
+    def tot(d: dict[str, dict[str, Any]], k: str) -> float:
+        return sum(float(v.get(k) or 0) for v in d.values())
+
+    prompt = tot(after, "prefill_prompt_tokens") - tot(before, "prefill_prompt_tokens")
+    return (tot(after, "prefill_cached_tokens") - tot(before, "prefill_cached_tokens")) / prompt if prompt > 0 else None
+
+
 def summarize(g: Graph, plen: int, outs: list[Outcome], t0: float, t1: float, a: argparse.Namespace,
-              rate: float | None = None) -> dict[str, Any]:
+              rate: float | None = None, before: dict[str, dict[str, Any]] | None = None,
+              after: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     ok = [o for o in outs if o.error is None]
     ttft = [o.first - o.issued for o in ok]
     tpot = [(o.done - o.first) / (len(o.tokens) - 1) for o in ok if len(o.tokens) > 1]
@@ -612,12 +597,11 @@ def summarize(g: Graph, plen: int, outs: list[Outcome], t0: float, t1: float, a:
         "tpot_p50_s": pct(tpot, 0.5), "tpot_p99_s": pct(tpot, 0.99),
     }
     ptoks = sum(o.prompt_tokens for o in ok)
-    r["prefix_hit_rate"] = sum(o.cached_tokens for o in ok) / ptoks if ptoks else None
+    r["prefix_hit_rate"] = _hit_rate(before or {}, after or {})
     r["predicted_hit_rate"] = sum(min(o.predicted_overlap, o.prompt_tokens) for o in ok) / ptoks if ptoks else None
     r["kv_bytes_moved"] = sum(int(o.pull["bytes"]) for o in ok if o.pull)
     r["decisions"] = dict(sorted(Counter(o.reason for o in ok).items()))
     r["local_prefills"] = sum(1 for o in ok if o.pair is None) if g.prefill else None
-    r["decision_errors"] = g.decision_errors[:3]
     pulls = [o for o in ok if o.pull]
     if pulls:
         secs = [o.pull["seconds"] for o in pulls]
@@ -758,7 +742,8 @@ def markdown(res: dict[str, Any]) -> str:
         for (gl, k), vs in sorted(pairs.items()):
             v0 = vs[0][1]
             meas = ", ".join(f"{pl}: {_f(v.get('measured_gbps_p50'), nd=1)}" for pl, v in vs)
-            lines.append(f"| {gl} | {k} | {v0.get('devices', '')} | {v0.get('kind', '?')} | {_f(v0.get('expected_gbps'), nd=0)} | "
+            lines.append(f"| {gl} | {k} | {v0.get('devices', '')} | {v0.get('kind', '?')} "
+                         f"({'>'.join(v0.get('backends') or [])}) | {_f(v0.get('expected_gbps'), nd=0)} | "
                          f"{v0.get('transfer_backend')} / {v0.get('path')} | {meas} |")
     if res.get("verify"):
         v = res["verify"]
@@ -843,7 +828,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="requests per worker and prompt length before measuring")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: sized for the load)")
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--transport", default="auto", choices=("auto", "nvlink", "pcie", "rdma", "tcp"),
+                    help="kv_transfer.transport: auto = the backend topology.select_transport picks per pair")
+    ap.add_argument("--no-nixl", action="store_true", help="kv_transfer.backend: fallback (the workers start no NIXL)")
     ap.add_argument("--transfer-timeout-s", type=float, default=10.0)
     ap.add_argument("--request-timeout-s", type=float, default=120.0)
     ap.add_argument("--startup-timeout-s", type=float, default=300.0)
@@ -924,7 +911,7 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
 
     machine = machine_info(a.device)
     stem = result_stem(a, machine)
-    res: dict[str, Any] = {"machine": machine,
+    res: dict[str, Any] = {"runtime": "direct", "machine": machine,
                            "params": {"preset": a.preset, "layers": a.layers, "graphs": a.graphs, "prompt_lens": a.lens,
                                       "requests": a.requests, "concurrency": a.concurrency, "rate": a.rate,
                                       "rates": [r for r in a.rate_list if r], "quick": a.quick,
@@ -992,16 +979,14 @@ async def amain(a: argparse.Namespace, argv_text: str) -> dict[str, Any]:
                                                prefixes=a.prefixes if a.workload == "shared-prefix" else 0,
                                                prefix_frac=a.prefix_frac, block_size=a.block_size)
                         # a request's bound never runs past the deadline: the cell ends, is summarized, written
+                        before = await g.counters()
                         outs, t0, t1 = await run_load(g, prompts, a.output_len, a.concurrency, rate,
                                                       min(a.request_timeout_s, max(left(), 1.0)), progress)
-                        r = summarize(g, plen, outs, t0, t1, a, rate)
-                        await g.drain(a.request_timeout_s)
+                        after = await g.counters()
+                        r = summarize(g, plen, outs, t0, t1, a, rate, before, after)
                         longest["cell"] = max(longest["cell"], time.perf_counter() - t0)
-                        st = await g.stats()
-                        # no stranded blocks: every prefill handle released, every pool back to all-free
-                        r["held_handles_after"] = sum(int(x.get("held", 0)) for x in st)
-                        r["release_errors"] = g.release_errors[:5]
-                        g.release_errors.clear()
+                        # no stranded blocks: every prefill handle released once its pull was done
+                        r["held_handles_after"] = sum(int(x.get("held", 0)) for x in after.values())
                         res["results"].append(r)
                         tokens.setdefault(label, {}).update({(plen, ri, o.i): o.tokens for o in outs if o.error is None})
                         write(res, stem)

@@ -18,6 +18,10 @@ Protocol::
 Sinks:
     NullKvEventSink        drops everything (a pool without a router)
     RecordingKvEventSink   keeps the events in a list (tests; replay)
+    RouterEventSink        the same events as Dynamo's publisher puts on NATS (``{event_id, dp_rank, data:
+                           {stored | removed}}``, tokens_hash = ``hashing.block_hashes``), handed to a
+                           callback: request planes without NATS (bench/direct_worker.py) forward them and
+                           the router applies them with ``KvEventIndexer.apply_event`` unchanged
     DynamoKvEventSink      over ``dynamo.llm.KvEventPublisher``: the worker (workers/) builds the
                            publisher on its served endpoint and hands it in; this module never
                            imports Dynamo. Wire format: notes §2 (msgpack envelope on core NATS,
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Callable, Protocol, Union, runtime_checkable
 
 __all__ = [
     "KvEventSink",
@@ -40,6 +44,7 @@ __all__ = [
     "NullKvEventSink",
     "RecordingKvEventSink",
     "DynamoKvEventSink",
+    "RouterEventSink",
 ]
 
 
@@ -92,6 +97,37 @@ class RecordingKvEventSink:
             else:
                 live.difference_update(ev.block_ids)
         return live
+
+
+class RouterEventSink:
+    """``KvEventSink`` -> router events (the ``event`` of Dynamo's wire format, notes §2) through ``emit``."""
+
+    def __init__(self, block_size: int, emit: Callable[[dict[str, Any]], None]) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.emit = emit
+        self.event_id = 0
+
+    def _event(self, data: dict[str, Any]) -> None:
+        self.event_id += 1
+        self.emit({"event_id": self.event_id, "dp_rank": 0, "data": data})
+
+    def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None:
+        n = len(block_ids)
+        if n == 0:
+            return
+        if len(token_ids) != n * self.block_size:
+            raise ValueError(f"{len(token_ids)} tokens for {n} blocks of {self.block_size}")
+        from .hashing import block_hashes  # noqa: PLC0415
+
+        blocks = [{"block_hash": int(b), "tokens_hash": h, "mm_extra_info": None}
+                  for b, h in zip(block_ids, block_hashes(list(token_ids), self.block_size))]
+        self._event({"stored": {"parent_hash": parent, "start_position": None, "blocks": blocks}})
+
+    def publish_removed(self, block_ids: Sequence[int]) -> None:
+        if block_ids:
+            self._event({"removed": {"block_hashes": [int(b) for b in block_ids]}})
 
 
 class DynamoKvEventSink:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -57,6 +58,10 @@ class EngineRunner:
         self.headroom = 4
         self.steps = 0
         self.prefills = 0
+        #: the engine's own prefix-cache counters: prompt tokens prefilled here, of which served from the cache
+        self.prefill_prompt_tokens = 0
+        self.prefill_cached_tokens = 0
+        self.prefill_seconds = 0.0  # engine-thread time of those prefills
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
@@ -117,6 +122,7 @@ class EngineRunner:
 
     # -- prefill ----------------------------------------------------------------------------------
     def _prefill_sync(self, req: Request) -> PrefillResult:
+        t0 = time.perf_counter()
         bs = self.block_size
         need = -(-(len(req.prompt_token_ids) + 1) // bs)
         if need > self.pool.num_blocks:
@@ -135,7 +141,15 @@ class EngineRunner:
             except Exception as e:  # noqa: BLE001 - a cache bookkeeping problem must not fail the request
                 log.warning("commit of prefilled blocks failed: %s", e)
         self.prefills += 1
+        self.prefill_prompt_tokens += len(req.prompt_token_ids)
+        self.prefill_cached_tokens += usable * bs
+        self.prefill_seconds += time.perf_counter() - t0
         return res
+
+    def counters(self) -> dict[str, float]:
+        """The engine's own counters (cumulative): steps, prefills, prompt tokens prefilled and cached."""
+        return {"steps": self.steps, "prefills": self.prefills, "prefill_prompt_tokens": self.prefill_prompt_tokens,
+                "prefill_cached_tokens": self.prefill_cached_tokens, "prefill_seconds": self.prefill_seconds}
 
     async def prefill(self, req: Request) -> PrefillResult:
         """Prefill now, or as soon as the pool has room (NoRoom after ``wait_room``'s timeout)."""

@@ -99,6 +99,17 @@ class RouterPlane(Protocol):
 
 
 @dataclass(frozen=True)
+class Route:
+    """A routing choice: ``prefill`` None = the decode worker prefills locally; ``overlap_blocks`` = the prompt
+    blocks the prefix index says the prefilling worker holds (policy dynamo-ext; 0 otherwise)."""
+
+    prefill: int | None
+    decode: int
+    reason: str
+    overlap_blocks: int = 0
+
+
+@dataclass(frozen=True)
 class RouterSettings:
     policy: str = "dynamo-ext"
     block_size: int = 16
@@ -200,8 +211,8 @@ class RouterCore:
                 "prefill_workers": len(self.plane.prefill_ids()), "decode_workers": len(self.plane.decode_ids())}
 
     # -- choice -------------------------------------------------------------------------------------
-    def choose(self, tokens: list[int], rid: str) -> tuple[int | None, int]:
-        """(prefill worker or None for a local prefill, decode worker)."""
+    def choose(self, tokens: list[int], rid: str) -> Route:
+        """Where the request goes: a prefill worker (None: local prefill on the decode worker) and a decode worker."""
         decodes = sorted(self.plane.decode_ids())
         prefills = sorted(self.plane.prefill_ids())
         if not decodes:
@@ -218,8 +229,9 @@ class RouterCore:
         else:
             d = decodes[next(self._rr_d) % len(decodes)]
             p = None if local else prefills[next(self._rr_p) % len(prefills)]
-        self.decisions["local" if p is None else "disagg"] += 1
-        return p, d
+        reason = "local" if p is None else "disagg"
+        self.decisions[reason] += 1
+        return Route(p, d, reason)
 
     def _info(self, role: str, w: int) -> WorkerInfo | None:
         return self.plane.info(role, w)
@@ -249,7 +261,7 @@ class RouterCore:
             self._links[key] = link
         return link
 
-    def _decide(self, tokens: list[int], rid: str, prefills: list[int], decodes: list[int]) -> tuple[int | None, int]:
+    def _decide(self, tokens: list[int], rid: str, prefills: list[int], decodes: list[int]) -> Route:
         scores = self.plane.overlap(tokens)
         shape = RequestShape(prompt_tokens=len(tokens), block_size=self.s.block_size,
                              kv_bytes_per_token=self.s.kv_bytes_per_token, request_id=rid)
@@ -258,14 +270,14 @@ class RouterCore:
         cfg = RoutingConfig(local_prefill_max_tokens=self.s.disagg_min_prompt_tokens)
         links = LinkTable({(p, d): self._link(p, d, now) for p in prefills for d in decodes}, default=LINK)
         dec = decide(shape, snaps, links, config=cfg)
-        self.decisions[dec.reason.value if hasattr(dec.reason, "value") else str(dec.reason)] += 1
+        reason = dec.reason.value if hasattr(dec.reason, "value") else str(dec.reason)
+        self.decisions[reason] += 1
         log.debug("decision %s", dec.to_log())
         c = dec.chosen
         # the chosen worker's queue grows by the tokens it computes (measured when its prefill ends)
         self.meter.planned(rid, c.prefill_id, c.uncached_tokens, c.kind is OptionKind.LOCAL, now)
-        if c.kind is OptionKind.LOCAL:
-            return None, c.decode_id
-        return c.prefill_id, c.decode_id
+        p = None if c.kind is OptionKind.LOCAL else c.prefill_id
+        return Route(p, c.decode_id, reason, scores.get(c.decode_id if p is None else p, 0))
 
     def snapshots(self, scores: dict[int, int], prefills: list[int], decodes: list[int], now: float) -> list[WorkerSnapshot]:
         """WorkerSnapshots from measured throughput (``self.meter``) and the KV-event overlap scores.
@@ -410,6 +422,7 @@ class StreamSession:
         self.emitted: list[int] = []  # tokens streamed to the client (over every decode worker)
         self.tried: set[int] = set()
         self.first_sent = False
+        self.route: Route | None = None  # set once chosen
         self._next: _Attempt | None = None
 
     def _outcome(self, what: str) -> None:
@@ -429,11 +442,12 @@ class StreamSession:
             return
         self.tokens = tokens
         try:
-            pid, did = core.choose(tokens, self.rid)
+            self.route = core.choose(tokens, self.rid)
         except Exception as e:  # noqa: BLE001
             self._outcome("no_worker")
             yield error_chunk(f"no worker available: {e}", len(tokens))
             return
+        pid, did = self.route.prefill, self.route.decode
         dreq = {**request, "report_kv_transfer": True, "router_rid": self.rid}
         pulls_from = None
         if pid is not None:
@@ -462,7 +476,8 @@ class StreamSession:
         core.inflight[pid] += 1
         chunk = None
         try:
-            chunk = await core.plane.prefill(self.request, pid, core.s.transfer_timeout_s + core.s.prefill_call_extra_s)
+            chunk = await core.plane.prefill({**self.request, "router_rid": self.rid}, pid,
+                                             core.s.transfer_timeout_s + core.s.prefill_call_extra_s)
         except Exception as e:  # noqa: BLE001 - prefill worker gone: the decode worker prefills
             log.warning("prefill on %d failed (%s): local prefill on %d", pid, e, did)
             chunk = None
@@ -560,5 +575,5 @@ class StreamSession:
         self._next = _Attempt(others[0], req, None, offset=len(self.emitted))
 
 
-__all__ = ["DECODE_STEP_S", "LINK", "LinkFeedback", "PREFILL_TOKENS_PER_S", "RouterCore", "RouterPlane",
+__all__ = ["DECODE_STEP_S", "LINK", "LinkFeedback", "PREFILL_TOKENS_PER_S", "Route", "RouterCore", "RouterPlane",
            "RouterSettings", "StreamSession", "WorkerInfo", "layout_key", "node_of"]

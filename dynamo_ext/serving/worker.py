@@ -402,7 +402,7 @@ class ServingWorker:
                 blocks, res = await self.pull(req, handle, peer)
                 first = handle.first_token
                 report = {"bytes": res.stats.bytes, "seconds": res.stats.seconds, "backend": res.backend,
-                          "kind": res.kind, "path": res.stats.path}
+                          "kind": res.kind, "path": res.stats.path, "descriptors": res.stats.descriptors}
                 if res.failed:
                     report["failed"] = [b for b, _ in res.failed]
             except Exception as e:  # noqa: BLE001 - any failure: prefill here instead

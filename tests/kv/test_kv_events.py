@@ -140,3 +140,23 @@ async def test_pool_events_reach_dynamo_radix_tree_over_nats(shared_etcd, shared
         rt.shutdown()
         if serve is not None:
             await asyncio.wait_for(serve, 10)
+
+
+def test_router_event_sink_feeds_the_indexer_like_dynamos_publisher():
+    """Without NATS (the direct request plane): RouterEventSink's events, applied unchanged, give the same scores."""
+    from dynamo_ext.kv.events import RouterEventSink
+
+    got: list[dict] = []
+    pool = BlockPool(8, BS, RouterEventSink(BS, got.append))
+    toks = list(range(300, 300 + 3 * BS + 4))
+    ids = pool.allocate(3)
+    pool.commit(ids, toks[: 3 * BS])
+    idx = KvEventIndexer(BS)
+    for ev in got:
+        idx.apply_event(5, ev)
+    assert idx.scores(toks) == {5: 3}
+    pool.free(ids)
+    pool.allocate(8)  # evicts the cached blocks: removed events
+    for ev in got[len(got) - 1:]:
+        idx.apply_event(5, ev)
+    assert "removed" in got[-1]["data"] and idx.scores(toks) == {}
