@@ -56,3 +56,26 @@ def test_product_pull_listed_after_the_path_rows(bench, tmp_path):
     assert [r["method"] for r in rows] == ["planned", "cma-pull", "product-pull"], rows
     assert all(r["verified"] for r in rows), rows
     assert rows[1]["backend"].startswith("cma x") and rows[1]["backend"].endswith("(READ)")
+
+
+def test_peer_readline_keeps_lines_read_in_one_chunk():
+    """A log line and the ready line in ONE pipe read (NIXL logs to stdout before the peer's ready line, and a
+    loaded box delays the parent): the ready line must come back at once, not after the timeout."""
+    import subprocess
+    import sys
+    import time
+
+    from dynamo_ext.transport.probe import PeerProcess
+
+    script = ("import sys, time; sys.stdout.write('NIXL INFO log\\n{\"event\": \"ready\"}\\n{\"ok\": true}\\n'); "
+              "sys.stdout.flush(); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # _kill signals the process group
+    try:
+        time.sleep(0.5)  # all three lines wait in the pipe
+        t0 = time.monotonic()
+        assert PeerProcess._readline(proc, 5) == {"event": "ready"}
+        assert PeerProcess._readline(proc, 5) == {"ok": True}
+        assert time.monotonic() - t0 < 2
+    finally:
+        PeerProcess._kill(proc)

@@ -71,7 +71,7 @@ class PullPeer(PeerProcess):
         return peer
 
 
-async def _main(a: argparse.Namespace) -> int:
+async def _main(a: argparse.Namespace, out: Any) -> int:
     from dynamo_ext.serving.transports import TransportOptions, WorkerTransports  # noqa: PLC0415
     from dynamo_ext.topology import collect_local_topology  # noqa: PLC0415
     from dynamo_ext.topology.select import Endpoint  # noqa: PLC0415
@@ -84,7 +84,6 @@ async def _main(a: argparse.Namespace) -> int:
     dev = "host" if topo.worker_gpu is None else topo.worker_gpu
     ts = WorkerTransports(a.name, pool, Endpoint(topo, topo.pid, dev), TransportOptions(nixl=not a.no_nixl, force=a.force))
     await ts.start()
-    out = sys.stdout
     out.write(json.dumps({"event": "ready", "blob": ts.advertise().encode().hex(), "backends": list(ts.backends),
                           "skipped": ts.skipped, "device": dev}) + "\n")
     out.flush()
@@ -129,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", type=int, default=-1, help="CUDA device of the pool (-1: host memory)")
     p.add_argument("--force", default="auto", help="kv_transfer.transport")
     p.add_argument("--no-nixl", action="store_true", help="kv_transfer.backend = fallback")
-    return asyncio.run(_main(p.parse_args(argv)))
+    a = p.parse_args(argv)
+    # The protocol keeps the stdout pipe to itself: NIXL logs to stdout, and a log line arriving in the same
+    # pipe read as the ready line would leave that line in the parent's buffer while it select()s the fd.
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    return asyncio.run(_main(a, out))
 
 
 if __name__ == "__main__":

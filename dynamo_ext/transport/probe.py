@@ -262,19 +262,29 @@ class PeerProcess:
 
     @staticmethod
     def _readline(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
+        """The next JSON line of the peer (other lines, e.g. NIXL's log on stdout, skipped). Reads the pipe's fd
+        with its own line buffer kept on ``proc``: a buffered readline after select() would keep a line that
+        came in the same read as a skipped one (NIXL's log + the ready line) and then wait on an empty pipe."""
         assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        buf: bytes = getattr(proc, "_peer_line_buf", b"")
         end = time.monotonic() + timeout
         while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.startswith(b"{"):
+                    proc._peer_line_buf = buf  # type: ignore[attr-defined]
+                    return json.loads(line)
+            proc._peer_line_buf = buf  # type: ignore[attr-defined]
             left = end - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"peer pid {proc.pid} did not answer within {timeout} s")
-            r, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+            r, _, _ = select.select([fd], [], [], min(left, 0.5))
             if r:
-                line = proc.stdout.readline()
-                if not line:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
                     raise RuntimeError(f"peer pid {proc.pid} exited (rc={proc.poll()})")
-                if line.startswith("{"):
-                    return json.loads(line)
+                buf += chunk
             elif proc.poll() is not None:
                 raise RuntimeError(f"peer pid {proc.pid} exited (rc={proc.returncode})")
 
