@@ -114,3 +114,27 @@ class MetricsServer:
 
 def serve_http(port: int, health: Callable[[], dict[str, Any]], host: str = "127.0.0.1") -> MetricsServer:
     return MetricsServer(host, port, health)
+
+
+class NullMetrics:
+    """A ``WorkerMetrics`` stand-in whose every metric accepts ``labels(...).inc()`` / ``observe()`` / ``set()``
+    and records nothing: for a serving core whose request plane measures elsewhere (the direct harness)."""
+
+    class _Nothing:
+        def labels(self, *a: Any, **kw: Any) -> "NullMetrics._Nothing":
+            return self
+
+        def inc(self, *a: Any) -> None:
+            pass
+
+        def observe(self, *a: Any) -> None:
+            pass
+
+        def set(self, *a: Any) -> None:
+            pass
+
+    def set_load(self, **kw: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return self._Nothing()

@@ -161,23 +161,6 @@ class JsonLinesPlane:
         return int(await self._call("decode_peers", 5.0))
 
 
-class _NoMetrics:
-    """The harness measures at the coordinator; the core's Prometheus calls go nowhere."""
-
-    class _M:
-        def labels(self, *a: Any) -> "_NoMetrics._M":
-            return self
-
-        def inc(self, *a: Any) -> None:
-            pass
-
-        def observe(self, *a: Any) -> None:
-            pass
-
-    def __getattr__(self, name: str) -> Any:
-        return self._M()
-
-
 class DirectWorker:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
@@ -199,6 +182,7 @@ class DirectWorker:
     # -- start-up ---------------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
         from dynamo_ext.kv.events import RouterEventSink  # noqa: PLC0415
+        from dynamo_ext.metrics import NullMetrics  # noqa: PLC0415
         from dynamo_ext.serving import ServingWorker, TransportOptions, WorkerSettings  # noqa: PLC0415
         from dynamo_ext.topology import collect_local_topology  # noqa: PLC0415
 
@@ -209,7 +193,7 @@ class DirectWorker:
                            max_num_batched_tokens=a.max_batched_tokens, transfer_timeout_s=a.transfer_timeout_s,
                            hold_s=max(2 * a.transfer_timeout_s, 30.0),
                            transport=TransportOptions(nixl=not a.no_nixl, force=a.transport))
-        core = ServingWorker(s, self.plane, _NoMetrics())
+        core = ServingWorker(s, self.plane, NullMetrics())  # the coordinator measures
         core.instance_id = a.worker_id
         self.core = core
         runner = core.start_engine()

@@ -402,6 +402,7 @@ class Graph:
     async def start(self, num_blocks: int, timeout: float, cache_blocks: int | None = None) -> None:
         """``cache_blocks``: KV blocks of the workers that prefill from their cache (prefill, agg), when the
         prefix cache should be smaller than the working set (shared-prefix runs); decode: ``num_blocks``."""
+        from dynamo_ext.metrics import NullMetrics  # noqa: PLC0415
         from dynamo_ext.serving import RouterCore, RouterSettings  # noqa: PLC0415
         from dynamo_ext.transport import KvLayout  # noqa: PLC0415
 
@@ -421,7 +422,7 @@ class Graph:
             kv_bytes_per_token=lay.block_bytes // lay.block_size, decode_num_blocks=num_blocks,
             disagg_min_prompt_tokens=0, transfer_timeout_s=self.a.transfer_timeout_s, force=self.a.transport,
             decode_role="agg" if self.spec.kind == "agg" else "decode",
-            prefill_call_extra_s=self.a.request_timeout_s), self.plane, _CoordinatorMetrics())
+            prefill_call_extra_s=self.a.request_timeout_s), self.plane, NullMetrics())  # measured per request here
         self.pairs = describe_pairs(self)
 
     async def stop(self) -> None:
@@ -468,23 +469,6 @@ class Graph:
             except Exception as e:  # noqa: BLE001
                 out[w.name] = {"error": str(e)}
         return out
-
-
-class _CoordinatorMetrics:
-    """The harness measures per request itself; the router core's Prometheus calls go nowhere."""
-
-    class _M:
-        def labels(self, *a: Any) -> "_CoordinatorMetrics._M":
-            return self
-
-        def inc(self, *a: Any) -> None:
-            pass
-
-        def observe(self, *a: Any) -> None:
-            pass
-
-    def __getattr__(self, name: str) -> Any:
-        return self._M()
 
 
 def describe_pairs(g: Graph) -> dict[str, dict[str, Any]]:

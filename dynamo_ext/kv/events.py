@@ -99,13 +99,38 @@ class RecordingKvEventSink:
         return live
 
 
-class RouterEventSink:
-    """``KvEventSink`` -> router events (the ``event`` of Dynamo's wire format, notes §2) through ``emit``."""
+class _BlockEventSink:
+    """Shared checks of the sinks below: full blocks only, ``token_ids`` exactly their tokens; empty events dropped."""
 
-    def __init__(self, block_size: int, emit: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, block_size: int) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
+
+    def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None:
+        n = len(block_ids)
+        if n == 0:
+            return
+        if len(token_ids) != n * self.block_size:
+            raise ValueError(f"{len(token_ids)} tokens for {n} blocks of {self.block_size}")
+        self._stored(list(token_ids), [int(b) for b in block_ids], parent)
+
+    def publish_removed(self, block_ids: Sequence[int]) -> None:
+        if block_ids:
+            self._removed([int(b) for b in block_ids])
+
+    def _stored(self, token_ids: list[int], block_ids: list[int], parent: int | None) -> None:
+        raise NotImplementedError
+
+    def _removed(self, block_ids: list[int]) -> None:
+        raise NotImplementedError
+
+
+class RouterEventSink(_BlockEventSink):
+    """``KvEventSink`` -> router events (the ``event`` of Dynamo's wire format, notes §2) through ``emit``."""
+
+    def __init__(self, block_size: int, emit: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__(block_size)
         self.emit = emit
         self.event_id = 0
 
@@ -113,48 +138,30 @@ class RouterEventSink:
         self.event_id += 1
         self.emit({"event_id": self.event_id, "dp_rank": 0, "data": data})
 
-    def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None:
-        n = len(block_ids)
-        if n == 0:
-            return
-        if len(token_ids) != n * self.block_size:
-            raise ValueError(f"{len(token_ids)} tokens for {n} blocks of {self.block_size}")
+    def _stored(self, token_ids: list[int], block_ids: list[int], parent: int | None) -> None:
         from .hashing import block_hashes  # noqa: PLC0415
 
-        blocks = [{"block_hash": int(b), "tokens_hash": h, "mm_extra_info": None}
-                  for b, h in zip(block_ids, block_hashes(list(token_ids), self.block_size))]
+        blocks = [{"block_hash": b, "tokens_hash": h, "mm_extra_info": None}
+                  for b, h in zip(block_ids, block_hashes(token_ids, self.block_size))]
         self._event({"stored": {"parent_hash": parent, "start_position": None, "blocks": blocks}})
 
-    def publish_removed(self, block_ids: Sequence[int]) -> None:
-        if block_ids:
-            self._event({"removed": {"block_hashes": [int(b) for b in block_ids]}})
+    def _removed(self, block_ids: list[int]) -> None:
+        self._event({"removed": {"block_hashes": block_ids}})
 
 
-class DynamoKvEventSink:
+class DynamoKvEventSink(_BlockEventSink):
     """Adapter: ``KvEventSink`` -> ``dynamo.llm.KvEventPublisher``.
 
     ``publisher`` must have been created with ``kv_block_size == block_size``.
     """
 
     def __init__(self, publisher: Any, block_size: int) -> None:
-        if block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {block_size}")
+        super().__init__(block_size)
         self.publisher = publisher
-        self.block_size = block_size
 
-    def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None:
-        n = len(block_ids)
-        if n == 0:
-            return
-        if len(token_ids) != n * self.block_size:
-            raise ValueError(f"{len(token_ids)} tokens for {n} blocks of {self.block_size}")
-        self.publisher.publish_stored(
-            token_ids=list(token_ids),
-            num_block_tokens=[self.block_size] * n,
-            block_hashes=list(block_ids),
-            parent_hash=parent,
-        )
+    def _stored(self, token_ids: list[int], block_ids: list[int], parent: int | None) -> None:
+        self.publisher.publish_stored(token_ids=token_ids, num_block_tokens=[self.block_size] * len(block_ids),
+                                      block_hashes=block_ids, parent_hash=parent)
 
-    def publish_removed(self, block_ids: Sequence[int]) -> None:
-        if block_ids:
-            self.publisher.publish_removed(block_hashes=list(block_ids))
+    def _removed(self, block_ids: list[int]) -> None:
+        self.publisher.publish_removed(block_hashes=block_ids)

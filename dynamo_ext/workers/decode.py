@@ -79,9 +79,6 @@ class DecodeWorker(EngineWorker):
         rids = (request.get("router_rids") or []) if isinstance(request, dict) else []
         yield {"exported": await self.core.export(list(rids)) if not self.stopping else []}
 
-    async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
-        yield self.health()
-
     # -- drain: hand running requests over (migration) --------------------------------------------
     def request_stop(self) -> None:
         """SIGTERM: with requests running and migration on, hand them over first, then stop as before. The

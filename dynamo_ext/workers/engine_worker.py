@@ -173,12 +173,6 @@ class EngineWorker(WorkerProcess):
             out["pools"] = record_pools([core.kv_pool])
         return out
 
-    def health(self) -> dict[str, Any]:
-        h = super().health()
-        if self.core is not None:
-            h.update(self.core.health())
-        return h
-
     async def teardown(self) -> None:
         if self._fpm is not None:
             try:

@@ -61,9 +61,6 @@ class PrefillWorker(EngineWorker):
             self.core.stopping = True
         super().request_stop()
 
-    async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
-        yield self.health()
-
     async def release(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
         assert self.core is not None
         hid = request.get("handle_id") if isinstance(request, dict) else None

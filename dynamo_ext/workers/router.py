@@ -157,15 +157,6 @@ class RouterWorker(WorkerProcess):
         await self.wait_serving(ep)
         return ep
 
-    async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
-        yield self.health()
-
-    def health(self) -> dict[str, Any]:
-        h = super().health()
-        if self.core is not None:
-            h.update(self.core.health())
-        return h
-
     async def teardown(self) -> None:
         if self.plane.indexer is not None:
             await self.plane.indexer.close()

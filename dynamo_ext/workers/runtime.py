@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable
+from typing import Any, AsyncIterator, Awaitable
 
 from dynamo_ext.config import DynamoExtConfig
 from dynamo_ext.discovery import EtcdStore, WorkerRecord, encode_record
@@ -83,6 +83,7 @@ class WorkerProcess:
         self.namespace = self.cfg.discovery.namespace
         self.component = COMPONENTS[args.role]
         self.rt: Any = None
+        self.core: Any = None  # the serving core the role adapts (None until setup)
         self.store: EtcdStore | None = None
         self.metrics: WorkerMetrics | None = None
         self.http: MetricsServer | None = None
@@ -103,8 +104,14 @@ class WorkerProcess:
         return {}
 
     def health(self) -> dict[str, Any]:
-        return {"status": "stopping" if self.stopping else "ok", "role": self.args.role,
-                "instance_id": self.instance_id}
+        h = {"status": "stopping" if self.stopping else "ok", "role": self.args.role, "instance_id": self.instance_id}
+        if self.core is not None:  # the serving core's state (serving.ServingWorker / RouterCore .health())
+            h.update(self.core.health())
+        return h
+
+    async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+        """The ``health`` Dynamo endpoint: the same JSON as ``/health``."""
+        yield self.health()
 
     async def teardown(self) -> None:
         pass
