@@ -13,8 +13,9 @@ observation per transfer, ``_count`` = transfers, ``_sum`` = seconds) and
 ``counter_total(texts, "dynamo_ext_worker_local_prefill_total")``: one counter summed over workers and labels.
 
 ``kv_summary`` gives, over the cell: ``kv_bytes``, ``kv_transfers`` (pulls), ``kv_pull_s_mean``,
-``kv_pull_gbps`` (bytes / summed pull seconds, 1 GB = 1e9 B), ``kv_backends`` (sorted) and ``kv_by_path``
-(one entry per backend / path / direction with the same fields).
+``kv_pull_gbps`` (bytes / summed pull seconds, 1 GB = 1e9 B), ``kv_backends`` and ``kv_paths`` (the
+``backend`` and ``path`` labels seen, sorted: e.g. ``cuda_ipc``, ``device->device``) and ``kv_by_path`` (one
+entry per backend / path / direction with the same fields).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def kv_summary(delta: Mapping[Key, KvTotals]) -> dict[str, Any]:
     for t in delta.values():
         total = KvTotals(total.bytes + t.bytes, total.transfers + t.transfers, total.seconds + t.seconds,
                          total.descriptors + t.descriptors)  # fmt: skip
-    return {**_fields(total), "kv_backends": sorted({k[0] for k in delta}),
+    return {**_fields(total), "kv_backends": sorted({k[0] for k in delta}), "kv_paths": sorted({k[1] for k in delta}),
             "kv_by_path": [{"backend": b, "path": p, "direction": d, **_fields(t)}
                            for (b, p, d), t in sorted(delta.items())]}  # fmt: skip
 
