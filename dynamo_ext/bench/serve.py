@@ -80,8 +80,7 @@ from dynamo_ext.bench import results_dir
 from dynamo_ext.bench._kv import counter_total, kv_delta, kv_summary, kv_totals
 from dynamo_ext.bench._machine import cpu_model, cuda_info, machine_tag
 from dynamo_ext.bench._stats import pct  # noqa: F401 - route.py imports it from here
-from dynamo_ext.launch import launch_graph
-from dynamo_ext.launch.infra import free_port
+from dynamo_ext.launch.infra import free_port  # stdlib only: `--summary` runs without pydantic or the runtime
 
 MODEL = "dx/tiny"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tired cats watch from the old red barn "
@@ -389,11 +388,17 @@ class Deadline:
 
 
 def bench_graph(kind: str, a: argparse.Namespace, workdir: Path, model_dir: Path, bar: Any,
-                deadline: Deadline | None = None, skipped: list | None = None) -> tuple[list[dict], float]:
+                deadline: Deadline | None = None, skipped: list | None = None,
+                rows: list | None = None) -> tuple[list[dict], float]:
+    """Start the graph, run every cell, stop it; returns (rows, start-up seconds). Rows are appended to ``rows``
+    as cells end, so a caller keeps them when a later cell fails; a signal (``_Terminated``) or Ctrl-C during a
+    cell keeps that cell too, from the requests that had ended (``"partial": true``)."""
     deadline = deadline or Deadline(None)
     skipped = skipped if skipped is not None else []
+    from dynamo_ext.launch import launch_graph  # noqa: PLC0415
+
     t_start = time.monotonic()
-    rows = []
+    rows = rows if rows is not None else []
     with launch_graph(f"graphs.{kind}", graph_config(kind, a),
                       model_dir=model_dir, log_dir=workdir / f"logs-{kind}",
                       ready_timeout=a.ready_timeout) as g:  # fmt: skip
@@ -425,7 +430,23 @@ def bench_graph(kind: str, a: argparse.Namespace, workdir: Path, model_dir: Path
                                      f"p{plen}-{load.tag}", plen)  # the same prompts for every graph
                 k += 1
                 bar.set_postfix_str(f"{kind} {plen} tok {load.label}")
-                t0 = load.run(g.base_url, reqs, a.timeout, bar, a.model_name)
+                t_cell = time.monotonic()
+                try:
+                    t0 = load.run(g.base_url, reqs, a.timeout, bar, a.model_name)
+                except (_Terminated, KeyboardInterrupt):
+                    ended = [r for r in reqs if r.done]
+                    if ended:
+                        kv_part = None
+                        if pulls and before is not None:
+                            try:
+                                kv_part = kv_summary(kv_delta(decode_counters(g)[0], before[0]))
+                            except Exception:  # noqa: BLE001 - stopping anyway
+                                kv_part = None
+                        part = summarize(kind, load.value if load.kind == "rate" else None, ended, t_cell, kv_part,
+                                         plen, int(load.value) if load.kind == "concurrency" else None)
+                        part["partial"], part["requests_planned"] = True, len(reqs)
+                        rows.append(part)
+                    raise
                 kv = None
                 if pulls:
                     time.sleep(0.3)
@@ -542,7 +563,7 @@ def table(res: dict) -> str:
 
 
 def _load(r: dict) -> str:
-    return r.get("load") or f"{r['rate']:g} req/s"
+    return (r.get("load") or f"{r['rate']:g} req/s") + (" (partial)" if r.get("partial") else "")
 
 
 def _kv_bytes(res: dict) -> str:
@@ -619,7 +640,9 @@ def plot(res: dict, path: Path) -> None:
     where = f"{m['gpus'][0]}" if m.get("gpus") else f"{m['cpu']} ({m['cores']} cores)"
     fig.suptitle(f"{p['preset']} on {where}: prompts "
                  f"{', '.join(str(x) for x in (p.get('prompt_lens') or [p['prompt_len']]))}, "
-                 f"outputs {p['output_len']}, {p['requests']} requests per cell", fontsize=9)
+                 f"outputs {p['output_len']}, {p['requests']} requests per cell, "
+                 f"{'closed loop ' + ', '.join(f'c={c}' for c in p['concurrency']) if p.get('concurrency') else 'Poisson'}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -807,14 +830,13 @@ def main(argv: list[str] | None = None) -> int:
                     res["skipped"].append({"graph": kind, "why": "deadline before its start"})
                     continue
                 try:
-                    rows, startup = bench_graph(kind, a, logs, model_dir, bar, deadline, res["skipped"])
+                    _, startup = bench_graph(kind, a, logs, model_dir, bar, deadline, res["skipped"], res["results"])
                 except _Terminated:
                     raise
                 except Exception as e:  # noqa: BLE001 - the other graph still runs; the error is in the results
                     res["errors"].append(f"{kind}: {type(e).__name__}: {str(e).strip()[:1500]}")
                     bar.write(f"{kind}: FAILED: {e}")
                     continue
-                res["results"] += rows
                 res["startup_s"][kind] = round(startup, 1)
                 compare_to_agg(res["results"])
                 res["wall_s"] = round(time.time() - t0, 1)
