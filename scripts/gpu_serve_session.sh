@@ -36,9 +36,14 @@
 #     bash scripts/gpu_bundle.sh --python 3.11
 #     PATH=/tmp/dx-bare/bin:$PATH OUT=/tmp/dx-serve-out bash scripts/gpu_serve_session.sh --cpu     # or DRY_RUN=1
 # --cpu: bundle .gpu_bundle-py311, DX_UNPACK_DIR=<temp>, --device cpu --preset tiny --prompt-lens 256,1024,
-# concurrency 1 then 4. Measured there (2 shared cores): see README.md "Serving benchmark on the GPU machine".
+# concurrency 1 then 4, --requests 8 / 16. Measured there (2 shared cores, 2026-12): check 8 s (bundle unpacked
+# in 4 s + import report), c1 17 s (tiny generated 1 s, each graph ready in ~4 s), cN 15 s, whole script 40 s,
+# exit 0, 7 files in $OUT (session-logs.txt ~0.4 MB). Expected on the H200 (not run yet): check ~20-40 s,
+# model generation ~10-20 s (3.5 GB written; 19 s on this machine), each graph ready in ~15-30 s (3.5 GB loaded
+# per worker), c1 ~2-3 min, cN ~2 min: ~5-6 min of the 480 s budget.
 #
-# Options: --cpu (or DRY_RUN=1), --budget S (or DX_SESSION_BUDGET_S), --bundle DIR; DX_PYTHON (default python3).
+# Options: --cpu (or DRY_RUN=1), --budget S (or DX_SESSION_BUDGET_S), --bundle DIR; DX_PYTHON (default python3);
+# DX_KEEP_WORK=1 keeps the --cpu work folder (unpacked bundle, model cache, process logs) for a look.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -107,7 +112,12 @@ stop_leftovers() {  # processes this session started that are still alive (they 
   for p in "${live[@]}"; do [ -d "/proc/$p" ] && kill -KILL "$p" 2>/dev/null; done
   return 0
 }
-trap 'stop_leftovers' EXIT
+finish() {
+  stop_leftovers
+  # on this machine (--cpu) the work folder holds the unpacked bundle (~250 MB): keep it only when asked
+  if [ "$MODE" = cpu ] && [ "${DX_KEEP_WORK:-0}" != 1 ]; then rm -rf "$WORK"; fi
+}
+trap finish EXIT
 
 run_stage() {  # NAME SECONDS COMMAND...: under timeout (SIGTERM, SIGKILL 30 s later), output to $WORK/NAME.log
   local name=$1 secs=$2; shift 2
@@ -180,12 +190,13 @@ bench_stage cN 150 "${C2[@]}"
     for f in "$d"/*.log; do
       [ -f "$f" ] || continue
       case "$(basename "$f")" in
-        prefill-*|decode-*|agg-*)  # start-up (device, transports chosen) and the end
-          echo; echo "===== ${d#$WORK/}/$(basename "$f") (first 40 lines) ====="
-          head -n 40 "$f" | cut -c1-400 ;;
+        prefill-*|decode-*|agg-*)  # our lines (device, transport backends, each KV transfer), NIXL/UCX, problems
+          echo; echo "===== ${d#$WORK/}/$(basename "$f") (first 60 lines from dynamo_ext / NIXL / UCX / errors) ====="
+          sed 's/\x1b\[[0-9;]*m//g' "$f" | grep -E "dynamo_ext|NIXL|UCX|ucx|cuda|CUDA|ERROR|Error|Traceback|WARN" \
+            | head -n 60 | cut -c1-400 ;;
       esac
-      echo; echo "===== ${d#$WORK/}/$(basename "$f") (last 60 lines) ====="
-      tail -n 60 "$f" | cut -c1-400
+      echo; echo "===== ${d#$WORK/}/$(basename "$f") (last 40 lines) ====="
+      sed 's/\x1b\[[0-9;]*m//g' "$f" | tail -n 40 | cut -c1-400
     done
   done
 } >> "$LOG" 2>&1
