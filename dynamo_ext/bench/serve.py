@@ -809,8 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = a.tag or default_stem(a, res["machine"])
     res["stem"] = stem
     out = Path(a.out)
-    work = Path(tempfile.mkdtemp(prefix="dx-bench-serve-"))
-    logs = Path(a.log_dir) if a.log_dir else work
+    logs = Path(a.log_dir) if a.log_dir else Path(tempfile.mkdtemp(prefix="dx-bench-serve-"))
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     rc = 0
     try:
@@ -850,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = rc or 1
         print(f"dynamo-ext bench serve: logs kept in {logs}", file=sys.stderr)
     elif not a.log_dir:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
     res["wall_s"] = round(time.time() - t0, 1)
     res["note"] = a.note
     compare_to_agg(res["results"])
