@@ -160,6 +160,9 @@ class JsonLinesPlane:
     async def decode_peers(self) -> int:
         return int(await self._call("decode_peers", 5.0))
 
+    def forget(self, handle: Any) -> None:
+        pass  # the coordinator announces peers; a dead one is not announced again
+
 
 class DirectWorker:
     def __init__(self, args: argparse.Namespace) -> None:

@@ -176,6 +176,20 @@ class EngineRunner:
             self.pool.free(prefix[keep:])
         return list(prefix[:keep])
 
+    def _blocks_for_pull(self, req: Request, handle_blocks: int) -> tuple[list[int], int]:
+        cached = self._match_for_pull(req, handle_blocks)
+        try:
+            return cached + self._allocate_sync(handle_blocks - len(cached)), len(cached)
+        except BaseException:
+            self.pool.free(cached)
+            raise
+
+    async def blocks_for_pull(self, req: Request, handle_blocks: int) -> tuple[list[int], int]:
+        """(destination blocks, k) for a pull of ``handle_blocks``: the first k are the leading prompt blocks
+        our prefix cache holds (``match_for_pull``), the rest freshly allocated — one engine-thread call,
+        retried when the pool has no room (``wait_room``)."""
+        return await self.wait_room(self._blocks_for_pull, req, handle_blocks)
+
     async def match_for_pull(self, req: Request, handle_blocks: int) -> list[int]:
         """Leading prompt blocks our prefix cache already holds (a reference taken on each), at most
         ``handle_blocks - 1``: a pull then reads only the rest (always at least the last block)."""

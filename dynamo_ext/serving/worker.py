@@ -69,6 +69,11 @@ from .transports import PeerTransports, PullResult, TransportOptions, WorkerTran
 log = logging.getLogger("dynamo_ext.serving.worker")
 
 
+#: a pull that ends this long before its handle's deadline needs no synchronous release (see ``pull``); it
+#: covers clock differences between the holder and this worker (one host: none; across nodes: NTP's ms)
+RELEASE_MARGIN_S = 1.0
+
+
 class StaleHandle(RuntimeError):
     """The holder no longer held the blocks when we released them: the pulled KV is not trusted."""
 
@@ -90,6 +95,10 @@ class WorkerPlane(Protocol):
 
     async def decode_peers(self) -> int:
         """How many OTHER decode workers serve now (a draining worker hands over only when > 0)."""
+        ...
+
+    def forget(self, handle: KvHandle) -> None:
+        """A pull from ``handle``'s holder failed: drop what is cached about it (its record is read again)."""
         ...
 
 
@@ -322,8 +331,21 @@ class ServingWorker:
             return time.time() <= h.deadline
         return await self.plane.release(h, timeout)
 
+    async def _release_later(self, h: KvHandle) -> None:
+        try:
+            if not await self._release_remote(h):
+                log.warning("handle %s of %s was already reaped when released (pulled before its deadline)",
+                            h.handle_id, h.worker_id)
+        except Exception as e:  # noqa: BLE001 - the holder frees it at its deadline anyway
+            log.info("release of handle %s on %s failed (%s): freed at its deadline", h.handle_id, h.worker_id, e)
+
     async def pull(self, req: Request, h: KvHandle, peer: PeerTransports | None = None) -> tuple[list[int], PullResult]:
-        """The handle's blocks (those our prefix cache lacks) into local blocks; (block ids, result)."""
+        """The handle's blocks (those our prefix cache lacks) into local blocks; (block ids, result).
+
+        The stale-handle check: a holder frees a handle's blocks only at its deadline (its reaper), so a pull
+        that completed more than RELEASE_MARGIN_S before the deadline read blocks that were still held: the
+        release then goes out in the background, off the request's path. A pull that ended closer to the
+        deadline waits for the holder's answer (False = reaped: the KV is not trusted)."""
         assert self.runner is not None and self.transports is not None
         n = len(req.prompt_token_ids)
         if h.num_tokens != n:
@@ -336,22 +358,21 @@ class ServingWorker:
         if peer.name != h.agent:
             raise TransferError(f"the transports of worker {h.worker_id} name agent {peer.name!r}, the handle {h.agent!r}")
         # leading blocks our own prefix cache holds are reused, only the rest is read (the router counts the same)
-        cached = await self.runner.match_for_pull(req, len(h.block_ids))
-        k = len(cached)
-        try:
-            dst = cached + await self.runner.allocate(len(h.block_ids) - k)
-        except BaseException:
-            await self.runner.free(cached)
-            raise
+        dst, k = await self.runner.blocks_for_pull(req, len(h.block_ids))
         released = False
         try:
             res = await self.transports.pull(peer, h.pool, list(h.block_ids[k:]), dst[k:],
                                              deadline_s=self.s.transfer_timeout_s)
             released = True  # whatever happens next, do not release twice
-            if not await self._release_remote(h):
+            if time.time() + RELEASE_MARGIN_S < h.deadline:
+                self.spawn(self._release_later(h), f"release-{h.handle_id}")
+            elif not await self._release_remote(h):
                 raise StaleHandle(f"handle {h.handle_id} was no longer held by {h.worker_id}")
-        except BaseException:
+        except BaseException as e:
             await self.runner.free(dst)
+            if isinstance(e, TransferError):
+                self.plane.forget(h)
+                self.transports.forget(peer.name)
             if not released:
                 try:
                     await self._release_remote(h, timeout=0.5)

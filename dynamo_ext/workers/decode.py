@@ -59,6 +59,8 @@ class DecodeWorker(EngineWorker):
         ep = self.endpoint("generate")
         health_ep = self.endpoint("health")
         await self.start_core(ep)
+        if self.disaggregated:
+            await self.plane.start()
         policy = self.cfg.router.policy
         if not self.disaggregated or policy == "dynamo-kv":
             kw: dict[str, Any] = {"worker_type": WorkerType.Aggregated}

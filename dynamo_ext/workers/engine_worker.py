@@ -43,10 +43,16 @@ class DynamoWorkerPlane:
     def __init__(self, w: "EngineWorker") -> None:
         self.w = w
         self.release_client: Any = None
+        #: a holder's transports by (component, instance id), read from etcd once: an instance id is a lease id,
+        #: never reused, and a worker's transports do not change while it lives (a failed pull forgets it)
+        self._peers: dict[tuple[str, int], PeerTransports] = {}
 
     async def peer(self, handle: KvHandle) -> PeerTransports:
         w = self.w
         assert w.store is not None
+        cached = self._peers.get((handle.component, handle.worker_id))
+        if cached is not None:
+            return cached
         key = worker_key(w.namespace, handle.component, handle.worker_id)
         blob = await w.store.get(key)
         if blob is None:
@@ -54,11 +60,19 @@ class DynamoWorkerPlane:
         rec = decode_record(key, blob)
         if not rec.transports:
             raise TransferError(f"the record of worker {handle.worker_id} advertises no transports")
-        return PeerTransports.decode(rec.transports)
+        pt = self._peers[(handle.component, handle.worker_id)] = PeerTransports.decode(rec.transports)
+        return pt
+
+    def forget(self, handle: KvHandle) -> None:
+        self._peers.pop((handle.component, handle.worker_id), None)
+
+    async def start(self) -> None:
+        """The prefill component's ``release`` client, created once at start-up (a client made at the first
+        release would not have discovered the instances yet)."""
+        self.release_client = await self.w.endpoint("release", component="prefill").client()
 
     async def release(self, handle: KvHandle, timeout_s: float) -> bool:
-        if self.release_client is None:
-            self.release_client = await self.w.endpoint("release", component="prefill").client()
+        assert self.release_client is not None, "DynamoWorkerPlane.start() first"
 
         async def _call() -> bool:
             stream = await self.release_client.direct({"handle_id": handle.handle_id}, handle.worker_id)
