@@ -174,6 +174,10 @@ class WorkerTransports:
         self._failed: dict[tuple[str, str], float] = {}  # (peer name, backend) -> monotonic time of failure
         self._tasks: list[asyncio.Task[Any]] = []
         self.nixl_env: dict[str, str] = {}
+        #: per peer name (unique per worker lifetime): its choice and remote pools, computed once (a pull pays
+        #: neither select_transport nor the decoding of its PeerInfos)
+        self._choice: dict[str, tuple[bytes, TransportChoice]] = {}
+        self._remote: dict[tuple[str, str, str], RemotePool] = {}
 
     # -- start-up -----------------------------------------------------------------------------------
     def _wanted(self) -> list[str]:
@@ -236,8 +240,20 @@ class WorkerTransports:
 
     # -- the choice ---------------------------------------------------------------------------------
     def choice(self, peer: PeerTransports) -> TransportChoice:
-        return select_transport(self.endpoint, peer.endpoint(), self.options.force,
-                                rdma_device=self.options.rdma_device)
+        key = peer.encode()
+        hit = self._choice.get(peer.name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        c = select_transport(self.endpoint, peer.endpoint(), self.options.force, rdma_device=self.options.rdma_device)
+        self._choice[peer.name] = (key, c)
+        return c
+
+    def _remote_pool(self, kind: str, peer: PeerTransports, pool: str) -> RemotePool:
+        k = (kind, peer.name, pool)
+        rp = self._remote.get(k)
+        if rp is None:
+            rp = self._remote[k] = RemotePool(peer.name, peer.info(kind).pool(pool))
+        return rp
 
     def order(self, peer: PeerTransports, now: float | None = None) -> tuple[TransportChoice, list[str]]:
         """The pair's choice and the backends to try, best first (see the module docstring)."""
@@ -253,12 +269,14 @@ class WorkerTransports:
         blob = peer.backends[kind]
         key = (kind, peer.name)
         be = self.backends[kind]
-        if self._peers.get(key) == blob and be.has_peer(peer.name):
+        if self._peers.get(key) is blob or (self._peers.get(key) == blob and be.has_peer(peer.name)):
             return
         if be.has_peer(peer.name):
             be.remove_peer(peer.name)
         be.add_peer(PeerInfo.decode(blob))
         self._peers[key] = blob
+        for k in [k for k in self._remote if k[0] == kind and k[1] == peer.name]:
+            del self._remote[k]
 
     # -- pull ---------------------------------------------------------------------------------------
     async def pull(self, peer: PeerTransports, remote_pool: str, src_ids: list[int], dst_ids: list[int], *,
@@ -282,7 +300,7 @@ class WorkerTransports:
                     break
                 try:
                     self._connect(kind, peer)
-                    remote = RemotePool(peer.name, peer.info(kind).pool(remote_pool))
+                    remote = self._remote_pool(kind, peer, remote_pool)
                     h = await pull(self.backends[kind], remote, self.pool, (list(src_ids), list(dst_ids)),
                                    TransferOptions(deadline_s=left, expected_gbps=expected_gbps))
                     stats = await h
@@ -315,6 +333,9 @@ class WorkerTransports:
 
     def _drop(self, peer_name: str) -> None:
         self._forget.discard(peer_name)
+        self._choice.pop(peer_name, None)
+        for k in [k for k in self._remote if k[1] == peer_name]:
+            del self._remote[k]
         for (kind, name) in [k for k in self._peers if k[1] == peer_name]:
             self._peers.pop((kind, name), None)
             try:
