@@ -101,7 +101,13 @@ async def main() -> None:
                     break
                 if i >= 3:
                     wt.append(time.perf_counter() - t0)
-            rows.append((be_name, set_name, st.descriptors, med(post) * 1e3, med(gpu) * 1e3, med(done) * 1e3,
+            from dynamo_ext.transport.probe import fingerprint  # noqa: PLC0415
+
+            sync()
+            want = peer.call({"cmd": "fingerprint", "blocks": src}, timeout=120)["fingerprint"]
+            verified = fingerprint(pool, lay, dst) == want
+            pool.tensor_u8().zero_()
+            rows.append((be_name + ("" if verified else " NOT VERIFIED"), set_name, st.descriptors, med(post) * 1e3, med(gpu) * 1e3, med(done) * 1e3,
                          med(wt) * 1e3 if wt else float("nan"), nbytes / med(done) / 1e9,
                          nbytes / med(wt) / 1e9 if wt else float("nan")))
     prof = cProfile.Profile()
@@ -116,6 +122,7 @@ async def main() -> None:
     await ts.close()
     peer.close()
     print(f"\n{a.layers} layers, {a.blocks} blocks = {nbytes / 2**20:.0f} MiB per pull, median of {a.reps}")
+    print("every row verified: the destination blocks' fingerprint == the source blocks' (probe.fingerprint)")
     print(f"{'backend':9} {'blocks':11} {'descs':>6} {'post ms':>8} {'gpu ms':>8} {'done ms':>8} {'wt ms':>8} "
           f"{'GB/s done':>10} {'GB/s wt':>9}")
     for r in rows:

@@ -225,6 +225,13 @@ class TransferBackend(ABC):
               notif: bytes) -> XferRequest:
         """``descs``: validated (N, 3) int64 array of (local_offset, remote_offset, nbytes)."""
 
+    def post_blocks(self, op: Op, local: KvPool, peer: str, remote: PoolDescriptor, src_ids: np.ndarray,
+                    dst_ids: np.ndarray) -> XferRequest | None:
+        """Optional fast path for whole blocks between pools of compatible layouts, without a descriptor plan:
+        every chunk of ``src_ids[i]`` (the source side of ``op``) to ``dst_ids[i]``. The caller (transfer.py)
+        has validated layouts and ids. None: not supported for this pair (the caller plans instead)."""
+        return None
+
     # -- notifications -----------------------------------------------------------------------------
     # Every backend buffers received notifications in self._notifs {peer: [msg, ...]}. Messages that
     # start with PROTOCOL_PREFIX belong to protocols layered on the backend (the staged transfers of

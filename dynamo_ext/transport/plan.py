@@ -310,6 +310,13 @@ def _check(
     return s, d
 
 
+def check_blocks(src_layout: KvLayout, src_blocks: Sequence[int], dst_layout: KvLayout,
+                 dst_blocks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The checks of every plan (layouts compatible, ids in range, equal lengths, no destination twice), for
+    paths that move whole blocks without a plan (``TransferBackend.post_blocks``); the ids as int64 arrays."""
+    return _check(src_layout, src_blocks, dst_layout, dst_blocks)
+
+
 # -- chunk arithmetic (in units of chunks) --------------------------------------------------------------
 
 

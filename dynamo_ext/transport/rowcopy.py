@@ -10,6 +10,12 @@ int64 elements when aligned.
                                           a Triton kernel ``dst[drows[i]] = src[srows[i]]`` when Triton
                                           imports, else index_select into a 32 MiB slice temporary
                                           (stays in L2) + index_copy_ out of it, slice by slice.
+``copy_blocks(src_u8, dst_u8, src_layout, dst_layout, src_ids, dst_ids)``  same device, no plan: every
+                                          chunk of block src_ids[i] -> the same (layer, K|V) chunk of
+                                          dst_ids[i]; only the block ids are uploaded, the kernel computes
+                                          the offsets (``block_geometry``: both memory orders are linear in
+                                          block and layer*2+kv); what the KV pull between two processes
+                                          on one GPU uses (one small upload + one launch)
 ``copy_cross_device(src_u8, dst_u8, descs)``  GPU a -> GPU b: slices of ``slice_bytes``; gather on a
                                           stream of a into staging slot k % slots, one peer copy per
                                           slice on a second stream, scatter on a stream of b; ordered
@@ -38,7 +44,8 @@ import torch
 
 from .staging import _as_array, _as_rows, _check_bounds, _check_tensor, _rows, _unit, _upload
 
-__all__ = ["copy_cross_device", "copy_device_to_host", "copy_rows", "rows_of", "triton_available"]
+__all__ = ["block_geometry", "copy_blocks", "copy_cross_device", "copy_device_to_host", "copy_rows", "rows_of",
+           "triton_available"]
 
 PREFER_TRITON = True  # False: the torch index_select/index_copy_ path even when Triton imports
 SLICE_TMP_BYTES = 32 << 20  # torch fallback: slice temporary that stays in L2 (50-60 MiB on H100/H200)
@@ -127,6 +134,7 @@ def rows_of(descs: Any, src_len: int, dst_len: int) -> tuple[np.ndarray, np.ndar
 # -- the Triton kernel ---------------------------------------------------------------------------------
 _kernel: Any = None
 _kernel_raw_dst: Any = None
+_kernel_blocks: Any = None
 _triton_ok: bool | None = None
 
 
@@ -172,7 +180,22 @@ def triton_available() -> bool:
                 x = tl.load(src + s * row_elems + offs, mask=m)
                 tl.store(dst + d * row_elems + offs, x, mask=m)
 
-            global _kernel_raw_dst
+            @triton.jit
+            def _block_copy(src, dst, sids, dids, s_sb, s_sl, d_sb, d_sl, n_lkv, chunk_elems, BLOCK: tl.constexpr):
+                # program (i * n_lkv + lkv, j): chunk (layer, kv) = lkv of block i, elements j*BLOCK ...
+                p = tl.program_id(0)
+                j = tl.program_id(1)
+                i = p // n_lkv
+                lkv = (p % n_lkv).to(tl.int64)
+                s = tl.load(sids + i).to(tl.int64)
+                d = tl.load(dids + i).to(tl.int64)
+                offs = j * BLOCK + tl.arange(0, BLOCK)
+                m = offs < chunk_elems
+                x = tl.load(src + s * s_sb + lkv * s_sl + offs, mask=m)
+                tl.store(dst + d * d_sb + lkv * d_sl + offs, x, mask=m)
+
+            global _kernel_raw_dst, _kernel_blocks
+            _kernel_blocks = _block_copy
             _kernel_raw_dst = _row_copy_raw_dst
             _kernel = _row_copy
             _triton_ok = True
@@ -256,6 +279,63 @@ def copy_rows(src_u8: torch.Tensor, dst_u8: torch.Tensor, descs: Any, *, use_tri
     src2d, dst2d = _as_rows(src_u8, unit, dst_u8), _as_rows(dst_u8, unit, src_u8)
     _launch_rows(src2d, dst2d, sidx, didx, n, _use_triton(dst_u8, use_triton))
     return n * unit
+
+
+def block_geometry(layout: Any) -> tuple[int, int, int, int]:
+    """(block stride, (layer*2 + kv) stride, chunk bytes, layers*2) of a KvLayout, in bytes: the offset of
+    chunk (b, layer, kv) is ``b * block stride + (layer*2 + kv) * lkv stride`` in both memory orders."""
+    cb = int(layout.chunk_bytes)
+    n_lkv = int(layout.num_layers) * 2
+    o = layout.chunk_offset
+    sb = o(1, 0, 0) - o(0, 0, 0) if layout.num_blocks > 1 else cb * n_lkv
+    sl = o(0, 0, 1) - o(0, 0, 0)
+    if layout.num_layers > 1:
+        assert o(0, 1, 0) - o(0, 0, 0) == 2 * sl, "layer stride must be twice the K|V stride"
+    return sb, sl, cb, n_lkv
+
+
+def copy_blocks(src_u8: torch.Tensor, dst_u8: torch.Tensor, src_layout: Any, dst_layout: Any,
+                src_ids: np.ndarray, dst_ids: np.ndarray, *, use_triton: bool | None = None) -> int:
+    """Same-device copy of whole blocks (every chunk), enqueued on the current stream; the ids are the only
+    upload. The caller has checked compatibility and ids (``plan._check``). Returns bytes."""
+    _check_tensor(src_u8, "source")
+    _check_tensor(dst_u8, "destination")
+    if src_u8.device != dst_u8.device:
+        raise ValueError(f"copy_blocks is a same-device copy: {src_u8.device} -> {dst_u8.device}")
+    n = int(src_ids.shape[0])
+    if n == 0:
+        return 0
+    s_sb, s_sl, cb, n_lkv = block_geometry(src_layout)
+    d_sb, d_sl, cb2, n_lkv2 = block_geometry(dst_layout)
+    if (cb, n_lkv) != (cb2, n_lkv2):
+        raise ValueError(f"chunk geometry differs: {cb} B x {n_lkv} vs {cb2} B x {n_lkv2}")
+    for t, sb, sl, lay in ((src_u8, s_sb, s_sl, src_layout), (dst_u8, d_sb, d_sl, dst_layout)):
+        if t.numel() < lay.pool_bytes:
+            raise ValueError(f"buffer of {t.numel()} B is smaller than its layout's {lay.pool_bytes} B")
+    unit = next(size for size in (8, 4, 2, 1) if not (cb % size or s_sb % size or s_sl % size or d_sb % size
+                                                       or d_sl % size or src_u8.data_ptr() % size
+                                                       or dst_u8.data_ptr() % size))
+    dtype = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[unit]
+    src_e = src_u8[: (src_u8.numel() // unit) * unit].view(dtype)
+    dst_e = dst_u8[: (dst_u8.numel() // unit) * unit].view(dtype)
+    sids, dids = _upload([np.ascontiguousarray(src_ids, dtype=np.int64), np.ascontiguousarray(dst_ids, dtype=np.int64)],
+                         dst_u8.device)
+    ce = cb // unit
+    if _use_triton(dst_u8, use_triton):
+        block = min(int(TUNING["triton_block"]), 1 << max(0, (ce - 1).bit_length()))
+        _kernel_blocks[(n * n_lkv, -(-ce // block))](
+            src_e, dst_e, sids, dids, s_sb // unit, s_sl // unit, d_sb // unit, d_sl // unit, n_lkv, ce,
+            BLOCK=block, num_warps=int(TUNING["triton_warps"]) or (8 if block >= 1024 else 4))
+        return n * n_lkv * cb
+    # torch: the chunk rows computed on the device, then the row copy of copy_rows (index_select/index_copy_)
+    lkv = torch.arange(n_lkv, device=dst_u8.device, dtype=torch.int64)
+    srows = ((sids * s_sb)[:, None] + (lkv * s_sl)[None, :]).reshape(-1) // cb
+    drows = ((dids * d_sb)[:, None] + (lkv * d_sl)[None, :]).reshape(-1) // cb
+    if s_sb % cb or s_sl % cb or d_sb % cb or d_sl % cb:  # chunk-aligned in every KvLayout
+        raise ValueError("block strides are not multiples of the chunk size")
+    src2d, dst2d = src_e[: (src_e.numel() // ce) * ce].view(-1, ce), dst_e[: (dst_e.numel() // ce) * ce].view(-1, ce)
+    _launch_rows(src2d, dst2d, srows, drows, n * n_lkv, False)
+    return n * n_lkv * cb
 
 
 _rows_cache: dict[str, tuple[tuple[Any, ...], Any, tuple[Any, ...]]] = {}

@@ -59,7 +59,7 @@ from .errors import BackendError, InvalidBlocks, TransferError, TransferTimeout
 from .fallbacks.local import copy_ranges
 from .layout import KvLayout
 from .metrics import TransportMetrics, metrics as default_metrics
-from .plan import TransferPlan, plan_transfer
+from .plan import TransferPlan, check_blocks as _check_blocks, plan_transfer
 from .pool import KvPool, MemoryKind, PoolDescriptor
 from .staged import post_staged_read, post_staged_write, staged_plan_kwargs
 
@@ -256,6 +256,10 @@ async def _remote(op: Literal["read", "write"], backend: TransferBackend | None,
     if options.planner is None and options.stage is not False and backend is not None:
         source_kind = local.kind if op == "write" else remote.pool.kind
         plan_kwargs = staged_plan_kwargs(backend, local, remote.peer, source_kind, options.stage)
+    if options.planner is None and not plan_kwargs and options.stage is not True and backend is not None:
+        fast = _post_blocks(op, backend, local, remote, src, src_ids, dst, dst_ids, options)
+        if fast is not None:
+            return fast
     plan, plan_kwargs = _plan(src, src_ids, dst, dst_ids, options.planner, plan_kwargs)
     wire = np.asarray(getattr(plan.wire, "array", plan.wire), dtype=np.int64).reshape(-1, 3)
     path = f"{_kind(src)}->{_kind(dst)}"
@@ -278,6 +282,38 @@ async def _remote(op: Literal["read", "write"], backend: TransferBackend | None,
         req = backend.post(op, local, remote.peer, remote.pool, descs, options.notif if op == "write" else b"")
     handle = TransferHandle(plan=plan, direction=op, path=path, backend=backend.name, deadline_s=deadline_s,
                             req=req, started=t0, metrics=met, poll_s=backend.poll_interval_s)
+    return _finish(handle, options)
+
+
+class BlockPlan(NamedTuple):
+    """What a handle of the block fast path reports in place of a TransferPlan (no descriptors were planned)."""
+
+    total_bytes: int
+    num_descriptors: int  # the blocks moved (each block = every (layer, K|V) chunk of it)
+    staged: bool = False
+
+
+def _post_blocks(op: Literal["read", "write"], backend: TransferBackend, local: KvPool, remote: RemotePool,
+                 src: KvPool | RemotePool, src_ids: list[int], dst: KvPool | RemotePool, dst_ids: list[int],
+                 options: TransferOptions) -> TransferHandle | None:
+    """The backend's whole-block path (``post_blocks``) when it has one for this pair, else None (plan)."""
+    if type(backend).post_blocks is TransferBackend.post_blocks:
+        return None
+    s, d = _check_blocks(_layout(src), src_ids, _layout(dst), dst_ids)  # LayoutMismatch / InvalidBlocks
+    backend.peer(remote.peer)  # PeerUnreachable for an unknown peer
+    backend.require_registered(local)
+    backend.require_remote_pool(remote.peer, remote.pool)
+    nbytes = int(s.shape[0]) * _layout(src).block_bytes
+    deadline_s = options.deadline_s
+    if deadline_s is None:
+        deadline_s = deadline_for(nbytes, options.expected_gbps or backend.default_gbps)
+    t0 = time.monotonic()
+    req = backend.post_blocks(op, local, remote.peer, remote.pool, s, d)
+    if req is None:
+        return None
+    handle = TransferHandle(plan=BlockPlan(nbytes, int(s.shape[0])), direction=op,  # type: ignore[arg-type]
+                            path=f"{_kind(src)}->{_kind(dst)}", backend=backend.name, deadline_s=deadline_s,
+                            req=req, started=t0, metrics=_metrics(options), poll_s=backend.poll_interval_s)
     return _finish(handle, options)
 
 

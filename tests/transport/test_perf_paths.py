@@ -350,3 +350,49 @@ def test_rows_cache_reuses_rows_of_the_same_plan_object(fake_cuda, monkeypatch, 
     d3 = orig.clone()
     run(plan.wire.array.copy(), d3)  # same values, another array: computed again
     assert len(calls) == 2 and torch.equal(d3, want)
+
+
+@pytest.mark.parametrize("src_order,dst_order", [("layer_major", "layer_major"), ("layer_major", "block_major"),
+                                                 ("block_major", "layer_major")])
+def test_copy_blocks_moves_every_chunk_of_each_block_and_nothing_else(src_order, dst_order):
+    """rowcopy.copy_blocks (the same-GPU block path of the CUDA IPC backend, no plan): here its torch path on CPU
+    tensors; offsets from block_geometry must match KvLayout.chunk_offset in both memory orders."""
+    import torch
+
+    from dynamo_ext.transport import rowcopy
+    from dynamo_ext.transport.layout import KvLayout
+    from dynamo_ext.transport.verify import pattern
+
+    ls = KvLayout(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32", num_blocks=10, order=src_order)
+    ld = KvLayout(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32", num_blocks=7, order=dst_order)
+    for lay in (ls, ld):  # the geometry is the layout's arithmetic
+        sb, sl, cb, n_lkv = rowcopy.block_geometry(lay)
+        assert all(lay.chunk_offset(b, layer, kv) == b * sb + (layer * 2 + kv) * sl
+                   for b in range(lay.num_blocks) for layer in range(3) for kv in (0, 1)) and n_lkv == 6
+    src = torch.zeros(ls.pool_bytes, dtype=torch.uint8)
+    pattern(src.numpy(), 3)
+    dst = torch.zeros(ld.pool_bytes, dtype=torch.uint8)
+    sids, dids = np.array([7, 2, 9]), np.array([0, 5, 3])
+    assert rowcopy.copy_blocks(src, dst, ls, ld, sids, dids, use_triton=False) == 3 * ls.block_bytes
+    s, d = src.numpy(), dst.numpy()
+    moved = 0
+    for b in range(ld.num_blocks):
+        for layer in range(3):
+            for kv in (0, 1):
+                o, n = ld.chunk_offset(b, layer, kv), ld.chunk_bytes
+                if b in dids:
+                    so = ls.chunk_offset(int(sids[list(dids).index(b)]), layer, kv)
+                    assert np.array_equal(d[o:o + n], s[so:so + n]), (b, layer, kv)
+                    moved += n
+                else:
+                    assert not d[o:o + n].any(), ("touched", b)
+    assert moved == 3 * ls.block_bytes
+
+
+def test_backends_without_a_block_path_are_planned():
+    from dynamo_ext.transport.backend import TransferBackend
+    from dynamo_ext.transport.fallbacks.cuda_ipc import CudaIpcBackend
+    from dynamo_ext.transport.fallbacks.tcp import TcpBackend
+
+    assert TcpBackend.post_blocks is TransferBackend.post_blocks  # transfer.py plans for these
+    assert CudaIpcBackend.post_blocks is not TransferBackend.post_blocks

@@ -13,6 +13,8 @@ Protocol::
                                                       else sliced index_select/index_copy_); other
                                                       device: gather -> peer copy -> scatter pipelined
                                                       over 64 MiB slices on three streams
+               be.post_blocks(op, ..., src_ids, dst_ids)   same GPU, whole blocks: rowcopy.copy_blocks (no
+                                                      plan: the ids uploaded, the kernel computes offsets)
                req.poll()                          -> a CUDA event recorded after the copies: event.query()
 
 No notifications (the owner learns of a write through the caller's own channel). torch is imported
@@ -120,6 +122,27 @@ class CudaIpcBackend(TransferBackend):
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(dst.device))
         return _EventRequest(ev, keep)
+
+    def post_blocks(self, op: Op, local: KvPool, peer: str, remote: PoolDescriptor, src_ids: np.ndarray,
+                    dst_ids: np.ndarray) -> XferRequest | None:
+        """Same GPU: ``rowcopy.copy_blocks`` (the block ids uploaded, offsets computed by the kernel: no plan,
+        no per-chunk indices). Another GPU: None (the planned, pipelined cross-device path)."""
+        torch = self._torch
+        from ..rowcopy import copy_blocks  # noqa: PLC0415
+
+        rt = self._remote.get((peer, remote.name))
+        if rt is None:
+            raise PeerUnreachable(f"peer {peer!r} pool {remote.name!r} is not mapped (add_peer first)")
+        lt = local.tensor_u8()
+        if lt.device != rt.device:
+            return None
+        (src, sl), (dst, dl) = ((lt, local.layout), (rt, remote.kv_layout())) if op == "write" else \
+            ((rt, remote.kv_layout()), (lt, local.layout))
+        with torch.cuda.device(dst.device):
+            copy_blocks(src, dst, sl, dl, src_ids, dst_ids)
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dst.device))
+        return _EventRequest(ev, ())
 
     def close_sync(self) -> None:
         self._remote.clear()
