@@ -56,6 +56,7 @@ class KvTransferConfig(_Strict):
     transport: TransportKind = "auto"
     metadata_server: str = "http://127.0.0.1:2379"
     rdma_device: str | None = None
+    #: copy threads of one host-memory pull between two processes (the cma backend), at most the cores
     transport_threads: int = Field(4, ge=1, le=64)
     timeout_ms: int = Field(2000, ge=10, le=600_000)
     #: seconds a prefill worker holds a prefilled KV handle for its decode worker to pull (then frees it);

@@ -110,6 +110,7 @@ class TransportOptions:
     nixl: bool = True  # kv_transfer.backend == "nixl"; "fallback": never start NIXL
     force: str = "auto"  # kv_transfer.transport: auto | nvlink | pcie | rdma | tcp
     rdma_device: str | None = None
+    threads: int = 4  # kv_transfer.transport_threads: copy threads of a host-memory pull (cma), <= the cores
 
 
 @dataclass
@@ -202,10 +203,11 @@ class WorkerTransports:
                 raise RuntimeError(f"nixl does not import: {e}") from None
             return make_backend("nixl", self.name, choice)
         if kind == "cma":
-            from dynamo_ext.transport.fallbacks.cma import cma_available  # noqa: PLC0415
+            from dynamo_ext.transport.fallbacks.cma import CmaBackend, cma_available  # noqa: PLC0415
 
             if not cma_available():
                 raise RuntimeError("process_vm_readv is not allowed in this process")
+            return CmaBackend(self.name, threads=max(1, min(self.options.threads, os.cpu_count() or 1)))
         if kind == "cuda_ipc":
             why = _cuda_ipc_usable()
             if why:

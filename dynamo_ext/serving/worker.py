@@ -137,7 +137,7 @@ class WorkerSettings:
                    hold_s=kt.hold_s if kt.hold_s is not None else 2 * timeout, transfer_timeout_s=timeout,
                    migrate_on_drain=cfg.workers.migrate_on_drain, migration_grace_s=cfg.workers.migration_grace_s,
                    transport=TransportOptions(nixl=kt.backend == "nixl", force=kt.transport,
-                                              rdma_device=kt.rdma_device))
+                                              rdma_device=kt.rdma_device, threads=kt.transport_threads))
 
 
 @dataclass

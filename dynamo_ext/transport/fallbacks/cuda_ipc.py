@@ -66,6 +66,15 @@ class CudaIpcBackend(TransferBackend):
         self._torch = torch
         self._handles: dict[str, list[Any]] = {}
         self._remote: dict[tuple[str, str], Any] = {}  # (peer, pool name) -> uint8 tensor view
+        #: one high-priority stream per device for the copies: never queued behind the engine's kernels on the
+        #: legacy default stream (a pull posted during a decode step waited for it: up to a step, ms)
+        self._streams: dict[Any, Any] = {}
+
+    def _stream(self, device: Any) -> Any:
+        s = self._streams.get(device)
+        if s is None:
+            s = self._streams[device] = self._torch.cuda.Stream(device=device, priority=-1)  # -1: high
+        return s
 
     def _register(self, pool: KvPool) -> None:
         if pool.kind is not MemoryKind.DEVICE:
@@ -138,10 +147,11 @@ class CudaIpcBackend(TransferBackend):
             return None
         (src, sl), (dst, dl) = ((lt, local.layout), (rt, remote.kv_layout())) if op == "write" else \
             ((rt, remote.kv_layout()), (lt, local.layout))
-        with torch.cuda.device(dst.device):
+        stream = self._stream(dst.device)
+        with torch.cuda.device(dst.device), torch.cuda.stream(stream):
             copy_blocks(src, dst, sl, dl, src_ids, dst_ids)
             ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(dst.device))
+            ev.record(stream)
         return _EventRequest(ev, ())
 
     def close_sync(self) -> None:
