@@ -13,7 +13,7 @@
 # compact table LAST, since only the stdout tail comes back):
 #   check  gpu_run.sh's import report (bundle unpacked into ${TMPDIR:-/tmp}/dx-site, dx-bin) + one python3 -c
 #          line: torch.cuda.is_available(), the GPU's name and memory, one bf16 matmul on it
-#   c1     bench serve --device cuda --preset llama3-8b-shape --layers 8 --dtype bfloat16 --graphs agg,disagg
+#   c1     bench serve --device cuda --preset llama3-8b-shape --layers 16 --dtype bfloat16 --graphs agg,disagg
 #          --prompt-lens 512,4096 --prompt-len-jitter 0 --output-len 32 --concurrency 1 --requests 16 --warmup 2
 #          (agg = 1 aggregated worker; disagg = 1 prefill + 1 decode, both on cuda:0; the model directory,
 #          1.75 G parameters / 3.5 GB, is generated once under $DYNAMO_EXT_CACHE and loaded by every worker)
@@ -78,7 +78,9 @@ fi
 if [ "$MODE" = gpu ]; then
   BUNDLE=${BUNDLE:-$ROOT/.gpu_bundle}
   export DYNAMO_EXT_CACHE=${DYNAMO_EXT_CACHE:-${TMPDIR:-/tmp}/dx-cache}
-  BENCH=(--device cuda --preset llama3-8b-shape --layers 8 --dtype bfloat16 --prompt-lens 512,4096)
+  # 16 layers: a 4,096-token prompt's KV is 256 MiB (the pull target is stated for >= 256 MiB); DX_LAYERS overrides
+  BENCH=(--device cuda --preset llama3-8b-shape --layers "${DX_LAYERS:-16}" --dtype bfloat16
+         --prompt-lens "${DX_PROMPT_LENS:-512,4096}")
   C1=(--concurrency 1 --requests 16 --warmup 2)
   C2=(--concurrency 8 --requests 32 --warmup 8)
 else
