@@ -72,7 +72,13 @@ async def main() -> None:
     }
     nbytes = a.blocks * lay.block_bytes
     rows = []
-    for be_name in order:
+    variants = [(b, None) for b in order]
+    if gpu_ok and "cuda_ipc" in order:  # A/B: the backend's own high-priority stream vs the legacy default stream
+        variants.insert(1, ("cuda_ipc", "default-stream"))
+    for be_name, variant in variants:
+        if variant == "default-stream":
+            ipc = ts.backends["cuda_ipc"]
+            ipc._stream = lambda device: torch.cuda.current_stream(device)  # type: ignore[method-assign]
         ts._connect(be_name, pt)
         be = ts.backends[be_name]
         remote = RemotePool(pt.name, pt.info(be_name).pool(POOL))
@@ -107,7 +113,8 @@ async def main() -> None:
             want = peer.call({"cmd": "fingerprint", "blocks": src}, timeout=120)["fingerprint"]
             verified = fingerprint(pool, lay, dst) == want
             pool.tensor_u8().zero_()
-            rows.append((be_name + ("" if verified else " NOT VERIFIED"), set_name, st.descriptors, med(post) * 1e3, med(gpu) * 1e3, med(done) * 1e3,
+            label = be_name if variant is None else f"{be_name} ({variant})"
+            rows.append((label + ("" if verified else " NOT VERIFIED"), set_name, st.descriptors, med(post) * 1e3, med(gpu) * 1e3, med(done) * 1e3,
                          med(wt) * 1e3 if wt else float("nan"), nbytes / med(done) / 1e9,
                          nbytes / med(wt) / 1e9 if wt else float("nan")))
     prof = cProfile.Profile()
@@ -123,10 +130,10 @@ async def main() -> None:
     peer.close()
     print(f"\n{a.layers} layers, {a.blocks} blocks = {nbytes / 2**20:.0f} MiB per pull, median of {a.reps}")
     print("every row verified: the destination blocks' fingerprint == the source blocks' (probe.fingerprint)")
-    print(f"{'backend':9} {'blocks':11} {'descs':>6} {'post ms':>8} {'gpu ms':>8} {'done ms':>8} {'wt ms':>8} "
+    print(f"{'backend':28} {'blocks':11} {'descs':>6} {'post ms':>8} {'gpu ms':>8} {'done ms':>8} {'wt ms':>8} "
           f"{'GB/s done':>10} {'GB/s wt':>9}")
     for r in rows:
-        print(f"{r[0]:9} {r[1]:11} {r[2]:6d} {r[3]:8.3f} {r[4]:8.3f} {r[5]:8.3f} {r[6]:8.3f} {r[7]:10.1f} {r[8]:9.1f}")
+        print(f"{r[0]:28} {r[1]:11} {r[2]:6d} {r[3]:8.3f} {r[4]:8.3f} {r[5]:8.3f} {r[6]:8.3f} {r[7]:10.1f} {r[8]:9.1f}")
 
 
 if __name__ == "__main__":

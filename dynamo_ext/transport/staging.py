@@ -124,30 +124,48 @@ def _unit(a: np.ndarray) -> int:
     return g
 
 
-_upload_streams: dict[int, Any] = {}
+#: pinned host slots per device for index uploads: (buffer, event of the upload that last read it)
+_PINNED_SLOTS = 4
+_pinned: dict[int, list[list[Any]]] = {}
+_pinned_next: dict[int, int] = {}
+
+
+def _pinned_slot(dev_index: int, nbytes: int) -> torch.Tensor:
+    """A pinned host buffer of >= nbytes whose previous upload has completed (a ring of _PINNED_SLOTS per
+    device: the slot's last upload was _PINNED_SLOTS uploads ago, so its event is normally long done)."""
+    ring = _pinned.setdefault(dev_index, [[None, None] for _ in range(_PINNED_SLOTS)])
+    k = _pinned_next.get(dev_index, 0)
+    _pinned_next[dev_index] = (k + 1) % _PINNED_SLOTS
+    slot = ring[k]
+    if slot[1] is not None:
+        slot[1].synchronize()
+    if slot[0] is None or slot[0].numel() < nbytes:
+        slot[0] = torch.empty(max(nbytes, 64 << 10), dtype=torch.uint8, pin_memory=True)
+    slot[1] = None
+    return slot
 
 
 def _upload(arrays: list[np.ndarray], dev: torch.device) -> list[torch.Tensor]:
     """Index arrays -> tensors on ``dev``, one host-to-device copy, ordered before the current stream.
 
-    A pageable upload waits for everything queued on its stream; issued on the (busy) work stream it
-    would block this thread until the stream drained, serialising a pipelined executor. So it goes on
-    an idle per-device upload stream, and the work stream waits for it with an event."""
+    The copy starts from a pinned slot (``_pinned_slot``), so it is asynchronous on the work stream itself:
+    ordered before the kernels that read the indices with no extra stream or event, and it never blocks this
+    thread behind the stream's queued work (a pageable upload would wait for the stream to drain)."""
     host = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-    t = torch.from_numpy(np.ascontiguousarray(host))
+    host = np.ascontiguousarray(host)
     if dev.type != "cuda":
-        return list(t.split([x.shape[0] for x in arrays]))
+        return list(torch.from_numpy(host).split([x.shape[0] for x in arrays]))
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
     work = torch.cuda.current_stream(dev)
-    up = _upload_streams.get(dev.index if dev.index is not None else torch.cuda.current_device())
-    if up is None:
-        up = torch.cuda.Stream(device=dev)
-        _upload_streams[dev.index if dev.index is not None else torch.cuda.current_device()] = up
-    with torch.cuda.stream(up):
-        g = t.to(dev, non_blocking=True)
+    slot = _pinned_slot(idx, host.nbytes)
+    buf = slot[0][: host.nbytes]
+    buf.numpy()[:] = host.view(np.uint8).reshape(-1)
+    g = torch.empty(host.nbytes, dtype=torch.uint8, device=dev)
+    g.copy_(buf, non_blocking=True)
     ev = torch.cuda.Event()
-    ev.record(up)
-    work.wait_event(ev)
-    g.record_stream(work)  # allocated on the upload stream, used on the work stream
+    ev.record(work)
+    slot[1] = ev
+    g = g.view(torch.from_numpy(host[:0]).dtype)
     return list(g.split([x.shape[0] for x in arrays]))
 
 

@@ -131,7 +131,30 @@ class TransferHandle:
         self._req, self._t0, self._metrics, self._poll_s = req, started, metrics, poll_s
         loop = asyncio.get_running_loop()
         self._fut: asyncio.Future[TransferStats] = loop.create_future()
+        sync_s = float(getattr(req, "sync_wait_s", 0.0))
+        if sync_s > 0 and self._spin(sync_s):  # done without a trip through the event loop
+            self._task = None
+            return
         self._task = loop.create_task(self._drive())
+
+    def _spin(self, seconds: float) -> bool:
+        """Poll without yielding for up to ``seconds`` (requests that declare ``sync_wait_s``: copies that
+        end in microseconds); True when it finished here (result or error set)."""
+        t_end = time.monotonic() + seconds
+        try:
+            while not self._req.poll():
+                if time.monotonic() >= t_end:
+                    return False
+        except TransferError as e:
+            self._finish_error(e)
+            return True
+        except Exception as e:  # noqa: BLE001 - as in _drive
+            err = BackendError(f"{self.backend}: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            self._finish_error(err)
+            return True
+        self._finish_ok()
+        return True
 
     async def _drive(self) -> None:
         deadline_at = self._t0 + self.deadline_s
@@ -158,6 +181,9 @@ class TransferHandle:
             err.__cause__ = e
             self._finish_error(err)
             return
+        self._finish_ok()
+
+    def _finish_ok(self) -> None:
         secs = max(time.monotonic() - self._t0, 1e-9)
         nbytes = self.plan.total_bytes
         stats = TransferStats(nbytes, self.plan.num_descriptors, secs, nbytes / secs / 1e9, self.path,

@@ -35,6 +35,10 @@ from ..pool import KvPool, MemoryKind, PoolDescriptor
 
 
 class _EventRequest(XferRequest):
+    #: the copy usually ends within this: the handle polls synchronously that long before it yields to the
+    #: event loop (a yield in a busy loop costs more than the copy of a 4K-token prompt's KV)
+    sync_wait_s = 0.002
+
     def __init__(self, event: Any, keep: tuple[Any, ...]) -> None:
         self._event, self._keep = event, keep
 
