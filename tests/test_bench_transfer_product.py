@@ -26,6 +26,7 @@ def test_product_pull_row_alone(bench, tmp_path):
     from dynamo_ext.transport import nixl_backend
 
     env_before = dict(os.environ)
+    agents_before = list(nixl_backend._AGENTS_IN_PROCESS)  # other tests of this process may have left theirs
     out = tmp_path / "pp.json"
     rc = bench.main(["--size", "4MiB", "--paths", "host->host", "--reps", "2", "--methods", "product-pull",
                      "--json", str(out)])
@@ -43,7 +44,7 @@ def test_product_pull_row_alone(bench, tmp_path):
     assert f"| host->host | product-pull ({r['chosen']}) |" in md, md
     assert out.with_suffix(".png").stat().st_size > 1000
     # selected alone: no NIXL agent of the bench's own, and the transports' UCX variables were put back
-    assert nixl_backend._AGENTS_IN_PROCESS == []
+    assert nixl_backend._AGENTS_IN_PROCESS == agents_before
     assert dict(os.environ) == env_before
 
 

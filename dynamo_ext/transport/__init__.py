@@ -12,7 +12,6 @@ Public API (imports nothing of Dynamo; torch and nixl only lazily, when a backen
     pull, push, copy, TransferOptions,    transfer.py validate -> plan -> post -> poll with deadline
     RemotePool, TransferHandle,                       (READ, WRITE, same-process copy)
     TransferStats, deadline_for
-    transfer_kv_cache                     transfer.py compatibility wrapper over pull/push/copy (to be removed)
                                           staged.py   the staged-transfer protocol (gather -> 1 descriptor ->
                                                       scatter, acks as notifications), served by be.progress()
     probe_pair                            probe.py    measured GB/s between two processes
@@ -56,7 +55,6 @@ from .transfer import (
     deadline_for,
     pull,
     push,
-    transfer_kv_cache,
 )
 
 
@@ -95,5 +93,5 @@ __all__ = [
     "MemoryKind", "MemoryOrder", "PeerInfo", "PeerUnreachable", "PoolDescriptor", "RemotePool", "TcpBackend",
     "TransferBackend", "TransferError", "TransferHandle", "TransferOptions", "TransferPlan", "TransferStats",
     "TransferTimeout", "UnregisteredMemory", "XferRequest", "copy", "deadline_for", "make_backend", "plan_naive",
-    "plan_transfer", "preset", "probe_pair", "pull", "push", "transfer_kv_cache",
+    "plan_transfer", "preset", "probe_pair", "pull", "push",
 ]

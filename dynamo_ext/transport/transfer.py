@@ -41,8 +41,10 @@ The default planner is ``plan_transfer(..., stage=False)``: merged descriptors, 
 transfers (gather -> one wire descriptor -> scatter, with acks through notifications) are the protocol
 of ``staged.py``; see its map.
 
-``transfer_kv_cache(src, dst, blocks, stream=None, *, backend=None, **kw)`` is the compatibility
-wrapper of the previous API (dispatches on the pool types to pull/push/copy).
+Whole-block fast path: when no custom planner or staging applies and the backend has ``post_blocks``
+for the pair (CUDA IPC on one GPU), the ids go to the backend as they are (validated like a plan's:
+``plan.check_blocks``) and no descriptor list is built; the stats then count blocks as descriptors.
+Requests that end in microseconds (``sync_wait_s``) are polled before ``pull``/``push`` return.
 """
 
 from __future__ import annotations
@@ -391,37 +393,5 @@ async def copy(src: KvPool, dst: KvPool, blocks: Any, options: TransferOptions |
     return _finish(handle, options)
 
 
-async def transfer_kv_cache(src: KvPool | RemotePool, dst: KvPool | RemotePool, blocks: Any, stream: Any = None, *,
-                            backend: TransferBackend | None = None, direction: Direction | None = None,
-                            **kw: Any) -> TransferHandle:
-    """Compatibility: use pull/push/copy. Dispatches on the pool types (KvPool -> RemotePool = push,
-    RemotePool -> KvPool = pull, KvPool -> KvPool = copy); ``stream`` and ``**kw`` (deadline_s,
-    expected_gbps, notif, on_done, planner, stage, metrics) become a TransferOptions; ``direction``, when
-    given, must match the dispatch ("write", "read", or "copy"; a copy to/from a file pool is a "write"/"read").
-    Remaining callers: dynamo_ext/workers/, dynamo_ext/bench/ (to be ported, then this goes)."""
-    options = TransferOptions(stream=stream, **kw)
-    if isinstance(src, KvPool) and isinstance(dst, RemotePool):
-        op: Direction = "write"
-    elif isinstance(src, RemotePool) and isinstance(dst, KvPool):
-        op = "read"
-    elif isinstance(src, KvPool) and isinstance(dst, KvPool):
-        op = "copy"
-        if MemoryKind.FILE in (src.kind, dst.kind):
-            if backend is None or not backend.supports_self:
-                raise ValueError("a transfer to/from a file pool needs a backend that supports it (nixl)")
-            op = "write" if dst.kind is MemoryKind.FILE else "read"
-    else:
-        raise TypeError("src and dst must be a KvPool and/or a RemotePool, and not both remote")
-    if direction is not None and direction != op:
-        raise ValueError(f"direction={direction!r} but {type(src).__name__} -> {type(dst).__name__} is a {op}")
-    if isinstance(src, KvPool) and isinstance(dst, KvPool):
-        return await copy(src, dst, blocks, options, backend=backend)
-    if isinstance(dst, RemotePool):
-        assert isinstance(src, KvPool)
-        return await push(backend, src, dst, blocks, options)  # type: ignore[arg-type]
-    assert isinstance(src, RemotePool) and isinstance(dst, KvPool)
-    return await pull(backend, src, dst, blocks, options)  # type: ignore[arg-type]
-
-
 __all__ = ["RemotePool", "TransferHandle", "TransferOptions", "TransferStats", "copy", "deadline_for",
-           "default_planner", "pull", "push", "transfer_kv_cache"]
+           "default_planner", "pull", "push"]

@@ -31,7 +31,6 @@ from dynamo_ext.transport import (
     preset,
     pull,
     push,
-    transfer_kv_cache,
 )
 from dynamo_ext.transport.metrics import make_metrics
 from dynamo_ext.transport.probe import digest, pattern
@@ -266,21 +265,3 @@ async def test_entry_points_refuse_swapped_pools(pair):
         await copy(pair.pool, pair.remote, [1])  # type: ignore[arg-type]
 
 
-async def test_compat_wrapper_dispatches_to_pull_push_copy(pair):
-    """transfer_kv_cache (compatibility, for callers not yet ported) = pull / push / copy by the pool types."""
-    n = pair.layout.num_blocks
-    src, dst = scattered(n, 6, 21), scattered(n, 6, 22)
-    st = await (await transfer_kv_cache(pair.remote, pair.pool, (src, dst), backend=pair.backend, direction="read",
-                                        deadline_s=10, metrics=None))
-    assert st.direction == "read" and digest(pair.pool.host_view(), pair.layout, dst) == await pair.peer.digest(src)
-    st = await (await transfer_kv_cache(pair.pool, pair.remote, (dst, src), backend=pair.backend))
-    assert st.direction == "write" and await pair.peer.digest(src) == digest(pair.pool.host_view(), pair.layout, dst)
-    other = KvPool.allocate_host("compat-copy", pair.layout)
-    st = await (await transfer_kv_cache(pair.pool, other, dst))
-    assert st.direction == "copy" and st.backend == "local"
-    with pytest.raises(ValueError, match="direction"):
-        await transfer_kv_cache(pair.pool, pair.remote, [1], backend=pair.backend, direction="read")
-    with pytest.raises(TypeError, match="both remote"):
-        await transfer_kv_cache(pair.remote, pair.remote, [1], backend=pair.backend)
-    with pytest.raises(TypeError):
-        await transfer_kv_cache(pair.remote, pair.pool, [1], backend=pair.backend, bogus=1)
