@@ -78,7 +78,7 @@ from typing import Any, AsyncIterator
 import msgspec
 
 from dynamo_ext.bench import results_dir
-from dynamo_ext.bench._machine import cpu_model
+from dynamo_ext.bench._machine import cpu_model, machine_tag
 from dynamo_ext.bench._stats import pct
 
 log = logging.getLogger("dynamo_ext.bench.serve_direct")
@@ -652,16 +652,6 @@ def machine_info(device: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         info["topology_error"] = str(e)
     return info
-
-
-def machine_tag(m: dict[str, Any]) -> str:
-    """'4xH200' from the GPU names ('NVIDIA H200' -> H200), 'cpu' without GPUs."""
-    gpus = m.get("gpus")
-    if not gpus:
-        return "cpu"
-    words = [w for w in str(gpus[0]).replace("-", " ").split() if w.upper() not in ("NVIDIA", "TESLA", "GEFORCE")]
-    name = next((w for w in words if any(ch.isdigit() for ch in w)), words[0] if words else "gpu")
-    return f"{len(gpus)}x{''.join(ch for ch in name if ch.isalnum())}"
 
 
 def result_stem(a: argparse.Namespace, m: dict[str, Any]) -> Path:
