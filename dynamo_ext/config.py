@@ -15,6 +15,7 @@ Example (``configs/disagg.yaml``)::
     workers:
       prefill: {count: 1, gpu_type: h100_sxm5, tensor_parallel: 1}
       decode:  {count: 2, gpu_type: a100_80g, tensor_parallel: 1}
+    supervision: {restart: true, max_restarts: 5, window_s: 300, backoff_initial_s: 0.5, backoff_max_s: 30}
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class EtcdConfig(_Strict):
     username: str | None = None
     password_env: str | None = None  # name of the environment variable that holds the password
     tls: TlsConfig | None = None
-    lease_ttl_s: int = Field(10, ge=2, le=3600)
+    lease_ttl_s: int = Field(30, ge=2, le=3600)  # > Dynamo's keep-alive detection time (workers/README: lease loss)
 
     @field_validator("endpoints")
     @classmethod
@@ -219,6 +220,25 @@ class FrontendConfig(_Strict):
     http_port: int = Field(8000, ge=1, le=65535)
 
 
+class SupervisionConfig(_Strict):
+    """How ``dynamo-ext serve`` restarts a child that exits (workers, routers, frontend; etcd / NATS it started):
+    the n-th restart of a child within ``window_s`` waits ``min(backoff_max_s, backoff_initial_s * 2**(n-1))``;
+    a child that exits more than ``max_restarts`` times within ``window_s`` stops the graph."""
+
+    restart: bool = True
+    max_restarts: int = Field(5, ge=0, le=1000)
+    window_s: float = Field(300.0, gt=0, le=86400)
+    backoff_initial_s: float = Field(0.5, ge=0, le=600)
+    backoff_max_s: float = Field(30.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> "SupervisionConfig":
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError(f"backoff_initial_s ({self.backoff_initial_s:g}) must be <= backoff_max_s "
+                             f"({self.backoff_max_s:g})")
+        return self
+
+
 class DynamoExtConfig(_Strict):
     """Top level of dynamo.yaml."""
 
@@ -229,6 +249,7 @@ class DynamoExtConfig(_Strict):
     planner: PlannerConfig = Field(default_factory=PlannerConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
 
     @property
     def disaggregated(self) -> bool:
