@@ -38,6 +38,8 @@ class WorkerMetrics:
     held_kv_handles: Gauge
     requests: Counter
     local_prefill_fallbacks: Counter
+    kv_pulls: Counter
+    kv_pulled_bytes: Counter
     info: Gauge
 
     def set_load(self, *, queued: int, running: int, kv_usage: float, held_handles: int = 0) -> None:
@@ -61,6 +63,12 @@ def make_worker_metrics(role: str, instance_id: int = 0, registry: CollectorRegi
         requests=Counter("dynamo_ext_worker_requests_total", "Requests by outcome", ("outcome",), **kw),
         local_prefill_fallbacks=Counter("dynamo_ext_worker_local_prefill_total",
                                         "Decode-side local prefills, by reason", ("reason",), **kw),
+        kv_pulls=Counter("dynamo_ext_worker_kv_pulls_total",
+                         "KV pulls of this decode worker by outcome: ok (the KV was used) or the failure's type",
+                         ("outcome",), **kw),
+        kv_pulled_bytes=Counter("dynamo_ext_worker_kv_pulled_bytes_total",
+                                "Bytes of the pulls whose KV was used (the transport's bytes_total also counts pulls "
+                                "that were then discarded, e.g. a stale handle)", **kw),
         info=Gauge("dynamo_ext_worker_info", "Worker identity", ("role", "instance_id"), **kw),
     )
     m.info.labels(role, str(instance_id)).set(1)

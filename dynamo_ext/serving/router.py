@@ -59,6 +59,9 @@ log = logging.getLogger("dynamo_ext.serving.router")
 PREFILL_TOKENS_PER_S = 20_000.0
 DECODE_STEP_S = 0.002
 LINK = LinkInfo(gb_per_s=3.0, latency_s=0.002)
+#: a worker whose call failed is left out of choices this long (or until a call to it succeeds): a dead worker
+#: stays listed until its lease ends (the lease TTL), and every request sent to it would fail to connect first
+DOWN_S = 5.0
 POLICIES = ("dynamo-ext", "round-robin", "least-loaded")
 
 
@@ -194,6 +197,8 @@ class RouterCore:
         #: rebalancing moves asked for and not yet handed over: router request id -> target decode worker
         self.planned_moves: dict[str, int] = {}
         self.decisions: dict[str, int] = defaultdict(int)
+        #: workers whose last call failed -> monotonic time until which choices leave them out
+        self.down: dict[int, float] = {}
         self._links: dict[tuple[int, int, float, float], LinkInfo] = {}  # (p, d, started_at p, d) -> expectation
         self.link_kinds: dict[str, str] = {}
         self.feedback = LinkFeedback()
@@ -208,13 +213,27 @@ class RouterCore:
                 "link_feedback": {"transfers": self.feedback.observed, "failures": self.feedback.failed,
                                   "backends": dict(self.feedback.backends)},
                 "throughput": self.meter.summary(time.monotonic()),
-                "prefill_workers": len(self.plane.prefill_ids()), "decode_workers": len(self.plane.decode_ids())}
+                "prefill_workers": len(self.plane.prefill_ids()), "decode_workers": len(self.plane.decode_ids()),
+                "down": sorted(w for w, t in self.down.items() if t > time.monotonic())}
+
+    # -- worker health seen from here ----------------------------------------------------------------
+    def mark_down(self, worker: int, now: float | None = None) -> None:
+        self.down[worker] = (time.monotonic() if now is None else now) + DOWN_S
+
+    def mark_up(self, worker: int) -> None:
+        self.down.pop(worker, None)
+
+    def live(self, ids: list[int], now: float | None = None) -> list[int]:
+        """``ids`` without the workers marked down (all of them when every one is down: one may be back)."""
+        now = time.monotonic() if now is None else now
+        up = [w for w in ids if self.down.get(w, 0.0) <= now]
+        return up or list(ids)
 
     # -- choice -------------------------------------------------------------------------------------
     def choose(self, tokens: list[int], rid: str) -> Route:
         """Where the request goes: a prefill worker (None: local prefill on the decode worker) and a decode worker."""
-        decodes = sorted(self.plane.decode_ids())
-        prefills = sorted(self.plane.prefill_ids())
+        decodes = self.live(sorted(self.plane.decode_ids()))
+        prefills = self.live(sorted(self.plane.prefill_ids())) if self.plane.prefill_ids() else []
         if not decodes:
             raise RuntimeError("no decode worker is serving")
         if self.s.policy == "dynamo-ext":
@@ -316,7 +335,7 @@ class RouterCore:
         "rebalance") for a request the ``source`` exported, by ``routing.plan_migrations(reason=drain)``: Move
         (the target pulls the KV) only when the transfer is faster than recomputing and the target has room;
         else Recompute (the target prefills prompt + streamed tokens). None: no other decode worker."""
-        others = sorted(w for w in self.plane.decode_ids() if w != source and w not in tried)
+        others = self.live(sorted(w for w in self.plane.decode_ids() if w != source and w not in tried))
         if not others:
             return None
         planned = self.planned_moves.pop(rid, None)
@@ -480,6 +499,7 @@ class StreamSession:
                                              core.s.transfer_timeout_s + core.s.prefill_call_extra_s)
         except Exception as e:  # noqa: BLE001 - prefill worker gone: the decode worker prefills
             log.warning("prefill on %d failed (%s): local prefill on %d", pid, e, did)
+            core.mark_down(pid)
             chunk = None
         finally:
             core.inflight[pid] -= 1
@@ -506,6 +526,8 @@ class StreamSession:
                 if not self.first_sent:
                     core.metrics.ttft.observe(now - self.t0)
                     self.first_sent = True
+                if a.worker in core.down:
+                    core.mark_up(a.worker)
                 if a.skip_first and d.get("token_ids"):
                     d = {**d, "token_ids": list(d["token_ids"])[1:]}
                     a.skip_first = False
@@ -518,6 +540,7 @@ class StreamSession:
             end["done"] = True
         except Exception as e:  # noqa: BLE001 - handled by _after, with the generic recovery
             end["error"] = e
+            core.mark_down(a.worker)  # dead, draining or stopping: leave it out of the next choices
         finally:
             core.inflight[a.worker] -= 1
             core.meter.decode_done(self.rid)
@@ -551,7 +574,7 @@ class StreamSession:
                                       offset=len(self.emitted) - 1 if moved_kv else len(self.emitted))
                 return
             err = RuntimeError(f"decode worker {cur} is draining and no other decode worker can take its requests")
-        others = [w for w in core.plane.decode_ids() if w not in self.tried]
+        others = core.live([w for w in core.plane.decode_ids() if w not in self.tried])
         if not others:
             self._outcome("failed")
             what = "died mid-stream" if self.emitted else "failed"

@@ -268,12 +268,14 @@ class ServingWorker:
         return h
 
     # -- prefill side -------------------------------------------------------------------------------
-    async def _free(self, hid: str) -> bool:
+    def _free(self, hid: str) -> bool:
+        """Forget the handle now (the answer to a release never waits for the engine); its blocks go back to
+        the pool on the engine thread in the background, after the step that runs now."""
         held = self.held.pop(hid, None)
         if held is None:
             return False
         assert self.runner is not None
-        await self.runner.release(held.block_ids)
+        self.spawn(self.runner.release(held.block_ids), f"free-{hid}")
         return True
 
     async def _reaper(self) -> None:
@@ -281,12 +283,14 @@ class ServingWorker:
             await asyncio.sleep(0.05)
             now = time.time()
             for hid in [h for h, v in self.held.items() if v.deadline <= now]:
-                if await self._free(hid):
+                if self._free(hid):
                     self.expired += 1
                     log.info("kv handle %s expired unpulled: blocks freed", hid)
 
     async def release(self, handle_id: Any) -> bool:
-        ok = isinstance(handle_id, str) and await self._free(handle_id)
+        """True when the handle was still held (so its blocks were intact while the caller read them). Answered
+        at once: control messages never queue behind engine steps (the freeing itself does)."""
+        ok = isinstance(handle_id, str) and self._free(handle_id)
         if ok:
             self.released += 1
         return bool(ok)
@@ -296,8 +300,9 @@ class ServingWorker:
         assert self.runner is not None and self.engine is not None and self.transports is not None
         m = self.metrics
         t0 = time.monotonic()
-        if self.stopping:
-            return error_chunk("worker is shutting down")
+        if self.stopping:  # raise, not an error chunk: the router prefills elsewhere (or locally), no client error
+            m.requests.labels("refused").inc()
+            raise Draining("prefill worker is shutting down")
         if clamp and isinstance(request, dict):  # Dynamo's contract: a prefill worker produces one token
             request = {**request, "stop_conditions": {**(request.get("stop_conditions") or {}), "max_tokens": 1}}
         rid = uuid.uuid4().hex
@@ -394,10 +399,9 @@ class ServingWorker:
         assert self.runner is not None
         m = self.metrics
         t0 = time.monotonic()
-        if self.stopping:
+        if self.stopping:  # fail before the first chunk: the router sends the request to another decode worker
             m.requests.labels("refused").inc()
-            yield error_chunk("worker is shutting down")
-            return
+            raise Draining("decode worker is shutting down")
         if self.draining:  # fail before the first chunk: the router sends the request to another decode worker
             m.requests.labels("refused").inc()
             raise Draining("decode worker is draining (handing its requests over)")
@@ -421,6 +425,8 @@ class ServingWorker:
                 if blob:  # a migration handle: the draining source's record is gone, its transports come with it
                     peer = decode_peer_blob(blob)
                 blocks, res = await self.pull(req, handle, peer)
+                m.kv_pulls.labels("ok").inc()
+                m.kv_pulled_bytes.inc(res.stats.bytes)
                 first = handle.first_token
                 report = {"bytes": res.stats.bytes, "seconds": res.stats.seconds, "backend": res.backend,
                           "kind": res.kind, "path": res.stats.path, "descriptors": res.stats.descriptors}
@@ -428,6 +434,7 @@ class ServingWorker:
                     report["failed"] = [b for b, _ in res.failed]
             except Exception as e:  # noqa: BLE001 - any failure: prefill here instead
                 reason = type(e).__name__
+                m.kv_pulls.labels(reason).inc()
                 m.local_prefill_fallbacks.labels(reason).inc()
                 log.warning("KV pull from %s failed (%s: %s): prefilling locally", handle.worker_id, reason, e)
                 report = {"error": reason}

@@ -1,0 +1,106 @@
+"""Control plane apart from the data plane (issue 13, item 3), on the serving core without processes:
+a release is answered at once even while the engine thread is busy; a stopping worker refuses with an
+exception the router retries (never an error chunk the client would see); the router leaves a worker out
+from its first failed call until one succeeds or the back-off passes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from dynamo_ext.metrics import NullMetrics
+from dynamo_ext.serving import Draining, RouterCore, RouterSettings, ServingWorker, WorkerSettings
+from dynamo_ext.serving import router as router_mod
+from dynamo_ext.serving.worker import _Held
+
+
+class BusyRunner:
+    """An engine runner whose engine thread is busy: release waits until ``free`` is set."""
+
+    def __init__(self) -> None:
+        self.free = asyncio.Event()
+        self.released: list[list[int]] = []
+
+    async def release(self, blocks: list[int]) -> None:
+        await self.free.wait()
+        self.released.append(list(blocks))
+
+
+async def test_release_is_answered_while_the_engine_is_busy():
+    w = ServingWorker(WorkerSettings(role="prefill", name="p", model="tiny"), plane=None, metrics=NullMetrics())
+    w.runner = BusyRunner()  # type: ignore[assignment]
+    w.held["h1"] = _Held([3, 4, 5], time.time() + 30)
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(w.release("h1"), 0.5) is True  # held while read: the answer does not wait
+    assert time.monotonic() - t0 < 0.1 and "h1" not in w.held
+    assert await w.release("h1") is False and await w.release(123) is False  # unknown / malformed
+    assert w.runner.released == []  # the blocks go back after the engine's current step
+    w.runner.free.set()
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if w.runner.released:
+            break
+    assert w.runner.released == [[3, 4, 5]] and w.released == 1
+
+
+async def test_a_stopping_worker_refuses_with_an_exception_not_an_error_chunk():
+    w = ServingWorker(WorkerSettings(role="decode", name="d", model="tiny"), plane=None, metrics=NullMetrics())
+    w.runner = object()  # type: ignore[assignment]
+    w.stopping = True
+    with pytest.raises(Draining):
+        async for _ in w.generate({"token_ids": [1, 2, 3]}, "r1"):
+            pass
+    p = ServingWorker(WorkerSettings(role="prefill", name="p", model="tiny"), plane=None, metrics=NullMetrics())
+    p.runner, p.engine, p.transports, p.stopping = object(), object(), object(), True  # type: ignore[assignment]
+    with pytest.raises(Draining):
+        await p.prefill({"token_ids": [1, 2, 3]})
+
+
+class Plane:
+    """Two decode workers; worker 1's calls fail to connect (dead, still listed until its lease ends)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.dead = {1}
+
+    def prefill_ids(self) -> list[int]:
+        return []
+
+    def decode_ids(self) -> list[int]:
+        return [1, 2]
+
+    def info(self, role: str, worker: int) -> Any:
+        return None
+
+    def overlap(self, tokens: list[int]) -> dict[int, int]:
+        return {}
+
+    async def decode(self, request: dict[str, Any], worker: int):
+        self.calls.append(worker)
+        if worker in self.dead:
+            raise ConnectionError(f"Unavailable: TCP connection to worker {worker} failed")
+        yield {"token_ids": [7], "finish_reason": "length",
+               "completion_usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
+async def _run(core: RouterCore) -> list[dict[str, Any]]:
+    return [c async for c in core.session({"token_ids": [1, 2, 3], "stop_conditions": {"max_tokens": 1}})]
+
+
+async def test_the_router_leaves_a_dead_worker_out_from_its_first_failed_call():
+    plane = Plane()
+    core = RouterCore(RouterSettings(policy="round-robin", disagg_min_prompt_tokens=0), plane, NullMetrics())
+    for _ in range(6):
+        out = await _run(core)
+        assert [c["token_ids"] for c in out] == [[7]] and not any("error" in c for c in out)  # retried, no error
+    assert plane.calls.count(1) == 1, plane.calls  # one failed connect, then left out
+    assert core.health()["down"] == [1]
+    plane.dead.clear()
+    core.down[1] = time.monotonic() - router_mod.DOWN_S  # the back-off passed
+    plane.calls.clear()
+    for _ in range(4):
+        await _run(core)
+    assert 1 in plane.calls and core.down.get(1) is None  # chosen again, and its success clears the mark
