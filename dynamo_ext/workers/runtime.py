@@ -12,7 +12,20 @@ Order of a worker's life (``WorkerProcess.main``)::
     5. store.put(worker_key, encode_record(WorkerRecord(...)), lease=ep.connection_id())
     6. /metrics + /health on 127.0.0.1:<--metrics-port> (0 = any free port)
     7. print("DYNAMO_EXT_READY role=<role> instance_id=<id> metrics=<url>") on stdout, flushed
-    8. wait for the stop request; self.teardown(); return 0
+    8. wait for the stop request; self.teardown(); return 0 (3 after a lost registration, below)
+
+Lost registration (``watch_registration``, every ``REGISTRATION_CHECK_S`` while serving): the process must
+not stay alive unregistered. It is lost when
+
+* etcd answers that our lease (= instance id) does not exist any more (it expired: the process was stopped
+  or starved longer than ``discovery.etcd.lease_ttl_s``; or it was revoked), or
+* one of our ``serve_endpoint`` tasks ended while no stop was requested: Dynamo's runtime shut itself
+  down (its keep-alive saw the lease gone, or it could not reach etcd for a whole TTL).
+
+Then ``/health`` answers 503 ``{"status": "registration_lost", "reason": ...}``, the runtime is shut down
+as on SIGTERM (in-flight requests drain) and the process exits ``EXIT_REGISTRATION_LOST`` (3) so that its
+supervisor (``dynamo-ext serve``) starts a fresh copy with a new lease. etcd that does not answer is not a
+loss by itself (an etcd restart keeps the leases); Dynamo gives up after a whole TTL without etcd.
 
 Logs go to stderr. Subclasses: ``decode.DecodeWorker`` (roles decode, agg), ``prefill.PrefillWorker``,
 ``router.RouterWorker``.
@@ -40,6 +53,8 @@ log = logging.getLogger("dynamo_ext.workers")
 
 # Component names Dynamo's planner and tools expect (notes §5): decode/agg under "backend".
 COMPONENTS = {"agg": "backend", "decode": "backend", "prefill": "prefill", "router": "router"}
+EXIT_REGISTRATION_LOST = 3
+REGISTRATION_CHECK_S = 1.0  # how often a serving process checks its lease and its endpoints
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,8 @@ class WorkerProcess:
         self.instance_id = 0
         self.record_key = ""
         self.started_at = time.time()
+        self.lost: str | None = None  # why our registration is gone (see the module docstring)
+        self.exit_code = 0
 
     # -- hooks --------------------------------------------------------------------------------------
     async def setup(self) -> Any:
@@ -104,9 +121,13 @@ class WorkerProcess:
         return {}
 
     def health(self) -> dict[str, Any]:
-        h = {"status": "stopping" if self.stopping else "ok", "role": self.args.role, "instance_id": self.instance_id}
+        status = "registration_lost" if self.lost else "stopping" if self.stopping else "ok"
+        h: dict[str, Any] = {"status": status, "role": self.args.role, "instance_id": self.instance_id}
+        if self.lost:
+            h["reason"] = self.lost
         if self.core is not None:  # the serving core's state (serving.ServingWorker / RouterCore .health())
             h.update(self.core.health())
+        h["status"] = status
         return h
 
     async def health_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
@@ -154,6 +175,38 @@ class WorkerProcess:
             log.warning("rt.shutdown failed: %s", e)
         self._stop.set()
 
+    def registration_lost(self, reason: str) -> None:
+        """Our lease or our runtime is gone: say so on /health, drain, exit EXIT_REGISTRATION_LOST."""
+        if self.lost is not None or self.stopping:
+            return
+        self.lost = reason
+        self.exit_code = EXIT_REGISTRATION_LOST
+        log.error("registration lost: %s; exiting with status %d so that the launcher starts a fresh %s",
+                  reason, EXIT_REGISTRATION_LOST, self.args.role)
+        self.request_stop()
+
+    async def watch_registration(self, interval: float = REGISTRATION_CHECK_S) -> None:
+        """While serving: our lease still exists in etcd, and Dynamo still serves our endpoints."""
+        assert self.store is not None
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            if self.stopping:
+                return
+            ended = [n for t, n in zip(self._tasks, self._task_names) if n.startswith("serve-") and t.done()]
+            if ended:
+                self.registration_lost(f"the Dynamo runtime stopped serving ({', '.join(ended)} ended while no stop "
+                                       "was requested: its lease was lost or it could not reach etcd)")
+                return
+            try:
+                ttl = await asyncio.wait_for(self.store.lease_ttl(self.instance_id), 3.0)
+            except Exception as e:  # noqa: BLE001 - etcd unreachable (a restart keeps leases): not a loss yet
+                log.debug("lease check: %r", e)
+                continue
+            if ttl <= 0:
+                self.registration_lost(f"lease {self.instance_id:x} (our instance id) is gone from etcd: expired "
+                                       "or revoked")
+                return
+
     async def _delete_record(self) -> None:
         """Our record goes at once; the lease (Dynamo's instance, card) goes after the drain."""
         try:
@@ -186,6 +239,7 @@ class WorkerProcess:
               flush=True)
         log.info("%s worker %d serving in namespace %s (record %s)", self.args.role, self.instance_id,
                  self.namespace, rec.key)
+        self.spawn(self.watch_registration(), "watch-registration")
         await self._stop.wait()
         # Dynamo's graceful shutdown: serve_endpoint returns once in-flight requests finished (bounded)
         serving = [t for t, n in zip(self._tasks, self._task_names) if n.startswith("serve-")]
@@ -202,7 +256,7 @@ class WorkerProcess:
             t.cancel()
         if self.http is not None:
             self.http.close()
-        return 0
+        return self.exit_code
 
 
 def record_pools(pools: list[Any]) -> list[RecordPool]:
@@ -226,5 +280,5 @@ def setup_logging(role: str, index: int) -> None:
                         format=f"%(asctime)s {role}[{index}] %(levelname)s %(name)s: %(message)s")
 
 
-__all__ = ["COMPONENTS", "WorkerArgs", "WorkerProcess", "apply_env_defaults", "record_pools", "setup_logging",
+__all__ = ["COMPONENTS", "EXIT_REGISTRATION_LOST", "WorkerArgs", "WorkerProcess", "apply_env_defaults", "record_pools", "setup_logging",
            "worker_key"]
