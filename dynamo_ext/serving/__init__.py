@@ -23,7 +23,8 @@ inside ``ServingWorker.start_engine``.
 from __future__ import annotations
 
 from .engine_runner import EngineRunner, Load, NoRoom
-from .protocol import BadRequest, KvHandle, error_chunk, handle_of, migration_request, parse_request, rerun_request
+from .protocol import (BadRequest, KvHandle, error_chunk, handle_of, is_invalid, migration_request, parse_request,
+                       rerun_request)
 from .router import LinkFeedback, RouterCore, RouterPlane, RouterSettings, StreamSession, WorkerInfo
 from .transports import PeerTransports, PullFailed, PullResult, TransportOptions, WorkerTransports, process_choice
 from .worker import Draining, ServingWorker, StaleHandle, WorkerPlane, WorkerSettings, decode_peer_blob
@@ -32,6 +33,6 @@ __all__ = [
     "BadRequest", "Draining", "EngineRunner", "KvHandle", "LinkFeedback", "Load", "NoRoom", "PeerTransports",
     "PullFailed", "PullResult", "RouterCore", "RouterPlane", "RouterSettings", "ServingWorker", "StaleHandle",
     "StreamSession", "TransportOptions", "WorkerInfo", "WorkerPlane", "WorkerSettings", "WorkerTransports",
-    "decode_peer_blob", "error_chunk", "handle_of", "migration_request", "parse_request", "process_choice",
+    "decode_peer_blob", "error_chunk", "handle_of", "is_invalid", "migration_request", "parse_request", "process_choice",
     "rerun_request",
 ]

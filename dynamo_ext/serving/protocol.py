@@ -112,12 +112,21 @@ def parse_request(request: Any, request_id: str, *, vocab_size: int, max_model_l
     return Request(request_id, list(toks), sp)
 
 
-def error_chunk(message: str, prompt_tokens: int = 0) -> dict[str, Any]:
-    """The one terminal chunk a bad or failed request gets (the stream then ends)."""
+def error_chunk(message: str, prompt_tokens: int = 0, *, invalid: bool = False) -> dict[str, Any]:
+    """The one terminal chunk a bad or failed request gets (the stream then ends). ``invalid``: the request
+    itself is wrong (a client error: the adapter facing Dynamo's frontend turns it into HTTP 400)."""
     # Dynamo's frontend reads the message from the finish reason ("error: <message>")
-    return {"token_ids": [], "finish_reason": f"error: {message}", "error": message,
-            "completion_usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
-                                 "total_tokens": prompt_tokens}}
+    out: dict[str, Any] = {"token_ids": [], "finish_reason": f"error: {message}", "error": message,
+                           "completion_usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                                "total_tokens": prompt_tokens}}
+    if invalid:
+        out["error_type"] = "invalid_argument"
+    return out
+
+
+def is_invalid(chunk: Any) -> bool:
+    """Whether ``chunk`` is the error chunk of a request the client got wrong (``error_chunk(invalid=True)``)."""
+    return isinstance(chunk, dict) and chunk.get("error_type") == "invalid_argument"
 
 
 # -- continuing a stream on another decode worker (the router's session) ------------------------------

@@ -124,6 +124,7 @@ class RouterSettings:
     force: str = "auto"  # kv_transfer.transport
     rdma_device: str | None = None
     decode_role: str = "decode"  # "agg" when the decode side is aggregated workers (direct harness agg graphs)
+    context_length: int = 0  # prompts of this many tokens or more are refused at once (0: the workers check)
     prefill_call_extra_s: float = 30.0  # the prefill call's timeout = transfer timeout + this
 
     def __post_init__(self) -> None:
@@ -457,9 +458,15 @@ class StreamSession:
         tokens = request.get("token_ids") if isinstance(request, dict) else None
         if not isinstance(tokens, list) or not tokens:
             self._outcome("bad_request")
-            yield error_chunk("token_ids: empty prompt (at least one token is needed)")
+            yield error_chunk("token_ids: empty prompt (at least one token is needed)", invalid=True)
             return
         self.tokens = tokens
+        limit = core.s.context_length
+        if limit and len(tokens) >= limit:  # refused here, before the prompt travels to any worker
+            self._outcome("bad_request")
+            yield error_chunk(f"the prompt has {len(tokens)} tokens; the context of this model is {limit} tokens "
+                              f"(model.max_model_len): at most {limit - 1} prompt tokens", len(tokens), invalid=True)
+            return
         try:
             self.route = core.choose(tokens, self.rid)
         except Exception as e:  # noqa: BLE001

@@ -310,7 +310,7 @@ class ServingWorker:
             req = parse_request(request, rid, vocab_size=self.vocab_size, max_model_len=self.max_model_len)
         except BadRequest as e:
             m.requests.labels("bad_request").inc()
-            return error_chunk(str(e))
+            return error_chunk(str(e), invalid=True)
         n = len(req.prompt_token_ids)
         try:
             res = await self.runner.prefill(req)
@@ -412,7 +412,8 @@ class ServingWorker:
         except BadRequest as e:
             m.requests.labels("bad_request").inc()
             log.info("bad request: %s", e)
-            yield error_chunk(str(e), len(request.get("token_ids") or []) if isinstance(request, dict) else 0)
+            yield error_chunk(str(e), len(request.get("token_ids") or []) if isinstance(request, dict) else 0,
+                              invalid=True)
             return
         n_prompt = len(req.prompt_token_ids)
         blocks: list[int] | None = None

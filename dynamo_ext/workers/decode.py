@@ -35,6 +35,7 @@ import logging
 import uuid
 from typing import Any, AsyncIterator
 
+from .card import runtime_config, to_frontend
 from .engine_worker import EngineWorker
 from .runtime import WorkerArgs
 
@@ -67,7 +68,9 @@ class DecodeWorker(EngineWorker):
             if self.disaggregated:  # Dynamo requires the peer role a disaggregated worker depends on
                 kw = {"worker_type": WorkerType.Decode, "needs": [[WorkerType.Prefill]]}
             await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, ep, self.args.model_dir,
-                                 self.cfg.model.name, kv_cache_block_size=self.cfg.model.block_size, **kw)
+                                 self.cfg.model.name, kv_cache_block_size=self.cfg.model.block_size,
+                                 runtime_config=runtime_config(self.cfg, self.args.model_dir,
+                                                               total_kv_blocks=self.core.s.num_kv_blocks), **kw)
         self.spawn(ep.serve_endpoint(self.generate), "serve-generate")
         self.spawn(health_ep.serve_endpoint(self.health_handler), "serve-health")
         if self.disaggregated:  # the router's rebalancing asks for running requests by its own request id
@@ -108,5 +111,5 @@ class DecodeWorker(EngineWorker):
     async def generate(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
         assert self.core is not None
         stopped = getattr(context, "is_stopped", None) if context is not None else None
-        async for chunk in self.core.generate(request, _rid(context), stopped):
+        async for chunk in to_frontend(self.core.generate(request, _rid(context), stopped)):
             yield chunk

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any, AsyncIterator
 
+from .card import runtime_config
 from .engine_worker import EngineWorker
 from .runtime import WorkerArgs
 
@@ -48,7 +49,9 @@ class PrefillWorker(EngineWorker):
         if self.cfg.router.policy == "dynamo-kv":
             await register_model(ModelInput.Tokens, ModelType.Prefill, gen_ep, self.args.model_dir, self.cfg.model.name,
                                  worker_type=WorkerType.Prefill, kv_cache_block_size=self.cfg.model.block_size,
-                                 needs=[[WorkerType.Decode]])
+                                 needs=[[WorkerType.Decode]],
+                                 runtime_config=runtime_config(self.cfg, self.args.model_dir,
+                                                               total_kv_blocks=self.core.s.num_kv_blocks))
         self.spawn(ep.serve_endpoint(self.prefill), "serve-prefill")
         self.spawn(gen_ep.serve_endpoint(self.generate), "serve-generate")
         self.spawn(rel_ep.serve_endpoint(self.release), "serve-release")

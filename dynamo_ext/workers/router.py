@@ -43,6 +43,7 @@ from dynamo_ext.kv.indexer import KvEventIndexer, kv_events_subject
 from dynamo_ext.metrics import make_worker_metrics
 from dynamo_ext.serving import RouterCore, RouterSettings, WorkerInfo, error_chunk
 
+from .card import context_length, runtime_config, to_frontend
 from .runtime import WorkerArgs, WorkerProcess
 
 log = logging.getLogger("dynamo_ext.workers.router")
@@ -110,7 +111,7 @@ def router_settings(cfg: Any, model_dir: str) -> RouterSettings:
         decode_num_blocks=cfg.workers.decode.num_kv_blocks if cfg.workers.decode else 1024,
         disagg_min_prompt_tokens=cfg.router.disagg_min_prompt_tokens,
         transfer_timeout_s=cfg.kv_transfer.timeout_ms / 1000.0, force=cfg.kv_transfer.transport,
-        rdma_device=cfg.kv_transfer.rdma_device)
+        rdma_device=cfg.kv_transfer.rdma_device, context_length=context_length(cfg, model_dir))
 
 
 class RouterWorker(WorkerProcess):
@@ -147,10 +148,13 @@ class RouterWorker(WorkerProcess):
             except Exception as e:  # noqa: BLE001 - routing still works without overlap scores
                 log.warning("KV event indexer unavailable (%s): overlap scores are 0", e)
                 pl.indexer = None
+        # listed only once the graph can serve: a decode worker must be up (the launcher starts them first)
+        await pl.decode_client.wait_for_instances()
         await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, ep, self.args.model_dir,
                              self.cfg.model.name, worker_type=WorkerType.Aggregated,
                              kv_cache_block_size=self.cfg.model.block_size,
-                             router_config=RouterConfig(RouterMode.RoundRobin))
+                             router_config=RouterConfig(RouterMode.RoundRobin),
+                             runtime_config=runtime_config(self.cfg, self.args.model_dir))
         self.instance_id = int(ep.connection_id())
         self.spawn(ep.serve_endpoint(self.generate), "serve-generate")
         self.spawn(health_ep.serve_endpoint(self.health_handler), "serve-health")
@@ -177,5 +181,5 @@ class RouterWorker(WorkerProcess):
         if self.stopping:
             yield error_chunk("router is shutting down")
             return
-        async for chunk in self.core.session(request):
+        async for chunk in to_frontend(self.core.session(request)):
             yield chunk

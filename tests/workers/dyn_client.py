@@ -2,7 +2,7 @@
 
 ``python tests/workers/dyn_client.py ENDPOINT [--instance ID]`` reads a JSON list of requests on stdin
 and prints ``[[chunk, ...], ...]`` (one list of chunks per request, sent concurrently). A call that
-raises gives ``[{"exception": "..."}]``. Run in its own process so each test gets a fresh runtime.
+raises gives ``[{"exception": "...", "type": "<its class name>"}]``. Run in its own process so each test gets a fresh runtime.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ async def main() -> None:
             async for item in stream:
                 out.append(item.data())
         except Exception as e:  # noqa: BLE001
-            out.append({"exception": str(e)})
+            out.append({"exception": str(e), "type": type(e).__name__})
         return out
 
     res = await asyncio.gather(*(one(r) for r in reqs))

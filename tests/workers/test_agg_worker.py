@@ -60,10 +60,11 @@ def test_agg_worker_serves_and_stops(servers, model_dir, tmp_path):
         assert [tokens_of(r) for r in res[:3]] == ref
         assert all(r[-1]["finish_reason"] in ("length", "stop") and r[-1]["completion_usage"]["completion_tokens"]
                    == len(tokens_of(r)) for r in res[:3])
+        # a request the client got wrong is refused with Dynamo's InvalidArgument (HTTP 400 at the frontend)
         for r in res[3:]:
-            assert len(r) == 1 and r[0]["finish_reason"].startswith("error: ") and r[0]["error"], r
-        assert "empty prompt" in res[3][0]["error"] and "max_tokens" in res[4][0]["error"]
-        assert "max_tokens" in res[5][0]["error"] and "context" in res[6][0]["error"]
+            assert len(r) == 1 and r[0].get("type") == "InvalidArgument", r
+        assert "empty prompt" in res[3][0]["exception"] and "max_tokens" in res[4][0]["exception"]
+        assert "max_tokens" in res[5][0]["exception"] and "context" in res[6][0]["exception"]
         # still serving after bad input
         again = g.call("aggt.backend.generate", reqs[:1])
         assert tokens_of(again[0]) == ref[0]

@@ -54,11 +54,13 @@ def test_handles_bad_input_and_prefill_killed(servers, model_dir, tmp_path):
         after = p.health()
         assert after["held_handles"] == 0 and after["expired"] == 1 and after["kv_cache_usage_perc"] == idle
 
-        # 2. bad input through the router: one error chunk each, the graph keeps serving
+        # 2. bad input through the router: refused with InvalidArgument (HTTP 400 at the frontend) naming the
+        # field; a prompt over the context is refused by the router itself; the graph keeps serving
         bad = [_req([]), _req([1, 2], -1), _req([1, 2], 10**9), _req([1] * 5000), _req([1, 2, 99999])]
         out = g.call("fail.router.generate", bad)
-        for chunks in out:
-            assert len(chunks) == 1 and chunks[0]["finish_reason"].startswith("error: "), chunks
+        for chunks, what in zip(out, ("empty prompt", "max_tokens", "max_tokens", "context", "token_ids")):
+            assert len(chunks) == 1 and chunks[0].get("type") == "InvalidArgument", chunks
+            assert what in chunks[0]["exception"], (what, chunks)
         good = [list(range(3, 60)), list(range(10, 45))]
         ref = eng.generate(good, SamplingParams(max_tokens=6))
         assert [tokens_of(c) for c in g.call("fail.router.generate", [_req(t) for t in good])] == ref
