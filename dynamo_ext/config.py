@@ -8,13 +8,19 @@ Errors are reported one line per problem, ``<key.path>: <what is wrong> (<allowe
 an unknown key is named with the closest valid key suggested. ``load_config`` raises
 ``ConfigError`` carrying those lines; ``config check`` prints them and exits 2, never a traceback.
 
+Every field either works or is refused with "not supported yet" (naming the field and why); none is
+accepted and ignored. Refused today: ``kv_transfer.metadata_server``, ``workers.*.gpu_type``,
+``workers.*.tensor_parallel`` > 1, ``router.overlap_weight``, ``router.replicas`` > 1 under ``dynamo-kv``,
+``discovery.nats.creds_file``, and the etcd/NATS TLS and auth combinations Dynamo 1.6.1's runtime cannot
+use (``dynamo_ext/discovery/README.md``). TLS and credential files must exist and parse; the environment
+variables named by ``password_env`` / ``token_env`` must be set.
+
 Example (``configs/disagg.yaml``)::
 
-    kv_transfer: {backend: nixl, transport: auto, metadata_server: "http://127.0.0.1:2379",
-                  rdma_device: mlx5_0, transport_threads: 4, timeout_ms: 2000}
+    kv_transfer: {backend: nixl, transport: auto, rdma_device: mlx5_0, transport_threads: 4, timeout_ms: 2000}
     workers:
-      prefill: {count: 1, gpu_type: h100_sxm5, tensor_parallel: 1}
-      decode:  {count: 2, gpu_type: a100_80g, tensor_parallel: 1}
+      prefill: {count: 1, num_kv_blocks: 1024}
+      decode:  {count: 2, num_kv_blocks: 1024}
     supervision: {restart: true, max_restarts: 5, window_s: 300, backoff_initial_s: 0.5, backoff_max_s: 30}
 """
 
@@ -22,15 +28,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-GPU_TYPES = (
-    "cpu", "a100_40g", "a100_80g", "h100_pcie", "h100_sxm5", "h200", "h20", "l40s", "b200", "gb200",
-)  # fmt: skip
 TransportKind = Literal["auto", "nvlink", "pcie", "rdma", "tcp"]
 BackendKind = Literal["nixl", "fallback"]
 RouterPolicy = Literal["dynamo-ext", "round-robin", "dynamo-kv"]
@@ -40,6 +44,11 @@ KvDtype = Literal["float32", "bfloat16", "float16"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def not_supported(why: str) -> ValueError:
+    """The error of a field that exists in the schema but does nothing yet (never accept and ignore)."""
+    return ValueError(f"not supported yet: {why}")
 
 
 def _check_url(value: str, schemes: tuple[str, ...], field: str) -> str:
@@ -55,7 +64,8 @@ class KvTransferConfig(_Strict):
 
     backend: BackendKind = "nixl"
     transport: TransportKind = "auto"
-    metadata_server: str = "http://127.0.0.1:2379"
+    #: not supported yet: NIXL agent metadata travels in the workers' records on discovery.etcd
+    metadata_server: str | None = None
     rdma_device: str | None = None
     #: copy threads of one host-memory pull between two processes (the cma backend), at most the cores
     transport_threads: int = Field(4, ge=1, le=64)
@@ -63,17 +73,25 @@ class KvTransferConfig(_Strict):
     #: seconds a prefill worker holds a prefilled KV handle for its decode worker to pull (then frees it);
     #: default 2 x timeout_ms
     hold_s: float | None = Field(None, gt=0, le=3600)
+    #: per-block digests sent with a KV handle and checked after the pull: off, sample (a few blocks) or all;
+    #: a mismatch is a failed pull (the decode worker recomputes), counted in dynamo_ext_worker_kv_pulls_total
+    verify: Literal["off", "sample", "all"] = "off"
 
     @field_validator("metadata_server")
     @classmethod
-    def _url(cls, v: str) -> str:
-        return _check_url(v, ("http", "https"), "metadata_server")
+    def _metadata_server(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise not_supported("each worker publishes its NIXL agent metadata in its worker record on "
+                                "discovery.etcd.endpoints; remove the key")
+        return v
 
 
 class WorkerPoolConfig(_Strict):
     count: int = Field(1, ge=0, le=1024)
-    gpu_type: str = "cpu"
-    tensor_parallel: Literal[1, 2, 4, 8] = 1
+    #: not supported yet: nothing places workers by GPU type (model.device and gpu_ids do)
+    gpu_type: str | None = None
+    #: 1 only: the reference engine has no tensor parallelism (one device per worker process)
+    tensor_parallel: int = Field(1, ge=1, le=64)
     num_kv_blocks: int = Field(1024, ge=16, le=10_000_000)
     #: CUDA devices this role's workers use (model.device: cuda), one per worker in turn; None: the launcher
     #: hands out every visible GPU to the workers of all roles in turn (shared when there are fewer GPUs)
@@ -88,9 +106,18 @@ class WorkerPoolConfig(_Strict):
 
     @field_validator("gpu_type")
     @classmethod
-    def _gpu(cls, v: str) -> str:
-        if v not in GPU_TYPES:
-            raise ValueError(f"unknown gpu_type {v!r} (allowed: {', '.join(GPU_TYPES)})")
+    def _gpu(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise not_supported(f"gpu_type {v!r}: nothing places or checks workers by GPU type (a local graph "
+                                "uses model.device and workers.<role>.gpu_ids); remove the key")
+        return v
+
+    @field_validator("tensor_parallel")
+    @classmethod
+    def _tp(cls, v: int) -> int:
+        if v != 1:
+            raise not_supported(f"tensor_parallel {v}: the reference engine has no tensor parallelism (one "
+                                "device per worker process); use 1")
         return v
 
 
@@ -139,9 +166,27 @@ class RouterConfig(_Strict):
     policy: RouterPolicy = "dynamo-ext"
     replicas: int = Field(1, ge=1, le=64)
     disagg_min_prompt_tokens: int = Field(64, ge=0)
-    overlap_weight: float = Field(1.0, ge=0.0, le=100.0)
+    #: not supported yet: the dynamo-ext router weighs a cached prefix by its TTFT estimate
+    overlap_weight: float | None = None
     #: seconds between rebalancing rounds (routing.plan_migrations(imbalance) over running streams); 0 = off
     rebalance_s: float = Field(0.0, ge=0, le=3600)
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, v: int, info: ValidationInfo) -> int:
+        if v != 1 and info.data.get("policy") == "dynamo-kv":
+            raise not_supported(f"{v} replicas under policy dynamo-kv: no router process runs (Dynamo's frontend "
+                                "routes with its own KV router); use 1")
+        return v
+
+    @field_validator("overlap_weight")
+    @classmethod
+    def _overlap(cls, v: float | None) -> float | None:
+        if v is not None:
+            raise not_supported("the dynamo-ext router weighs a cached prefix by the prefill time it saves (its "
+                                "TTFT estimate), and Dynamo 1.6's KV router (dynamo-kv) takes its weights from "
+                                "--router-policy-config; remove the key")
+        return v
 
 
 class SlaConfig(_Strict):
@@ -172,22 +217,65 @@ class PlannerConfig(_Strict):
         return self
 
 
+def _readable_file(v: str | None) -> str | None:
+    if v is None:
+        return v
+    p = Path(v).expanduser()
+    if not p.exists():
+        raise ValueError(f"no such file: {v}")
+    if not p.is_file():
+        raise ValueError(f"not a file: {v}")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"not readable by this user: {v}")
+    return str(p)
+
+
 class TlsConfig(_Strict):
+    """PEM files. ``ca_file``: the CA that signed the server's certificate; ``cert_file`` + ``key_file``: this
+    client's certificate and key (mutual TLS). They must exist and parse, and the key must match the cert."""
+
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return _readable_file(v)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=v)
+            except (ssl.SSLError, ValueError) as e:
+                raise ValueError(f"{v} is not a PEM CA certificate ({e})") from None
+        return v
 
     @model_validator(mode="after")
     def _pair(self) -> "TlsConfig":
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file must be given together")
+        if self.cert_file is not None and self.key_file is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.cert_file, self.key_file)
+            except ssl.SSLError as e:
+                what = ("key_file does not match cert_file" if "MISMATCH" in str(e).upper() else
+                        "cert_file / key_file are not a PEM certificate and its unencrypted private key")
+                raise ValueError(f"{what} ({self.cert_file}, {self.key_file}: {e})") from None
         return self
 
 
 class EtcdConfig(_Strict):
+    """etcd for Dynamo's runtime and our discovery adapter. What Dynamo 1.6.1's runtime can use, and therefore
+    all that is accepted: plain ``http://``; ``http://`` with ``username`` + ``password_env`` (etcd auth); or
+    ``https://`` with ``tls`` = ca_file + cert_file + key_file (mutual TLS; with etcd auth enabled, etcd takes
+    the user from the client certificate's CN)."""
+
     endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"], min_length=1)
-    username: str | None = None
-    password_env: str | None = None  # name of the environment variable that holds the password
+    username: str | None = Field(None, min_length=1)
+    password_env: str | None = Field(None, min_length=1)  # name of the environment variable that holds the password
     tls: TlsConfig | None = None
     lease_ttl_s: int = Field(30, ge=2, le=3600)  # > Dynamo's keep-alive detection time (workers/README: lease loss)
 
@@ -196,17 +284,77 @@ class EtcdConfig(_Strict):
     def _urls(cls, v: list[str]) -> list[str]:
         return [_check_url(u, ("http", "https"), "endpoint") for u in v]
 
+    @field_validator("password_env")
+    @classmethod
+    def _password_set(cls, v: str | None) -> str | None:
+        if v is not None and not os.environ.get(v):
+            raise ValueError(f"environment variable {v} (the etcd password) is not set")
+        return v
+
+    @model_validator(mode="after")
+    def _security(self) -> "EtcdConfig":
+        if (self.username is None) != (self.password_env is None):
+            raise ValueError("username and password_env must be given together")
+        https = [u for u in self.endpoints if u.startswith("https://")]
+        if self.tls is not None:
+            t = self.tls
+            if t.ca_file is None or t.cert_file is None:
+                raise not_supported("tls needs ca_file, cert_file and key_file: Dynamo 1.6.1's runtime speaks "
+                                    "TLS to etcd only with a client certificate (ETCD_AUTH_CA/CLIENT_CERT/CLIENT_KEY)")
+            if self.username is not None:
+                raise not_supported("username/password_env together with tls: Dynamo 1.6.1's runtime drops its "
+                                    "TLS settings when a password is set; over TLS let etcd take the user from "
+                                    "the client certificate's CN (etcd --client-cert-auth) and remove username "
+                                    "and password_env")
+            if len(https) != len(self.endpoints):
+                raise ValueError("with tls every endpoint must be an https:// URL")
+        elif https:
+            raise ValueError(f"{https[0]} needs tls (ca_file, cert_file, key_file)")
+        return self
+
 
 class NatsConfig(_Strict):
+    """NATS for Dynamo's runtime and our event bus: ``nats://``, optionally with a token (``token_env``); or
+    ``tls://`` with ``tls.ca_file`` (+ ``cert_file``/``key_file`` when the server verifies clients) and an
+    optional token."""
+
     url: str = "nats://127.0.0.1:4222"
     creds_file: str | None = None
-    token_env: str | None = None
+    token_env: str | None = Field(None, min_length=1)  # name of the environment variable that holds the token
     tls: TlsConfig | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_url(v, ("nats", "tls"), "url")
+
+    @field_validator("creds_file")
+    @classmethod
+    def _creds(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise not_supported("our NATS client (nats-py) needs the nkeys package to sign with a credentials "
+                                "file, and it is not a dependency; use token_env (and tls)")
+        return v
+
+    @field_validator("token_env")
+    @classmethod
+    def _token_set(cls, v: str | None) -> str | None:
+        if v is not None and not os.environ.get(v):
+            raise ValueError(f"environment variable {v} (the NATS token) is not set")
+        return v
+
+    @model_validator(mode="after")
+    def _security(self) -> "NatsConfig":
+        tls_url = self.url.startswith("tls://")
+        if self.tls is not None:
+            if self.tls.ca_file is None:
+                raise ValueError("tls needs ca_file (the CA that signed the NATS server's certificate)")
+            if not tls_url:
+                raise ValueError(f"with tls the url must use tls:// (Dynamo's runtime requires it), got {self.url!r}")
+        elif tls_url:
+            raise ValueError(f"{self.url} needs tls (ca_file; cert_file and key_file when the server verifies "
+                             "clients)")
+        return self
 
 
 class DiscoveryConfig(_Strict):

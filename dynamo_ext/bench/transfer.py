@@ -479,6 +479,7 @@ class _Bench:
             times = await self._timed(go)
             ok = (await peer.acall({"cmd": "digest", "blocks": self.src_ids}, timeout=300))["sha256"] == \
                 digest(pool_bytes(pool), self.layout, self.dst_ids)
+            verify_ms = self._verify_cost(pool)
             last = used[-1]
             be = ts.backends[last.backend]
             label = f"cma x{be.threads}" if last.backend == "cma" else last.backend
@@ -503,7 +504,26 @@ class _Bench:
                 "verified": bool(ok), "backend": f"{label} (WorkerTransports.pull, {last.kind})",
                 "chosen": last.backend, "kind": last.kind, "backends_used": chosen,
                 "fell_back": sorted({f"{b}: {m}"[:200] for r in used for b, m in r.failed}),
-                "started": started, "skipped": skipped, "puller": dev, "peer": peer.ready.get("device")}
+                "started": started, "skipped": skipped, "puller": dev, "peer": peer.ready.get("device"),
+                **verify_ms}
+
+    def _verify_cost(self, pool: Any) -> dict[str, float]:
+        """kv_transfer.verify's cost on this pull's blocks: ms of ``transport.verify.block_digests`` over the
+        blocks that mode checks (each side pays it once per transfer: the holder at the hand-off, the puller
+        after the pull), median of 5; also as a share of the product pull's median time."""
+        from dynamo_ext.serving.worker import verify_indices
+        from dynamo_ext.transport.verify import block_digests
+
+        out: dict[str, float] = {}
+        for mode in ("sample", "all"):
+            ids = [self.dst_ids[i] for i in verify_indices(len(self.dst_ids), mode)]
+            ts = []
+            for _ in range(6):
+                t0 = time.perf_counter()
+                block_digests(pool, self.layout, ids)  # returns host ints: synchronous on a GPU too
+                ts.append(time.perf_counter() - t0)
+            out[f"verify_{mode}_ms"] = round(statistics.median(ts[1:]) * 1e3, 3)
+        return out
 
     def _failed(self, path: str, name: str, backend: str, e: BaseException) -> dict[str, Any]:
         print(f"{path} {name} failed: {type(e).__name__}: {e}", file=sys.stderr)

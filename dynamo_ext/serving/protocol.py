@@ -51,6 +51,9 @@ class KvHandle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     first_token: int  # sampled by the prefill worker
     layout: dict[str, Any]  # KvLayout.to_dict() of the pool
     deadline: float  # unix seconds; the blocks are freed after it unless released earlier
+    #: kv_transfer.verify: [index into block_ids, 64-bit digest of that block] (transport.verify.block_digests)
+    digests: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    digest_kind: str = ""  # how they were computed (transport.verify.DIGEST_KINDS): the puller computes the same
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)

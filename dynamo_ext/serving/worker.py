@@ -74,6 +74,20 @@ log = logging.getLogger("dynamo_ext.serving.worker")
 RELEASE_MARGIN_S = 1.0
 
 
+class KvCorrupt(TransferError):
+    """A pulled block's digest differs from the one its holder sent with the handle (kv_transfer.verify)."""
+
+
+def verify_indices(n: int, mode: str) -> list[int]:
+    """The block indices ``kv_transfer.verify`` checks: all of them, or a sample (up to 4 spread over the
+    handle, always the last: the block with the prompt's tail), or none."""
+    if mode == "all":
+        return list(range(n))
+    if mode == "sample" and n:
+        return sorted({*(i * n // 4 for i in range(4)), n - 1})
+    return []
+
+
 class StaleHandle(RuntimeError):
     """The holder no longer held the blocks when we released them: the pulled KV is not trusted."""
 
@@ -120,6 +134,7 @@ class WorkerSettings:
     transfer_timeout_s: float = 2.0  # kv_transfer.timeout_ms
     migrate_on_drain: bool = True
     migration_grace_s: float = 1.0
+    verify: str = "off"  # kv_transfer.verify: off | sample | all
     transport: TransportOptions = field(default_factory=TransportOptions)
 
     @property
@@ -136,6 +151,7 @@ class WorkerSettings:
                    num_kv_blocks=pc.num_kv_blocks, max_model_len=cfg.model.max_model_len, seed=cfg.model.seed,
                    hold_s=kt.hold_s if kt.hold_s is not None else 2 * timeout, transfer_timeout_s=timeout,
                    migrate_on_drain=cfg.workers.migrate_on_drain, migration_grace_s=cfg.workers.migration_grace_s,
+                   verify=kt.verify,
                    transport=TransportOptions(nixl=kt.backend == "nixl", force=kt.transport,
                                               rdma_device=kt.rdma_device, threads=kt.transport_threads))
 
@@ -319,10 +335,19 @@ class ServingWorker:
             return error_chunk(f"cannot prefill: {e}", n)
         deadline = time.time() + self.s.hold_s
         self.held[rid] = _Held(list(res.block_ids), deadline)
+        digests: list[tuple[int, int]] = []
+        dkind = ""
+        idx = verify_indices(len(res.block_ids), self.s.verify)
+        if idx and self.kv_pool is not None:
+            from dynamo_ext.transport.verify import block_digests, digest_kind_for  # noqa: PLC0415
+
+            dkind = digest_kind_for(self.kv_pool)
+            ds = block_digests(self.kv_pool, self.kv_pool.layout, [res.block_ids[i] for i in idx], dkind)
+            digests = list(zip(idx, ds))
         h = KvHandle(handle_id=rid, worker_id=self.instance_id, component=self.component, agent=self.s.name,
                      pool=self.kv_pool.name if self.kv_pool else "", block_ids=list(res.block_ids),
                      num_tokens=res.num_tokens, first_token=res.first_token,
-                     layout=self.engine.kv_layout.to_dict(), deadline=deadline)
+                     layout=self.engine.kv_layout.to_dict(), deadline=deadline, digests=digests, digest_kind=dkind)
         m.ttft.observe(time.monotonic() - t0)
         m.requests.labels("ok").inc()
         hd = h.to_dict()
@@ -335,6 +360,19 @@ class ServingWorker:
         if h.component == "backend":  # a draining decode worker's handle: it frees the blocks at the deadline
             return time.time() <= h.deadline
         return await self.plane.release(h, timeout)
+
+    def _verify(self, h: KvHandle, dst: list[int], k: int) -> None:
+        """The handle's digests against the blocks pulled (indices >= k: the first k came from our own cache)."""
+        want = [(i, d) for i, d in h.digests if k <= i < len(dst)]
+        if not want or self.kv_pool is None:
+            return
+        from dynamo_ext.transport.verify import block_digests  # noqa: PLC0415
+
+        got = block_digests(self.kv_pool, self.kv_pool.layout, [dst[i] for i, _ in want], h.digest_kind or None)
+        bad = [i for (i, d), g in zip(want, got) if d != g]
+        if bad:
+            raise KvCorrupt(f"{len(bad)} of {len(want)} checked blocks of handle {h.handle_id} from {h.worker_id} "
+                            f"differ from their digests (block indices {bad[:8]}): the KV is not used")
 
     async def _release_later(self, h: KvHandle) -> None:
         try:
@@ -368,6 +406,7 @@ class ServingWorker:
         try:
             res = await self.transports.pull(peer, h.pool, list(h.block_ids[k:]), dst[k:],
                                              deadline_s=self.s.transfer_timeout_s)
+            self._verify(h, dst, k)
             released = True  # whatever happens next, do not release twice
             if time.time() + RELEASE_MARGIN_S < h.deadline:
                 self.spawn(self._release_later(h), f"release-{h.handle_id}")
@@ -565,4 +604,4 @@ class ServingWorker:
         await self.runner.release(blocks)
 
 
-__all__ = ["Draining", "ServingWorker", "StaleHandle", "WorkerPlane", "WorkerSettings", "decode_peer_blob"]
+__all__ = ["Draining", "KvCorrupt", "ServingWorker", "StaleHandle", "verify_indices", "WorkerPlane", "WorkerSettings", "decode_peer_blob"]

@@ -70,4 +70,66 @@ def fingerprint(pool: KvPool, layout: KvLayout, blocks: Sequence[int]) -> str:
     return f"{a & (2**64 - 1):016x}{b & (2**64 - 1):016x}"
 
 
-__all__ = ["chunk_ranges", "digest", "fingerprint", "pattern"]
+DIGEST_KINDS = ("xxh3", "wsum")
+
+
+def digest_kind_for(pool: KvPool) -> str:
+    """The digest a holder computes for its pool: xxh3 over host memory (~GB/s per core, no copies), the
+    weighted sum on the GPU for device memory (one gather, where the bytes are)."""
+    return "wsum" if pool.kind.value == "device" else "xxh3"
+
+
+def block_digests(pool: KvPool, layout: KvLayout, blocks: Sequence[int], kind: str | None = None) -> list[int]:
+    """One 64-bit digest per block (every (layer, K|V) chunk of it, in (layer, K|V) order): equal bytes give
+    equal digests in every process and memory order; a changed byte changes it except with ~2^-64 odds (not a
+    cryptographic hash). What ``kv_transfer.verify`` checks. ``kind`` (default ``digest_kind_for(pool)``):
+    ``xxh3`` = XXH3-64 of the chunks (host pools; a device pool is read through a host copy), ``wsum`` = the
+    chunks as int64 words x, sum(x * w) + sum(x) mod 2^64 with position-dependent odd weights (computed where
+    the pool lives: the GPU for device pools)."""
+    kind = kind or digest_kind_for(pool)
+    if kind not in DIGEST_KINDS:
+        raise ValueError(f"unknown digest kind {kind!r} (allowed: {', '.join(DIGEST_KINDS)})")
+    n = len(blocks)
+    if n == 0:
+        return []
+    if kind == "xxh3":
+        return _xxh3_digests(pool, layout, blocks)
+    import torch  # noqa: PLC0415
+
+    unit = layout.chunk_bytes
+    if unit % 8:
+        raise ValueError(f"block digests need chunk_bytes % 8 == 0, got {unit}")
+    ids = np.asarray(list(blocks), dtype=np.int64)
+    lkv = np.arange(layout.num_layers * 2, dtype=np.int64)
+    probe = [layout.chunk_offset(0, 0, 0), layout.chunk_offset(min(1, layout.num_blocks - 1), 0, 0),
+             layout.chunk_offset(0, 0, 1)]
+    sb, sl = (probe[1] - probe[0]) if layout.num_blocks > 1 else 0, probe[2] - probe[0]
+    offs = (ids[:, None] * sb + lkv[None, :] * sl).reshape(-1) // unit  # chunk rows, (block, layer*2+kv) order
+    t = pool.tensor_u8()
+    rows = t[: (t.numel() // unit) * unit].view(-1, unit).view(torch.int64)
+    g = rows.index_select(0, torch.from_numpy(offs).to(t.device)).reshape(n, -1)
+    w = torch.arange(g.shape[1], dtype=torch.int64, device=t.device).mul_(-7046029254386353131).add_(1) | 1
+    d = (g * w).sum(dim=1) + g.sum(dim=1)
+    return [int(x) & (2**64 - 1) for x in d.tolist()]
+
+
+def _xxh3_digests(pool: KvPool, layout: KvLayout, blocks: Sequence[int]) -> list[int]:
+    import xxhash  # noqa: PLC0415
+
+    if pool.kind.value == "device":
+        buf = memoryview(pool.tensor_u8().cpu().numpy())
+    else:
+        buf = memoryview(pool.tensor_u8().numpy())
+    n = layout.chunk_bytes
+    out = []
+    for b in blocks:
+        h = xxhash.xxh3_64()
+        for layer in range(layout.num_layers):
+            for kv in (0, 1):
+                o = layout.chunk_offset(int(b), layer, kv)
+                h.update(buf[o:o + n])
+        out.append(h.intdigest())
+    return out
+
+
+__all__ = ["DIGEST_KINDS", "block_digests", "chunk_ranges", "digest_kind_for", "digest", "fingerprint", "pattern"]

@@ -37,3 +37,22 @@ if _step > 0:
         return _orig_step(self)
 
     _core.LlmEngine.step = _slow_step  # type: ignore[method-assign]
+
+# ``DXTEST_CORRUPT_KV=1``: a prefill worker flips one byte of the last block of every KV handle it hands out,
+# after the handle (and its digests) are made: what a faulty link or a stray write would do to the KV.
+if os.environ.get("DXTEST_CORRUPT_KV") == "1":
+    from dynamo_ext.serving import worker as _wk
+
+    _prefill = _wk.ServingWorker.prefill
+
+    async def _corrupting_prefill(self, *a, **kw):  # type: ignore[no-untyped-def]
+        chunk = await _prefill(self, *a, **kw)
+        h = chunk.get("kv_handle") if isinstance(chunk, dict) else None
+        if h and self.kv_pool is not None:
+            lay = self.kv_pool.layout
+            off = lay.chunk_offset(h["block_ids"][-1], lay.num_layers - 1, 1) + 3
+            t = self.kv_pool.tensor_u8()
+            t[off] = (int(t[off]) ^ 0x5A) & 0xFF
+        return chunk
+
+    _wk.ServingWorker.prefill = _corrupting_prefill  # type: ignore[method-assign]
