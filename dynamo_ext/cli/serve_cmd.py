@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds between SIGTERM and SIGKILL per component (default 10; workers get "
                         "DYNAMO_EXT_DRAIN_S = this - 3 to drain in-flight requests)")
     p.add_argument("--tolerate-exits", action="store_true",
-                   help="keep serving when a worker exits while others of its component still run")
+                   help="deprecated: a child that exits is restarted (dynamo.yaml supervision, on by default); "
+                        "with supervision.restart: false, keep serving when a worker exits while others of its "
+                        "component still run")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--planner", dest="planner", action="store_true", default=None,
                    help="run Dynamo's planner + our executor even if planner.enabled is false; exit 2 when its "

@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,9 @@ from .graph import Graph, GraphError, load_graph
 from .modeldir import ModelDirError, ensure_model_dir
 from .plan import child_env, frontend_base, plan_processes
 from .scaling import LauncherScaler
-from .supervisor import Child, ChildSpec, Supervisor, SupervisorError, describe_status, indent
+from .supervisor import Child, ChildSpec, RestartPolicy, Supervisor, SupervisorError, describe_status, indent
+
+SUPERVISE_EVERY_S = 0.25  # how often the supervision thread looks at the children
 
 
 @dataclass
@@ -165,6 +168,11 @@ class Launch:
         self.base = ""  # the frontend's base URL once started
         self.ready_s = 0.0
         self.gpu_count = 0  # visible CUDA devices (counted under model.device: cuda)
+        self.policy = RestartPolicy()
+        self.failure: SupervisorError | None = None  # restarts exhausted (or a child exited without restarts)
+        self.events: list[tuple[float, str, str, str]] = []  # (time.time(), kind, child name, text)
+        self._watcher: threading.Thread | None = None
+        self._check_lock = threading.Lock()
 
     def say(self, text: str) -> None:
         print(f"[serve] {text}", file=self.err, flush=True)
@@ -220,6 +228,15 @@ class Launch:
                 return self.fail(str(e), 1)
             time.sleep(0.5)
 
+    def _restart_policy(self, config: DynamoExtConfig) -> RestartPolicy:
+        s = config.supervision
+        if self.opts.tolerate_exits:
+            self.say("--tolerate-exits is deprecated: supervision.restart (on by default) restarts a child that exits"
+                     + ("" if s.restart else "; with supervision.restart: false it still tolerates the exit of a "
+                        "worker whose siblings of the same component live"))  # fmt: skip
+        return RestartPolicy(enabled=s.restart, max_restarts=s.max_restarts, window_s=s.window_s,
+                             backoff_initial_s=s.backoff_initial_s, backoff_max_s=s.backoff_max_s)
+
     # -- the steps ------------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
@@ -259,8 +276,10 @@ class Launch:
         self.say(f"model {config.model.name}: {model_dir} ({how}{noise})")
         self.log_dir = Path(o.log_dir) if o.log_dir else Path(tempfile.mkdtemp(prefix="dynamo-ext-serve-"))
         self.workdir = Path(tempfile.mkdtemp(prefix="dynamo-ext-infra-"))
-        self.infra_sup = Supervisor(self.log_dir)
-        self.sup = Supervisor(self.log_dir, on_tolerated=self._tolerated)
+        self.policy = self._restart_policy(config)
+        self.infra_sup = Supervisor(self.log_dir, policy=self.policy, on_event=self._supervision_event)
+        self.sup = Supervisor(self.log_dir, on_tolerated=self._tolerated, policy=self.policy,
+                              on_event=self._supervision_event)  # fmt: skip
         self.say(f"logs: {self.log_dir}")
 
     def start(self) -> None:
@@ -313,17 +332,71 @@ class Launch:
         if self.run_planner:
             self._start_planner(config, self.graph, env, self.base)
         self.ready_s = time.monotonic() - t0
+        self._watcher = threading.Thread(target=self._watch, name="serve-supervision", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        """The supervision thread: restarts (and their readiness) happen here, whether or not anyone calls
+        check(); a failure (restarts exhausted) is kept in ``self.failure`` for check() to raise."""
+        while not self.stopping and self.failure is None:
+            try:
+                self.check()
+            except SupervisorError as e:
+                if not self.stopping:
+                    self.say(f"the graph cannot serve any more: {e}")
+                return
+            time.sleep(SUPERVISE_EVERY_S)
+
+    def _supervision_event(self, kind: str, child: Child, text: str) -> None:
+        self.events.append((time.time(), kind, child.name, text))
+        self.say(text)
+        if kind == "exited":
+            self._revoke_lease_of(child)
+
+    def _revoke_lease_of(self, child: Child) -> None:
+        """A dead worker's instance (its lease = its instance id) leaves discovery now rather than at the end of
+        its lease TTL, so routers stop choosing it (in the background: etcd may be the one that is down)."""
+        raw = child.ready_info.get("instance_id")
+        if not raw or self.etcd is None:
+            return
+        try:
+            lease = int(raw, 0)
+        except ValueError:
+            return
+        url = self.etcd.url
+
+        def revoke() -> None:
+            try:
+                if infra.revoke_lease(url, lease):
+                    self.say(f"{child.name}: lease {lease:x} of the exited instance revoked (out of discovery now)")
+            except OSError:
+                pass
+
+        threading.Thread(target=revoke, name="revoke-lease", daemon=True).start()
 
     def _tolerated(self, child: Child) -> None:
         self.say(f"{child.name} exited ({describe_status(child.returncode)}); tolerated, siblings still serve; "
                  f"last lines of {child.log_path}:\n{indent(child.tail())}")  # fmt: skip
 
     def check(self) -> None:
-        """Raises :class:`SupervisorError` when a child (or etcd/NATS we started) exited unexpectedly."""
-        if self.sup is not None:
-            self.sup.check()
-        if self.infra_sup is not None:
-            self.infra_sup.check()
+        """Restart what exited (``supervision``) and raise :class:`SupervisorError` when the graph must stop: restarts
+        of a child (or of etcd/NATS we started) exhausted, or, with ``supervision.restart: false``, a child that
+        exited. Thread-safe; the supervision thread calls it every ``SUPERVISE_EVERY_S``."""
+        if self.failure is not None:
+            raise self.failure
+        with self._check_lock:
+            try:
+                if self.infra_sup is not None:
+                    self.infra_sup.check()
+                if self.sup is not None:
+                    self.sup.check()
+            except SupervisorError as e:
+                self.failure = e
+                raise
+
+    def serving(self) -> bool:
+        """Full capacity: every child (and etcd/NATS we started) alive and ready, no restart pending."""
+        return all(s.serving() for s in (self.infra_sup, self.sup) if s is not None)
 
     def _planner_check(self, config: DynamoExtConfig, graph: Graph) -> bool:
         """Whether to run the planner, before anything starts: ``planner.enabled`` (or ``--planner`` /
@@ -435,6 +508,8 @@ class Launch:
         return code
 
     def _cleanup(self, config: DynamoExtConfig | None, code: int) -> int:
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=10)  # no restart while we stop (stopping is set)
         if self.executor is not None:
             self.executor.stop()  # no decision is applied while the workers stop
         if self.sup is not None and self.sup.children:
@@ -461,7 +536,7 @@ class Launch:
         if self.etcd is None or not infra.etcd_healthy(self.etcd.url):
             return code
         ns = config.discovery.namespace
-        ours = None if not self.etcd.reused else _instance_ids(self.sup.children)  # None: every key is ours
+        ours = None if not self.etcd.reused else _instance_ids(self.sup.all_children())  # None: every key is ours
         try:
             stale = self._stale(ns, ours)
             if stale:

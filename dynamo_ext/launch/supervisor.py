@@ -12,9 +12,20 @@ Protocol
 * ``wait_ready(timeout, progress)`` polls every child until each is ready; it raises
   :class:`ChildExited` (exit status + last log lines) as soon as one exits, :class:`ReadyTimeout` (the
   pending ones, with their last log lines) at the deadline. ``progress`` gets a one-line status.
-* ``check()`` (call it periodically once serving) raises :class:`ChildExited` for the first child
-  that exited unexpectedly, unless its spec tolerates exits and a sibling of its component is alive;
-  tolerated exits are reported once through ``on_tolerated``.
+* ``check()`` (call it periodically once serving; thread-safe) handles children that exited unexpectedly
+  (any exit, 0 included, of a child not being stopped by us):
+  - with a :class:`RestartPolicy` that is ``enabled`` (``dynamo-ext serve``: ``supervision.restart``, on by
+    default) and a spec with ``restart=True``, the child is started again with the same argv, environment
+    and log file (a ``[supervisor] restart N`` line marks the place) after a back-off: the n-th exit of that
+    child within ``window_s`` waits ``min(backoff_max_s, backoff_initial_s * 2**(n-1))``. Exit n =
+    ``max_restarts + 1`` within the window raises :class:`RestartsExhausted` (a :class:`ChildExited`: the
+    exit status, the count, the last log lines). A restarted child is ready again when its spec's ``ready``
+    says so (its log is read from the restart on: an old ready line does not count). The old :class:`Child`
+    moves to ``retired``; ``children`` keeps the start order. Events (``exited``, ``restarted``, ``ready``)
+    go to ``on_event(kind, child, text)``.
+  - without restarts: :class:`ChildExited` for the first such child, unless its spec tolerates exits and
+    a sibling of its component is alive; tolerated exits are reported once through ``on_tolerated``.
+  A child marked ``stopping`` (by ``stop_group``, e.g. the planner executor's scale-down) is never restarted.
 * ``stop_all()`` stops components in reverse start order. All processes of a component get SIGTERM on
   their process group together; after ``stop_timeout`` the groups still alive get SIGKILL. A group is
   done when ``/proc`` shows no live (non-zombie) process with its pgid, so grandchildren are covered.
@@ -27,6 +38,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +60,32 @@ class ChildExited(SupervisorError):
             f"{child.name} exited unexpectedly {when} ({describe_status(child.returncode)}, "
             f"after {child.uptime():.1f}s); last lines of {child.log_path}:\n{indent(child.tail())}"
         )
+
+
+class RestartsExhausted(ChildExited):
+    def __init__(self, child: Child, exits: int, window_s: float, max_restarts: int) -> None:
+        self.exits = exits
+        SupervisorError.__init__(
+            self,
+            f"{child.name} exited {exits} times within {window_s:g}s ({describe_status(child.returncode)} the last "
+            f"time, after {child.uptime():.1f}s): restarts exhausted (supervision.max_restarts: {max_restarts}); "
+            f"last lines of {child.log_path}:\n{indent(child.tail())}")
+        self.child = child
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When and how fast a child that exited is started again (``dynamo.yaml`` ``supervision``)."""
+
+    enabled: bool = False
+    max_restarts: int = 5
+    window_s: float = 300.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+    def delay(self, n: int) -> float:
+        """Back-off before the restart that follows the n-th exit (1-based) within the window."""
+        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, n - 1))
 
 
 class ReadyTimeout(SupervisorError):
@@ -82,6 +120,7 @@ class ChildSpec:
     tolerate_exit: bool = False
     stop_timeout: float = 10.0
     cwd: str | None = None
+    restart: bool = True  # restarted under an enabled RestartPolicy
 
     def __post_init__(self) -> None:
         self.component = self.component or self.name
@@ -97,6 +136,8 @@ class Child:
     ready_info: dict[str, str] = field(default_factory=dict)  # parsed key=value of the readiness line
     stopping: bool = False
     reported: bool = False
+    generation: int = 0  # 0: the first start; n: the n-th restart
+    restart_at: float | None = None  # monotonic time of a pending restart (the child exited)
     _offset: int = 0
     _partial: bytes = b""
 
@@ -195,32 +236,68 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
+EventHook = Callable[[str, "Child", str], None]
+
+
 class Supervisor:
-    def __init__(self, log_dir: str | Path, on_tolerated: Callable[[Child], None] | None = None) -> None:
+    def __init__(self, log_dir: str | Path, on_tolerated: Callable[[Child], None] | None = None,
+                 policy: RestartPolicy | None = None, on_event: EventHook | None = None) -> None:  # fmt: skip
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
+        self.retired: list[Child] = []  # earlier generations of restarted children
         self.on_tolerated = on_tolerated
+        self.policy = policy or RestartPolicy()
+        self.on_event = on_event
+        self.exits: dict[str, list[float]] = {}  # child name -> monotonic times of its unexpected exits
+        self._lock = threading.RLock()
 
     def start(self, spec: ChildSpec) -> Child:
-        if any(c.name == spec.name for c in self.children):
-            raise SupervisorError(f"duplicate child name {spec.name!r}")
+        with self._lock:
+            if any(c.name == spec.name for c in self.children):
+                raise SupervisorError(f"duplicate child name {spec.name!r}")
+            child = self._spawn(spec)
+            self.children.append(child)
+        return child
+
+    def _spawn(self, spec: ChildSpec, note: str = "") -> Child:
         log_path = self.log_dir / f"{spec.name}.log"
         # a stop signal between the spawn and the bookkeeping would leave an untracked child: defer it
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
         try:
             with open(log_path, "ab") as log:
+                if note:
+                    log.write(f"[supervisor] {note}\n".encode())
+                    log.flush()
+                offset = log.tell()  # a restarted child's readiness is read from here on
                 proc = subprocess.Popen(
                     spec.argv, env=spec.env, cwd=spec.cwd, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
                 )  # fmt: skip
-            child = Child(spec, proc, log_path, time.monotonic())
-            self.children.append(child)
+            child = Child(spec, proc, log_path, time.monotonic(), _offset=offset)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         if spec.ready is None:
             child.ready_at = time.monotonic()
         return child
+
+    def all_children(self) -> list[Child]:
+        """Every process started, earlier generations of restarted children included."""
+        with self._lock:
+            return self.retired + self.children
+
+    def serving(self) -> bool:
+        """Every child alive and ready, no restart pending (full capacity)."""
+        with self._lock:
+            return all(c.alive() and c.ready_at is not None and c.restart_at is None
+                       for c in self.children if not c.stopping)  # fmt: skip
+
+    def _event(self, kind: str, child: Child, text: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, child, text)
+            except Exception:  # noqa: BLE001 - a report must not break supervision
+                pass
 
     # -- readiness ------------------------------------------------------------------------
 
@@ -258,16 +335,58 @@ class Supervisor:
     # -- while serving --------------------------------------------------------------------
 
     def check(self) -> None:
-        for c in self.children:
-            if c.stopping or c.reported or c.alive():
-                continue
-            c.reported = True
-            siblings = [s for s in self.children if s.spec.component == c.spec.component and s is not c and s.alive()]
-            if c.spec.tolerate_exit and siblings:
-                if self.on_tolerated is not None:
-                    self.on_tolerated(c)
-                continue
-            raise ChildExited(c)
+        with self._lock:
+            for c in list(self.children):
+                if c.stopping:
+                    continue
+                if c.restart_at is not None:
+                    if time.monotonic() >= c.restart_at:
+                        self._restart(c)
+                    continue
+                if c.alive():
+                    if c.generation and c.ready_at is None and c.spec.ready is not None and c.spec.ready(c):
+                        c.ready_at = time.monotonic()
+                        self._event("ready", c, f"{c.name} ready again {c.ready_at - c.started_at:.1f}s after "
+                                                f"restart {c.generation}")  # fmt: skip
+                    continue
+                if c.reported:
+                    continue
+                c.reported = True
+                if self.policy.enabled and c.spec.restart:
+                    self._schedule_restart(c)
+                    continue
+                siblings = [s for s in self.children
+                            if s.spec.component == c.spec.component and s is not c and s.alive()]  # fmt: skip
+                if c.spec.tolerate_exit and siblings:
+                    if self.on_tolerated is not None:
+                        self.on_tolerated(c)
+                    continue
+                raise ChildExited(c)
+
+    def _schedule_restart(self, c: Child) -> None:
+        p, now = self.policy, time.monotonic()
+        hist = [t for t in self.exits.get(c.name, []) if now - t <= p.window_s] + [now]
+        self.exits[c.name] = hist
+        if len(hist) > p.max_restarts:
+            raise RestartsExhausted(c, len(hist), p.window_s, p.max_restarts)
+        delay = p.delay(len(hist))
+        c.restart_at = now + delay
+        when = "before it was ready" if c.ready_at is None else f"after {c.uptime():.1f}s"
+        self._event("exited", c, f"{c.name} exited ({describe_status(c.returncode)}, {when}); restarting in "
+                                 f"{delay:g}s (exit {len(hist)} of at most {p.max_restarts + 1} within "
+                                 f"{p.window_s:g}s); last lines of {c.log_path}:\n{indent(c.tail(5))}")  # fmt: skip
+
+    def _restart(self, old: Child) -> None:
+        end = time.monotonic() + 5
+        while group_members(old.pid) and time.monotonic() < end:  # leftovers of the old process group
+            _killpg(old.pid, signal.SIGKILL)
+            time.sleep(0.05)
+        gen = old.generation + 1
+        new = self._spawn(old.spec, note=f"restart {gen} of {old.name} ({describe_status(old.returncode)} before)")
+        new.generation = gen
+        self.children[self.children.index(old)] = new
+        self.retired.append(old)
+        self._event("restarted", new, f"{new.name}: restart {gen} started (pid {new.pid})")
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -277,14 +396,21 @@ class Supervisor:
         for c in self.children:
             if c.spec.component not in order:
                 order.append(c.spec.component)
+        with self._lock:
+            for c in self.children:
+                c.stopping = True  # no restart from here on (a check() in another thread included)
+                c.restart_at = None
         results: list[tuple[str, str]] = []
         for comp in reversed(order):
             results += self.stop_group([c for c in self.children if c.spec.component == comp])
         return results
 
     def stop_group(self, children: list[Child]) -> list[tuple[str, str]]:
+        with self._lock:  # marked under the lock: check() never restarts a child we are stopping
+            for c in children:
+                c.stopping = True
+                c.restart_at = None
         for c in children:
-            c.stopping = True
             if c.alive() or group_members(c.pid):
                 _killpg(c.pid, signal.SIGTERM)
         timeout = max((c.spec.stop_timeout for c in children), default=0.0)
@@ -310,4 +436,4 @@ class Supervisor:
 
     def leftovers(self) -> list[int]:
         """Live processes still in any child's process group (should be empty after stop_all)."""
-        return [pid for c in self.children for pid in group_members(c.pid)]
+        return [pid for c in self.all_children() for pid in group_members(c.pid)]

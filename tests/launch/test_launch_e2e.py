@@ -73,9 +73,10 @@ def test_serve_once_disagg_graph_dynamo_ext_router(tmp_path):
     assert "KV moved between workers: decode-0 " in r.stdout and f"({HOST_BACKEND} read host->host)" in r.stdout
 
 
-def test_sigkilled_worker_tolerated_then_sigterm_revokes_its_records(tmp_path):
-    """--tolerate-exits: a SIGKILLed agg worker is reported and serving goes on; at SIGTERM the stale
-    records of the killed worker (its lease outlives it) are removed by revoking that lease."""
+def test_sigkilled_worker_restarted_its_lease_revoked_then_sigterm_stops_clean(tmp_path):
+    """supervision (on by default): a SIGKILLed agg worker is reported, its instance's lease revoked at once (out
+    of discovery before its TTL), and it is restarted and ready again while serve goes on; --tolerate-exits only
+    prints its deprecation. SIGTERM then stops everything, exit 0, no record left."""
     import signal
     import time
 
@@ -95,17 +96,21 @@ def test_sigkilled_worker_tolerated_then_sigterm_revokes_its_records(tmp_path):
         while "Ctrl-C to stop" not in out.read_text() and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert p.poll() is None, err.read_text()
+        assert "--tolerate-exits is deprecated" in err.read_text()
         victim = next(pid for pid in live_procs_with_env(str(tmp_path / "cache"))
                       if b"--index\x001" in Path(f"/proc/{pid}/cmdline").read_bytes())
         os.kill(victim, signal.SIGKILL)
-        while "tolerated" not in err.read_text() and time.monotonic() < deadline:
+        while "agg-1 ready again" not in err.read_text() and p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert "agg-1 exited (killed by SIGKILL); tolerated" in err.read_text()
+        text = err.read_text()
+        assert "agg-1 exited (killed by SIGKILL, after " in text and "restarting in 0.5s" in text, text
+        assert "agg-1: restart 1 started" in text and "agg-1 ready again" in text, text
+        assert "of the exited instance revoked" in text, text
         assert p.poll() is None  # still serving
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=60) == 0, err.read_text()
     finally:
         p.kill()
     text = err.read_text()
-    assert "agg-0: exit 0" in text and "removed " in text and "stale etcd records by revoking 1 leases" in text, text
+    assert "agg-0: exit 0" in text and "agg-1: exit 0" in text and "etcd: no records left" in text, text
     assert live_procs_with_env(str(tmp_path / "cache")) == []

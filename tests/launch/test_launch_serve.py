@@ -31,10 +31,12 @@ def stub_python(tmp_path, monkeypatch):
     return str(wrapper)
 
 
-def write_config(tmp_path: Path, workers: str, etcd: str, nats: str, policy: str = "dynamo-ext") -> Path:
+def write_config(tmp_path: Path, workers: str, etcd: str, nats: str, policy: str = "dynamo-ext",
+                 supervision: str = "") -> Path:
     cfg = tmp_path / "dynamo.yaml"
     cfg.write_text(f"model: {{name: stub/model, preset: tiny}}\nworkers: {workers}\nrouter: {{policy: {policy}}}\n"
-                   f"discovery: {{etcd: {{endpoints: ['{etcd}']}}, nats: {{url: '{nats}'}}}}\n")
+                   f"discovery: {{etcd: {{endpoints: ['{etcd}']}}, nats: {{url: '{nats}'}}}}\n"
+                   + (f"supervision: {supervision}\n" if supervision else ""))
     return cfg
 
 
@@ -97,8 +99,10 @@ def test_reused_etcd_stale_record_of_a_worker_is_revoked(tmp_path, stub_python, 
 
 def test_worker_crash_while_serving_is_reported_and_everything_stops(tmp_path, stub_python, etcd_server, nats_server,
                                                                      monkeypatch):
+    """supervision.restart: false: the first exit of a worker stops the graph (the behaviour before supervision)."""
     monkeypatch.setenv("STUB_CRASH", "decode")
-    cfg = write_config(tmp_path, "{prefill: {count: 1}, decode: {count: 1}}", etcd_server.url, nats_server.url)
+    cfg = write_config(tmp_path, "{prefill: {count: 1}, decode: {count: 1}}", etcd_server.url, nats_server.url,
+                       supervision="{restart: false}")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     code, out, err = run_serve(graph="graphs/disagg.py", config=str(cfg), port=infra.free_port(),
@@ -106,6 +110,32 @@ def test_worker_crash_while_serving_is_reported_and_everything_stops(tmp_path, s
     assert code == 1
     assert "decode-0 exited unexpectedly" in err and "(exit 5" in err and "| stub crash" in err
     assert "stopping frontend, router-0, decode-0, prefill-0" in err
+    assert procs_mentioning(str(tmp_path), etcd_server, nats_server) == []
+
+
+def test_crashing_worker_is_restarted_until_restarts_are_exhausted(tmp_path, stub_python, etcd_server, nats_server,
+                                                                   monkeypatch):
+    """A worker that keeps exiting is restarted with back-off (0.1, 0.2 s), its dead instance's lease revoked each
+    time; the third exit within the window exhausts max_restarts 2: serve stops everything, exit 1, with the
+    reason and the last log lines."""
+    monkeypatch.setenv("STUB_CRASH", "decode")
+    cfg = write_config(tmp_path, "{prefill: {count: 1}, decode: {count: 1}}", etcd_server.url, nats_server.url,
+                       supervision="{max_restarts: 2, window_s: 60, backoff_initial_s: 0.1, backoff_max_s: 0.2}")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    code, out, err = run_serve(graph="graphs/disagg.py", config=str(cfg), port=infra.free_port(),
+                               model_dir=str(tmp_path / "m"), log_dir=str(tmp_path / "logs"), python=stub_python)
+    assert code == 1
+    assert "decode-0 exited (exit 5, after 0." in err and "restarting in 0.1s (exit 1 of at most 3 within 60s)" in err
+    assert "restarting in 0.2s (exit 2 of at most 3 within 60s)" in err
+    assert "decode-0: restart 1 started" in err and "decode-0: restart 2 started" in err
+    assert "decode-0 ready again" in err
+    assert err.count("of the exited instance revoked") >= 2
+    assert "decode-0 exited 3 times within 60s (exit 5 the last time" in err
+    assert "restarts exhausted (supervision.max_restarts: 2)" in err and "| stub crash" in err
+    assert "stopping frontend, router-0, decode-0, prefill-0" in err
+    log = (tmp_path / "logs" / "decode-0.log").read_text()
+    assert log.count("DYNAMO_EXT_READY") == 3 and "[supervisor] restart 2 of decode-0 (exit 5 before)" in log
     assert procs_mentioning(str(tmp_path), etcd_server, nats_server) == []
 
 

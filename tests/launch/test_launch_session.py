@@ -87,10 +87,12 @@ def stub_python(tmp_path, monkeypatch):
 
 
 def test_crash_after_ready_is_reported(tmp_path, stub_python):
-    """A stub agg worker exits 5 half a second after its ready line: start() or check() raises LaunchError
-    naming it; the others (and etcd/NATS) are stopped on the way out."""
+    """A stub agg worker exits 5 half a second after its ready line, every time: it is restarted once (the
+    launch's supervision thread, nobody calls check() for that), the second exit exhausts max_restarts 1 and
+    check() raises LaunchError naming it; the others (and etcd/NATS) are stopped on the way out."""
     cfg = loopback_config({"agg": {"count": 2}}, "round-robin", model="stub/model")
-    with pytest.raises(LaunchError, match=r"agg-\d exited unexpectedly .*\(exit 5"):
+    cfg["supervision"] = {"max_restarts": 1, "backoff_initial_s": 0.1}
+    with pytest.raises(LaunchError, match=r"agg-\d exited 2 times within 300s \(exit 5 the last time"):
         with launch_graph("graphs/agg.py", cfg, model_dir=tmp_path / "model", python=stub_python,
                           env={"STUB_CRASH": "agg"}, ready_timeout=60) as g:  # fmt: skip
             deadline = time.monotonic() + 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_ext.launch.supervisor import ChildExited, ChildSpec, ReadyTimeout, Supervisor, group_members, ready_line
+from dynamo_ext.launch.supervisor import (ChildExited, ChildSpec, ReadyTimeout, RestartPolicy, RestartsExhausted,
+                                        Supervisor, group_members, ready_line)
 
 
 def py(code: str) -> list[str]:
@@ -133,3 +135,71 @@ def test_ready_line_after_another_streams_unfinished_line(tmp_path):
     sup.wait_ready(20)
     assert c.ready_info == {"role": "decode", "instance_id": "7", "metrics": "m"}
     sup.stop_all()
+
+
+FLAKY = """
+    import os, sys, time
+    n = int(open(sys.argv[1]).read() or 0) if os.path.exists(sys.argv[1]) else 0
+    open(sys.argv[1], "w").write(str(n + 1))
+    print(f"DYNAMO_EXT_READY role=decode instance_id={n}", flush=True)
+    time.sleep(float(sys.argv[2]))
+    print(f"run {n} ends", flush=True)
+    raise SystemExit(7)
+"""
+
+
+def test_exited_child_is_restarted_with_backoff_then_exhausted(tmp_path):
+    events = []
+    policy = RestartPolicy(enabled=True, max_restarts=2, window_s=60, backoff_initial_s=0.2, backoff_max_s=0.3)
+    sup = Supervisor(tmp_path, policy=policy, on_event=lambda kind, c, text: events.append((kind, c.name, text)))
+    sup.start(spec("decode-0", FLAKY, str(tmp_path / "runs"), "0.5", component="decode",
+                   ready=ready_line("DYNAMO_EXT_READY")))
+    sup.start(spec("router-0", READY, str(tmp_path / "o"), "r", component="router", ready=ready_line("DYNAMO_EXT_READY")))
+    sup.wait_ready(20)
+    assert sup.serving()
+    first = sup.children[0]
+    deadline = time.monotonic() + 20
+    seen_not_serving = False
+    with pytest.raises(RestartsExhausted) as e:
+        while time.monotonic() < deadline:
+            sup.check()
+            seen_not_serving |= not sup.serving()
+            time.sleep(0.02)
+    assert seen_not_serving
+    kinds = [(k, n) for k, n, _t in events]
+    assert kinds == [("exited", "decode-0"), ("restarted", "decode-0"), ("ready", "decode-0"),
+                     ("exited", "decode-0"), ("restarted", "decode-0"), ("ready", "decode-0")], kinds
+    assert "restarting in 0.2s (exit 1 of at most 3 within 60s)" in events[0][2] and "| run 0 ends" in events[0][2]
+    assert "restarting in 0.3s (exit 2 of at most 3" in events[3][2]  # 0.4 capped by backoff_max_s
+    # the ready line of an earlier run does not make a restarted child ready: each run printed its own
+    assert sup.children[0].ready_info == {"role": "decode", "instance_id": "2"}
+    assert [c.generation for c in sup.all_children()] == [0, 1, 2, 0]
+    assert sup.retired[0] is first and [c.name for c in sup.children] == ["decode-0", "router-0"]
+    msg = str(e.value)
+    assert "decode-0 exited 3 times within 60s (exit 7 the last time" in msg and "max_restarts: 2" in msg
+    assert "| run 2 ends" in msg and "| [supervisor] restart 2 of decode-0 (exit 7 before)" in msg
+    sup.stop_all()
+    assert sup.leftovers() == []
+
+
+def test_child_stopped_by_us_is_not_restarted_and_exit_0_is(tmp_path):
+    """stop_group (the planner's scale-down) is never undone; an exit 0 nobody asked for (an outside SIGTERM
+    that drained the worker) is restarted like any other exit."""
+    events = []
+    sup = Supervisor(tmp_path, policy=RestartPolicy(enabled=True, backoff_initial_s=0.05),
+                     on_event=lambda kind, c, text: events.append((kind, c.name)))
+    for i in range(3):
+        sup.start(spec(f"decode-{i}", READY, str(tmp_path / "o"), str(i), component="decode",
+                       ready=ready_line("DYNAMO_EXT_READY")))
+    sup.wait_ready(20)
+    assert sup.stop_group([sup.children[2]]) == [("decode-2", "exit 0")]
+    os.kill(sup.children[1].pid, signal.SIGTERM)  # the child's handler exits 0
+    deadline = time.monotonic() + 20
+    while ("ready", "decode-1") not in events and time.monotonic() < deadline:
+        sup.check()
+        time.sleep(0.02)
+    assert events == [("exited", "decode-1"), ("restarted", "decode-1"), ("ready", "decode-1")]
+    assert sup.children[2].returncode == 0 and sup.children[2].generation == 0
+    assert sup.serving()  # decode-2 was stopped on purpose: not missing capacity
+    sup.stop_all()
+    assert sup.leftovers() == []
