@@ -79,7 +79,6 @@ def main() -> None:
     etcd, nats, http = free_port(), free_port(), free_port()
     cfg["discovery"] = {"namespace": "dxrecord", "etcd": {"endpoints": [f"http://127.0.0.1:{etcd}"]},
                         "nats": {"url": f"nats://127.0.0.1:{nats}"}}
-    cfg["kv_transfer"]["metadata_server"] = f"http://127.0.0.1:{etcd}"
     cfg["frontend"] = {"http_host": "127.0.0.1", "http_port": http}
     cfg_path = work / "record.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
