@@ -1,7 +1,9 @@
 """dynamo_ext.discovery — etcd and NATS adapters: leased worker records, watches. Contract: README.md here."""
 
+from .env import DiscoverySettingError, EtcdCredentials, dynamo_env, etcd_credentials, is_plain, nats_options
 from .etcd import (
     DiscoveryError,
+    EtcdAuthError,
     EtcdStore,
     EtcdUnavailable,
     KeyValue,
@@ -25,7 +27,8 @@ from .records import (
 )
 
 __all__ = [
-    "DiscoveryError", "EtcdStore", "EtcdUnavailable", "KeyValue", "Lease", "LeaseNotFound", "Listing", "Watch",
+    "DiscoverySettingError", "EtcdCredentials", "dynamo_env", "etcd_credentials", "is_plain", "nats_options",
+    "EtcdAuthError", "DiscoveryError", "EtcdStore", "EtcdUnavailable", "KeyValue", "Lease", "LeaseNotFound", "Listing", "Watch",
     "WatchEvent", "EventBus", "Message", "NatsUnavailable", "Subscription", "InvalidRecord", "PoolDescriptor",
     "WorkerChange", "WorkerRecord", "WorkerRegistry", "decode_record", "encode_record", "parse_worker_key",
     "worker_key",

@@ -3,10 +3,16 @@
 Protocol
 --------
 * Keys are ``str`` (UTF-8), values are ``bytes``. Nothing here interprets values (``records.py`` does).
-* ``EtcdStore.connect(url)`` opens one gRPC channel to ``http://host:port`` (comma-separated list allowed)
-  and checks it with a read, retrying with capped exponential backoff for at most ``connect_timeout``
-  seconds before raising :class:`EtcdUnavailable`. Every later call retries transient errors
-  (UNAVAILABLE, deadline) the same way for at most ``op_timeout`` seconds.
+* ``EtcdStore.connect(url, credentials=None)`` opens one gRPC channel to ``http://host:port`` or
+  ``https://host:port`` (comma-separated list of IP endpoints allowed; a host name must be the only
+  endpoint) and checks it with a read, retrying with capped exponential backoff for at most
+  ``connect_timeout`` seconds before raising :class:`EtcdUnavailable`. Every later call retries transient
+  errors (UNAVAILABLE, deadline) the same way for at most ``op_timeout`` seconds.
+* Credentials (``env.EtcdCredentials``; default: read from the ``ETCD_AUTH_*`` variables Dynamo's runtime
+  reads, so a process configured for Dynamo is configured for this store too): ``https://`` needs TLS
+  material (CA, client certificate and key, PEM); a username + password authenticates and sends the token
+  with every call, and re-authenticates once when etcd answers "unauthenticated" (a token that expired, or
+  was lost in an etcd restart). Refused credentials raise :class:`EtcdAuthError` at once (not retried).
 * Leases. ``grant_lease(ttl)`` returns a :class:`Lease` kept alive by the store's single supervisor task
   (one keep-alive every ``ttl/3`` s). ``put(key, value, lease=...)`` takes a :class:`Lease`, an *external*
   lease id (``int``: for example the Dynamo runtime's own lease, ``endpoint.connection_id()``, so the
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,7 +47,17 @@ from urllib.parse import urlparse
 
 import grpc
 import grpc.aio
-from etcd3aio import Etcd3Client, EtcdConnectionError, EtcdError, EtcdTransientError, prefix_range_end
+from etcd3aio import (
+    Etcd3Client,
+    EtcdConnectionError,
+    EtcdError,
+    EtcdPermissionDeniedError,
+    EtcdTransientError,
+    EtcdUnauthenticatedError,
+    prefix_range_end,
+)
+
+from .env import EtcdCredentials, etcd_credentials
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +71,10 @@ class DiscoveryError(Exception):
 
 class EtcdUnavailable(DiscoveryError):
     """etcd did not answer within the bounded retry window."""
+
+
+class EtcdAuthError(DiscoveryError):
+    """etcd refused our credentials (wrong password, a user without permission): not retried."""
 
 
 class LeaseNotFound(DiscoveryError):
@@ -114,20 +135,49 @@ class _Owned:
     external: int  # external lease id, 0 if ours
 
 
-def _endpoints(url: str) -> list[str]:
-    out = []
+def _endpoints(url: str, tls: bool) -> tuple[list[str], str | None]:
+    """``(host:port list, gRPC target override)``: IP endpoints round-robin over etcd3aio's ``ipv4:`` target;
+    one host name resolves through gRPC's ``dns:///`` target (``ipv4:`` takes addresses only)."""
+    out, names = [], []
+    scheme = "https" if tls else "http"
     for part in url.split(","):
         part = part.strip()
         if "://" not in part:
-            part = "http://" + part
+            part = f"{scheme}://" + part
         u = urlparse(part)
-        if u.scheme != "http" or not u.hostname or not u.port:
-            raise ValueError(f"etcd url {part!r}: expected http://host:port (TLS is not supported here)")
+        if u.scheme not in ("http", "https") or not u.hostname or not u.port:
+            raise ValueError(f"etcd url {part!r}: expected http://host:port or https://host:port")
+        if (u.scheme == "https") != tls:
+            need = ("TLS credentials (ETCD_AUTH_CA, ETCD_AUTH_CLIENT_CERT, ETCD_AUTH_CLIENT_KEY)" if not tls else
+                    "an https:// URL (TLS credentials are set)")
+            raise ValueError(f"etcd url {part!r} needs {need}")
+        try:
+            ipaddress.ip_address(u.hostname)
+        except ValueError:
+            names.append(u.hostname)
         out.append(f"{u.hostname}:{u.port}")
-    return out
+    if names:
+        if len(out) > 1:
+            raise ValueError(f"etcd url {url!r}: give one host name (resolving to every member) or IP addresses")
+        return out, f"dns:///{out[0]}"
+    return out, None
 
 
 _TRANSIENT = (EtcdConnectionError, EtcdTransientError, TimeoutError)
+
+
+_AUTH_DETAILS = ("user name", "permission denied", "authentication", "auth token", "root user")
+
+
+def _auth_refusal(e: grpc.aio.AioRpcError) -> bool:
+    return e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION) and any(
+        d in (e.details() or "") for d in _AUTH_DETAILS)
+
+
+def _unauthenticated(e: BaseException) -> bool:
+    if isinstance(e, EtcdUnauthenticatedError | EtcdAuthError):
+        return True
+    return isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def _brief(e: BaseException) -> str:
@@ -137,13 +187,22 @@ def _brief(e: BaseException) -> str:
 
 
 class EtcdStore:
-    def __init__(self, url: str, *, op_timeout: float = 5.0, max_backoff: float = 1.0) -> None:
+    def __init__(self, url: str, *, op_timeout: float = 5.0, max_backoff: float = 1.0,
+                 credentials: EtcdCredentials | None = None) -> None:
         self.url = url
         self._op_timeout = op_timeout
         self._max_backoff = max_backoff
+        self._creds = etcd_credentials() if credentials is None else credentials
+        endpoints, target = _endpoints(url, self._creds.tls)
+        tls_args: dict[str, bytes | None] = {}
+        if self._creds.tls:
+            tls_args = {"ca_cert": self._creds.ca, "cert_chain": self._creds.cert, "cert_key": self._creds.key}
         self._client = Etcd3Client(
-            _endpoints(url), watch_reconnect_backoff_seconds=0.1, watch_max_reconnect_backoff_seconds=max_backoff
+            endpoints, watch_reconnect_backoff_seconds=0.1, watch_max_reconnect_backoff_seconds=max_backoff,
+            **tls_args,
         )
+        if target is not None:
+            self._client._manager.target = target  # etcd3aio builds "ipv4:<list>", which takes addresses only
         # Bound gRPC's own channel reconnect backoff (default grows to 120 s). etcd3aio has no public knob.
         opts = getattr(getattr(self._client, "_manager", None), "grpc_options", None)
         if isinstance(opts, list):
@@ -163,10 +222,12 @@ class EtcdStore:
 
     @classmethod
     async def connect(cls, url: str, *, connect_timeout: float = 10.0, op_timeout: float = 5.0,
-                      max_backoff: float = 1.0) -> EtcdStore:
-        store = cls(url, op_timeout=op_timeout, max_backoff=max_backoff)
+                      max_backoff: float = 1.0, credentials: EtcdCredentials | None = None) -> EtcdStore:
+        store = cls(url, op_timeout=op_timeout, max_backoff=max_backoff, credentials=credentials)
         await store._client.connect()
         try:
+            if store._creds.username is not None:
+                await store._retry("authenticate", lambda t: store._authenticate(t), connect_timeout)
             resp = await store._retry("connect", lambda t: store._kv.get(b"\0", timeout=t), connect_timeout)
         except BaseException:
             await store._client.close()
@@ -207,16 +268,53 @@ class EtcdStore:
             raise DiscoveryError("EtcdStore is closed")
         return self._client.lease
 
+    async def _authenticate(self, timeout: float) -> None:
+        """Exchange username + password for a token sent with every later call (EtcdAuthError if refused)."""
+        assert self._creds.username is not None and self._client.auth is not None
+        self._client.set_token(None)  # etcd refuses an Authenticate that carries a stale token
+        try:
+            resp = await self._client.auth.authenticate(self._creds.username, self._creds.password or "",
+                                                        timeout=timeout)  # fmt: skip
+        except EtcdUnauthenticatedError as e:
+            raise EtcdAuthError(f"etcd at {self.url} refused user {self._creds.username!r}: {e}") from None
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                            grpc.StatusCode.PERMISSION_DENIED):  # fmt: skip
+                raise EtcdAuthError(f"etcd at {self.url} refused user {self._creds.username!r}: "
+                                    f"{e.details()}") from None  # fmt: skip
+            raise
+        self._client.set_token(resp.token)
+
+    async def _reauth(self, err: BaseException) -> bool:
+        """After an 'unauthenticated' answer: a new token when we have a password (True), else False."""
+        if self._creds.username is None:
+            return False
+        log.info("etcd %s: %s; authenticating again", self.url, _brief(err))
+        await self._authenticate(2.0)
+        return True
+
     async def _retry(self, op: str, fn: Callable[[float], Awaitable[T]], budget: float | None = None) -> T:
         """Run ``fn(per_attempt_timeout)`` until it succeeds or ``budget`` seconds of transient errors pass."""
         loop = asyncio.get_running_loop()
         budget = self._op_timeout if budget is None else budget
         deadline = loop.time() + budget
         backoff = 0.05
+        reauthed = False
         while True:
             remaining = deadline - loop.time()
             try:
                 return await fn(max(0.1, min(2.0, remaining)))
+            except EtcdUnauthenticatedError as e:
+                if reauthed or not await self._reauth(e):
+                    raise EtcdAuthError(f"etcd {op} at {self.url}: {e}") from None
+                reauthed = True
+            except EtcdPermissionDeniedError as e:
+                raise EtcdAuthError(f"etcd {op} at {self.url}: {e} (credentials: {self._creds!r})") from None
+            except grpc.aio.AioRpcError as e:
+                if _auth_refusal(e):  # e.g. "user name is empty": auth is enabled and we sent no credentials
+                    raise EtcdAuthError(f"etcd {op} at {self.url}: {e.details()} (credentials: "
+                                        f"{self._creds!r})") from None  # fmt: skip
+                raise
             except _TRANSIENT as e:
                 if loop.time() + backoff >= deadline:
                     raise EtcdUnavailable(f"etcd {op} at {self.url}: unreachable for {budget:.1f}s ({e})") from e
@@ -425,6 +523,9 @@ class EtcdStore:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure here is retried with backoff
+                if _unauthenticated(e):
+                    with contextlib.suppress(Exception):
+                        await self._reauth(e)
                 if not outage:
                     log.warning("etcd %s: keep-alive/repair failed (%s); retrying", self.url, _brief(e))
                 outage = True
@@ -548,6 +649,9 @@ class Watch:
                     raise
                 except (EtcdError, grpc.aio.AioRpcError, DiscoveryError) as e:
                     log.warning("watch %r: %s; resuming at revision %d", self.prefix, _brief(e), self._next)
+                    if _unauthenticated(e):
+                        with contextlib.suppress(Exception):
+                            await self._store._reauth(e)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self._store._max_backoff)
         except asyncio.CancelledError:

@@ -7,7 +7,10 @@ Protocol
   subscribed and connected. Consumers that need completeness detect gaps themselves (sequence numbers
   in the payload, as Dynamo's KV-event envelope does).
 * ``EventBus.connect(url)`` retries the first connection for at most ``connect_timeout`` seconds, then
-  raises :class:`NatsUnavailable`. Afterwards nats-py reconnects forever (``reconnect_wait`` between
+  raises :class:`NatsUnavailable`. TLS and the token come from ``options`` (keyword arguments of
+  ``nats.connect``), by default from the ``NATS_TLS_*`` / ``NATS_AUTH_TOKEN`` variables Dynamo's runtime
+  reads (``env.nats_options``); a refused token or certificate raises :class:`NatsUnavailable` at its
+  first refusal (no retries). Afterwards nats-py reconnects forever (``reconnect_wait`` between
   tries) and re-establishes subscriptions; nats-py buffers what this client publishes while it is
   reconnecting (``pending_size``).
 * ``subscribe(subject, callback)`` calls ``await callback(msg)`` (or a plain function) per message;
@@ -18,9 +21,11 @@ Protocol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +35,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as _NatsSub
 
+from .env import nats_options
 from .etcd import DiscoveryError
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,12 @@ MessageCallback = Callable[[Message], Awaitable[None] | None]
 
 def _msg(m: Msg) -> Message:
     return Message(m.subject, bytes(m.data), m.reply or "", dict(m.headers) if m.headers else None)
+
+
+def _refusal(e: BaseException) -> bool:
+    """An authorization or certificate failure (not an outage)."""
+    text = str(e).lower()
+    return isinstance(e, ssl.SSLError) or "authorization" in text or "certificate" in text
 
 
 class Subscription:
@@ -82,8 +94,11 @@ class EventBus:
 
     @classmethod
     async def connect(cls, url: str, *, name: str | None = None, connect_timeout: float = 10.0,
-                      reconnect_wait: float = 0.25) -> EventBus:
+                      reconnect_wait: float = 0.25, options: dict[str, Any] | None = None) -> EventBus:
         bus: EventBus | None = None
+        extra = nats_options() if options is None else dict(options)
+        refused: list[BaseException] = []
+        refusal = asyncio.Event()
 
         async def reconnected() -> None:
             if bus is not None:
@@ -94,20 +109,38 @@ class EventBus:
             log.warning("nats %s: disconnected; reconnecting", url)
 
         async def error(e: Exception) -> None:
+            if bus is None and _refusal(e):  # the first connection: retrying cannot fix credentials
+                refused.append(e)
+                refusal.set()
             log.debug("nats %s: %s", url, e)
 
         # nats-py retries the first connection itself: bound it by a number of attempts, then lift the
         # bound so that later outages are retried forever.
         attempts = max(1, math.ceil(connect_timeout / reconnect_wait))
+        connecting = asyncio.ensure_future(nats.connect(
+            url, name=name, connect_timeout=max(1, int(min(2.0, connect_timeout))),
+            allow_reconnect=True, max_reconnect_attempts=attempts,
+            reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
+            reconnected_cb=reconnected, disconnected_cb=disconnected, error_cb=error, **extra,
+        ))  # fmt: skip
+        refused_wait = asyncio.ensure_future(refusal.wait())
         try:
-            async with asyncio.timeout(connect_timeout + 2.0):
-                nc = await nats.connect(
-                    url, name=name, connect_timeout=max(1, int(min(2.0, connect_timeout))),
-                    allow_reconnect=True, max_reconnect_attempts=attempts,
-                    reconnect_time_wait=reconnect_wait,  # type: ignore[arg-type]
-                    reconnected_cb=reconnected, disconnected_cb=disconnected, error_cb=error,
-                )
+            await asyncio.wait({connecting, refused_wait}, timeout=connect_timeout + 2.0,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            refused_wait.cancel()
+        try:
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                if refused:
+                    raise NatsUnavailable(f"nats {url}: refused our credentials ({refused[0]!r})")
+                raise NatsUnavailable(f"nats {url}: unreachable for {connect_timeout:.1f}s")
+            nc = connecting.result()
         except (OSError, TimeoutError, nats.errors.Error) as e:
+            if refused or _refusal(e):
+                raise NatsUnavailable(f"nats {url}: refused our credentials ({(refused or [e])[0]!r})") from e
             raise NatsUnavailable(f"nats {url}: unreachable for {connect_timeout:.1f}s ({e!r})") from e
         nc.options["max_reconnect_attempts"] = -1
         bus = cls(nc, url)

@@ -250,5 +250,20 @@ async def test_close_ends_watches(shared_etcd):
 
 
 def test_bad_url():
+    from dynamo_ext.discovery import EtcdCredentials
+
     with pytest.raises(ValueError, match="http://host:port"):
-        EtcdStore("https://127.0.0.1:2379")
+        EtcdStore("ftp://127.0.0.1:2379", credentials=EtcdCredentials())
+    with pytest.raises(ValueError, match="needs TLS credentials"):
+        EtcdStore("https://127.0.0.1:2379", credentials=EtcdCredentials())
+    with pytest.raises(ValueError, match="one host name"):
+        EtcdStore("http://etcd-a:2379,http://etcd-b:2379", credentials=EtcdCredentials())
+
+
+async def test_host_name_endpoint(shared_etcd):
+    """A host name goes through gRPC's dns:/// target (etcd3aio's ipv4: target takes addresses only)."""
+    port = shared_etcd.url.rsplit(":", 1)[1]
+    async with await EtcdStore.connect(f"http://localhost:{port}", connect_timeout=5) as s:
+        key = _p() + "dns"
+        await s.put(key, b"ok")
+        assert await s.get(key) == b"ok"
