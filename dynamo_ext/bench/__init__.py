@@ -3,7 +3,8 @@
 (reference engine vs dense SDPA), ``routing_latency`` (``bench routing``: decision latency at 16-1,024
 workers), ``serve`` (agg vs disagg graphs through Dynamo's HTTP frontend, started with
 ``dynamo_ext.launch.launch_graph``), ``route`` (round-robin vs Dynamo KV router vs dynamo-ext end to end),
-``serve_direct`` (``bench serve-direct``: agg vs disagg on several GPUs without the Dynamo runtime) with its
+``faults`` (the fault campaign: SIGKILL / SIGTERM / SIGSTOP of workers, etcd and NATS restarts under a streaming
+load; ``benchmarks/results/reliability.md``), ``serve_direct`` (``bench serve-direct``: agg vs disagg on several GPUs without the Dynamo runtime) with its
 worker process ``direct_worker``, and the shared helpers ``_machine`` (machine facts), ``_stats``
 (percentiles) and ``_kv`` (KV pull statistics from the workers' ``/metrics``). Results go to
 :func:`results_dir`. This is a top layer like ``cli``: it may import every layer below (workers, launch,

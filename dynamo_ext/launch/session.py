@@ -4,12 +4,17 @@
         complete(g.base_url, g.model, "Hello")          # dynamo_ext.launch.client
         texts = g.metrics(role="decode")                # {child name: Prometheus text of its /metrics}
         g.children                                      # [LaunchedChild(name, role, pid, instance_id, metrics_url)]
+        g.infra                                         # etcd / NATS this launch started (LaunchedChild each)
+        g.serving(); g.events                           # full capacity now?; supervision events (exits, restarts)
     # here every child is stopped (reverse start order, SIGTERM then SIGKILL), the etcd records of the stopped
     # instances are gone, and etcd / NATS are stopped if this launch started them
 
 It is :class:`dynamo_ext.launch.serve.Launch` (the code of ``dynamo-ext serve``: ``prepare`` -> ``start`` ->
 ``stop``) without the CLI around it: no signal handlers (the caller decides what SIGTERM does; a
 ``SystemExit`` raised in the ``with`` body stops the graph like any exception), no ``--once``, no banner.
+Supervision is the same as serve's (``supervision`` in the config): a supervision thread restarts a child
+that exits, with back-off; when restarts are exhausted the graph keeps what still runs and ``check()``
+raises :class:`LaunchError` with the reason (the caller decides to stop: leaving the ``with`` does).
 
 Arguments:
   graph          a path (``graphs/agg.py``) or module (``graphs.agg``), as for ``serve``
@@ -96,6 +101,25 @@ class LaunchedGraph:
         return LaunchedChild(name=c.name, role=role, pid=c.pid, instance_id=instance_id,
                              metrics_url=info.get("metrics") or None, component=c.spec.component,
                              log_path=c.log_path)  # fmt: skip
+
+    @property
+    def infra(self) -> list[LaunchedChild]:
+        """etcd and NATS when this launch started them (restarted by supervision like the graph's children)."""
+        sup = self._launch.infra_sup
+        return [LaunchedChild(name=c.name, role=c.name, pid=c.pid, instance_id=None, metrics_url=None,
+                              component=c.spec.component, log_path=c.log_path)
+                for c in (sup.children if sup is not None else [])]  # fmt: skip
+
+    @property
+    def events(self) -> list[tuple[float, str, str, str]]:
+        """Supervision events so far: ``(time.time(), kind, child name, text)``, kind ``exited`` | ``restarted``
+        | ``ready`` (ready again after a restart)."""
+        return list(self._launch.events)
+
+    def serving(self) -> bool:
+        """Every child and etcd/NATS we started alive and ready, no restart pending (the supervisor's view; a
+        SIGSTOPped process still counts: ask its /health for more)."""
+        return self._launch.serving()
 
     def alive(self) -> list[LaunchedChild]:
         sup = self._launch.sup
