@@ -90,7 +90,9 @@ class KvEventIndexer:
     async def start(self, nats_url: str, subject: str) -> None:
         import nats
 
-        nc = await nats.connect(nats_url)
+        from dynamo_ext.discovery.env import nats_options  # TLS + token from the variables Dynamo reads
+
+        nc = await nats.connect(nats_url, **nats_options())
         self._own_nc = True
         await self.subscribe(nc, subject)
 

@@ -3,10 +3,15 @@
 Protocol
 --------
 * ``child_env(config, etcd_url, nats_url)``: the caller's environment plus what every Dynamo process
-  needs on one host: ``DYN_TCP_RPC_HOST=127.0.0.1``, ``DYN_EVENT_PLANE_HOST=127.0.0.1``,
-  ``DYN_EVENT_PLANE=nats``, ``ETCD_ENDPOINTS``, ``NATS_SERVER`` (always set), and unless already set
-  ``HF_HUB_OFFLINE=1``, ``UCX_NET_DEVICES=lo``, ``ETCD_LEASE_TTL=<discovery.etcd.lease_ttl_s>``;
-  ``PYTHONUNBUFFERED=1`` so readiness lines reach the log at once.
+  needs on one host. Always set: every listener on loopback (:data:`LOOPBACK_ENV`: Dynamo's TCP request
+  plane ``DYN_TCP_RPC_HOST``, its TCP response stream ``DYN_TCP_RESPONSE_STREAM_HOST``, its event plane
+  ``DYN_EVENT_PLANE_HOST``, its system/metrics server ``DYN_SYSTEM_HOST``, UCX (NIXL)
+  ``UCX_NET_DEVICES=lo``; our metrics server and TCP transport bind 127.0.0.1 themselves),
+  ``DYN_EVENT_PLANE=nats``, ``ETCD_ENDPOINTS``, ``NATS_SERVER``, ``PYTHONUNBUFFERED=1`` (readiness lines
+  reach the log at once), and the TLS / credential variables of ``discovery.*`` from
+  :func:`dynamo_ext.discovery.env.dynamo_env` (inherited ones are dropped first: the config decides).
+  Unless already set: ``HF_HUB_OFFLINE=1``, ``ETCD_LEASE_TTL=<discovery.etcd.lease_ttl_s>``. A secret or
+  file that cannot be read raises :class:`~dynamo_ext.launch.infra.InfraError` (one line naming the key).
 * ``plan_processes(graph, config, ...)``: for each active component (``Graph.plan``, dependencies
   first) and each index ``0..count-1`` one :class:`ChildSpec` named ``<component>-<index>``:
   - workers and routers: ``python -m dynamo_ext.workers --role R --config FILE --model-dir DIR
@@ -29,26 +34,40 @@ import sys
 from pathlib import Path
 
 from dynamo_ext.config import DynamoExtConfig
+from dynamo_ext.discovery.env import FOREIGN_AUTH_KEYS, SECURITY_ENV_KEYS, DiscoverySettingError, dynamo_env
 
 from .client import list_models
 from .graph import Graph
-from .infra import free_port
+from .infra import InfraError, free_port
 from .supervisor import Child, ChildSpec, ReadyCheck, ready_line
 
 READY_PREFIX = "DYNAMO_EXT_READY"
+
+
+#: every host/bind variable of Dynamo 1.6.1's runtime (``strings dynamo/_core.abi3.so | grep -E '^DYN_|_HOST'``)
+#: and UCX's network devices: a local graph listens on loopback only (tests/launch/test_loopback.py)
+LOOPBACK_ENV = {
+    "DYN_TCP_RPC_HOST": "127.0.0.1", "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
+    "DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_SYSTEM_HOST": "127.0.0.1", "UCX_NET_DEVICES": "lo",
+}  # fmt: skip
 
 
 def child_env(
     config: DynamoExtConfig, etcd_url: str, nats_url: str, base: dict[str, str] | None = None
 ) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
-    env.update({
-        "DYN_TCP_RPC_HOST": "127.0.0.1", "DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_EVENT_PLANE": "nats",
-        "ETCD_ENDPOINTS": etcd_url, "NATS_SERVER": nats_url, "PYTHONUNBUFFERED": "1",
-    })  # fmt: skip
+    for k in (*SECURITY_ENV_KEYS, *FOREIGN_AUTH_KEYS):
+        env.pop(k, None)
+    try:
+        discovery = dynamo_env(config, env)
+    except DiscoverySettingError as e:
+        raise InfraError(str(e)) from None
+    env.update({k: v for k, v in discovery.items() if k in SECURITY_ENV_KEYS})
+    env.update(LOOPBACK_ENV)
+    env.update({"DYN_EVENT_PLANE": "nats", "ETCD_ENDPOINTS": etcd_url, "NATS_SERVER": nats_url,
+                "PYTHONUNBUFFERED": "1"})  # fmt: skip
     env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("UCX_NET_DEVICES", "lo")
-    env.setdefault("ETCD_LEASE_TTL", str(config.discovery.etcd.lease_ttl_s))
+    env.setdefault("ETCD_LEASE_TTL", discovery["ETCD_LEASE_TTL"])
     return env
 
 

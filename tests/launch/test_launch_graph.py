@@ -29,7 +29,7 @@ def test_disagg_start_order_and_links():
 
 def test_dynamo_kv_has_no_router_and_frontend_calls_workers():
     g = load_graph("graphs/disagg.py")
-    cfg = parse_config({**DISAGG, "router": {"policy": "dynamo-kv", "replicas": 3}})
+    cfg = parse_config({**DISAGG, "router": {"policy": "dynamo-kv"}})  # replicas > 1 is refused under dynamo-kv
     assert [c.name for c, _ in g.plan(cfg)] == ["prefill", "decode", "frontend"]
     assert {(a, b) for a, b, k in g.links(cfg) if k == "calls"} == {("frontend", "prefill"), ("frontend", "decode")}
 
