@@ -51,7 +51,21 @@ FAULTS: dict[str, str] = {
     "nats-restart": "NATS (started by the launch) stopped with SIGTERM; supervision starts it again on the same "
                     "port and JetStream directory",
 }
+EXTRA_FAULTS: dict[str, str] = {  # not in the issue's list: run with --faults
+    "sigkill-router": "SIGKILL router-0 (the only router unless --routers 2)",
+    "sigkill-frontend": "SIGKILL Dynamo's HTTP frontend",
+}
+# Why requests of a row fail, where the mechanism is known (shown under the table for a row with failures)
+WHY_FAILED: dict[str, str] = {
+    "sigkill-router": "the requests in flight went through the killed router: Dynamo's frontend only moves a stream to "
+                      "another instance when started with a migration limit (DYN_MIGRATION_LIMIT / --migration-limit, "
+                      "0 by default) and there is another router replica to move it to (router.replicas); "
+                      "requests sent before the frontend saw the router's lease go got 503/404 for ~1 s",
+    "sigkill-frontend": "the HTTP connections in flight were to the killed process: nothing can carry a client's TCP "
+                        "stream over; the restarted frontend answers 404 until it has discovered the model again",
+}
 STOP_S = 10.0  # how long sigstop-prefill keeps the worker stopped
+FAILED_PAUSE_S = 0.2  # a load thread waits this long after a failed request before its next one
 PROMPT = ("The quick brown fox jumps over the lazy dog while the tiny model keeps generating tokens for "
           "a reliability test of the disaggregated graph")
 
@@ -142,6 +156,8 @@ class Load:
             self.inflight.pop(i, None)
             with self._lock:
                 self.results.append(r)
+            if not r.ok:
+                self._stop.wait(FAILED_PAUSE_S)  # a client that fails does not spin: counts stay meaningful
 
     def start(self) -> None:
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True, name=f"load-{i}")
@@ -207,7 +223,8 @@ def _pid(g: Any, name: str) -> int:
 
 
 VICTIMS = {"sigkill-prefill": "prefill-0", "sigkill-decode": "decode-1", "sigterm-decode": "decode-1",
-           "sigstop-prefill": "prefill-0", "etcd-restart": "etcd", "nats-restart": "nats"}
+           "sigstop-prefill": "prefill-0", "etcd-restart": "etcd", "nats-restart": "nats",
+           "sigkill-router": "router-0", "sigkill-frontend": "frontend"}
 
 
 def victim_state(g: Any, fault: str) -> str:
@@ -217,7 +234,9 @@ def victim_state(g: Any, fault: str) -> str:
         if c.name == name and c.metrics_url:
             code, h = _health(c.metrics_url.rsplit("/", 1)[0] + "/health")
             keys = [k for k in ("running", "waiting", "held_handles") if k in h]
-            return f"{name}: " + ", ".join(f"{k} {h[k]}" for k in keys) if code == 200 else f"{name}: /health {code}"
+            if code != 200:
+                return f"{name}: /health {code}"
+            return f"{name}: " + ", ".join(f"{k} {h[k]}" for k in keys) if keys else name
     return name
 
 
@@ -243,10 +262,14 @@ def inject(g: Any, fault: str) -> tuple[float, Callable[[], bool]]:
 
         threading.Thread(target=cont, daemon=True).start()
         return STOP_S, over.is_set
+    elif fault == "sigkill-router":
+        os.kill(_pid(g, "router-0"), signal.SIGKILL)
+    elif fault == "sigkill-frontend":
+        os.kill(_pid(g, "frontend"), signal.SIGKILL)
     elif fault in ("etcd-restart", "nats-restart"):
         os.kill(_pid(g, fault.split("-")[0]), signal.SIGTERM)
     else:
-        raise ValueError(f"unknown fault {fault!r} (known: {', '.join(FAULTS)})")
+        raise ValueError(f"unknown fault {fault!r} (known: {', '.join([*FAULTS, *EXTRA_FAULTS])})")
     return 0.0, lambda: True
 
 
@@ -266,6 +289,7 @@ class Row:
     sent: int = 0
     completed: int = 0
     failed: int = 0
+    failed_in_flight: int = 0  # failed requests that were in flight when the fault hit (the rest started after)
     in_flight_at_fault: int = 0  # client side: requests sent and not finished
     victim: str = ""  # the faulted process and what it was serving just before (its /health)
     chunks_per_request: float = 0.0  # mean streamed chunks of a completed request
@@ -279,7 +303,7 @@ class Row:
 def run_fault(g: Any, fault: str, *, prefill: int, decode: int, concurrency: int, max_tokens: int,
               warm_s: float = 4.0, settle_s: float = 3.0, max_s: float = 90.0,
               say: Callable[[str], None] = lambda _s: None) -> Row:  # fmt: skip
-    row = Row(fault, FAULTS[fault])
+    row = Row(fault, {**FAULTS, **EXTRA_FAULTS}[fault])
     before = wait_capacity(g, prefill, decode, 120.0)
     if before:
         raise RuntimeError(f"{fault}: the graph is not at full capacity before the fault: {before}")
@@ -312,6 +336,7 @@ def run_fault(g: Any, fault: str, *, prefill: int, decode: int, concurrency: int
     res = load.results
     row.sent, row.completed = len(res), sum(r.ok for r in res)
     row.failed = row.sent - row.completed
+    row.failed_in_flight = sum(1 for r in res if not r.ok and r.start <= t0)
     row.chunks_per_request = round(sum(r.chunks for r in res if r.ok) / max(1, row.completed), 1)
     row.slowest_request_s = round(max((r.end - r.start for r in res), default=0.0), 2)
     seen: list[str] = []
@@ -333,7 +358,7 @@ def campaign_config(args: argparse.Namespace) -> dict[str, Any]:
         "model": {"name": "dynamo-ext/tiny", "preset": "tiny", "block_size": 16, "dtype": "float32"},
         "kv_transfer": {"backend": "nixl", "transport": "auto", "timeout_ms": 2000},
         "workers": {"prefill": {"count": 1, "num_kv_blocks": 1024}, "decode": {"count": 2, "num_kv_blocks": 1024}},
-        "router": {"policy": args.policy, "disagg_min_prompt_tokens": 64},
+        "router": {"policy": args.policy, "disagg_min_prompt_tokens": 64, "replicas": args.routers},
         "discovery": {"namespace": "faults", "etcd": {"endpoints": [f"http://127.0.0.1:{free_port()}"]},
                       "nats": {"url": f"nats://127.0.0.1:{free_port()}"}},
     }  # supervision and discovery.etcd.lease_ttl_s: the defaults
@@ -353,11 +378,12 @@ def machine() -> dict[str, Any]:
 
 
 def run_campaign(faults: list[str], *, concurrency: int = 8, max_tokens: int = 32, policy: str = "dynamo-ext",
+                 routers: int = 1,
                  warm_s: float = 4.0, settle_s: float = 3.0, max_s: float = 90.0, log_dir: str | Path | None = None,
                  env: dict[str, str] | None = None, say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:  # fmt: skip
     from dynamo_ext.launch import launch_graph  # noqa: PLC0415
 
-    args = argparse.Namespace(policy=policy)
+    args = argparse.Namespace(policy=policy, routers=routers)
     cfg = campaign_config(args)
     m = machine()
     rows: list[Row] = []
@@ -371,9 +397,9 @@ def run_campaign(faults: list[str], *, concurrency: int = 8, max_tokens: int = 3
         log_dir_used = str(g.log_dir)
         supervision = g.config.supervision.model_dump()
         ttl = g.config.discovery.etcd.lease_ttl_s
-    return {"machine": m, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+    return {"machine": m, "env": dict(env or {}), "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
             "seconds": round(time.time() - t_start, 1),
-            "params": {"graph": "graphs/disagg.py", "prefill_workers": 1, "decode_workers": 2, "router": policy,
+            "params": {"graph": "graphs/disagg.py", "prefill_workers": 1, "decode_workers": 2, "router": policy, "router_replicas": routers,
                        "model": "tiny (random weights, CPU, float32)", "concurrency": concurrency,
                        "max_tokens": max_tokens, "prompt": f"'Request N: ' + {len(PROMPT)} characters (~"
                        f"{len(PROMPT) + 12} tokens, byte-level tokenizer: disaggregated, distinct per request)",
@@ -390,7 +416,7 @@ def table(res: dict[str, Any]) -> str:
         f"{m.get('ai-dynamo-runtime')}; load average at start {m['load_avg_1m']}. Run {res['started']}, "
         f"{res['seconds']:.0f} s in all (`dynamo-ext bench faults`, `dynamo_ext/bench/faults.py`).", "",
         f"Graph: `{p['graph']}` started by `launch_graph` as `dynamo-ext serve` starts it: {p['prefill_workers']} "
-        f"prefill + {p['decode_workers']} decode workers, router ({p['router']}), Dynamo's frontend, etcd and NATS "
+        f"prefill + {p['decode_workers']} decode workers, {p.get('router_replicas', 1)} router(s) ({p['router']}), Dynamo's frontend, etcd and NATS "
         f"started by the launch on loopback; model {p['model']}; supervision {p['supervision']}; "
         f"lease TTL {p['lease_ttl_s']} s.", "",
         f"Load: closed loop of {p['concurrency']} concurrent streaming `/v1/completions` requests (HTTP, "
@@ -400,8 +426,11 @@ def table(res: dict[str, Any]) -> str:
         "Full capacity: every process alive and ready (supervisor), every worker's and the router's `/health` 200, "
         "the router sees 1 prefill and 2 decode workers, the frontend lists the model, etcd and NATS answer. "
         "`capacity back` = seconds from the fault until then, for good. A request fails on an HTTP error, an "
-        "error event or chunk, or a stream without `[DONE]` and a finish reason.", "",
-        "| fault | sent | completed | failed | victim just before | capacity back (s) | slowest request (s) | "
+        "error event or chunk, or a stream without `[DONE]` and a finish reason; a client thread waits "
+        f"{FAILED_PAUSE_S:g} s after a failure. `victim just before`: the faulted process and its `/health` load "
+        "(requests running / waiting, prefill KV handles held) just before the fault."
+        + (f" Environment added to every process: {res['env']}." if res.get("env") else ""), "",
+        "| fault | sent | completed | failed (in flight at the fault) | victim just before | capacity back (s) | slowest request (s) | "
         "chunks / request | supervision | errors |",
         "|---|---:|---:|---:|---|---:|---:|---:|---|---|",
     ]
@@ -409,9 +438,18 @@ def table(res: dict[str, Any]) -> str:
         back = f"{r['recovery_s']:.1f}" if r["recovery_s"] is not None else f"not back ({'; '.join(r['not_back'])})"
         sup = "<br>".join(x.replace("|", "/") for x in r["restarts"]) or "-"
         errs = "<br>".join(e.replace("|", "/")[:160] for e in r["errors"]) or "-"
-        lines.append(f"| {r['fault']} | {r['sent']} | {r['completed']} | {r['failed']} | {r['victim']} "
+        lines.append(f"| {r['fault']} | {r['sent']} | {r['completed']} | {r['failed']} ({r['failed_in_flight']}) "
+                     f"| {r['victim']} "
                      f"| {back} | {r['slowest_request_s']:.1f} | {r['chunks_per_request']:g} | {sup} | {errs} |")
     lines += ["", "Faults: " + "; ".join(f"`{r['fault']}`: {r['what']}" for r in res["rows"]) + "."]
+    met = [r["fault"] for r in res["rows"] if r["failed"] == 0 and r["recovery_s"] is not None
+           and r["recovery_s"] <= 15.0]  # fmt: skip
+    lines += ["", f"Targets (issue 13: 0 failed requests, full capacity back within 15 s): met by {len(met)} of "
+              f"{len(res['rows'])} rows" + (f" ({', '.join(met)})" if met else "") + "."]
+    for r in res["rows"]:
+        if r["failed"] or r["recovery_s"] is None:
+            why = WHY_FAILED.get(r["fault"], "see the errors column and the logs")
+            lines.append(f"- `{r['fault']}`: {r['failed']} failed ({r['failed_in_flight']} in flight at the fault): {why}.")
     return "\n".join(lines) + "\n"
 
 
@@ -425,24 +463,28 @@ def main(argv: list[str] | None = None) -> int:
     from . import results_dir  # noqa: PLC0415
 
     p = argparse.ArgumentParser(prog="dynamo-ext bench faults", description=__doc__.split("\n\n")[0])
-    p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, in order (default: all: "
-                   f"{', '.join(FAULTS)})")
+    p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, in order (default: the issue's "
+                   f"{', '.join(FAULTS)}; also {', '.join(EXTRA_FAULTS)})")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--policy", default="dynamo-ext", choices=["dynamo-ext", "round-robin"])
+    p.add_argument("--routers", type=int, default=1, help="router replicas (router.replicas)")
     p.add_argument("--warm-s", type=float, default=4.0)
     p.add_argument("--settle-s", type=float, default=3.0)
     p.add_argument("--max-s", type=float, default=90.0)
     p.add_argument("--log-dir", default=None)
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="added to every child's environment")
     p.add_argument("--out", default=None, help="result stem (default: <results>/reliability)")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
     faults = [f.strip() for f in a.faults.split(",") if f.strip()]
-    bad = [f for f in faults if f not in FAULTS]
+    bad = [f for f in faults if f not in FAULTS and f not in EXTRA_FAULTS]
     if bad:
-        p.error(f"unknown fault(s) {bad}; known: {', '.join(FAULTS)}")
-    res = run_campaign(faults, concurrency=a.concurrency, max_tokens=a.max_tokens, policy=a.policy, warm_s=a.warm_s,
-                       settle_s=a.settle_s, max_s=a.max_s, log_dir=a.log_dir)
+        p.error(f"unknown fault(s) {bad}; known: {', '.join([*FAULTS, *EXTRA_FAULTS])}")
+    res = run_campaign(faults, concurrency=a.concurrency, max_tokens=a.max_tokens, policy=a.policy, routers=a.routers,
+                       warm_s=a.warm_s,
+                       settle_s=a.settle_s, max_s=a.max_s, log_dir=a.log_dir,
+                       env=dict(kv.split("=", 1) for kv in a.env))
     print(table(res))
     if not a.no_write:
         stem = Path(a.out) if a.out else results_dir() / "reliability"

@@ -226,7 +226,7 @@ def graph_config(policy: str, a: argparse.Namespace, etcd: str, nats: str, names
             "workers": {"prefill": {"count": a.prefill_workers, "num_kv_blocks": a.prefill_kv_blocks or a.kv_blocks},
                         "decode": {"count": a.decode_workers, "num_kv_blocks": a.kv_blocks}},
             "router": {"policy": policy, "disagg_min_prompt_tokens": 0},
-            "discovery": {"namespace": namespace, "etcd": {"endpoints": [etcd], "lease_ttl_s": 10},
+            "discovery": {"namespace": namespace, "etcd": {"endpoints": [etcd]},
                           "nats": {"url": nats}}}  # fmt: skip
 
 

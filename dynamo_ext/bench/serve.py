@@ -366,7 +366,7 @@ def graph_config(kind: str, a: argparse.Namespace) -> dict[str, Any]:
             "workers": workers,
             "router": {"policy": a.policy, "disagg_min_prompt_tokens": 0},
             "discovery": {"namespace": f"bench{kind}",
-                          "etcd": {"endpoints": [f"http://127.0.0.1:{free_port()}"], "lease_ttl_s": 10},
+                          "etcd": {"endpoints": [f"http://127.0.0.1:{free_port()}"]},
                           "nats": {"url": f"nats://127.0.0.1:{free_port()}"}}}  # fmt: skip
 
 

@@ -25,9 +25,30 @@ Protocol (what ``dynamo-ext serve GRAPH -f CONFIG`` does, in order)
    worker's drain of in-flight requests ends before the SIGKILL).
 5. ``supervisor.Supervisor`` starts each child in its own session / process group, stdout+stderr to
    ``<log-dir>/<name>.log``, waits (bounded, with a progress line) until all are ready, then watches
-   them. A child that exits unexpectedly is reported with its exit status and its last log lines;
-   serve then stops everything and exits 1 (unless the child's spec tolerates exits and a sibling of
-   the same component is still alive).
+   them from a supervision thread (every 0.25 s; ``launch_graph`` has it too). Supervision
+   (dynamo.yaml ``supervision``, on by default: ``restart: true, max_restarts: 5, window_s: 300,
+   backoff_initial_s: 0.5, backoff_max_s: 30``):
+   - a worker, router, frontend or planner child that exits while serving (any exit status, 0 included:
+     an outside SIGTERM, a worker that lost its registration and exited 3, a crash, a SIGKILL) is reported
+     with its status and last log lines, the lease of its instance (instance id = lease id, from its
+     ready line) is revoked at once through etcd's JSON gateway (its instance and records leave discovery
+     now, not at the end of the TTL, so routers stop choosing it), and the same argv is started again
+     after a back-off: the n-th exit of that child within ``window_s`` waits ``min(backoff_max_s,
+     backoff_initial_s * 2**(n-1))``. The log file continues (``[supervisor] restart N of NAME`` marks
+     the place) and the child is ready again on a new ready line (``[serve] NAME ready again``). The rest
+     of the graph keeps serving meanwhile: a request in flight on a dead prefill worker is prefilled
+     locally by its decode worker, one on a dead decode worker is re-run by the router from prompt +
+     streamed tokens (``serving/router.py``);
+   - etcd and NATS that serve started are supervised the same way: restarted on the same address, port
+     and data directory (their leases and JetStream data survive). Ones serve reused are not touched;
+   - the (max_restarts + 1)-th exit of one child within ``window_s`` ends the graph: serve prints
+     ``NAME exited N times within Ws (...): restarts exhausted (supervision.max_restarts: M)`` with the
+     last log lines, stops everything (step 6) and exits 1 (``launch_graph``: ``check()`` raises);
+   - a process serve stops on purpose is never restarted: the stop of step 6, and the planner executor's
+     scale-down (``LauncherScaler`` SIGTERMs the newest copy through ``Supervisor.stop_group``, which marks
+     it stopping first);
+   - ``supervision.restart: false`` gives the behaviour without restarts: the first exit stops the graph
+     (unless ``--tolerate-exits``, deprecated, and a sibling of the same component is still alive).
    With ``planner.enabled`` (or ``--planner``), once ready: Dynamo's planner as child ``planner``
    (``planner.executor.PlannerProcess``, config from ``planner.local_config`` or ``--planner-config``)
    and an ``ExecutorThread`` whose ``WorkerScaler`` is ``scaling.LauncherScaler``: it starts copies of a
@@ -45,8 +66,10 @@ The same launch from Python (benchmarks, tests): ``launch_graph(graph, config, *
 model_dir=None, log_dir=None, env=None, ready_timeout=300)`` is a context manager over the same
 ``serve.Launch`` steps (``prepare`` = 1-3, ``start`` = 4-5, ``stop`` = 6) without signal handlers,
 ``--once`` or the banner. It yields a ``LaunchedGraph``: ``base_url``, ``model``, ``children`` (name, role,
-pid, instance_id, metrics_url from each ready line), ``log_dir``, ``metrics(role=None)`` -> ``{child
-name: /metrics text}``, ``check()``, ``stop()``; leaving the ``with`` stops everything as step 6 does.
+pid, instance_id, metrics_url from each ready line; the current generation of a restarted child), ``infra``
+(etcd / NATS it started), ``events`` (supervision: exits, restarts, ready again), ``serving()`` (full capacity
+as the supervisor sees it), ``log_dir``, ``metrics(role=None)`` -> ``{child name: /metrics text}``, ``check()``,
+``stop()``; leaving the ``with`` stops everything as step 6 does.
 Failures raise ``LaunchError`` (``.code`` = serve's exit status: 2 bad input, 1 a child failed).
 
 Modules: ``graph`` (typed Graph/Component API), ``infra`` (etcd/NATS probing and starting, etcd JSON
