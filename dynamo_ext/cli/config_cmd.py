@@ -2,6 +2,8 @@
 
 check: exit 0 when every file is valid, 2 when any is invalid (one line per error: the key path,
 what is wrong and the allowed values or range; unknown keys get a 'did you mean'). Never a traceback.
+check --connect: also connect to the configured etcd and NATS with the configured TLS and credentials
+(``discovery.probe.check_discovery``): one line per refusal, naming the setting to fix; exit 2 if any.
 show: print the file with every default filled in (YAML).
 """
 
@@ -22,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = csub.add_parser("check", help="validate files; exit 0 if all valid, 2 otherwise")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    c.add_argument("--connect", action="store_true",
+                   help="also connect to discovery.etcd / discovery.nats with the configured TLS and credentials")
     c.set_defaults(func=run_check)
     s = csub.add_parser("show", help="print a file with all defaults filled in")
     s.add_argument("file", metavar="FILE")
@@ -38,11 +42,21 @@ def run_check(args: argparse.Namespace) -> int:
             for line in e.lines:
                 print(f"{f}: {line}", file=sys.stderr)
             continue
+        if getattr(args, "connect", False):
+            from dynamo_ext.discovery.probe import check_discovery  # noqa: PLC0415 - network clients only here
+
+            problems = check_discovery(cfg)
+            if problems:
+                bad += 1
+                for line in problems:
+                    print(f"{f}: {line}", file=sys.stderr)
+                continue
         if not args.quiet:
             w = cfg.workers
             roles = ", ".join(f"{r} x{getattr(w, r).count}" for r in ("prefill", "decode", "agg") if getattr(w, r))
             mode = "disaggregated" if cfg.disaggregated else "aggregated"
-            print(f"{f}: OK ({mode}: {roles}; router {cfg.router.policy}; kv_transfer {cfg.kv_transfer.backend}/{cfg.kv_transfer.transport})")
+            reached = "; etcd and NATS accept us" if getattr(args, "connect", False) else ""
+            print(f"{f}: OK ({mode}: {roles}; router {cfg.router.policy}; kv_transfer {cfg.kv_transfer.backend}/{cfg.kv_transfer.transport}{reached})")
     return 2 if bad else 0
 
 

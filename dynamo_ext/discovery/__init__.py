@@ -1,6 +1,15 @@
 """dynamo_ext.discovery — etcd and NATS adapters: leased worker records, watches. Contract: README.md here."""
 
-from .env import DiscoverySettingError, EtcdCredentials, dynamo_env, etcd_credentials, is_plain, nats_options
+from .env import (
+    DiscoverySettingError,
+    EtcdCredentials,
+    dynamo_env,
+    etcd_credentials,
+    etcd_is_plain,
+    is_plain,
+    nats_is_plain,
+    nats_options,
+)
 from .etcd import (
     DiscoveryError,
     EtcdAuthError,
@@ -27,7 +36,8 @@ from .records import (
 )
 
 __all__ = [
-    "DiscoverySettingError", "EtcdCredentials", "dynamo_env", "etcd_credentials", "is_plain", "nats_options",
+    "DiscoverySettingError", "EtcdCredentials", "dynamo_env", "etcd_credentials", "etcd_is_plain", "is_plain",
+    "nats_is_plain", "nats_options",
     "EtcdAuthError", "DiscoveryError", "EtcdStore", "EtcdUnavailable", "KeyValue", "Lease", "LeaseNotFound", "Listing", "Watch",
     "WatchEvent", "EventBus", "Message", "NatsUnavailable", "Subscription", "InvalidRecord", "PoolDescriptor",
     "WorkerChange", "WorkerRecord", "WorkerRegistry", "decode_record", "encode_record", "parse_worker_key",

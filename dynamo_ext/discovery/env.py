@@ -125,11 +125,20 @@ def dynamo_env(config: Any, environ: Mapping[str, str] | None = None) -> dict[st
     return out
 
 
+def etcd_is_plain(config: Any) -> bool:
+    """etcd without TLS and without credentials: the only kind of etcd ``serve`` may start itself."""
+    etcd = _discovery(config).etcd
+    return etcd.tls is None and etcd.username is None
+
+
+def nats_is_plain(config: Any) -> bool:
+    """NATS without TLS and without credentials: the only kind of nats-server ``serve`` may start itself."""
+    nats = _discovery(config).nats
+    return nats.tls is None and nats.token_env is None and nats.creds_file is None
+
+
 def is_plain(config: Any) -> bool:
-    """No TLS and no credentials for etcd or NATS: the only kind of config ``serve`` starts servers for."""
-    d = _discovery(config)
-    return (d.etcd.tls is None and d.etcd.username is None and d.nats.tls is None and d.nats.token_env is None
-            and d.nats.creds_file is None)  # fmt: skip
+    return etcd_is_plain(config) and nats_is_plain(config)
 
 
 # -- the same variables, read back by our adapters ---------------------------------------------------------------
