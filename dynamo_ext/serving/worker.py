@@ -276,7 +276,7 @@ class ServingWorker:
         if self.runner is not None:
             ld = self.runner.load()
             h.update(waiting=ld.waiting, running=ld.running, kv_cache_usage_perc=self.runner.pool.kv_cache_usage_perc,
-                     held_handles=len(self.held))
+                     held_handles=len(self.held), engine=self.runner.counters())
         if self.s.role == "prefill":
             h.update(released=self.released, expired=self.expired)
         if self.transports is not None:

@@ -21,12 +21,12 @@ Protocol of one ``generate`` request (who calls what, in what order; the flow it
     export({"router_rids": [...]})      core.export: detached (KV kept), those streams end with "migrate"
     SIGTERM with requests running       core.hand_over (migration on drain), then the runtime shutdown
 
-Registration: role ``agg`` registers the public model (Tokens, Chat|Completions, WorkerType.Aggregated).
-Role ``decode`` registers the public model as WorkerType.Decode only when ``router.policy == dynamo-kv``
-(Dynamo's frontend then runs the disaggregated flow itself and hands us ``prefill_result``). With the
-policies ``dynamo-ext`` and ``round-robin`` the decode workers do NOT call register_model: the router
-component is the only public endpoint of the model, and the workers are known through their
-Dynamo instances (planner) and our etcd records (router).
+Registration: only under ``router.policy == dynamo-kv`` (Dynamo's frontend routes with its KV router): role
+``agg`` as WorkerType.Aggregated, role ``decode`` as WorkerType.Decode (the frontend then runs the disaggregated
+flow itself and hands us ``prefill_result``). With the policies ``dynamo-ext`` and ``round-robin`` no worker
+calls register_model, in the aggregated graph too: the router component is the only public endpoint of the
+model (every request passes it), and the workers are known through their Dynamo instances (planner) and our
+etcd records (router).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class DecodeWorker(EngineWorker):
         if self.disaggregated:
             await self.plane.start()
         policy = self.cfg.router.policy
-        if not self.disaggregated or policy == "dynamo-kv":
+        # the model is registered by the router (the graph's only entry) unless Dynamo's own KV router routes
+        if policy == "dynamo-kv":
             kw: dict[str, Any] = {"worker_type": WorkerType.Aggregated}
             if self.disaggregated:  # Dynamo requires the peer role a disaggregated worker depends on
                 kw = {"worker_type": WorkerType.Decode, "needs": [[WorkerType.Prefill]]}

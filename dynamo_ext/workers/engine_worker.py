@@ -104,8 +104,8 @@ class EngineWorker(WorkerProcess):
     def device(self) -> str:
         return self.args.device or ("cuda:0" if self.cfg.model.device == "cuda" else "cpu")
 
-    async def start_core(self, ep: Any) -> ServingWorker:
-        """Engine, KV events on ``ep``, transports: the serving core of this process (module docstring)."""
+    async def start_core(self, ep: Any, events_ep: Any = None) -> ServingWorker:
+        """Engine, KV events on ``events_ep`` (default ``ep``), transports: the serving core of this process."""
         iid = int(ep.connection_id())
         self.instance_id = iid
         self.metrics = make_worker_metrics(self.args.role, iid)
@@ -119,7 +119,8 @@ class EngineWorker(WorkerProcess):
         from dynamo.llm import KvEventPublisher  # noqa: PLC0415
 
         core.runner.pool.sink = DynamoKvEventSink(
-            KvEventPublisher(ep, kv_block_size=settings.block_size, enable_local_indexer=True), settings.block_size)
+            KvEventPublisher(events_ep or ep, kv_block_size=settings.block_size, enable_local_indexer=True),
+            settings.block_size)
         try:
             self.topology = collect_local_topology(core.cuda_index())
         except Exception as e:  # noqa: BLE001 - a worker without a topology still serves (host memory assumed)

@@ -45,7 +45,9 @@ class PrefillWorker(EngineWorker):
         gen_ep = self.endpoint("generate")
         rel_ep = self.endpoint("release")
         health_ep = self.endpoint("health")
-        await self.start_core(ep)
+        # KV events go out on the endpoint the model is registered on under dynamo-kv (Dynamo's frontend router
+        # subscribes to the events of the endpoints that serve the model); our router listens on every endpoint
+        await self.start_core(ep, events_ep=gen_ep)
         if self.cfg.router.policy == "dynamo-kv":
             await register_model(ModelInput.Tokens, ModelType.Prefill, gen_ep, self.args.model_dir, self.cfg.model.name,
                                  worker_type=WorkerType.Prefill, kv_cache_block_size=self.cfg.model.block_size,

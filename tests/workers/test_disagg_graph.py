@@ -51,10 +51,11 @@ def test_disagg_equals_agg_through_frontend(servers, model_dir, tmp_path):
     try:
         # start both graphs' workers in parallel (2 cores: start-up dominates)
         a = agg.start("agg", wait=False)
+        ar = agg.start("router", wait=False)  # the aggregated graph's only entry (agg workers register nothing)
         p = dis.start("prefill", wait=False)
         d0, d1 = dis.start("decode", wait=False), dis.start("decode", wait=False)
         r = dis.start("router", wait=False)
-        agg.wait_ready([a])
+        agg.wait_ready([a, ar])
         dis.wait_ready([p, d0, d1, r])
         base_a = agg.frontend("round-robin")
         base_d = dis.frontend("round-robin")
