@@ -253,6 +253,8 @@ def test_load_step_adds_decode_worker_then_removes_it_without_losing_requests(tm
         if in_flight_at_drain:
             assert "All inflight requests completed" in d1, dump()
         assert len(_decode_pids(marker)) == 1, dump()
+        time.sleep(1.0)  # several supervision rounds: the planner's scale-down is not undone by a restart
+        assert "decode-1 exited" not in err() and "decode-1: restart" not in err() and len(_decode_pids(marker)) == 1, dump()
         assert "ERROR" not in "".join(ln for ln in err().splitlines() if "planner decision" in ln), dump()
         print(f"serve ready {t_ready:.1f}s, planner ticking {t_planner:.1f}s, load -> decode-1 ready {t_up:.1f}s, "
               f"load stop -> decode-1 drained {t_down:.1f}s ({in_flight_at_drain} long streams still in flight then); "
