@@ -27,7 +27,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 from urllib.parse import urlparse
+
+from dynamo_ext.discovery.env import etcd_is_plain, nats_is_plain
+from dynamo_ext.discovery.probe import check_etcd, check_nats
 
 from .supervisor import ChildSpec
 
@@ -102,7 +106,21 @@ def _check_startable(what: str, url: str, host: str, port: int) -> None:
         raise InfraError(f"{what} at {url} does not answer, but port {port} is taken by something else")
 
 
-def ensure_etcd(urls: list[str], workdir: Path, env: dict[str, str]) -> ServerPlan:
+def _secure(what: str, url: str, discovery: Any, plain: Callable[[Any], bool], check: Callable[[Any], list[str]]
+            ) -> ServerPlan | None:
+    """A config with TLS or credentials: never start a server, use the configured one if it accepts us."""
+    if discovery is None or plain(discovery):
+        return None
+    problems = check(discovery)
+    if problems:
+        raise InfraError(problems[0])
+    return ServerPlan(what, url, reused=True)
+
+
+def ensure_etcd(urls: list[str], workdir: Path, env: dict[str, str], discovery: Any = None) -> ServerPlan:
+    secure = _secure("etcd", urls[0], discovery, etcd_is_plain, check_etcd)
+    if secure is not None:
+        return secure
     for url in urls:
         if etcd_healthy(url):
             return ServerPlan("etcd", url, reused=True)
@@ -121,7 +139,10 @@ def ensure_etcd(urls: list[str], workdir: Path, env: dict[str, str]) -> ServerPl
     return ServerPlan("etcd", client, reused=False, spec=spec)
 
 
-def ensure_nats(url: str, workdir: Path, env: dict[str, str]) -> ServerPlan:
+def ensure_nats(url: str, workdir: Path, env: dict[str, str], discovery: Any = None) -> ServerPlan:
+    secure = _secure("nats", url, discovery, nats_is_plain, check_nats)
+    if secure is not None:
+        return secure
     if nats_answers(url):
         return ServerPlan("nats", url, reused=True)
     host, port = _host_port(url, 4222)

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dynamo_ext.config import ConfigError, DynamoExtConfig, load_config
+from dynamo_ext.discovery.env import DISCOVERY_ENV_KEYS, etcd_is_plain
 
 from . import infra
 from .client import CompletionError, complete, curl_line, scrape
 from .graph import Graph, GraphError, load_graph
 from .modeldir import ModelDirError, ensure_model_dir
-from .plan import child_env, frontend_base, plan_processes
+from .plan import LOOPBACK_ENV, child_env, frontend_base, plan_processes
 from .scaling import LauncherScaler
 from .supervisor import Child, ChildSpec, RestartPolicy, Supervisor, SupervisorError, describe_status, indent
 
@@ -291,8 +292,10 @@ class Launch:
         etcd_urls = config.discovery.etcd.endpoints
         nats_url = config.discovery.nats.url
         try:
-            self.etcd = infra.ensure_etcd(etcd_urls, self.workdir, child_env(config, etcd_urls[0], nats_url))
-            nats = infra.ensure_nats(nats_url, self.workdir, child_env(config, self.etcd.url, nats_url))
+            self.etcd = infra.ensure_etcd(etcd_urls, self.workdir, child_env(config, etcd_urls[0], nats_url),
+                                          discovery=config.discovery)
+            nats = infra.ensure_nats(nats_url, self.workdir, child_env(config, self.etcd.url, nats_url),
+                                     discovery=config.discovery)
         except infra.InfraError as e:
             raise LaunchError(str(e), 2) from None
         for srv in (self.etcd, nats):
@@ -449,8 +452,9 @@ class Launch:
                               extra_pythonpath=(root,))  # fmt: skip
         self.sup.start(ChildSpec("planner", proc.argv(), proc.env(env), stop_timeout=o.stop_timeout, cwd=root))
         # the executor's DistributedRuntime reads the same etcd / NATS / loopback variables as the children
-        for k in ("ETCD_ENDPOINTS", "NATS_SERVER", "DYN_TCP_RPC_HOST", "DYN_EVENT_PLANE_HOST", "DYN_EVENT_PLANE"):
-            os.environ[k] = env[k]
+        for k in (*LOOPBACK_ENV, *DISCOVERY_ENV_KEYS, "DYN_EVENT_PLANE"):
+            if k in env:
+                os.environ[k] = env[k]
         self.scaler = LauncherScaler(self.sup, roles, ready_timeout=o.ready_timeout, say=self.say)
         self.executor = ExecutorThread(self.scaler, config.discovery.namespace,
                                        drain_timeout_s=o.stop_timeout + 30.0, on_applied=self._applied)  # fmt: skip
@@ -533,8 +537,8 @@ class Launch:
     def _audit(self, config: DynamoExtConfig, code: int) -> int:
         """No record of a stopped instance may stay in etcd; leftovers (SIGKILLed workers) get their lease revoked."""
         assert self.sup is not None
-        if self.etcd is None or not infra.etcd_healthy(self.etcd.url):
-            return code
+        if self.etcd is None or not etcd_is_plain(config) or not infra.etcd_healthy(self.etcd.url):
+            return code  # the JSON gateway audit speaks neither TLS nor etcd auth
         ns = config.discovery.namespace
         ours = None if not self.etcd.reused else _instance_ids(self.sup.all_children())  # None: every key is ours
         try:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable
 
 from dynamo_ext.config import DynamoExtConfig
-from dynamo_ext.discovery import EtcdStore, WorkerRecord, encode_record
+from dynamo_ext.discovery import EtcdStore, WorkerRecord, dynamo_env, encode_record
 from dynamo_ext.discovery.records import PoolDescriptor as RecordPool
 from dynamo_ext.discovery.records import worker_key
 from dynamo_ext.metrics import MetricsServer, WorkerMetrics, make_worker_metrics, serve_http
@@ -81,11 +81,15 @@ def apply_env_defaults(cfg: DynamoExtConfig) -> None:
         "DYN_EVENT_PLANE": "nats",
         "DYN_TCP_RPC_HOST": "127.0.0.1",
         "DYN_EVENT_PLANE_HOST": "127.0.0.1",
+        "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
+        "DYN_SYSTEM_HOST": "127.0.0.1",
         "HF_HUB_OFFLINE": "1",
         "ETCD_LEASE_TTL": str(d.etcd.lease_ttl_s),
         "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": os.environ.get("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "upb"),
     }
     for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+    for k, v in dynamo_env(cfg).items():  # etcd/NATS TLS and credentials, as the runtime reads them
         os.environ.setdefault(k, v)
 
 
