@@ -366,6 +366,9 @@ class DiscoveryConfig(_Strict):
 class FrontendConfig(_Strict):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
+    # largest HTTP request body Dynamo's frontend reads (DYN_HTTP_BODY_LIMIT_MB); a larger one is refused with 413
+    # before it is parsed or tokenized. Prompts over the model's context are refused with 400 by the router.
+    max_request_mb: int = Field(8, ge=1, le=1024)
 
 
 class SupervisionConfig(_Strict):

@@ -24,7 +24,8 @@ Protocol
   fewer GPUs than workers). Routers and the frontend get none.
   - frontend: ``python -m dynamo.frontend --http-host H --http-port P --router-mode kv|round-robin
     --namespace NS`` (``kv`` under ``router.policy: dynamo-kv``, else it round-robins over our router
-    replicas), ready when ``/v1/models`` lists ``model.name``.
+    replicas), ready when ``/v1/models`` lists ``model.name``; ``DYN_HTTP_BODY_LIMIT_MB`` from
+    ``frontend.max_request_mb`` (``frontend_env``).
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ def assign_devices(plan: list[tuple[str, int]], config: DynamoExtConfig, gpu_cou
     return out
 
 
+def frontend_env(config: DynamoExtConfig, env: dict[str, str]) -> dict[str, str]:
+    """The frontend's environment: the graph's, plus its request body limit (``frontend.max_request_mb``)."""
+    return {**env, "DYN_HTTP_BODY_LIMIT_MB": str(config.frontend.max_request_mb)}
+
+
 def plan_processes(
     graph: Graph, config: DynamoExtConfig, *, config_path: Path, model_dir: Path, port: int, env: dict[str, str],
     python: str = sys.executable, tolerate_exits: bool = False, stop_timeout: float = 10.0, gpu_count: int = 0,
@@ -129,6 +135,9 @@ def plan_processes(
                         "--router-mode", mode, "--namespace", config.discovery.namespace]  # fmt: skip
                 ready = model_listed(frontend_base(host, port), config.model.name)
                 tolerate = False
+                specs.append(ChildSpec(name, argv, frontend_env(config, env), component=comp.name, ready=ready,
+                                       stop_timeout=stop_timeout))  # fmt: skip
+                continue
             else:
                 argv = [python, "-m", "dynamo_ext.workers", "--role", comp.role, "--config", str(config_path),
                         "--model-dir", str(model_dir), "--index", str(i),

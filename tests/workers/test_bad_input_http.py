@@ -50,9 +50,13 @@ def test_oversized_input_is_a_400_and_the_model_is_listed_only_when_servable(ser
 
         port = free_port()
         err = tmp_path / "frontend.err"
+        from dynamo_ext.config import load_config
+        from dynamo_ext.launch.plan import frontend_env
+
+        fe_env = frontend_env(load_config(g.write_config("fe", frontend={"max_request_mb": 1})), g.env)
         fe = subprocess.Popen([sys.executable, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port",
                                str(port), "--router-mode", "round-robin", "--event-plane", "nats", "--namespace", "badin"],
-                              env=g.env, stdout=open(err, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+                              env=fe_env, stdout=open(err, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         from conftest import Proc
 
@@ -77,6 +81,11 @@ def test_oversized_input_is_a_400_and_the_model_is_listed_only_when_servable(ser
                                                      "stream": True})
         assert '"code":400' in body.replace(" ", "") and "context" in body, (code, body)
         assert "x" * 600 not in d.log()  # the oversized prompt never reached the decode worker
+        # a body over frontend.max_request_mb (1 here) is refused by the frontend before it is parsed
+        code, body = _post(base, "/v1/completions", {"model": "dx/tiny", "prompt": "z" * 1_500_000, "max_tokens": 4})
+        print(f"1.5 MB body with frontend.max_request_mb=1: HTTP {code}: {body[:120]!r}")
+        assert code == 413, (code, body[:300])
+        assert "z" * 600 not in r.log()  # it never reached the router
 
         # normal requests keep their latency while oversized ones are refused
         def normal() -> float:
