@@ -74,6 +74,33 @@ def test_agg_graph_answers_and_nothing_is_left(tmp_path, monkeypatch):
     assert not infra.etcd_healthy(etcd) and not infra.nats_answers(nats)
 
 
+def test_agg_graph_every_request_passes_the_router(tmp_path, monkeypatch):
+    """Issue 14.2: with our router in the aggregated graph, the agg workers do not register the model, so the
+    frontend can only pick the router: its decision count equals the requests sent (it was 31-35 of 120 with
+    3 agg workers when the workers registered the model too)."""
+    import json
+    import urllib.request
+
+    monkeypatch.setenv("DYNAMO_EXT_CACHE", str(tmp_path / "cache"))
+    cfg = loopback_config({"agg": {"count": 3, "num_kv_blocks": 256}}, "dynamo-ext")
+    with launch_graph("graphs/agg.py", cfg, log_dir=tmp_path / "logs", ready_timeout=240) as g:
+        router = next(c for c in g.children if c.role == "router")
+        health = router.metrics_url.rsplit("/", 1)[0] + "/health"
+
+        def decided() -> int:
+            with urllib.request.urlopen(health, timeout=5) as r:
+                return sum(json.loads(r.read()).get("decisions", {}).values())
+
+        before = decided()
+        sent = 12
+        for i in range(sent):
+            resp = complete(g.base_url, g.model, f"request {i}: the quick brown fox", max_tokens=2)
+            assert resp["usage"]["completion_tokens"] == 2
+        assert decided() - before == sent
+        with urllib.request.urlopen(g.base_url + "/v1/models", timeout=5) as r:
+            assert [m["id"] for m in json.loads(r.read())["data"]] == [g.model]
+
+
 @pytest.fixture
 def stub_python(tmp_path, monkeypatch):
     wrapper = tmp_path / "python"
