@@ -9,7 +9,9 @@ and NATS started by the launch on free loopback ports) is started with ``launch_
    lists the model, etcd and NATS answer);
 2. a closed-loop load (:class:`Load`): ``concurrency`` client threads, each sending streaming
    ``/v1/completions`` requests (a distinct prompt each, so prefixes are not shared) one after the other;
-3. after ``warm_s`` the fault (:data:`FAULTS`) is injected; capacity is sampled every 0.25 s; the row ends
+   router policy round-robin by default, so that every request goes through the prefill worker;
+3. after ``warm_s`` the fault (:data:`FAULTS`) is injected (a worker fault once the victim holds a request:
+   its ``/health`` polled up to 5 s, what it held is reported); capacity is sampled every 0.25 s; the row ends
    once capacity has been full for ``settle_s`` (and the fault itself is over: SIGCONT sent), at most
    ``max_s`` after the fault; the load stops and the requests in flight finish.
 
@@ -60,10 +62,15 @@ WHY_FAILED: dict[str, str] = {
     "sigkill-router": "the requests in flight went through the killed router: Dynamo's frontend only moves a stream to "
                       "another instance when started with a migration limit (DYN_MIGRATION_LIMIT / --migration-limit, "
                       "0 by default) and there is another router replica to move it to (router.replicas); "
-                      "requests sent before the frontend saw the router's lease go got 503/404 for ~1 s",
+                      "requests sent before the frontend saw the router's lease go got 503/404 for ~1 s. With "
+                      "router.replicas: 2 and DYN_MIGRATION_LIMIT=3 in the frontend's environment the same fault lost "
+                      "0 requests in 2 of 2 runs (`reliability-2routers.md`)",
     "sigkill-frontend": "the HTTP connections in flight were to the killed process: nothing can carry a client's TCP "
                         "stream over; the restarted frontend answers 404 until it has discovered the model again",
 }
+RR_NOTE = (": every request of more than 64 tokens is prefilled by the prefill worker and its KV pulled by a decode "
+           "worker; dynamo-ext's cost model would prefill most of these tiny-model requests on the decode worker, "
+           "leaving the prefill faults little to hit")
 STOP_S = 10.0  # how long sigstop-prefill keeps the worker stopped
 FAILED_PAUSE_S = 0.2  # a load thread waits this long after a failed request before its next one
 PROMPT = ("The quick brown fox jumps over the lazy dog while the tiny model keeps generating tokens for "
@@ -131,12 +138,18 @@ def stream_completion(base: str, model: str, prompt: str, max_tokens: int, timeo
     return RequestResult(t0, time.monotonic(), True, "", chunks, finish)
 
 
+def make_prompt(chars: int) -> str:
+    """``chars`` characters of English text (PROMPT repeated); the byte-level tokenizer makes ~1 token each."""
+    return (PROMPT + " ") * (chars // (len(PROMPT) + 1)) + PROMPT[: chars % (len(PROMPT) + 1)]
+
+
 class Load:
     """``concurrency`` threads, each sending one streaming request after the other until ``stop()``."""
 
     def __init__(self, base: str, model: str, concurrency: int = 8, max_tokens: int = 32,
-                 timeout: float = 120.0) -> None:  # fmt: skip
+                 timeout: float = 120.0, prompt_chars: int = len(PROMPT)) -> None:  # fmt: skip
         self.base, self.model, self.concurrency, self.max_tokens, self.timeout = base, model, concurrency, max_tokens, timeout
+        self.text = make_prompt(prompt_chars)
         self.results: list[RequestResult] = []
         self.inflight: dict[int, float] = {}  # thread index -> start of its request in flight
         self._stop = threading.Event()
@@ -147,7 +160,7 @@ class Load:
     def _prompt(self) -> str:
         with self._lock:
             self._n += 1
-            return f"Request {self._n}: {PROMPT}"
+            return f"Request {self._n}: {self.text}"
 
     def _run(self, i: int) -> None:
         while not self._stop.is_set():
@@ -227,15 +240,27 @@ VICTIMS = {"sigkill-prefill": "prefill-0", "sigkill-decode": "decode-1", "sigter
            "sigkill-router": "router-0", "sigkill-frontend": "frontend"}
 
 
-def victim_state(g: Any, fault: str) -> str:
-    """The faulted process, and for a worker the requests it holds (``/health``) just before the fault."""
+BUSY_KEYS = ("running", "waiting", "held_handles")
+
+
+def victim_state(g: Any, fault: str, wait_busy_s: float = 0.0) -> str:
+    """The faulted process, and for a worker the requests it holds (``/health``: running, waiting, prefill KV
+    handles held) just before the fault; waits up to ``wait_busy_s`` for it to hold one (a fault that hits a
+    busy worker is the one that tests recovery)."""
     name = VICTIMS[fault]
     for c in g.children:
         if c.name == name and c.metrics_url:
-            code, h = _health(c.metrics_url.rsplit("/", 1)[0] + "/health")
-            keys = [k for k in ("running", "waiting", "held_handles") if k in h]
+            url = c.metrics_url.rsplit("/", 1)[0] + "/health"
+            end = time.monotonic() + wait_busy_s
+            while True:
+                code, h = _health(url)
+                busy = code == 200 and any(h.get(k) for k in BUSY_KEYS)
+                if busy or time.monotonic() >= end:
+                    break
+                time.sleep(0.005)
             if code != 200:
                 return f"{name}: /health {code}"
+            keys = [k for k in BUSY_KEYS if k in h]
             return f"{name}: " + ", ".join(f"{k} {h[k]}" for k in keys) if keys else name
     return name
 
@@ -301,17 +326,17 @@ class Row:
 
 
 def run_fault(g: Any, fault: str, *, prefill: int, decode: int, concurrency: int, max_tokens: int,
-              warm_s: float = 4.0, settle_s: float = 3.0, max_s: float = 90.0,
+              prompt_chars: int = len(PROMPT), warm_s: float = 4.0, settle_s: float = 3.0, max_s: float = 90.0,
               say: Callable[[str], None] = lambda _s: None) -> Row:  # fmt: skip
     row = Row(fault, {**FAULTS, **EXTRA_FAULTS}[fault])
     before = wait_capacity(g, prefill, decode, 120.0)
     if before:
         raise RuntimeError(f"{fault}: the graph is not at full capacity before the fault: {before}")
     n_events = len(g.events)
-    load = Load(g.base_url, g.model, concurrency, max_tokens)
+    load = Load(g.base_url, g.model, concurrency, max_tokens, prompt_chars=prompt_chars)
     load.start()
     time.sleep(warm_s)
-    row.victim = victim_state(g, fault)
+    row.victim = victim_state(g, fault, wait_busy_s=5.0)
     t0 = time.monotonic()
     duration, over = inject(g, fault)
     row.in_flight_at_fault = load.in_flight_at(t0)
@@ -377,7 +402,8 @@ def machine() -> dict[str, Any]:
             "ai-dynamo-runtime": dyn, "load_avg_1m": load_avg_1m(), "host": platform.node()}
 
 
-def run_campaign(faults: list[str], *, concurrency: int = 8, max_tokens: int = 32, policy: str = "dynamo-ext",
+def run_campaign(faults: list[str], *, concurrency: int = 8, max_tokens: int = 256, prompt_chars: int = 1000,
+                 policy: str = "round-robin",
                  routers: int = 1,
                  warm_s: float = 4.0, settle_s: float = 3.0, max_s: float = 90.0, log_dir: str | Path | None = None,
                  env: dict[str, str] | None = None, say: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:  # fmt: skip
@@ -392,7 +418,7 @@ def run_campaign(faults: list[str], *, concurrency: int = 8, max_tokens: int = 3
         say(f"graph ready in {g.ready_s:.1f}s (logs {g.log_dir})")
         for fault in faults:
             rows.append(run_fault(g, fault, prefill=1, decode=2, concurrency=concurrency, max_tokens=max_tokens,
-                                  warm_s=warm_s, settle_s=settle_s, max_s=max_s, say=say))  # fmt: skip
+                                  prompt_chars=prompt_chars, warm_s=warm_s, settle_s=settle_s, max_s=max_s, say=say))  # fmt: skip
         g.check()
         log_dir_used = str(g.log_dir)
         supervision = g.config.supervision.model_dump()
@@ -401,8 +427,8 @@ def run_campaign(faults: list[str], *, concurrency: int = 8, max_tokens: int = 3
             "seconds": round(time.time() - t_start, 1),
             "params": {"graph": "graphs/disagg.py", "prefill_workers": 1, "decode_workers": 2, "router": policy, "router_replicas": routers,
                        "model": "tiny (random weights, CPU, float32)", "concurrency": concurrency,
-                       "max_tokens": max_tokens, "prompt": f"'Request N: ' + {len(PROMPT)} characters (~"
-                       f"{len(PROMPT) + 12} tokens, byte-level tokenizer: disaggregated, distinct per request)",
+                       "max_tokens": max_tokens, "prompt": f"'Request N: ' + {prompt_chars} characters of text (~"
+                       f"{prompt_chars + 12} tokens, byte-level tokenizer: disaggregated, distinct per request)",
                        "warm_s": warm_s, "settle_s": settle_s, "max_s": max_s, "supervision": supervision,
                        "lease_ttl_s": ttl, "stop_s": STOP_S},
             "log_dir": log_dir_used, "rows": [asdict(r) for r in rows]}
@@ -416,13 +442,15 @@ def table(res: dict[str, Any]) -> str:
         f"{m.get('ai-dynamo-runtime')}; load average at start {m['load_avg_1m']}. Run {res['started']}, "
         f"{res['seconds']:.0f} s in all (`dynamo-ext bench faults`, `dynamo_ext/bench/faults.py`).", "",
         f"Graph: `{p['graph']}` started by `launch_graph` as `dynamo-ext serve` starts it: {p['prefill_workers']} "
-        f"prefill + {p['decode_workers']} decode workers, {p.get('router_replicas', 1)} router(s) ({p['router']}), Dynamo's frontend, etcd and NATS "
+        f"prefill + {p['decode_workers']} decode workers, {p.get('router_replicas', 1)} router(s) (policy "
+        f"{p['router']}{RR_NOTE if p['router'] == 'round-robin' else ''}), Dynamo's frontend, etcd and NATS "
         f"started by the launch on loopback; model {p['model']}; supervision {p['supervision']}; "
         f"lease TTL {p['lease_ttl_s']} s.", "",
         f"Load: closed loop of {p['concurrency']} concurrent streaming `/v1/completions` requests (HTTP, "
         f"127.0.0.1), max_tokens {p['max_tokens']}, temperature 0, prompt {p['prompt']}. Each row: "
         f"{p['warm_s']:g} s of load, the fault, then load until the graph has been at full capacity for "
-        f"{p['settle_s']:g} s (at most {p['max_s']:g} s); the requests in flight then finish.", "",
+        f"{p['settle_s']:g} s (at most {p['max_s']:g} s); the requests in flight then finish. A worker fault is "
+        "injected once the victim's `/health` shows it holds a request (polled up to 5 s).", "",
         "Full capacity: every process alive and ready (supervisor), every worker's and the router's `/health` 200, "
         "the router sees 1 prefill and 2 decode workers, the frontend lists the model, etcd and NATS answer. "
         "`capacity back` = seconds from the fault until then, for good. A request fails on an HTTP error, an "
@@ -447,6 +475,11 @@ def table(res: dict[str, Any]) -> str:
     lines += ["", f"Targets (issue 13: 0 failed requests, full capacity back within 15 s): met by {len(met)} of "
               f"{len(res['rows'])} rows" + (f" ({', '.join(met)})" if met else "") + "."]
     for r in res["rows"]:
+        if r["fault"] == "sigstop-prefill" and r["slowest_request_s"] >= 0.8 * p.get("stop_s", STOP_S):
+            lines.append(f"- `{r['fault']}`: nothing failed, but requests that had reached the stopped prefill worker "
+                         f"waited for its SIGCONT (slowest {r['slowest_request_s']:.1f} s): a stopped process still "
+                         "accepts connections, and the router's prefill call times out only after kv_transfer.timeout_ms + 30 s "
+                         "(`serving/router.py` prefill_call_extra_s).")
         if r["failed"] or r["recovery_s"] is None:
             why = WHY_FAILED.get(r["fault"], "see the errors column and the logs")
             lines.append(f"- `{r['fault']}`: {r['failed']} failed ({r['failed_in_flight']} in flight at the fault): {why}.")
@@ -466,8 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, in order (default: the issue's "
                    f"{', '.join(FAULTS)}; also {', '.join(EXTRA_FAULTS)})")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--policy", default="dynamo-ext", choices=["dynamo-ext", "round-robin"])
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--prompt-chars", type=int, default=1000, help="prompt length in characters (~tokens)")
+    p.add_argument("--policy", default="round-robin", choices=["dynamo-ext", "round-robin"],
+                   help="router.policy (default round-robin: every request above 64 tokens goes through the prefill "
+                        "worker; dynamo-ext's cost model prefills most tiny-model requests on the decode worker)")
     p.add_argument("--routers", type=int, default=1, help="router replicas (router.replicas)")
     p.add_argument("--warm-s", type=float, default=4.0)
     p.add_argument("--settle-s", type=float, default=3.0)
@@ -481,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [f for f in faults if f not in FAULTS and f not in EXTRA_FAULTS]
     if bad:
         p.error(f"unknown fault(s) {bad}; known: {', '.join([*FAULTS, *EXTRA_FAULTS])}")
-    res = run_campaign(faults, concurrency=a.concurrency, max_tokens=a.max_tokens, policy=a.policy, routers=a.routers,
+    res = run_campaign(faults, concurrency=a.concurrency, max_tokens=a.max_tokens, prompt_chars=a.prompt_chars, policy=a.policy, routers=a.routers,
                        warm_s=a.warm_s,
                        settle_s=a.settle_s, max_s=a.max_s, log_dir=a.log_dir,
                        env=dict(kv.split("=", 1) for kv in a.env))
