@@ -173,6 +173,7 @@ class Launch:
         self.failure: SupervisorError | None = None  # restarts exhausted (or a child exited without restarts)
         self.events: list[tuple[float, str, str, str]] = []  # (time.time(), kind, child name, text)
         self._watcher: threading.Thread | None = None
+        self._watch_end = threading.Event()
         self._check_lock = threading.Lock()
 
     def say(self, text: str) -> None:
@@ -340,15 +341,17 @@ class Launch:
 
     def _watch(self) -> None:
         """The supervision thread: restarts (and their readiness) happen here, whether or not anyone calls
-        check(); a failure (restarts exhausted) is kept in ``self.failure`` for check() to raise."""
-        while not self.stopping and self.failure is None:
-            try:
-                self.check()
-            except SupervisorError as e:
-                if not self.stopping:
-                    self.say(f"the graph cannot serve any more: {e}")
-                return
-            time.sleep(SUPERVISE_EVERY_S)
+        check(); a failure (restarts exhausted) is kept in ``self.failure`` for check() to raise. It lives until
+        every child is stopped: the children it restarted have PR_SET_PDEATHSIG, which fires when the *thread*
+        that spawned them ends."""
+        while not self._watch_end.is_set():
+            if not self.stopping and self.failure is None:
+                try:
+                    self.check()
+                except SupervisorError as e:
+                    if not self.stopping:
+                        self.say(f"the graph cannot serve any more: {e}")
+            self._watch_end.wait(SUPERVISE_EVERY_S)
 
     def _supervision_event(self, kind: str, child: Child, text: str) -> None:
         self.events.append((time.time(), kind, child.name, text))
@@ -512,8 +515,6 @@ class Launch:
         return code
 
     def _cleanup(self, config: DynamoExtConfig | None, code: int) -> int:
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(timeout=10)  # no restart while we stop (stopping is set)
         if self.executor is not None:
             self.executor.stop()  # no decision is applied while the workers stop
         if self.sup is not None and self.sup.children:
@@ -525,6 +526,9 @@ class Launch:
         if self.infra_sup is not None and self.infra_sup.children:
             for name, how in self.infra_sup.stop_all():
                 self.say(f"  {name}: {how}")
+        self._watch_end.set()  # (no restart since stopping was set; stop_all marked every child stopping)
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=10)
         left = (self.sup.leftovers() if self.sup else []) + (self.infra_sup.leftovers() if self.infra_sup else [])
         if left:
             self.say(f"processes still alive after stop: {left}")
