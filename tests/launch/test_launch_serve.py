@@ -203,3 +203,22 @@ def test_cuda_model_device_counts_gpus(tmp_path, monkeypatch, capsys):
                            env={}, gpu_count=1)
     devices = {s.name: s.argv[s.argv.index("--device") + 1] if "--device" in s.argv else None for s in specs}
     assert devices == {"prefill-0": "cuda:0", "decode-0": "cuda:0", "router-0": None, "frontend": None}, devices
+
+
+def test_supervision_config_defaults_and_errors():
+    """dynamo.yaml ``supervision``: on by default; errors name the field and the range; the lease TTL default
+    exceeds Dynamo's etcd keep-alive detection (15 s interval + 10 s timeout)."""
+    from dynamo_ext.config import ConfigError, parse_config
+
+    c = parse_config({"workers": {"agg": {}}})
+    assert c.supervision.model_dump() == {"restart": True, "max_restarts": 5, "window_s": 300.0,
+                                          "backoff_initial_s": 0.5, "backoff_max_s": 30.0}
+    assert c.discovery.etcd.lease_ttl_s > 15 + 10
+    for bad, line in [({"max_restarts": -1}, "supervision.max_restarts: -1 is out of range (allowed range: >= 0)"),
+                      ({"window_s": 0}, "supervision.window_s: 0 is out of range (allowed range: > 0"),
+                      ({"backoff_initial_s": 5, "backoff_max_s": 1},
+                       "supervision: backoff_initial_s (5) must be <= backoff_max_s (1)"),
+                      ({"restrat": False}, "supervision.restrat: unknown key (did you mean 'restart'?")]:
+        with pytest.raises(ConfigError) as e:
+            parse_config({"workers": {"agg": {}}, "supervision": bad})
+        assert any(x.startswith(line) for x in e.value.lines), e.value.lines
