@@ -12,7 +12,8 @@ Protocol (``planner.executor.WorkerScaler``; called from the executor's worker t
   (the worker stops taking requests, finishes its in-flight ones for ``DYNAMO_EXT_DRAIN_S``, revokes
   its lease, exits 0) and returns once they exited (SIGKILL only after the child's ``stop_timeout``).
   So the executor's drain-then-scale leaves ``scale`` nothing to do on the way down.
-The supervisor's ``check()`` ignores children marked stopping, so a drained worker is no failure.
+The supervisor's ``check()`` ignores children marked stopping, so a drained worker is no failure and is never
+restarted by supervision (``stop_group`` marks it stopping before the SIGTERM).
 Every action is reported through ``say`` (one line each).
 """
 
