@@ -286,11 +286,13 @@ class Policy:
         quiet = wait_quiet(a.quiet_load, a.quiet_timeout, log=lambda s: print(s, file=sys.stderr, flush=True))
         (kv0, local0), st0 = decode_scrape(self.g), self.counter.snapshot()
         dec0 = self.decisions()
+        idx0 = self.index_counters()
         reqs = make_workload(wl, a, a.seed + 1000 * run)
         t0 = run_load(self.base, reqs, a.timeout)
         time.sleep(0.5)
         (kv1, local1), st1 = decode_scrape(self.g), self.counter.snapshot()
         dec1 = self.decisions()
+        idx1 = self.index_counters()
         self.g.check()  # a worker that died under the load fails the run
         ok = [r for r in reqs if r.ok]
         ttft = [r.ttft() for r in ok]
@@ -327,6 +329,9 @@ class Policy:
                 "stored_blocks_decode": sum(v for w, v in stored.items() if w not in pids),
                 "router_decisions": {k: dec1.get(k, 0) - dec0.get(k, 0) for k in dec1 if dec1.get(k, 0) != dec0.get(k, 0)}
                 if self.router_health is not None else None,
+                # KV events our router's prefix index refused in this run (issue 14.3: must be 0)
+                "kv_index_refused": {k: v - idx0.get(k, 0) for k, v in idx1.items() if v != idx0.get(k, 0)}
+                if self.router_health is not None else None,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "load_before": quiet["load_before"], "load_after": round(os.getloadavg()[0], 2),
                 "quiet_wait_s": quiet["quiet_wait_s"], "quiet": quiet["quiet"],
@@ -346,6 +351,12 @@ class Policy:
                 return {}
         except (OSError, ValueError):
             return {}
+
+    def index_counters(self) -> dict[str, int]:
+        """Our router's KV index counters: refused events by reason, sequence gaps."""
+        idx = self.health().get("kv_index") or {}
+        return {**{f"refused_{k}": int(v) for k, v in (idx.get("refused") or {}).items()},
+                "sequence_gaps": int(idx.get("sequence_gaps") or 0)}
 
     def decisions(self) -> dict[str, int]:  # noqa: D102
         return dict(self.health().get("decisions") or {})
@@ -531,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="route-cpu", help="file stem prefix: <tag>-<workload>.{json,md,png}")
     ap.add_argument("--note", default=None)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the graphs' logs (printed path) after a good run")
     ap.add_argument("--quiet-load", type=float, default=0.0,
                     help="wait before each run until the 1-min load average is below this (0: do not wait)")
     ap.add_argument("--quiet-timeout", type=float, default=600.0, help="longest wait for --quiet-load, s")
@@ -614,8 +626,10 @@ def main(argv: list[str] | None = None) -> int:
         for pol in reversed(running):  # the graph that started etcd / NATS stops last
             pol.stop()
             info[pol.name] = pol.info
-        if ok:
+        if ok and not a.keep_logs:
             shutil.rmtree(work, ignore_errors=True)
+        elif ok:
+            log(f"dynamo-ext bench route: logs in {work}")
         else:
             log(f"dynamo-ext bench route: logs kept in {work}")
     mach["wall_s"] = round(time.time() - t0, 1)

@@ -3,17 +3,23 @@
 Protocol::
 
     KvEventSink (typing.Protocol)
-      publish_stored(token_ids, block_ids, parent)   blocks just registered in the prefix cache, in
+      publish_stored(token_ids, block_hashes, parent)  blocks just registered in the prefix cache, in
                                                      sequence order; token_ids are exactly their tokens
-                                                     (len == len(block_ids) * block_size); parent is the
-                                                     block id holding the preceding block's content, or
+                                                     (len == len(block_hashes) * block_size); parent is the
+                                                     hash of the block holding the preceding content, or
                                                      None at the start of a sequence
-      publish_removed(block_ids)                     blocks evicted from the prefix cache
+      publish_removed(block_hashes)                  blocks evicted from the prefix cache
 
-    Block ids are the pool's physical ids. They play the part of Dynamo's "external block hash":
-    an id is stored at most once at a time and is removed before it is stored again, so the router
-    can key on (worker, id). The router matches on the token hash that Dynamo computes from
-    ``token_ids`` (``hashing.block_hashes``).
+    Block hashes are the pool's *sequence hashes* (``pool.sequence_hashes``: a chain over Dynamo's local
+    block hashes, unsigned 64-bit), and they play the part of Dynamo's "external block hash" (vLLM's
+    block hash). They name content, not storage: the same prefix has the same hashes on every worker,
+    which Dynamo's ``RadixTree`` requires - its tree nodes are shared by the workers holding the same
+    content, and a worker storing a path another worker created is only found again by the same external
+    hashes. (Physical block ids were used before: a decode worker that stored a prefix the prefill worker
+    already held lost those blocks from the router's index - "Failed to find parent block" on every later
+    child, issue 14.3.) A pool stores a hash at most once at a time and removes it before storing it
+    again. The router matches on the token hash that Dynamo computes from ``token_ids``
+    (``hashing.block_hashes``).
 
 Sinks:
     NullKvEventSink        drops everything (a pool without a router)
@@ -50,31 +56,31 @@ __all__ = [
 
 @runtime_checkable
 class KvEventSink(Protocol):
-    def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None: ...
+    def publish_stored(self, token_ids: Sequence[int], block_hashes: Sequence[int], parent: int | None) -> None: ...
 
-    def publish_removed(self, block_ids: Sequence[int]) -> None: ...
+    def publish_removed(self, block_hashes: Sequence[int]) -> None: ...
 
 
 @dataclass(frozen=True)
 class StoredEvent:
     token_ids: tuple[int, ...]
-    block_ids: tuple[int, ...]
+    block_hashes: tuple[int, ...]
     parent: int | None
 
 
 @dataclass(frozen=True)
 class RemovedEvent:
-    block_ids: tuple[int, ...]
+    block_hashes: tuple[int, ...]
 
 
 KvEvent = Union[StoredEvent, RemovedEvent]
 
 
 class NullKvEventSink:
-    def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None:
+    def publish_stored(self, token_ids: Sequence[int], block_hashes: Sequence[int], parent: int | None) -> None:
         pass
 
-    def publish_removed(self, block_ids: Sequence[int]) -> None:
+    def publish_removed(self, block_hashes: Sequence[int]) -> None:
         pass
 
 
@@ -82,20 +88,20 @@ class NullKvEventSink:
 class RecordingKvEventSink:
     events: list[KvEvent] = field(default_factory=list)
 
-    def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None:
-        self.events.append(StoredEvent(tuple(token_ids), tuple(block_ids), parent))
+    def publish_stored(self, token_ids: Sequence[int], block_hashes: Sequence[int], parent: int | None) -> None:
+        self.events.append(StoredEvent(tuple(token_ids), tuple(block_hashes), parent))
 
-    def publish_removed(self, block_ids: Sequence[int]) -> None:
-        self.events.append(RemovedEvent(tuple(block_ids)))
+    def publish_removed(self, block_hashes: Sequence[int]) -> None:
+        self.events.append(RemovedEvent(tuple(block_hashes)))
 
     def live_blocks(self) -> set[int]:
-        """Block ids stored and not removed since (what a router that saw every event believes)."""
+        """Block hashes stored and not removed since (what a router that saw every event believes)."""
         live: set[int] = set()
         for ev in self.events:
             if isinstance(ev, StoredEvent):
-                live.update(ev.block_ids)
+                live.update(ev.block_hashes)
             else:
-                live.difference_update(ev.block_ids)
+                live.difference_update(ev.block_hashes)
         return live
 
 
@@ -107,22 +113,22 @@ class _BlockEventSink:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
 
-    def publish_stored(self, token_ids: Sequence[int], block_ids: Sequence[int], parent: int | None) -> None:
-        n = len(block_ids)
+    def publish_stored(self, token_ids: Sequence[int], block_hashes: Sequence[int], parent: int | None) -> None:
+        n = len(block_hashes)
         if n == 0:
             return
         if len(token_ids) != n * self.block_size:
             raise ValueError(f"{len(token_ids)} tokens for {n} blocks of {self.block_size}")
-        self._stored(list(token_ids), [int(b) for b in block_ids], parent)
+        self._stored(list(token_ids), [int(b) for b in block_hashes], None if parent is None else int(parent))
 
-    def publish_removed(self, block_ids: Sequence[int]) -> None:
-        if block_ids:
-            self._removed([int(b) for b in block_ids])
+    def publish_removed(self, block_hashes: Sequence[int]) -> None:
+        if block_hashes:
+            self._removed([int(b) for b in block_hashes])
 
-    def _stored(self, token_ids: list[int], block_ids: list[int], parent: int | None) -> None:
+    def _stored(self, token_ids: list[int], block_hashes: list[int], parent: int | None) -> None:
         raise NotImplementedError
 
-    def _removed(self, block_ids: list[int]) -> None:
+    def _removed(self, block_hashes: list[int]) -> None:
         raise NotImplementedError
 
 
@@ -138,15 +144,21 @@ class RouterEventSink(_BlockEventSink):
         self.event_id += 1
         self.emit({"event_id": self.event_id, "dp_rank": 0, "data": data})
 
-    def _stored(self, token_ids: list[int], block_ids: list[int], parent: int | None) -> None:
-        from .hashing import block_hashes  # noqa: PLC0415
+    def _stored(self, token_ids: list[int], block_hashes: list[int], parent: int | None) -> None:
+        from .hashing import block_hashes as local_hashes  # noqa: PLC0415
 
         blocks = [{"block_hash": b, "tokens_hash": h, "mm_extra_info": None}
-                  for b, h in zip(block_ids, block_hashes(token_ids, self.block_size))]
+                  for b, h in zip(block_hashes, local_hashes(token_ids, self.block_size))]
         self._event({"stored": {"parent_hash": parent, "start_position": None, "blocks": blocks}})
 
-    def _removed(self, block_ids: list[int]) -> None:
-        self._event({"removed": {"block_hashes": block_ids}})
+    def _removed(self, block_hashes: list[int]) -> None:
+        self._event({"removed": {"block_hashes": block_hashes}})
+
+
+def _signed(h: int) -> int:
+    """An unsigned 64-bit hash as the signed 64-bit integer ``KvEventPublisher`` takes (it puts the same 64
+    bits on the wire, so the router sees the unsigned value ``RouterEventSink`` sends)."""
+    return h - (1 << 64) if h >= 1 << 63 else h
 
 
 class DynamoKvEventSink(_BlockEventSink):
@@ -159,9 +171,10 @@ class DynamoKvEventSink(_BlockEventSink):
         super().__init__(block_size)
         self.publisher = publisher
 
-    def _stored(self, token_ids: list[int], block_ids: list[int], parent: int | None) -> None:
-        self.publisher.publish_stored(token_ids=token_ids, num_block_tokens=[self.block_size] * len(block_ids),
-                                      block_hashes=block_ids, parent_hash=parent)
+    def _stored(self, token_ids: list[int], block_hashes: list[int], parent: int | None) -> None:
+        self.publisher.publish_stored(token_ids=token_ids, num_block_tokens=[self.block_size] * len(block_hashes),
+                                      block_hashes=[_signed(h) for h in block_hashes],
+                                      parent_hash=None if parent is None else _signed(parent))
 
-    def _removed(self, block_ids: list[int]) -> None:
-        self.publisher.publish_removed(block_hashes=block_ids)
+    def _removed(self, block_hashes: list[int]) -> None:
+        self.publisher.publish_removed(block_hashes=[_signed(h) for h in block_hashes])

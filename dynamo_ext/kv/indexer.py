@@ -69,6 +69,21 @@ class IndexerStats:
     decode_errors: int = 0
     sequence_gaps: int = 0
     last_sequence: dict[int, int] = field(default_factory=dict)
+    #: events the tree refused, by reason ("parent_missing", "block_missing", "other")
+    refused: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"messages": self.messages, "events": self.events, "decode_errors": self.decode_errors,
+                "sequence_gaps": self.sequence_gaps, "refused": dict(self.refused)}
+
+
+def _refusal(e: Exception) -> str:
+    text = str(e).lower()
+    if "parent" in text:
+        return "parent_missing"
+    if "not found" in text or "find" in text:
+        return "block_missing"
+    return "other"
 
 
 class KvEventIndexer:
@@ -139,7 +154,10 @@ class KvEventIndexer:
                 n += 1
             except Exception as e:
                 self.stats.decode_errors += 1
-                log.warning("KV event not applied: %s", e)
+                why = _refusal(e)
+                self.stats.refused[why] = self.stats.refused.get(why, 0) + 1
+                log.warning("KV event not applied (%s, worker %s, event %s): %s", why, rev.get("worker_id"),
+                            (rev.get("event") or {}).get("event_id"), e)
         return n
 
     def apply_event(self, worker_id: int, event: dict[str, Any]) -> None:

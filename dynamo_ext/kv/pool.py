@@ -33,8 +33,10 @@ Cache key: the *sequence hash* of a block, a chain over Dynamo's local block has
 different prefixes are different entries. The chain is internal to the pool (Dynamo's router keeps
 the same structure as a tree keyed by local hashes plus parent links).
 
-Router consistency: the set of registered blocks equals the ids stored and not yet removed in the
-sink's event stream, and each stored run names a parent that is registered at that moment.
+KV events name blocks by their sequence hash (``block_hash(id)``), never by id: the same content has the same
+name on every worker, as Dynamo's router needs (kv/events.py). Router consistency: the hashes of the
+registered blocks equal the hashes stored and not yet removed in the sink's event stream, and each stored
+run names a parent hash that is registered at that moment.
 Evicting a parent before its children is allowed (the router then stops matching at the parent, as
 ``match_prefix`` does). Not thread-safe: one owner (the engine's scheduler) calls it.
 """
@@ -136,6 +138,10 @@ class BlockPool:
     def refcount(self, block_id: int) -> int:
         return self._ref[self._check_id(block_id)]
 
+    def block_hash(self, block_id: int) -> int | None:
+        """The sequence hash (content) of a committed block, its name in KV events; None if uncommitted."""
+        return self._seq[self._check_id(block_id)]
+
     def is_registered(self, block_id: int) -> bool:
         s = self._seq[block_id]
         return s is not None and self._cache.get(s) == block_id
@@ -152,19 +158,22 @@ class BlockPool:
             raise OutOfBlocks(f"asked for {n} blocks, {self.num_free} allocatable of {self._num_blocks}")
         out: list[int] = []
         evicted: list[int] = []
+        evicted_hashes: list[int] = []
         for _ in range(n):
             if self._free:
                 b = self._free.popleft()
             else:
                 b, _ = self._lru.popitem(last=False)
-                del self._cache[self._seq[b]]  # type: ignore[arg-type]
+                h = self._seq[b]
+                del self._cache[h]  # type: ignore[arg-type]
                 self._seq[b] = None
                 evicted.append(b)
+                evicted_hashes.append(h)
             self._ref[b] = 1
             out.append(b)
         self._active += n
         if evicted:
-            self.sink.publish_removed(evicted)
+            self.sink.publish_removed(evicted_hashes)
         return out
 
     def free(self, block_ids: Sequence[int]) -> None:
@@ -247,9 +256,9 @@ class BlockPool:
                 raise PoolError(f"parent block {parent} holds no committed content")
         seqs = sequence_hashes(block_hashes(tokens, bs), parent_seq)
 
-        run: list[int] = []  # registered blocks not yet announced
+        run: list[int] = []  # sequence hashes of registered blocks not yet announced
         run_start = 0
-        run_parent: int | None = None
+        run_parent: int | None = None  # the sequence hash before the run
         prev_seq = parent_seq
         for i, (b, s) in enumerate(zip(block_ids, seqs)):
             self._seq[b] = s
@@ -257,9 +266,9 @@ class BlockPool:
             if s not in self._cache and parent_cached:
                 if not run:
                     run_start = i
-                    run_parent = None if prev_seq is None else self._cache[prev_seq]
+                    run_parent = prev_seq
                 self._cache[s] = b
-                run.append(b)
+                run.append(s)
             elif run:
                 self.sink.publish_stored(tokens[run_start * bs : (run_start + len(run)) * bs], run, run_parent)
                 run = []
@@ -271,13 +280,14 @@ class BlockPool:
     def evict_all(self) -> list[int]:
         """Drop every evictable cached block; returns their ids."""
         evicted = list(self._lru)
-        for b in evicted:
-            del self._cache[self._seq[b]]  # type: ignore[arg-type]
+        hashes = [self._seq[b] for b in evicted]
+        for b, h in zip(evicted, hashes):
+            del self._cache[h]  # type: ignore[arg-type]
             self._seq[b] = None
             self._free.append(b)
         self._lru.clear()
         if evicted:
-            self.sink.publish_removed(evicted)
+            self.sink.publish_removed(hashes)  # type: ignore[arg-type]
         return evicted
 
     # -- helpers ----------------------------------------------------------------------------------

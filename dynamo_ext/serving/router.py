@@ -50,7 +50,7 @@ from dynamo_ext.routing.throughput import Priors, WorkerMeter
 from dynamo_ext.topology import NodeTopology
 from dynamo_ext.topology.select import Endpoint, select_transport
 
-from .protocol import error_chunk, migration_request, rerun_request, rerun_usage
+from .protocol import error_chunk, is_invalid, migration_request, rerun_request, rerun_usage
 
 log = logging.getLogger("dynamo_ext.serving.router")
 
@@ -198,6 +198,7 @@ class RouterCore:
         #: rebalancing moves asked for and not yet handed over: router request id -> target decode worker
         self.planned_moves: dict[str, int] = {}
         self.decisions: dict[str, int] = defaultdict(int)
+        self.prefill_refusals = 0  # prefills a prefill worker refused (not the client's fault): prefilled locally
         #: workers whose last call failed -> monotonic time until which choices leave them out
         self.down: dict[int, float] = {}
         self._links: dict[tuple[int, int, float, float], LinkInfo] = {}  # (p, d, started_at p, d) -> expectation
@@ -210,7 +211,8 @@ class RouterCore:
 
     # -- health -------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        return {"policy": self.s.policy, "decisions": dict(self.decisions), "links": dict(self.link_kinds),
+        return {"policy": self.s.policy, "decisions": dict(self.decisions),
+                "prefill_refusals": self.prefill_refusals, "links": dict(self.link_kinds),
                 "link_feedback": {"transfers": self.feedback.observed, "failures": self.feedback.failed,
                                   "backends": dict(self.feedback.backends)},
                 "throughput": self.meter.summary(time.monotonic()),
@@ -478,10 +480,16 @@ class StreamSession:
         pulls_from = None
         if pid is not None:
             chunk = await self._prefill(pid, did)
-            if chunk is not None and str(chunk.get("finish_reason") or "").startswith("error"):
+            if is_invalid(chunk):  # the request is wrong: no other worker would take it
                 self._outcome("bad_request")
                 yield chunk
                 return
+            if chunk is not None and str(chunk.get("finish_reason") or "").startswith("error"):
+                # the prefill worker could not take it (a prompt larger than its pool, out of blocks): the
+                # decode worker prefills locally, and its own refusal, if any, reaches the client
+                log.warning("prefill on %d refused (%s): local prefill on %d", pid, chunk.get("error"), did)
+                self.core.prefill_refusals += 1
+                chunk = None
             if chunk is not None and "kv_handle" in chunk:
                 dreq["kv_handle"] = chunk["kv_handle"]
                 pulls_from = pid

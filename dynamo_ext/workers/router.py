@@ -85,6 +85,10 @@ class DynamoRouterPlane:
     def overlap(self, tokens: list[int]) -> dict[int, int]:
         return self.indexer.scores(tokens) if self.indexer is not None else {}
 
+    def index_health(self) -> dict[str, Any] | None:
+        """The KV event index's counters (None without an index)."""
+        return self.indexer.stats.summary() if self.indexer is not None else None
+
     async def prefill(self, request: dict[str, Any], worker: int, timeout_s: float) -> dict[str, Any] | None:
         stream = await asyncio.wait_for(self.prefill_client.direct(request, worker), timeout_s)
         async for item in stream:
@@ -120,6 +124,11 @@ class RouterWorker(WorkerProcess):
         self.plane = DynamoRouterPlane(self)
         self.core: RouterCore | None = None
         self._reg_store: EtcdStore | None = None
+
+    def health(self) -> dict[str, Any]:
+        h = super().health()
+        h["kv_index"] = self.plane.index_health()
+        return h
 
     async def setup(self) -> Any:
         from dynamo.llm import ModelInput, ModelType, RouterConfig, RouterMode, WorkerType, register_model  # noqa: PLC0415

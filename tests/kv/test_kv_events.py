@@ -39,9 +39,12 @@ def test_dynamo_sink_maps_to_publisher_arguments():
     sink.publish_stored(list(range(32)), [5, 6], 4)
     sink.publish_removed([5])
     sink.publish_removed([])
+    big = (1 << 64) - 2  # sequence hashes are unsigned 64-bit; the publisher takes signed 64-bit
+    sink.publish_removed([big])
     assert pub.calls == [
         ("stored", dict(token_ids=list(range(32)), num_block_tokens=[BS, BS], block_hashes=[5, 6], parent_hash=4)),
         ("removed", dict(block_hashes=[5])),
+        ("removed", dict(block_hashes=[-2])),
     ]
     with pytest.raises(ValueError):
         sink.publish_stored(list(range(31)), [5, 6], None)
@@ -160,3 +163,34 @@ def test_router_event_sink_feeds_the_indexer_like_dynamos_publisher():
     for ev in got[len(got) - 1:]:
         idx.apply_event(5, ev)
     assert "removed" in got[-1]["data"] and idx.scores(toks) == {}
+
+
+def test_two_workers_holding_the_same_prefix_are_both_indexed():
+    """Issue 14.3: the router's index lost a worker's blocks when another worker already held the same
+    content (Dynamo's RadixTree shares tree nodes between workers, and finds a worker's blocks again by
+    their external hashes): every later child of those blocks was refused with 'Failed to find parent
+    block' and removals with 'Failed to find block'. Events name blocks by content now, so the prefill
+    worker and a decode worker that prefilled the same system prompt locally are both indexed."""
+    from dynamo_ext.kv.events import RouterEventSink
+
+    idx = KvEventIndexer(BS)
+    pools = {}
+    for wid, offset in ((1, 0), (2, 3)):  # different physical ids for the same content
+        pools[wid] = BlockPool(16, BS, RouterEventSink(BS, lambda ev, w=wid: idx.apply_event(w, ev)))
+        pools[wid].allocate(offset)
+    system = list(range(1000, 1000 + 4 * BS))
+    held = {}
+    for wid in (1, 2):
+        held[wid] = pools[wid].allocate(4)
+        pools[wid].commit(held[wid], system)
+    assert idx.scores(system) == {1: 4, 2: 4}
+    # worker 2 stores a question after the system prompt: its parent is the shared last block
+    question = system + list(range(5000, 5000 + 2 * BS))
+    (q1, q2) = pools[2].allocate(2)
+    pools[2].commit([q1, q2], question[4 * BS:], parent=held[2][-1])
+    assert idx.scores(question) == {1: 4, 2: 6}
+    # worker 2 evicts everything (removals of blocks worker 1 also holds)
+    pools[2].free(held[2] + [q1, q2])
+    pools[2].evict_all()
+    assert idx.scores(question) == {1: 4}
+    assert idx.stats.decode_errors == 0 and idx.stats.refused == {}

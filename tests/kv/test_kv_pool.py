@@ -47,7 +47,9 @@ def test_prefix_cache_hit_dedupe_and_eviction_events():
     toks = [1, 2, 3, 4, 5, 6]
     a = pool.allocate(3)
     pool.commit(a, toks)
-    assert sink.events == [StoredEvent(tuple(toks), tuple(a), None)]
+    h = {b: pool.block_hash(b) for b in a}  # events name blocks by content (sequence hash), not by id
+    assert h[a[0]] == block_hashes(toks, BS)[0] and len(set(h.values())) == 3
+    assert sink.events == [StoredEvent(tuple(toks), tuple(h[b] for b in a), None)]
     pool.free(a)
     assert pool.stats().cached == 3 and pool.lru_order() == a[::-1]  # tail evicted first
     hit = pool.match_tokens([1, 2, 3, 4, 9, 9])
@@ -59,7 +61,7 @@ def test_prefix_cache_hit_dedupe_and_eviction_events():
     assert len(sink.events) == 1 and not pool.is_registered(b[0])
     # a new child after the duplicate names the registered block as its parent
     (c,) = pool.allocate(1)  # evicts a[2] (the only cached block)
-    assert sink.events[-1] == RemovedEvent((a[2],))
+    assert sink.events[-1] == RemovedEvent((h[a[2]],))
     n_events = len(sink.events)
     pool.commit([c], [7, 8], parent=b[0])
     assert len(sink.events) == n_events
@@ -67,7 +69,7 @@ def test_prefix_cache_hit_dedupe_and_eviction_events():
     assert not pool.is_registered(c)
     pool.free(hit + b + [c])
     pool.check_invariants()
-    assert sink.live_blocks() == {a[0], a[1]}
+    assert sink.live_blocks() == {h[a[0]], h[a[1]]}
     assert sorted(pool.evict_all()) == sorted([a[0], a[1]]) and sink.live_blocks() == set()
 
 
@@ -128,12 +130,13 @@ class PoolMachine(RuleBasedStateMachine):
                 self.pool.allocate(n)
             return None
         n_events = len(self.sink.events)
+        n_evict = max(0, n - n_free)
+        evicted_hashes = tuple(self.pool.block_hash(b) for b in self.lru[:n_evict])
         ids = self.pool.allocate(n)
         assert not set(ids) & held_before, "allocated a block that is still referenced"
-        n_evict = max(0, n - n_free)
-        expect_evicted, self.lru = self.lru[:n_evict], self.lru[n_evict:]
+        self.lru = self.lru[n_evict:]
         new = self.sink.events[n_events:]
-        assert new == ([RemovedEvent(tuple(expect_evicted))] if n_evict else []), "eviction is not LRU"
+        assert new == ([RemovedEvent(evicted_hashes)] if n_evict else []), "eviction is not LRU"
         for b in ids:
             self.content.pop(b, None)
         return ids
@@ -233,19 +236,19 @@ class PoolMachine(RuleBasedStateMachine):
         assert st_.active == len(refs) and st_.cached == len(self.lru)
         assert st_.free + st_.cached + st_.active == self.NUM
         assert self.pool.kv_cache_usage_perc == len(refs) / self.NUM
-        registered = {b for b in range(self.NUM) if self.pool.is_registered(b)}
+        registered = {self.pool.block_hash(b) for b in range(self.NUM) if self.pool.is_registered(b)}
         assert self.sink.live_blocks() == registered
-        # each stored run's parent was registered when it was announced; ids stored once at a time
+        # each stored run's parent was registered when it was announced; hashes stored once at a time
         live: set[int] = set()
         for ev in self.sink.events:
             if isinstance(ev, StoredEvent):
                 assert ev.parent is None or ev.parent in live
-                assert not live & set(ev.block_ids)
-                assert len(ev.token_ids) == BS * len(ev.block_ids)
-                live.update(ev.block_ids)
+                assert not live & set(ev.block_hashes)
+                assert len(ev.token_ids) == BS * len(ev.block_hashes)
+                live.update(ev.block_hashes)
             else:
-                assert set(ev.block_ids) <= live
-                live.difference_update(ev.block_ids)
+                assert set(ev.block_hashes) <= live
+                live.difference_update(ev.block_hashes)
 
 
 PoolMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=30, deadline=None)
@@ -256,6 +259,7 @@ def test_child_of_a_duplicate_whose_canonical_block_was_evicted_is_not_registere
     pool, sink = _pool(4)
     a = pool.allocate(2)
     pool.commit(a, [0, 1, 1, 1])
+    h = {b: pool.block_hash(b) for b in a}
     hit = pool.match_tokens([0, 1])  # request B shares A's first block
     (dup,) = pool.allocate(1)
     pool.commit([dup], [1, 1], parent=hit[0])  # same content as a[1]: unregistered duplicate
@@ -263,10 +267,10 @@ def test_child_of_a_duplicate_whose_canonical_block_was_evicted_is_not_registere
     pool.free(a)  # A leaves: a[1] cached (evicted first), a[0] still held by B
     (c,) = pool.allocate(1)  # takes the last free block
     (d,) = pool.allocate(1)  # evicts a[1], the duplicate's canonical block
-    assert sink.events[-1] == RemovedEvent((a[1],))
+    assert sink.events[-1] == RemovedEvent((h[a[1]],))
     n = len(sink.events)
     pool.commit([c], [0, 0], parent=dup)  # parent content no longer cached
     assert not pool.is_registered(c) and len(sink.events) == n
     pool.free(hit + [dup, c, d])
     pool.check_invariants()
-    assert sink.live_blocks() == {a[0]}
+    assert sink.live_blocks() == {h[a[0]]}

@@ -104,3 +104,43 @@ async def test_the_router_leaves_a_dead_worker_out_from_its_first_failed_call():
     for _ in range(4):
         await _run(core)
     assert 1 in plane.calls and core.down.get(1) is None  # chosen again, and its success clears the mark
+
+
+class PrefillPlane(Plane):
+    """One prefill worker (9) that answers with ``answer``; one live decode worker (2)."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        super().__init__()
+        self.dead = set()
+        self.answer = answer
+        self.decode_requests: list[dict[str, Any]] = []
+
+    def prefill_ids(self) -> list[int]:
+        return [9]
+
+    def decode_ids(self) -> list[int]:
+        return [2]
+
+    async def prefill(self, request: dict[str, Any], worker: int, timeout_s: float) -> dict[str, Any] | None:
+        return self.answer
+
+    async def decode(self, request: dict[str, Any], worker: int):
+        self.decode_requests.append(request)
+        async for c in super().decode(request, worker):
+            yield c
+
+
+async def test_a_prefill_worker_that_cannot_take_a_prompt_means_a_local_prefill_not_an_error():
+    """A prefill worker whose pool is smaller than the prompt refuses it (an error chunk, not the client's
+    fault): the decode worker prefills locally and the client gets its tokens (was an HTTP 500)."""
+    from dynamo_ext.serving.protocol import error_chunk
+
+    plane = PrefillPlane(error_chunk("cannot prefill: prompt of 1030 tokens needs more blocks than the pool has", 3))
+    core = RouterCore(RouterSettings(policy="round-robin", disagg_min_prompt_tokens=0), plane, NullMetrics())
+    out = await _run(core)
+    assert [c["token_ids"] for c in out] == [[7]] and not any("error" in c for c in out)
+    assert "kv_handle" not in plane.decode_requests[0] and core.health()["prefill_refusals"] == 1
+    # a request the client got wrong is still refused at once, without a decode call
+    plane.answer = error_chunk("bad sampling options", 3, invalid=True)
+    out = await _run(core)
+    assert out[0].get("error_type") == "invalid_argument" and len(plane.decode_requests) == 1
