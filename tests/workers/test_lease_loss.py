@@ -26,15 +26,16 @@ def test_revoked_lease_health_503_stream_drained_exit_3(servers, model_dir, tmp_
     try:
         w = g.start("agg")
         assert w.health()["status"] == "ok"
-        req = {"token_ids": list(range(1, 30)), "stop_conditions": {"max_tokens": 1500, "ignore_eos": True},
+        # 3 streams up to the context (2048 here), so the worker is still draining when we look at its /health
+        req = {"token_ids": list(range(1, 30)), "stop_conditions": {"max_tokens": 2000, "ignore_eos": True},
                "sampling_options": {"temperature": 0}}
         result: list = []
-        t = threading.Thread(target=lambda: result.extend(g.call("leaserev.backend.generate", [req], timeout=120)))
+        t = threading.Thread(target=lambda: result.extend(g.call("leaserev.backend.generate", [req] * 3, timeout=120)))
         t.start()
         deadline = time.monotonic() + 30
-        while w.health().get("running", 0) < 1 and time.monotonic() < deadline:
+        while w.health().get("running", 0) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert w.health().get("running") == 1, w.health()
+        assert w.health().get("running") == 3, w.health()
         t_revoke = time.monotonic()
         assert infra.revoke_lease(etcd.url, w.instance_id)
         health = {}
@@ -42,13 +43,13 @@ def test_revoked_lease_health_503_stream_drained_exit_3(servers, model_dir, tmp_
             health = w.health()
             if health.get("status") != "ok":
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert health.get("status") == "registration_lost", health
         assert "is gone from etcd" in health["reason"], health
         assert time.monotonic() - t_revoke < 3.5  # one check per second
         assert w.popen.wait(timeout=40) == 3, w.log()[-3000:]
         t.join(timeout=60)
-        assert len(tokens_of(result[0])) == 1500, result[0][-1:]  # the stream in flight was drained, not cut
+        assert [len(tokens_of(r)) for r in result] == [2000] * 3, [r[-1:] for r in result]  # drained, not cut
         assert "registration lost: lease" in w.log()
     finally:
         g.stop()
