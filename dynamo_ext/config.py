@@ -166,6 +166,10 @@ class RouterConfig(_Strict):
     policy: RouterPolicy = "dynamo-ext"
     replicas: int = Field(1, ge=1, le=64)
     disagg_min_prompt_tokens: int = Field(64, ge=0)
+    #: dynamo-ext: a decode worker may prefill a prompt itself when its estimate beats every prefill worker
+    #: (conditional disaggregation); false: prompts of disagg_min_prompt_tokens or more always go through a
+    #: prefill worker while one serves
+    local_prefill: bool = True
     #: not supported yet: the dynamo-ext router weighs a cached prefix by its TTFT estimate
     overlap_weight: float | None = None
     #: seconds between rebalancing rounds (routing.plan_migrations(imbalance) over running streams); 0 = off

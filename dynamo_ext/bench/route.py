@@ -96,7 +96,19 @@ from dynamo_ext.bench.serve import MODEL, WORDS, Req, machine, pct, run_load
 from dynamo_ext.launch import launch_graph
 from dynamo_ext.launch.infra import free_port
 
-POLICIES = ("round-robin", "dynamo-kv", "dynamo-ext")
+POLICIES = ("round-robin", "dynamo-kv", "dynamo-ext", "dynamo-ext-nolocal")
+DEFAULT_POLICIES = ("round-robin", "dynamo-kv", "dynamo-ext")
+GRAPHS = ("disagg", "agg")
+ENGINE_ROLES = ("prefill", "decode", "agg")
+
+
+def router_section(policy: str) -> dict[str, Any]:
+    """dynamo.yaml ``router`` of a benchmark policy: ``dynamo-ext-nolocal`` is dynamo-ext with
+    ``router.local_prefill: false`` (placement only: every prompt through a prefill worker), which splits
+    dynamo-ext's gain into placement and local prefill."""
+    if policy == "dynamo-ext-nolocal":
+        return {"policy": "dynamo-ext", "disagg_min_prompt_tokens": 0, "local_prefill": False}
+    return {"policy": policy, "disagg_min_prompt_tokens": 0}
 WORKLOADS = ("shared-prefix", "mixed")
 BLOCK = 16
 
@@ -221,18 +233,22 @@ def wait_quiet(max_load: float, timeout_s: float, *, poll_s: float = 5.0, loadav
 
 
 def graph_config(policy: str, a: argparse.Namespace, etcd: str, nats: str, namespace: str) -> dict[str, Any]:
+    if getattr(a, "graph", "disagg") == "agg":
+        workers = {"agg": {"count": a.agg_workers, "num_kv_blocks": a.agg_kv_blocks}}
+    else:
+        workers = {"prefill": {"count": a.prefill_workers, "num_kv_blocks": a.prefill_kv_blocks or a.kv_blocks},
+                   "decode": {"count": a.decode_workers, "num_kv_blocks": a.kv_blocks}}
     return {"model": {"name": MODEL, "preset": "tiny", "block_size": BLOCK, "dtype": "float32"},
             "kv_transfer": {"backend": "nixl", "timeout_ms": 2000},
-            "workers": {"prefill": {"count": a.prefill_workers, "num_kv_blocks": a.prefill_kv_blocks or a.kv_blocks},
-                        "decode": {"count": a.decode_workers, "num_kv_blocks": a.kv_blocks}},
-            "router": {"policy": policy, "disagg_min_prompt_tokens": 0},
+            "workers": workers,
+            "router": router_section(policy),
             "discovery": {"namespace": namespace, "etcd": {"endpoints": [etcd]},
                           "nats": {"url": nats}}}  # fmt: skip
 
 
-def decode_scrape(g: Any) -> tuple[dict, float]:
-    """The decode workers' KV transfer counters and their local prefills (sum over workers)."""
-    texts = g.metrics(role="decode")
+def decode_scrape(g: Any, role: str = "decode") -> tuple[dict, float]:
+    """The decode (or agg) workers' KV transfer counters and their local prefills (sum over workers)."""
+    texts = g.metrics(role=role)
     return kv_totals(texts), counter_total(texts, "dynamo_ext_worker_local_prefill_total")
 
 
@@ -261,11 +277,15 @@ class Policy:
         ns = "rt" + policy.replace("-", "") + ns_suffix
         self._stack = ExitStack()
         try:
+            self.graph = getattr(a, "graph", "disagg")
             self.g = self._stack.enter_context(launch_graph(
-                "graphs.disagg", graph_config(policy, a, etcd, nats, ns), model_dir=model_dir,
+                f"graphs.{self.graph}", graph_config(policy, a, etcd, nats, ns), model_dir=model_dir,
                 log_dir=work / f"logs-{ns}", ready_timeout=a.ready_timeout))
             self.base = self.g.base_url
             self.prefill_ids = {c.instance_id for c in self.g.children if c.role == "prefill"}
+            # the engines' own counters (their /health "engine"): prompt tokens prefilled and found cached
+            self.engine_health = [(c.role, c.metrics_url.rsplit("/", 1)[0] + "/health") for c in self.g.children
+                                  if c.role in ENGINE_ROLES and c.metrics_url]
             routers = [c for c in self.g.children if c.role == "router"]
             self.router_health = (routers[0].metrics_url.rsplit("/", 1)[0] + "/health"
                                   if routers and routers[0].metrics_url else None)  # fmt: skip
@@ -284,15 +304,18 @@ class Policy:
         pids = self.prefill_ids
         time.sleep(0.3)
         quiet = wait_quiet(a.quiet_load, a.quiet_timeout, log=lambda s: print(s, file=sys.stderr, flush=True))
-        (kv0, local0), st0 = decode_scrape(self.g), self.counter.snapshot()
+        drole = "agg" if self.graph == "agg" else "decode"
+        (kv0, local0), st0 = decode_scrape(self.g, drole), self.counter.snapshot()
         dec0 = self.decisions()
         idx0 = self.index_counters()
+        eng0 = self.engine_counters()
         reqs = make_workload(wl, a, a.seed + 1000 * run)
         t0 = run_load(self.base, reqs, a.timeout)
         time.sleep(0.5)
-        (kv1, local1), st1 = decode_scrape(self.g), self.counter.snapshot()
+        (kv1, local1), st1 = decode_scrape(self.g, drole), self.counter.snapshot()
         dec1 = self.decisions()
         idx1 = self.index_counters()
+        eng = {k: eng1 - eng0.get(k, 0) for k, eng1 in self.engine_counters().items()}
         self.g.check()  # a worker that died under the load fails the run
         ok = [r for r in reqs if r.ok]
         ttft = [r.ttft() for r in ok]
@@ -314,7 +337,7 @@ class Policy:
         else:
             pulled = max(0, min(blocks, read_blocks - transfers))
             reused = None
-        return with_hit_rate({"policy": self.name, "run": run, "requests": len(reqs), "completed": len(ok),
+        row = with_hit_rate({"policy": self.name, "run": run, "requests": len(reqs), "completed": len(ok),
                 "errors": [r.error or f"finish={r.finish}" for r in reqs if not r.ok][:3],
                 "ttft_p50_s": round(pct(ttft, 0.5) or float("nan"), 4),
                 "ttft_p99_s": round(pct(ttft, 0.99) or float("nan"), 4),
@@ -336,6 +359,31 @@ class Policy:
                 "load_before": quiet["load_before"], "load_after": round(os.getloadavg()[0], 2),
                 "quiet_wait_s": quiet["quiet_wait_s"], "quiet": quiet["quiet"],
                 "prompt_tokens_mean": round(statistics.fmean([r.prompt_tokens for r in ok]), 1) if ok else None})
+        # the headline hit rate comes from the engines' own counters (issue 14.4); the KV-event estimate stays
+        row["prefix_hit_rate_events"] = row["prefix_hit_rate"]
+        row["engine"] = eng
+        if eng.get("prompt_tokens", 0) > 0:
+            row["prefix_hit_rate"] = round(eng["cached_tokens"] / eng["prompt_tokens"], 4)
+        return row
+
+    def engine_counters(self) -> dict[str, float]:
+        """Sums over the engine workers of their engines' counters: prompt tokens prefilled, of them found in
+        the prefix cache, prefills per role. Each request is prefilled once (a prefill worker, a decode
+        worker locally, or an agg worker; a pulled request is not prefilled again), so cached / prompt
+        tokens is the prefix hit rate of the run."""
+        out: dict[str, float] = defaultdict(float)
+        for role, url in self.engine_health:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    e = json.loads(r.read()).get("engine") or {}
+            except urllib.error.HTTPError as err:
+                e = (json.loads(err.read() or b"{}") or {}).get("engine") or {}
+            except (OSError, ValueError):
+                continue
+            out["prompt_tokens"] += float(e.get("prefill_prompt_tokens", 0))
+            out["cached_tokens"] += float(e.get("prefill_cached_tokens", 0))
+            out[f"prefills_{role}"] += float(e.get("prefills", 0))
+        return dict(out)
 
     def health(self) -> dict[str, Any]:
         """Our router's /health (an error answer still carries the JSON); {} without a router or an answer."""
@@ -397,6 +445,34 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _refusals(x: Any) -> str:
+    """KV events our router's prefix index refused in a run ('-': no router; 0: none)."""
+    if x is None:
+        return "-"
+    n = sum(v for k, v in x.items() if k.startswith("refused_"))
+    gaps = x.get("sequence_gaps", 0)
+    return f"{n}" + (f" (+{gaps} gaps)" if gaps else "")
+
+
+def gain_split(rr: dict, placement: dict, ext: dict) -> str:
+    """dynamo-ext's TTFT gain over round-robin, split into placement (dynamo-ext-nolocal: prefix- and
+    load-aware choice of prefill and decode workers, every prompt through a prefill worker) and local
+    prefill (dynamo-ext over dynamo-ext-nolocal)."""
+    parts = []
+    for k, name in (("ttft_p50_s", "p50"), ("ttft_p99_s", "p99")):
+        total = rr[k] - ext[k]
+        place = rr[k] - placement[k]
+        if total > 0:
+            share = min(max(place / total, 0.0), 1.0)
+            parts.append(f"TTFT {name}: {rr[k]:.3f} s (round-robin) -> {placement[k]:.3f} s (placement only) -> "
+                         f"{ext[k]:.3f} s (dynamo-ext): {share:.0%} of the gain from placement, "
+                         f"{1 - share:.0%} from local prefill")
+        else:
+            parts.append(f"TTFT {name}: no gain over round-robin ({rr[k]:.3f} -> {ext[k]:.3f} s; placement only "
+                         f"{placement[k]:.3f} s)")
+    return "Share of the gain (medians): " + "; ".join(parts) + "."
+
+
 def _or(x: Any, default: str) -> Any:
     return default if x is None else x
 
@@ -412,22 +488,28 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
                 "load before -> after each run in the per-run table)." if getattr(a, "quiet_load", 0)
                 else "no quiet mode (the machine may have been shared; per-run load in the table)."),
              "",
-             f"Graph per policy: {a.prefill_workers} prefill + {a.decode_workers} decode workers "
-             f"(KV blocks of {BLOCK} tokens: {a.prefill_kv_blocks or a.kv_blocks} per prefill worker, fewer than the "
-             f"shared prefixes need together; {a.kv_blocks} per decode worker), tiny model with {a.layers or 2} "
-             "layers, NIXL in host memory, Dynamo frontend; "
-             "round-robin and dynamo-ext through our router, dynamo-kv = frontend `--router-mode kv`. "
-             f"Load: {a.requests} streaming completions, Poisson {a.rate} req/s, {a.output_len} output tokens, "
+             (f"Graph per policy: {a.agg_workers} aggregated workers (graphs/agg.py; {a.agg_kv_blocks} KV blocks of "
+              f"{BLOCK} tokens each, fewer than the shared prefixes need together), tiny model with {a.layers or 2} "
+              "layers, Dynamo frontend; round-robin and dynamo-ext through our router, dynamo-kv = frontend "
+              "`--router-mode kv` straight to the workers. " if getattr(a, "graph", "disagg") == "agg" else
+              f"Graph per policy: {a.prefill_workers} prefill + {a.decode_workers} decode workers "
+              f"(KV blocks of {BLOCK} tokens: {a.prefill_kv_blocks or a.kv_blocks} per prefill worker, fewer than the "
+              f"shared prefixes need together; {a.kv_blocks} per decode worker), tiny model with {a.layers or 2} "
+              "layers, NIXL in host memory, Dynamo frontend; "
+              "round-robin and dynamo-ext through our router, dynamo-kv = frontend `--router-mode kv`; "
+              "dynamo-ext-nolocal = dynamo-ext with `router.local_prefill: false` (placement only). ")
+             + f"Load: {a.requests} streaming completions, Poisson {a.rate} req/s, {a.output_len} output tokens, "
              + ("greedy. One graph at a time (--one-graph: only the measured policy's workers run, a fresh graph "
                 "per run); policies interleave " if getattr(a, "one_graph", False) else
-                "greedy. The three graphs run side by side (idle while another is measured); runs interleave ")
+                "greedy. The graphs run side by side (idle while another is measured); runs interleave ")
              + f"(policy order reversed on odd runs). {a.runs} run(s) per policy"
              + (" (median of the runs)" if a.runs > 1 else
                                                       " (one run: no time for 3 on 2 cores; run-to-run noise "
                                                       "is not measured)") + ".", "",
-             "Prefix hit rate = (full blocks prefilled on prefill workers - blocks they newly stored, from their KV "
-             "events, + a lower bound for prefills on decode workers) / full prompt blocks of the completed requests "
-             "(dynamo_ext/bench/route.py's docstring gives the formula and its limits). "
+             "Prefix hit rate = prompt tokens the engines found in their prefix cache / prompt tokens they prefilled, "
+             "summed over every engine worker (their own counters, `/health` `engine`; each request is prefilled "
+             "once: on a prefill worker, locally on a decode worker, or on an agg worker). 'hit (events)' in the "
+             "per-run table is the older estimate from the KV events (the docstring gives its formula). "
              "KV bytes moved = decode workers' `dynamo_ext_kv_transfer_bytes_total` over the run (a decode worker "
              "reads only the prompt blocks its own prefix cache lacks; blocks it reused instead: "
              + ", ".join(f"{r['policy']} run {r['run']}: {_or(r.get('kv_blocks_reused_by_decode'), 'unknown')}"
@@ -435,16 +517,18 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
              "worker, see the docstring). Pulls, pull GB/s and backend: the decode workers' "
              "`dynamo_ext_kv_transfer_*` metrics over the run.", ""]
     lines += ["Per run:", "", "| policy | run | done | prompt tok (mean) | TTFT p50 | TTFT p99 | tok/s | hit | "
-              "stored blocks (prefill / decode) | blocks prefilled remotely / all | KV bytes | pulls | pull GB/s | "
-              "backend | load before -> after |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
+              "hit (events) | stored blocks (prefill / decode) | blocks prefilled remotely / all | KV bytes | pulls | "
+              "pull GB/s | backend | index refusals | load before -> after |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|---|"]
     for r in extra["runs"]:
         lines.append(f"| {r['policy']} | {r['run']} | {r['completed']}/{r['requests']} | {r['prompt_tokens_mean']} | "
                      f"{r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['throughput_tok_s']:.1f} | "
-                     f"{r['prefix_hit_rate']:.1%} | {r['stored_blocks_prefill']} / {r['stored_blocks_decode']} | "
+                     f"{r['prefix_hit_rate']:.1%} | {r.get('prefix_hit_rate_events', r['prefix_hit_rate']):.1%} | "
+                     f"{r['stored_blocks_prefill']} / {r['stored_blocks_decode']} | "
                      f"{r['blocks_prefilled_remotely']} / {r['prompt_blocks']} | {r['kv_bytes_moved']:,} | "
                      f"{_or(r.get('kv_transfers'), '-')} | {_or(r.get('kv_pull_gbps'), '-')} | "
                      f"{', '.join(r.get('kv_backends') or []) or '-'} | "
+                     f"{_refusals(r.get('kv_index_refused'))} | "
                      f"{r.get('load_before', '?')} -> {r.get('load_after', r.get('load_avg_1m', '?'))} |")
     lines += ["", "Router decisions (our router; dynamo-kv has none): "
               + "; ".join(f"{p}: {i.get('router_decisions')}" for p, i in extra["info"].items()) + ".", "",
@@ -458,6 +542,8 @@ def markdown(res: dict, extra: dict, a: argparse.Namespace) -> str:
                   + (f"; p50/p99 <= Dynamo KV router ({kv['ttft_p50_s']:.3f} / {kv['ttft_p99_s']:.3f} s): "
                      f"{'met' if ext['ttft_p50_s'] <= kv['ttft_p50_s'] and ext['ttft_p99_s'] <= kv['ttft_p99_s'] else 'NOT met'}"
                      if kv else "") + "."]
+    if {"round-robin", "dynamo-ext", "dynamo-ext-nolocal"} <= set(rr):
+        lines += ["", gain_split(rr["round-robin"], rr["dynamo-ext-nolocal"], rr["dynamo-ext"])]
     if a.note:
         lines += ["", a.note]
     lines += ["", table(res)]
@@ -514,7 +600,13 @@ def write_outputs(a: argparse.Namespace, wl: str, rows: list[dict], info: dict, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dynamo-ext bench route", description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=None,
+                    help=f"of {', '.join(POLICIES)} (default: all on disagg; all but dynamo-ext-nolocal on agg)")
+    ap.add_argument("--graph", default="disagg", choices=GRAPHS,
+                    help="disagg: --prefill-workers + --decode-workers; agg: --agg-workers aggregated workers")
+    ap.add_argument("--agg-workers", type=int, default=3)
+    ap.add_argument("--agg-kv-blocks", type=int, default=320,
+                    help="KV blocks per agg worker; fewer than the shared prefixes need together")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--rate", type=float, default=8.0, help="req/s (Poisson)")
     ap.add_argument("--runs", type=int, default=3, help="runs per policy and workload (median reported)")
@@ -552,11 +644,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="no run: re-render <tag>-<workload>.{json,md,png} from <tag>-<workload>.runs.json in --out")
     a = ap.parse_args(argv)
     a.workloads = [w for w in a.workloads.split(",") if w]
+    if a.policies is None:
+        a.policies = ",".join(POLICIES if a.graph == "disagg" else DEFAULT_POLICIES)
     policies = [p for p in a.policies.split(",") if p]
     if not set(a.workloads) <= set(WORKLOADS) or not a.workloads:
         ap.error(f"--workloads: {', '.join(WORKLOADS)}")
     if not set(policies) <= set(POLICIES) or not policies:
         ap.error(f"--policies: {', '.join(POLICIES)}")
+    if a.graph == "agg" and "dynamo-ext-nolocal" in policies:
+        ap.error("--policies: dynamo-ext-nolocal needs --graph disagg (agg workers always prefill locally)")
 
     if a.from_runs:
         outdir = Path(a.out)

@@ -120,6 +120,7 @@ class RouterSettings:
     kv_bytes_per_token: int = 0
     decode_num_blocks: int = 1024
     disagg_min_prompt_tokens: int = 64
+    local_prefill: bool = True  # decode workers may prefill a request themselves when cheaper (dynamo-ext)
     transfer_timeout_s: float = 2.0
     force: str = "auto"  # kv_transfer.transport
     rdma_device: str | None = None
@@ -289,7 +290,8 @@ class RouterCore:
                              kv_bytes_per_token=self.s.kv_bytes_per_token, request_id=rid)
         now = time.monotonic()
         snaps = self.snapshots(scores, prefills, decodes, now)
-        cfg = RoutingConfig(local_prefill_max_tokens=self.s.disagg_min_prompt_tokens)
+        cfg = RoutingConfig(local_prefill_max_tokens=self.s.disagg_min_prompt_tokens,
+                            allow_local_prefill=self.s.local_prefill or not prefills)
         links = LinkTable({(p, d): self._link(p, d, now) for p in prefills for d in decodes}, default=LINK)
         dec = decide(shape, snaps, links, config=cfg)
         reason = dec.reason.value if hasattr(dec.reason, "value") else str(dec.reason)

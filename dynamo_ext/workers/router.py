@@ -112,8 +112,9 @@ def router_settings(cfg: Any, model_dir: str) -> RouterSettings:
     return RouterSettings(
         policy=cfg.router.policy, block_size=cfg.model.block_size, num_layers=max(int(mc.num_layers), 1),
         kv_bytes_per_token=mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * _DTYPE_BYTES.get(mc.dtype, 4),
-        decode_num_blocks=cfg.workers.decode.num_kv_blocks if cfg.workers.decode else 1024,
-        disagg_min_prompt_tokens=cfg.router.disagg_min_prompt_tokens,
+        decode_num_blocks=(cfg.workers.decode or cfg.workers.agg).num_kv_blocks
+        if (cfg.workers.decode or cfg.workers.agg) else 1024,
+        disagg_min_prompt_tokens=cfg.router.disagg_min_prompt_tokens, local_prefill=cfg.router.local_prefill,
         transfer_timeout_s=cfg.kv_transfer.timeout_ms / 1000.0, force=cfg.kv_transfer.transport,
         rdma_device=cfg.kv_transfer.rdma_device, context_length=context_length(cfg, model_dir))
 

@@ -144,3 +144,18 @@ async def test_a_prefill_worker_that_cannot_take_a_prompt_means_a_local_prefill_
     plane.answer = error_chunk("bad sampling options", 3, invalid=True)
     out = await _run(core)
     assert out[0].get("error_type") == "invalid_argument" and len(plane.decode_requests) == 1
+
+
+def test_router_local_prefill_false_sends_every_prompt_through_a_prefill_worker():
+    """router.local_prefill: false (dynamo-ext): decide may not pick a local prefill while a prefill worker
+    serves; true (default): with no KV layout known the local estimate wins for short prompts here."""
+    plane = PrefillPlane({})
+    tokens = list(range(200))
+    kw = dict(policy="dynamo-ext", disagg_min_prompt_tokens=0, kv_bytes_per_token=4096)
+    on = RouterCore(RouterSettings(**kw), plane, NullMetrics())
+    off = RouterCore(RouterSettings(**kw, local_prefill=False), plane, NullMetrics())
+    routes_on = [on.choose(tokens, f"r{i}") for i in range(5)]
+    assert any(r.prefill is None for r in routes_on), routes_on
+    assert all(r.reason != "disagg" for r in routes_on)  # routing.decide chose (not the round-robin fallback)
+    routes_off = [off.choose(tokens, f"r{i}") for i in range(5)]
+    assert all(r.prefill == 9 and r.reason != "disagg" for r in routes_off), routes_off
