@@ -373,6 +373,10 @@ class FrontendConfig(_Strict):
     # largest HTTP request body Dynamo's frontend reads (DYN_HTTP_BODY_LIMIT_MB); a larger one is refused with 413
     # before it is parsed or tokenized. Prompts over the model's context are refused with 400 by the router.
     max_request_mb: int = Field(8, ge=1, le=1024)
+    # how many times the frontend moves a stream whose router (or, under dynamo-kv, worker) died to another
+    # instance (Dynamo's --migration-limit, DYN_MIGRATION_LIMIT; 0: never). With router.replicas >= 2 a router
+    # killed under load then loses no request (benchmarks/results/reliability-2routers.md)
+    migration_limit: int = Field(3, ge=0, le=100)
 
 
 class SupervisionConfig(_Strict):

@@ -25,7 +25,7 @@ Protocol
   - frontend: ``python -m dynamo.frontend --http-host H --http-port P --router-mode kv|round-robin
     --namespace NS`` (``kv`` under ``router.policy: dynamo-kv``, else it round-robins over our router
     replicas), ready when ``/v1/models`` lists ``model.name``; ``DYN_HTTP_BODY_LIMIT_MB`` from
-    ``frontend.max_request_mb`` (``frontend_env``).
+    ``frontend.max_request_mb`` and ``DYN_MIGRATION_LIMIT`` from ``frontend.migration_limit`` (``frontend_env``).
 """
 
 from __future__ import annotations
@@ -113,8 +113,10 @@ def assign_devices(plan: list[tuple[str, int]], config: DynamoExtConfig, gpu_cou
 
 
 def frontend_env(config: DynamoExtConfig, env: dict[str, str]) -> dict[str, str]:
-    """The frontend's environment: the graph's, plus its request body limit (``frontend.max_request_mb``)."""
-    return {**env, "DYN_HTTP_BODY_LIMIT_MB": str(config.frontend.max_request_mb)}
+    """The frontend's environment: the graph's, plus its request body limit (``frontend.max_request_mb``) and
+    stream migration limit (``frontend.migration_limit``)."""
+    return {**env, "DYN_HTTP_BODY_LIMIT_MB": str(config.frontend.max_request_mb),
+            "DYN_MIGRATION_LIMIT": str(config.frontend.migration_limit)}
 
 
 def plan_processes(

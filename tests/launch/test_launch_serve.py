@@ -203,6 +203,9 @@ def test_cuda_model_device_counts_gpus(tmp_path, monkeypatch, capsys):
                            env={}, gpu_count=1)
     devices = {s.name: s.argv[s.argv.index("--device") + 1] if "--device" in s.argv else None for s in specs}
     assert devices == {"prefill-0": "cuda:0", "decode-0": "cuda:0", "router-0": None, "frontend": None}, devices
+    fe = next(s for s in specs if s.name == "frontend")  # frontend.* that only the frontend reads
+    assert fe.env["DYN_HTTP_BODY_LIMIT_MB"] == "8" and fe.env["DYN_MIGRATION_LIMIT"] == "3"
+    assert "DYN_MIGRATION_LIMIT" not in next(s for s in specs if s.name == "router-0").env
 
 
 def test_supervision_config_defaults_and_errors():
