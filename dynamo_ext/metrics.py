@@ -76,11 +76,14 @@ def make_worker_metrics(role: str, instance_id: int = 0, registry: CollectorRegi
 
 
 class MetricsServer:
-    """GET /metrics (Prometheus text) and GET /health (JSON from ``health()``; 503 when not ok)."""
+    """GET /metrics (Prometheus text), GET /health (JSON from ``health()``; 503 when not ok) and GET <path> for
+    each of ``json_paths`` (JSON from its callable; the router's ``/routes``)."""
 
     def __init__(self, host: str, port: int, health: Callable[[], dict[str, Any]],
-                 registry: CollectorRegistry = REGISTRY) -> None:
+                 registry: CollectorRegistry = REGISTRY,
+                 json_paths: dict[str, Callable[[], Any]] | None = None) -> None:
         reg = registry
+        extra = dict(json_paths or {})
 
         class _H(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
@@ -94,6 +97,12 @@ class MetricsServer:
                         h = {"status": "error", "error": str(e)}
                     body = json.dumps(h).encode()
                     ctype, code = "application/json", 200 if h.get("status") == "ok" else 503
+                elif path in extra:
+                    try:
+                        body, code = json.dumps(extra[path]()).encode(), 200
+                    except Exception as e:  # noqa: BLE001
+                        body, code = json.dumps({"error": str(e)}).encode(), 500
+                    ctype = "application/json"
                 else:
                     body, ctype, code = b"not found\n", "text/plain", 404
                 self.send_response(code)
@@ -120,8 +129,9 @@ class MetricsServer:
         self._srv.server_close()
 
 
-def serve_http(port: int, health: Callable[[], dict[str, Any]], host: str = "127.0.0.1") -> MetricsServer:
-    return MetricsServer(host, port, health)
+def serve_http(port: int, health: Callable[[], dict[str, Any]], host: str = "127.0.0.1",
+               json_paths: dict[str, Callable[[], Any]] | None = None) -> MetricsServer:
+    return MetricsServer(host, port, health, json_paths=json_paths)
 
 
 class NullMetrics:

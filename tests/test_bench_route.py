@@ -44,8 +44,10 @@ def test_bench_route_smoke(tmp_path):
     for x in runs:  # the hit rate comes from the engines' own counters; our router's index refused nothing
         assert x["engine"]["prompt_tokens"] > 0 and x["prefix_hit_rate"] == round(
             x["engine"]["cached_tokens"] / x["engine"]["prompt_tokens"], 4), x
-        if x["policy"] != "dynamo-kv":
+        if x["policy"] != "dynamo-kv":  # our router: no refused KV event, a route trace of every request
             assert x["kv_index_refused"] == {}, x
+            assert len(x["routes"]) == 4 and all(r["ttft_s"] > 0 for r in x["routes"]), x["routes"]
+            assert x["tail"]["slowest"]["n"] == 2 and x["tail"]["rest"]["n"] == 2, x["tail"]
     nolocal = next(x for x in runs if x["policy"] == "dynamo-ext-nolocal")  # router.local_prefill: false
     assert nolocal["decode_local_prefills"] == 0 and nolocal["kv_transfers"] == 4, nolocal
     for x in runs:  # pulls from the decode workers' /metrics (transfer counters, local prefills)

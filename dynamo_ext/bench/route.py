@@ -309,6 +309,7 @@ class Policy:
         dec0 = self.decisions()
         idx0 = self.index_counters()
         eng0 = self.engine_counters()
+        t_start = time.monotonic()
         reqs = make_workload(wl, a, a.seed + 1000 * run)
         t0 = run_load(self.base, reqs, a.timeout)
         time.sleep(0.5)
@@ -360,11 +361,24 @@ class Policy:
                 "quiet_wait_s": quiet["quiet_wait_s"], "quiet": quiet["quiet"],
                 "prompt_tokens_mean": round(statistics.fmean([r.prompt_tokens for r in ok]), 1) if ok else None})
         # the headline hit rate comes from the engines' own counters (issue 14.4); the KV-event estimate stays
+        routes = [r for r in self.routes() if r.get("t", 0) >= t_start]
+        row["routes"] = routes  # our router's trace of this run: route, estimate, measured times
+        row["tail"] = tail_summary(routes)
         row["prefix_hit_rate_events"] = row["prefix_hit_rate"]
         row["engine"] = eng
         if eng.get("prompt_tokens", 0) > 0:
             row["prefix_hit_rate"] = round(eng["cached_tokens"] / eng["prompt_tokens"], 4)
         return row
+
+    def routes(self) -> list[dict[str, Any]]:
+        """Our router's recent routes (GET /routes); [] without a router."""
+        if self.router_health is None:
+            return []
+        try:
+            with urllib.request.urlopen(self.router_health.rsplit("/", 1)[0] + "/routes", timeout=5) as r:
+                return list(json.loads(r.read()))
+        except (OSError, ValueError):
+            return []
 
     def engine_counters(self) -> dict[str, float]:
         """Sums over the engine workers of their engines' counters: prompt tokens prefilled, of them found in
@@ -422,6 +436,38 @@ class Policy:
             self.info.setdefault("router_decisions", None)
             self.info.setdefault("router_throughput", None)
         self._stack.close()
+
+
+def tail_summary(routes: list[dict[str, Any]], share: float = 0.1) -> dict[str, Any] | None:
+    """What the slowest ``share`` of a run's requests (router-side first-token time, at least 2) have in
+    common, against the rest: their routes (reason), prompt and uncached tokens, the estimate, how long the
+    prefill call took, the pull, and the decode worker's streams in flight when chosen."""
+    done = sorted((r for r in routes if r.get("ttft_s") is not None), key=lambda r: r["ttft_s"])
+    if len(done) < 4:
+        return None
+    k = max(2, int(round(len(done) * share)))
+    slow, rest = done[-k:], done[:-k]
+
+    def mean(rs: list[dict], f: Any) -> float | None:
+        xs = [v for v in (f(r) for r in rs) if v is not None]
+        return round(statistics.fmean(xs), 4) if xs else None
+
+    def side(rs: list[dict]) -> dict[str, Any]:
+        reasons: dict[str, int] = defaultdict(int)
+        for r in rs:
+            reasons[r.get("reason", "?")] += 1
+        return {"n": len(rs), "ttft_s": mean(rs, lambda r: r["ttft_s"]), "reasons": dict(reasons),
+                "prompt_tokens": mean(rs, lambda r: r.get("prompt_tokens")),
+                "uncached_tokens": mean(rs, lambda r: (r.get("estimate") or {}).get("uncached_tokens")),
+                "est_s": mean(rs, lambda r: (r.get("estimate") or {}).get("est_s")),
+                "est_queue_s": mean(rs, lambda r: ((r.get("estimate") or {}).get("terms") or {}).get("queue_wait_s")),
+                "est_admission_s": mean(rs, lambda r: ((r.get("estimate") or {}).get("terms") or {}).get("admission_s")),
+                "prefill_call_s": mean(rs, lambda r: r.get("prefill_s")),
+                "pull_s": mean(rs, lambda r: (r.get("pull") or {}).get("seconds")),
+                "inflight_decode": mean(rs, lambda r: r.get("inflight_decode")),
+                "inflight_prefill": mean(rs, lambda r: r.get("inflight_prefill"))}
+
+    return {"slowest": side(slow), "rest": side(rest)}
 
 
 def median_row(rows: list[dict]) -> dict:

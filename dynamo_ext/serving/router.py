@@ -41,7 +41,8 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 from dynamo_ext.routing import LinkEstimator, LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
@@ -60,6 +61,8 @@ PREFILL_TOKENS_PER_S = 20_000.0
 DECODE_STEP_S = 0.002
 LINK = LinkInfo(gb_per_s=3.0, latency_s=0.002)
 #: a worker whose call failed is left out of choices this long (or until a call to it succeeds): a dead worker
+#: requests whose route, estimate and measured times the router keeps (GET /routes of its metrics server)
+TRACE_LEN = 2000
 #: stays listed until its lease ends (the lease TTL), and every request sent to it would fail to connect first
 DOWN_S = 5.0
 POLICIES = ("dynamo-ext", "round-robin", "least-loaded")
@@ -110,6 +113,8 @@ class Route:
     decode: int
     reason: str
     overlap_blocks: int = 0
+    #: routing.decide's estimate of the chosen option (est_s, its terms, uncached tokens); None otherwise
+    estimate: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,8 @@ class RouterCore:
         self.planned_moves: dict[str, int] = {}
         self.decisions: dict[str, int] = defaultdict(int)
         self.prefill_refusals = 0  # prefills a prefill worker refused (not the client's fault): prefilled locally
+        #: the last requests' routes with the estimate and the measured first-token time (``recent_routes``)
+        self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_LEN)
         #: workers whose last call failed -> monotonic time until which choices leave them out
         self.down: dict[int, float] = {}
         self._links: dict[tuple[int, int, float, float], LinkInfo] = {}  # (p, d, started_at p, d) -> expectation
@@ -219,6 +226,13 @@ class RouterCore:
                 "throughput": self.meter.summary(time.monotonic()),
                 "prefill_workers": len(self.plane.prefill_ids()), "decode_workers": len(self.plane.decode_ids()),
                 "down": sorted(w for w, t in self.down.items() if t > time.monotonic())}
+
+    def recent_routes(self) -> list[dict[str, Any]]:
+        """The last ``TRACE_LEN`` requests: arrival (monotonic s), prompt tokens, route (reason, prefill,
+        decode, overlap blocks), routing.decide's estimate (est_s, terms, uncached tokens) and what happened:
+        prefill_s (the prefill call, disaggregated routes), ttft_s (arrival -> first token at the router),
+        tried (decode workers). The tail of TTFT is read from here (bench route ``tail``)."""
+        return list(self.trace)
 
     # -- worker health seen from here ----------------------------------------------------------------
     def mark_down(self, worker: int, now: float | None = None) -> None:
@@ -301,7 +315,9 @@ class RouterCore:
         # the chosen worker's queue grows by the tokens it computes (measured when its prefill ends)
         self.meter.planned(rid, c.prefill_id, c.uncached_tokens, c.kind is OptionKind.LOCAL, now)
         p = None if c.kind is OptionKind.LOCAL else c.prefill_id
-        return Route(p, c.decode_id, reason, scores.get(c.decode_id if p is None else p, 0))
+        est = {"est_s": round(c.estimate_s, 4), "uncached_tokens": c.uncached_tokens,
+               "terms": {k: round(v, 4) for k, v in c.terms.as_dict().items() if k != "total_s"}}
+        return Route(p, c.decode_id, reason, scores.get(c.decode_id if p is None else p, 0), est)
 
     def snapshots(self, scores: dict[int, int], prefills: list[int], decodes: list[int], now: float) -> list[WorkerSnapshot]:
         """WorkerSnapshots from measured throughput (``self.meter``) and the KV-event overlap scores.
@@ -447,6 +463,7 @@ class StreamSession:
         self.tried: set[int] = set()
         self.first_sent = False
         self.route: Route | None = None  # set once chosen
+        self.rec: dict[str, Any] = {}  # this request's entry of core.trace
         self._next: _Attempt | None = None
 
     def _outcome(self, what: str) -> None:
@@ -478,10 +495,16 @@ class StreamSession:
             yield error_chunk(f"no worker available: {e}", len(tokens))
             return
         pid, did = self.route.prefill, self.route.decode
+        self.rec = {"t": round(self.t0, 4), "prompt_tokens": len(tokens), "reason": self.route.reason,
+                    "prefill": pid, "decode": did, "overlap_blocks": self.route.overlap_blocks,
+                    "estimate": self.route.estimate, "inflight_decode": core.inflight[did]}
+        core.trace.append(self.rec)
         dreq = {**request, "report_kv_transfer": True, "router_rid": self.rid}
         pulls_from = None
         if pid is not None:
+            self.rec["inflight_prefill"] = core.inflight[pid]
             chunk = await self._prefill(pid, did)
+            self.rec["prefill_s"] = round(time.monotonic() - self.t0, 4)
             if is_invalid(chunk):  # the request is wrong: no other worker would take it
                 self._outcome("bad_request")
                 yield chunk
@@ -491,6 +514,7 @@ class StreamSession:
                 # decode worker prefills locally, and its own refusal, if any, reaches the client
                 log.warning("prefill on %d refused (%s): local prefill on %d", pid, chunk.get("error"), did)
                 self.core.prefill_refusals += 1
+                self.rec["prefill_refused"] = True
                 chunk = None
             if chunk is not None and "kv_handle" in chunk:
                 dreq["kv_handle"] = chunk["kv_handle"]
@@ -539,10 +563,14 @@ class StreamSession:
                 now = time.monotonic()
                 core.meter.decode_chunk(self.rid, a.worker, now, len(d.get("token_ids") or ()))
                 if "kv_transfer" in d:
+                    rep = d["kv_transfer"] if isinstance(d["kv_transfer"], dict) else {}
+                    self.rec["pull"] = {k: rep.get(k) for k in ("seconds", "bytes", "error") if k in rep}
                     d = core.feedback.observe(d, a.pulls_from, a.worker, now)
                 if not self.first_sent:
                     core.metrics.ttft.observe(now - self.t0)
                     self.first_sent = True
+                    self.rec["ttft_s"] = round(now - self.t0, 4)
+                    self.rec["first_from"] = a.worker
                 if a.worker in core.down:
                     core.mark_up(a.worker)
                 if a.skip_first and d.get("token_ids"):

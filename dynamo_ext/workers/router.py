@@ -131,6 +131,9 @@ class RouterWorker(WorkerProcess):
         h["kv_index"] = self.plane.index_health()
         return h
 
+    def json_paths(self) -> dict[str, Any]:
+        return {"/routes": lambda: self.core.recent_routes() if self.core is not None else []}
+
     async def setup(self) -> Any:
         from dynamo.llm import ModelInput, ModelType, RouterConfig, RouterMode, WorkerType, register_model  # noqa: PLC0415
 

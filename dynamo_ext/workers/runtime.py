@@ -124,6 +124,10 @@ class WorkerProcess:
     def record_fields(self) -> dict[str, Any]:
         return {}
 
+    def json_paths(self) -> dict[str, Any]:
+        """Extra GET paths of the metrics server (path -> callable returning JSON); the router adds /routes."""
+        return {}
+
     def health(self) -> dict[str, Any]:
         status = "registration_lost" if self.lost else "stopping" if self.stopping else "ok"
         h: dict[str, Any] = {"status": status, "role": self.args.role, "instance_id": self.instance_id}
@@ -238,7 +242,7 @@ class WorkerProcess:
         if self.metrics is None:
             self.metrics = make_worker_metrics(self.args.role, self.instance_id)
         self.metrics.info.labels(self.args.role, str(self.instance_id)).set(1)
-        self.http = serve_http(self.args.metrics_port, self.health)
+        self.http = serve_http(self.args.metrics_port, self.health, json_paths=self.json_paths())
         print(f"DYNAMO_EXT_READY role={self.args.role} instance_id={self.instance_id} metrics={self.http.url}",
               flush=True)
         log.info("%s worker %d serving in namespace %s (record %s)", self.args.role, self.instance_id,

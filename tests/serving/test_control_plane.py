@@ -159,3 +159,28 @@ def test_router_local_prefill_false_sends_every_prompt_through_a_prefill_worker(
     assert all(r.reason != "disagg" for r in routes_on)  # routing.decide chose (not the round-robin fallback)
     routes_off = [off.choose(tokens, f"r{i}") for i in range(5)]
     assert all(r.prefill == 9 and r.reason != "disagg" for r in routes_off), routes_off
+
+
+async def test_the_router_keeps_a_trace_of_routes_and_first_token_times():
+    """RouterCore.recent_routes (GET /routes on the router's metrics server): each request's route, the
+    estimate of routing.decide and the measured first-token time, for the tail analysis of bench route."""
+    import json
+    import urllib.request
+
+    from dynamo_ext.metrics import serve_http
+
+    plane = PrefillPlane({})
+    core = RouterCore(RouterSettings(policy="dynamo-ext", disagg_min_prompt_tokens=0, kv_bytes_per_token=4096),
+                      plane, NullMetrics())
+    for _ in range(3):
+        await _run(core)
+    recs = core.recent_routes()
+    assert len(recs) == 3 and all(r["ttft_s"] >= 0 and r["prompt_tokens"] == 3 for r in recs), recs
+    assert all(r["estimate"]["est_s"] > 0 and "queue_wait_s" in r["estimate"]["terms"] for r in recs), recs
+    assert all(r["first_from"] == r["decode"] == 2 for r in recs)
+    srv = serve_http(0, lambda: {"status": "ok"}, json_paths={"/routes": core.recent_routes})
+    try:
+        with urllib.request.urlopen(srv.url.rsplit("/", 1)[0] + "/routes", timeout=5) as r:
+            assert json.loads(r.read()) == json.loads(json.dumps(recs))
+    finally:
+        srv.close()
