@@ -170,6 +170,10 @@ class RouterConfig(_Strict):
     #: (conditional disaggregation); false: prompts of disagg_min_prompt_tokens or more always go through a
     #: prefill worker while one serves
     local_prefill: bool = True
+    #: dynamo-ext: options are ranked by their TTFT estimate + work_weight x the prefill compute they add
+    #: (which later requests wait behind): > 0 prefers reusing a cached prefix over computing it again on
+    #: another worker when the TTFTs are close; 0 = this request's TTFT alone
+    work_weight: float = Field(1.0, ge=0, le=100)
     #: not supported yet: the dynamo-ext router weighs a cached prefix by its TTFT estimate
     overlap_weight: float | None = None
     #: seconds between rebalancing rounds (routing.plan_migrations(imbalance) over running streams); 0 = off

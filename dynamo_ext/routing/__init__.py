@@ -10,6 +10,7 @@ Plain data in, decisions out; no I/O, no clock, no NIXL/torch/network/Dynamo imp
     migration.py       plan_migrations() -> [Move | Recompute | Wait]
     link_estimator.py  LinkEstimator: EWMA GB/s per pair, failure back-off, probes
     throughput.py      WorkerMeter: measured prefill tok/s, decode step s, queued uncached tokens per worker
+    pending.py         PendingPrefixes: prefixes routed to a worker whose KV events have not arrived yet
 """
 
 from .selector import decide, estimate_all
@@ -25,6 +26,7 @@ from .decision import (
 )
 from .inputs import RequestShape, Role, RoutingConfig, Tier, WorkerSnapshot
 from .link_estimator import LinkEstimator
+from .pending import PendingPrefixes
 from .links import LinkInfo, LinkTable
 from .migration import (
     MigrationAction,
@@ -41,6 +43,6 @@ from .migration import (
 __all__ = [
     "Decision", "DecisionReason", "Exclusion", "ExclusionReason", "LinkEstimator", "LinkInfo", "LinkTable",
     "MigrationAction", "MigrationConfig", "MigrationReason", "MigrationTerms", "Move", "NoCandidateError",
-    "Option", "OptionKind", "Recompute", "RequestShape", "Role", "RoutingConfig", "RunningRequest", "Terms",
+    "Option", "PendingPrefixes", "OptionKind", "Recompute", "RequestShape", "Role", "RoutingConfig", "RunningRequest", "Terms",
     "Tier", "Wait", "WorkerSnapshot", "decide", "estimate_all", "plan_migrations",
 ]

@@ -44,7 +44,10 @@ class Terms:
 
     disagg: total = (prefill-side cost + (transfer + link latency)) + decode admission
     local:  total = decode admission + prefill-side cost (on the decode worker itself)
-    where prefill-side cost = (queue wait + onload of the cached prefix) + prefill of uncached tokens.
+    where prefill-side cost = ((queue wait + onload of the cached prefix) + prefill of uncached tokens)
+                              + work, work = RoutingConfig.work_weight x prefill (the compute the option
+                              adds, which later requests wait behind; 0 by default). ``ttft_s`` is the
+                              TTFT estimate itself (total without the work charge).
     """
 
     queue_wait_s: float
@@ -54,6 +57,11 @@ class Terms:
     link_latency_s: float
     admission_s: float
     total_s: float
+    work_s: float = 0.0
+
+    @property
+    def ttft_s(self) -> float:
+        return self.total_s - self.work_s
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -64,6 +72,7 @@ class Terms:
             "link_latency_s": self.link_latency_s,
             "admission_s": self.admission_s,
             "total_s": self.total_s,
+            "work_s": self.work_s,
         }
 
 

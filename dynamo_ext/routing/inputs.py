@@ -156,6 +156,11 @@ class RoutingConfig:
     object_onload_gb_per_s: float = 0.5
     #: Exclude decode targets without free blocks for the KV they would receive.
     require_decode_room: bool = True
+    #: Charge on top of the TTFT estimate for the prefill compute an option adds (x its prefill seconds):
+    #: the work later requests wait behind. 0 ranks by this request's TTFT alone; > 0 prefers reusing a
+    #: cached prefix over recomputing it elsewhere when the TTFTs are close (the router passes
+    #: router.work_weight).
+    work_weight: float = 0.0
 
     def onload_gb_per_s(self, tier: Tier) -> float:
         if tier is Tier.HOST:

@@ -73,6 +73,7 @@ class _Candidates:
         ovh = cfg.per_request_overhead_s
         room = cfg.require_decode_room
         allow_local = cfg.allow_local_prefill
+        ww = cfg.work_weight
         prefill_role = Role.PREFILL
         device = Tier.DEVICE
         l1 = l2 = None
@@ -114,8 +115,9 @@ class _Candidates:
                 if w.overlap_blocks:
                     sc = side_cost(w, req, cfg)
                     cost, negov = sc.cost_s, -sc.overlap_blocks
-                else:  # the same float as side_cost(): (queue + 0.0) + prompt / thr
-                    cost, negov = (w.queue_tokens / thr + w.queued_requests * ovh) + prompt / thr, 0
+                else:  # the same float as side_cost(): ((queue + 0.0) + prompt / thr) + work_weight * prompt / thr
+                    pf = prompt / thr
+                    cost, negov = ((w.queue_tokens / thr + w.queued_requests * ovh) + pf) + ww * pf, 0
                 t = w.admission_delay_s + cost
                 if t > l2t:
                     continue
@@ -273,6 +275,7 @@ def _best_pairs(
         return None, None, 0, 0
     prompt = req.prompt_tokens
     ovh = cfg.per_request_overhead_s
+    ww = cfg.work_weight
     # Per prefill worker, once: (side cost, -overlap, id, node), grouped by layout, ascending.
     groups: dict[str, list[tuple[float, int, int, str | None]]] = {}
     for w in cand.prefill:
@@ -280,8 +283,9 @@ def _best_pairs(
         if w.overlap_blocks:
             sc = side_cost(w, req, cfg)
             entry = (sc.cost_s, -sc.overlap_blocks, w.worker_id, w.node)
-        else:
-            entry = ((w.queue_tokens / thr + w.queued_requests * ovh) + prompt / thr, 0, w.worker_id, w.node)
+        else:  # the same float as side_cost() (see _Candidates)
+            pf = prompt / thr
+            entry = (((w.queue_tokens / thr + w.queued_requests * ovh) + pf) + ww * pf, 0, w.worker_id, w.node)
         g = groups.get(w.layout_key)
         if g is None:
             groups[w.layout_key] = [entry]

@@ -231,6 +231,19 @@ class WorkerMeter:
         got = [e.value(now) for e in self._prefill.values() if e.samples]
         return sum(got) / len(got) if got else self.priors.prefill_tokens_per_s
 
+    def fleet_local_prior(self, d: int, now: float) -> float:
+        """What decode (or agg) worker ``d`` is assumed to prefill at before its own samples: the measured
+        prefill workers' mean x ``local_prefill_factor``; without measured prefill workers (an aggregated
+        graph) the mean measured local throughput of the other workers (the same engine and model: a worker
+        never chosen must not look slower than one measured, or it is never chosen, so never measured);
+        else the prior."""
+        if any(e.samples for e in self._prefill.values()):
+            return self.fleet_prefill_tokens_per_s(now) * self.priors.local_prefill_factor
+        got = [e.value(now) for w, e in self._local.items() if w != d and e.samples]
+        if got:
+            return sum(got) / len(got)
+        return self.priors.prefill_tokens_per_s * self.priors.local_prefill_factor
+
     def local_prefill_tokens_per_s(self, d: int, now: float, *, with_interference: bool = True) -> float:
         """Decode worker ``d``'s measured local prefill throughput, divided by
         ``1 + interference_weight * running(d)`` (the slowdown charged for its stalled streams).
@@ -238,7 +251,7 @@ class WorkerMeter:
         Until ``d`` has its own samples (and as they go stale) its prior is the prefill workers' measured
         throughput x ``local_prefill_factor`` (same engine and model), so a wrong fixed prior cannot keep
         local prefills from ever being chosen, and so from ever being measured."""
-        prior = self.fleet_prefill_tokens_per_s(now) * self.priors.local_prefill_factor
+        prior = self.fleet_local_prior(d, now)
         thr = self._rate(self._local, d, self.priors.prefill_tokens_per_s * self.priors.local_prefill_factor
                          ).value(now, prior)
         if with_interference:

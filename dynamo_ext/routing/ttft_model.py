@@ -9,7 +9,8 @@ Written out (units: tokens, bytes, seconds; ``thr`` = the prefilling worker's pr
     uncached   = max(prompt_tokens - min(overlap * block_size, prompt_tokens), 1)
     queue_wait = queue_tokens / thr + queued_requests * per_request_overhead_s
     prefill    = uncached / thr
-    side_cost  = (queue_wait + onload) + prefill
+    work       = work_weight * prefill                              RoutingConfig.work_weight (default 0)
+    side_cost  = ((queue_wait + onload) + prefill) + work
 
     disagg (p -> d): total = (side_cost(p) + (pair_kv_bytes(d) / link(p,d) B/s + link latency))
                              + d.admission_delay_s
@@ -42,6 +43,7 @@ class SideCost(NamedTuple):
     prefill_s: float
     overlap_blocks: int
     uncached_tokens: int
+    work_s: float = 0.0
 
 
 def side_cost(w: WorkerSnapshot, req: RequestShape, cfg: RoutingConfig) -> SideCost:
@@ -73,7 +75,8 @@ def side_cost(w: WorkerSnapshot, req: RequestShape, cfg: RoutingConfig) -> SideC
         uncached = 1  # the last prompt token is always computed: it yields the first output token
     queue = w.queue_tokens / thr + w.queued_requests * cfg.per_request_overhead_s
     prefill = uncached / thr
-    return SideCost((queue + onload) + prefill, queue, onload, prefill, ov, uncached)
+    work = cfg.work_weight * prefill
+    return SideCost(((queue + onload) + prefill) + work, queue, onload, prefill, ov, uncached, work)
 
 
 def device_blocks_needed_local(w: WorkerSnapshot, req: RequestShape) -> int:
@@ -89,7 +92,7 @@ def local_option(d: WorkerSnapshot, req: RequestShape, cfg: RoutingConfig) -> Op
     s = side_cost(d, req, cfg)
     adm = d.admission_delay_s
     total = adm + s.cost_s
-    terms = Terms(s.queue_wait_s, s.onload_s, s.prefill_s, 0.0, 0.0, adm, total)
+    terms = Terms(s.queue_wait_s, s.onload_s, s.prefill_s, 0.0, 0.0, adm, total, s.work_s)
     return Option(OptionKind.LOCAL, d.worker_id, d.worker_id, terms, s.overlap_blocks, s.uncached_tokens, 0, 0.0)
 
 
@@ -124,7 +127,7 @@ def pair_option(
     lat = info.latency_s
     adm = d.admission_delay_s
     total = (s.cost_s + (xfer + lat)) + adm
-    terms = Terms(s.queue_wait_s, s.onload_s, s.prefill_s, xfer, lat, adm, total)
+    terms = Terms(s.queue_wait_s, s.onload_s, s.prefill_s, xfer, lat, adm, total, s.work_s)
     return Option(OptionKind.DISAGG, p.worker_id, d.worker_id, terms, s.overlap_blocks, s.uncached_tokens,
                   kvb, info.gb_per_s)
 

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 from dynamo_ext.routing import LinkEstimator, LinkInfo, LinkTable, OptionKind, RequestShape, RoutingConfig, decide
-from dynamo_ext.routing import Move, Recompute, RunningRequest, WorkerSnapshot, plan_migrations
+from dynamo_ext.kv.hashing import block_hashes
+from dynamo_ext.routing import Move, PendingPrefixes, Recompute, RunningRequest, WorkerSnapshot, plan_migrations
 from dynamo_ext.routing.throughput import Priors, WorkerMeter
 from dynamo_ext.topology import NodeTopology
 from dynamo_ext.topology.select import Endpoint, select_transport
@@ -61,6 +62,8 @@ PREFILL_TOKENS_PER_S = 20_000.0
 DECODE_STEP_S = 0.002
 LINK = LinkInfo(gb_per_s=3.0, latency_s=0.002)
 #: a worker whose call failed is left out of choices this long (or until a call to it succeeds): a dead worker
+#: seconds a routed prompt's blocks count as cached on the worker(s) chosen before their KV events arrive
+PENDING_TTL_S = 5.0
 #: requests whose route, estimate and measured times the router keeps (GET /routes of its metrics server)
 TRACE_LEN = 2000
 #: stays listed until its lease ends (the lease TTL), and every request sent to it would fail to connect first
@@ -126,6 +129,7 @@ class RouterSettings:
     decode_num_blocks: int = 1024
     disagg_min_prompt_tokens: int = 64
     local_prefill: bool = True  # decode workers may prefill a request themselves when cheaper (dynamo-ext)
+    work_weight: float = 1.0  # routing.RoutingConfig.work_weight: the prefill compute an option adds, charged
     transfer_timeout_s: float = 2.0
     force: str = "auto"  # kv_transfer.transport
     rdma_device: str | None = None
@@ -205,6 +209,8 @@ class RouterCore:
         self.planned_moves: dict[str, int] = {}
         self.decisions: dict[str, int] = defaultdict(int)
         self.prefill_refusals = 0  # prefills a prefill worker refused (not the client's fault): prefilled locally
+        #: prefixes routed to workers whose KV events have not arrived yet (counted as cached there)
+        self.pending = PendingPrefixes(ttl_s=PENDING_TTL_S)
         #: the last requests' routes with the estimate and the measured first-token time (``recent_routes``)
         self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_LEN)
         #: workers whose last call failed -> monotonic time until which choices leave them out
@@ -299,13 +305,17 @@ class RouterCore:
         return link
 
     def _decide(self, tokens: list[int], rid: str, prefills: list[int], decodes: list[int]) -> Route:
-        scores = self.plane.overlap(tokens)
+        indexed = self.plane.overlap(tokens)
+        now = time.monotonic()
+        hashes = block_hashes(tokens, self.s.block_size)
+        pending = self.pending.match(hashes, now)  # routed there, KV events not in yet
+        scores = {w: max(indexed.get(w, 0), pending.get(w, 0)) for w in set(indexed) | set(pending)}
         shape = RequestShape(prompt_tokens=len(tokens), block_size=self.s.block_size,
                              kv_bytes_per_token=self.s.kv_bytes_per_token, request_id=rid)
-        now = time.monotonic()
         snaps = self.snapshots(scores, prefills, decodes, now)
         cfg = RoutingConfig(local_prefill_max_tokens=self.s.disagg_min_prompt_tokens,
-                            allow_local_prefill=self.s.local_prefill or not prefills)
+                            allow_local_prefill=self.s.local_prefill or not prefills,
+                            work_weight=self.s.work_weight)
         links = LinkTable({(p, d): self._link(p, d, now) for p in prefills for d in decodes}, default=LINK)
         dec = decide(shape, snaps, links, config=cfg)
         reason = dec.reason.value if hasattr(dec.reason, "value") else str(dec.reason)
@@ -315,8 +325,14 @@ class RouterCore:
         # the chosen worker's queue grows by the tokens it computes (measured when its prefill ends)
         self.meter.planned(rid, c.prefill_id, c.uncached_tokens, c.kind is OptionKind.LOCAL, now)
         p = None if c.kind is OptionKind.LOCAL else c.prefill_id
-        est = {"est_s": round(c.estimate_s, 4), "uncached_tokens": c.uncached_tokens,
-               "terms": {k: round(v, 4) for k, v in c.terms.as_dict().items() if k != "total_s"}}
+        self.pending.add(c.decode_id, hashes, now)  # local prefill, or the pulled blocks it commits
+        if p is not None:
+            self.pending.add(p, hashes, now)
+        est = {"est_s": round(c.terms.ttft_s, 4), "rank_s": round(c.estimate_s, 4),
+               "uncached_tokens": c.uncached_tokens,
+               "terms": {k: round(v, 4) for k, v in c.terms.as_dict().items() if k != "total_s"},
+               "overlaps": {str(w): int(n) for w, n in scores.items() if n},
+               "pending": {str(w): int(n) for w, n in pending.items() if n > indexed.get(w, 0)}}
         return Route(p, c.decode_id, reason, scores.get(c.decode_id if p is None else p, 0), est)
 
     def snapshots(self, scores: dict[int, int], prefills: list[int], decodes: list[int], now: float) -> list[WorkerSnapshot]:

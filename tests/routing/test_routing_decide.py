@@ -261,3 +261,21 @@ def test_pruned_decide_matches_unpruned_reference_at_64_workers():
         assert dec.chosen == ref[0], trial
         assert dec.runner_up == ref[1], trial
         assert dec.pruned > 0 or trial >= 0
+
+
+def test_work_weight_prefers_reusing_a_cached_prefix_when_ttfts_are_close():
+    """Issue 14.5: a worker holding the prompt's prefix but busy for a moment against an idle one without
+    it: by TTFT alone the idle worker wins by a hair and computes the whole prefix again (a second copy in a
+    second cache, and compute later requests wait behind); work_weight charges that compute."""
+    from dynamo_ext.routing import RequestShape, RoutingConfig, WorkerSnapshot, decide
+    from dynamo_ext.routing.links import LinkTable
+
+    req = RequestShape(prompt_tokens=1024, block_size=16, kv_bytes_per_token=4096)
+    busy = WorkerSnapshot(worker_id=1, role="agg", prefill_tokens_per_s=10_000.0, overlap_blocks=60,
+                          admission_delay_s=0.1, free_blocks=1000)
+    idle = WorkerSnapshot(worker_id=2, role="agg", prefill_tokens_per_s=10_000.0, free_blocks=1000)
+    links = LinkTable({})
+    assert decide(req, [busy, idle], links).chosen.decode_id == 2  # 0.1024 s vs 0.1064 s
+    dec = decide(req, [busy, idle], links, config=RoutingConfig(work_weight=1.0))
+    assert dec.chosen.decode_id == 1 and dec.chosen.terms.work_s == pytest.approx(64 / 10_000)
+    assert dec.chosen.terms.ttft_s == pytest.approx(0.1 + 64 / 10_000)

@@ -67,7 +67,8 @@ def scenario(draw):
                        kv_bytes_per_token=KV_PER_TOKEN)
     cfg = RoutingConfig(local_prefill_max_tokens=draw(st.sampled_from([0, 256])),
                         allow_local_prefill=draw(st.sampled_from([True, True, False])),
-                        per_request_overhead_s=draw(st.sampled_from([0.0, 0.005])))
+                        per_request_overhead_s=draw(st.sampled_from([0.0, 0.005])),
+                        work_weight=draw(st.sampled_from([0.0, 0.0, 1.0])))
     return req, ws, lt, cfg, entries
 
 
@@ -97,11 +98,12 @@ def test_decision_is_the_argmin_of_the_reported_estimates(sc):
         else:
             assert dec.excluded_local(o.decode_id) is None
     t = dec.chosen.terms
+    assert t.work_s == cfg.work_weight * t.prefill_s
     if dec.chosen.kind is OptionKind.LOCAL:
-        assert t.total_s == t.admission_s + ((t.queue_wait_s + t.onload_s) + t.prefill_s)
+        assert t.total_s == t.admission_s + (((t.queue_wait_s + t.onload_s) + t.prefill_s) + t.work_s)
     else:
-        assert t.total_s == (((t.queue_wait_s + t.onload_s) + t.prefill_s) + (t.transfer_s + t.link_latency_s)) \
-            + t.admission_s
+        assert t.total_s == ((((t.queue_wait_s + t.onload_s) + t.prefill_s) + t.work_s)
+                             + (t.transfer_s + t.link_latency_s)) + t.admission_s
 
 
 @SETTINGS

@@ -184,3 +184,29 @@ async def test_the_router_keeps_a_trace_of_routes_and_first_token_times():
             assert json.loads(r.read()) == json.loads(json.dumps(recs))
     finally:
         srv.close()
+
+
+class AggPlane(Plane):
+    """Three aggregated workers, no prefill workers, an empty prefix index (no KV event has arrived)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dead = set()
+
+    def decode_ids(self) -> list[int]:
+        return [1, 2, 3]
+
+
+def test_a_prompt_routed_a_moment_ago_counts_as_cached_where_it_went():
+    """Two requests with the same new long prefix, the second before the first one's KV events arrived:
+    both go to the same worker (its prefix is pending there), so one cache holds it, not two."""
+    core = RouterCore(RouterSettings(policy="dynamo-ext", disagg_min_prompt_tokens=0, kv_bytes_per_token=4096,
+                                     decode_role="agg"), AggPlane(), NullMetrics())
+    system = list(range(1000, 1000 + 64 * 16))
+    first = core.choose(system + [1, 2, 3], "a")
+    core.inflight[first.decode] += 1  # it is running there now
+    second = core.choose(system + [4, 5, 6], "b")
+    assert second.decode == first.decode and second.overlap_blocks == 64, (first, second)
+    assert second.estimate["pending"] == {str(first.decode): 64}
+    other = core.choose(list(range(5000, 5000 + 64 * 16)), "c")  # an unrelated prompt may go anywhere
+    assert other.overlap_blocks == 0
