@@ -234,14 +234,14 @@ class WorkerMeter:
     def fleet_local_prior(self, d: int, now: float) -> float:
         """What decode (or agg) worker ``d`` is assumed to prefill at before its own samples: the measured
         prefill workers' mean x ``local_prefill_factor``; without measured prefill workers (an aggregated
-        graph) the mean measured local throughput of the other workers (the same engine and model: a worker
-        never chosen must not look slower than one measured, or it is never chosen, so never measured);
-        else the prior."""
+        graph) the fastest measured local throughput of the other workers (the same engine and model, and
+        optimistic: a worker never chosen must not look slower than one measured, or it is never chosen, so
+        never measured); else the prior."""
         if any(e.samples for e in self._prefill.values()):
             return self.fleet_prefill_tokens_per_s(now) * self.priors.local_prefill_factor
         got = [e.value(now) for w, e in self._local.items() if w != d and e.samples]
         if got:
-            return sum(got) / len(got)
+            return max(got)
         return self.priors.prefill_tokens_per_s * self.priors.local_prefill_factor
 
     def local_prefill_tokens_per_s(self, d: int, now: float, *, with_interference: bool = True) -> float:

@@ -152,7 +152,7 @@ def test_local_prior_follows_the_measured_prefill_workers():
 def test_agg_workers_never_chosen_take_the_measured_workers_rate():
     """Issue 14.5: in an aggregated graph (no prefill workers) every request went to one of 3 agg workers:
     the one measured at ~12,000 tok/s beat the others' fixed prior (2,500 x 0.5) even with 5 streams
-    running, so they were never chosen and never measured. A worker without samples now takes the mean
+    running, so they were never chosen and never measured. A worker without samples now takes the fastest
     measured local rate of the others."""
     m = WorkerMeter(Priors.for_layers(16), alpha=1.0)
     assert m.local_prefill_tokens_per_s(8, now=0.0) == pytest.approx(1250.0)  # nothing measured yet
@@ -161,6 +161,9 @@ def test_agg_workers_never_chosen_take_the_measured_workers_rate():
     assert m.local_prefill_tokens_per_s(8, now=1.0) == pytest.approx(12000.0)
     assert m.local_prefill_tokens_per_s(8, now=1.0) > m.local_prefill_tokens_per_s(7, now=1.0)  # 7 is busy
     assert m.local_prefill_tokens_per_s(7, now=1.0, with_interference=False) == pytest.approx(12000.0)
+    m.planned("b", 9, 6000, local=True, now=1.0)
+    m.decode_chunk("b", 9, now=2.0, n_tokens=1)  # agg worker 9: 6,000 tok/s
+    assert m.local_prefill_tokens_per_s(8, now=2.0) == pytest.approx(12000.0)  # the fastest, not the mean
 
 
 def test_backlog_is_the_local_work_planned_on_a_decode_worker():
