@@ -172,8 +172,13 @@ class RouterConfig(_Strict):
     local_prefill: bool = True
     #: dynamo-ext: options are ranked by their TTFT estimate + work_weight x the prefill compute they add
     #: (which later requests wait behind): > 0 prefers reusing a cached prefix over computing it again on
-    #: another worker when the TTFTs are close; 0 = this request's TTFT alone
-    work_weight: float = Field(1.0, ge=0, le=100)
+    #: another worker when the TTFTs are close; 0 (default) = this request's TTFT alone. 1 measured worse
+    #: on the CPU benchmarks (benchmarks/results/route-tail.md)
+    work_weight: float = Field(0.0, ge=0, le=100)
+    #: dynamo-ext: seconds the blocks of a prompt just routed count as cached on the worker that prefills it,
+    #: before its KV events arrive (routing.PendingPrefixes); 0 (default) = only KV events count. 5 measured
+    #: worse on the CPU benchmarks (benchmarks/results/route-tail.md)
+    pending_ttl_s: float = Field(0.0, ge=0, le=600)
     #: not supported yet: the dynamo-ext router weighs a cached prefix by its TTFT estimate
     overlap_weight: float | None = None
     #: seconds between rebalancing rounds (routing.plan_migrations(imbalance) over running streams); 0 = off

@@ -102,13 +102,14 @@ GRAPHS = ("disagg", "agg")
 ENGINE_ROLES = ("prefill", "decode", "agg")
 
 
-def router_section(policy: str) -> dict[str, Any]:
+def router_section(policy: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """dynamo.yaml ``router`` of a benchmark policy: ``dynamo-ext-nolocal`` is dynamo-ext with
     ``router.local_prefill: false`` (placement only: every prompt through a prefill worker), which splits
     dynamo-ext's gain into placement and local prefill."""
+    extra = dict(extra or {}) if policy.startswith("dynamo-ext") else {}
     if policy == "dynamo-ext-nolocal":
-        return {"policy": "dynamo-ext", "disagg_min_prompt_tokens": 0, "local_prefill": False}
-    return {"policy": policy, "disagg_min_prompt_tokens": 0}
+        return {"policy": "dynamo-ext", "disagg_min_prompt_tokens": 0, **extra, "local_prefill": False}
+    return {"policy": policy, "disagg_min_prompt_tokens": 0, **extra}
 WORKLOADS = ("shared-prefix", "mixed")
 BLOCK = 16
 
@@ -232,6 +233,15 @@ def wait_quiet(max_load: float, timeout_s: float, *, poll_s: float = 5.0, loadav
     return {"load_before": round(load, 2), "quiet_wait_s": round(clock() - t0, 1), "quiet": load < max_load}
 
 
+def router_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    """``--router key=value`` settings for our router (dynamo-ext policies), as dynamo.yaml ``router`` keys."""
+    out: dict[str, Any] = {}
+    for kv in getattr(a, "router", None) or []:
+        k, _, v = kv.partition("=")
+        out[k] = json.loads(v) if v[:1] in "0123456789-tf[{" and v not in ("tf",) else v
+    return out
+
+
 def graph_config(policy: str, a: argparse.Namespace, etcd: str, nats: str, namespace: str) -> dict[str, Any]:
     if getattr(a, "graph", "disagg") == "agg":
         workers = {"agg": {"count": a.agg_workers, "num_kv_blocks": a.agg_kv_blocks}}
@@ -241,7 +251,7 @@ def graph_config(policy: str, a: argparse.Namespace, etcd: str, nats: str, names
     return {"model": {"name": MODEL, "preset": "tiny", "block_size": BLOCK, "dtype": "float32"},
             "kv_transfer": {"backend": "nixl", "timeout_ms": 2000},
             "workers": workers,
-            "router": router_section(policy),
+            "router": router_section(policy, router_overrides(a)),
             "discovery": {"namespace": namespace, "etcd": {"endpoints": [etcd]},
                           "nats": {"url": nats}}}  # fmt: skip
 
@@ -651,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph", default="disagg", choices=GRAPHS,
                     help="disagg: --prefill-workers + --decode-workers; agg: --agg-workers aggregated workers")
     ap.add_argument("--agg-workers", type=int, default=3)
+    ap.add_argument("--router", action="append", metavar="KEY=VALUE",
+                    help="a dynamo.yaml router setting for the dynamo-ext policies, e.g. work_weight=0 (repeatable)")
     ap.add_argument("--agg-kv-blocks", type=int, default=320,
                     help="KV blocks per agg worker; fewer than the shared prefixes need together")
     ap.add_argument("--requests", type=int, default=40)

@@ -62,8 +62,6 @@ PREFILL_TOKENS_PER_S = 20_000.0
 DECODE_STEP_S = 0.002
 LINK = LinkInfo(gb_per_s=3.0, latency_s=0.002)
 #: a worker whose call failed is left out of choices this long (or until a call to it succeeds): a dead worker
-#: seconds a routed prompt's blocks count as cached on the worker(s) chosen before their KV events arrive
-PENDING_TTL_S = 5.0
 #: requests whose route, estimate and measured times the router keeps (GET /routes of its metrics server)
 TRACE_LEN = 2000
 #: stays listed until its lease ends (the lease TTL), and every request sent to it would fail to connect first
@@ -129,7 +127,8 @@ class RouterSettings:
     decode_num_blocks: int = 1024
     disagg_min_prompt_tokens: int = 64
     local_prefill: bool = True  # decode workers may prefill a request themselves when cheaper (dynamo-ext)
-    work_weight: float = 1.0  # routing.RoutingConfig.work_weight: the prefill compute an option adds, charged
+    work_weight: float = 0.0  # routing.RoutingConfig.work_weight: the prefill compute an option adds, charged
+    pending_ttl_s: float = 0.0  # routed prefixes count as cached on their prefilling worker this long (0: off)
     transfer_timeout_s: float = 2.0
     force: str = "auto"  # kv_transfer.transport
     rdma_device: str | None = None
@@ -210,7 +209,7 @@ class RouterCore:
         self.decisions: dict[str, int] = defaultdict(int)
         self.prefill_refusals = 0  # prefills a prefill worker refused (not the client's fault): prefilled locally
         #: prefixes routed to workers whose KV events have not arrived yet (counted as cached there)
-        self.pending = PendingPrefixes(ttl_s=PENDING_TTL_S)
+        self.pending = PendingPrefixes(ttl_s=settings.pending_ttl_s) if settings.pending_ttl_s > 0 else None
         #: the last requests' routes with the estimate and the measured first-token time (``recent_routes``)
         self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_LEN)
         #: workers whose last call failed -> monotonic time until which choices leave them out
@@ -308,7 +307,7 @@ class RouterCore:
         indexed = self.plane.overlap(tokens)
         now = time.monotonic()
         hashes = block_hashes(tokens, self.s.block_size)
-        pending = self.pending.match(hashes, now)  # routed there, KV events not in yet
+        pending = self.pending.match(hashes, now) if self.pending is not None else {}  # routed, no KV events yet
         scores = {w: max(indexed.get(w, 0), pending.get(w, 0)) for w in set(indexed) | set(pending)}
         shape = RequestShape(prompt_tokens=len(tokens), block_size=self.s.block_size,
                              kv_bytes_per_token=self.s.kv_bytes_per_token, request_id=rid)
@@ -325,9 +324,10 @@ class RouterCore:
         # the chosen worker's queue grows by the tokens it computes (measured when its prefill ends)
         self.meter.planned(rid, c.prefill_id, c.uncached_tokens, c.kind is OptionKind.LOCAL, now)
         p = None if c.kind is OptionKind.LOCAL else c.prefill_id
-        self.pending.add(c.decode_id, hashes, now)  # local prefill, or the pulled blocks it commits
-        if p is not None:
-            self.pending.add(p, hashes, now)
+        if self.pending is not None:  # the worker that computes the prompt: its engine serializes prefills, so
+            # the next request's prefill there finds these blocks. Not the decode worker of a hand-off: its
+            # blocks arrive with the pull, and a local prefill there meanwhile would not find them.
+            self.pending.add(c.prefill_id, hashes, now)
         est = {"est_s": round(c.terms.ttft_s, 4), "rank_s": round(c.estimate_s, 4),
                "uncached_tokens": c.uncached_tokens,
                "terms": {k: round(v, 4) for k, v in c.terms.as_dict().items() if k != "total_s"},

@@ -198,10 +198,12 @@ class AggPlane(Plane):
 
 
 def test_a_prompt_routed_a_moment_ago_counts_as_cached_where_it_went():
-    """Two requests with the same new long prefix, the second before the first one's KV events arrived:
-    both go to the same worker (its prefix is pending there), so one cache holds it, not two."""
+    """router.pending_ttl_s > 0 (and work_weight 1): two requests with the same new long prefix, the second
+    before the first one's KV events arrived, both go to the same worker (its prefix is pending there), so
+    one cache holds it, not two. (Both are off by default: they measured worse on the CPU benchmarks.)"""
     core = RouterCore(RouterSettings(policy="dynamo-ext", disagg_min_prompt_tokens=0, kv_bytes_per_token=4096,
-                                     decode_role="agg"), AggPlane(), NullMetrics())
+                                     decode_role="agg", pending_ttl_s=5.0, work_weight=1.0), AggPlane(),
+                      NullMetrics())
     system = list(range(1000, 1000 + 64 * 16))
     first = core.choose(system + [1, 2, 3], "a")
     core.inflight[first.decode] += 1  # it is running there now
