@@ -12,12 +12,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fixtures.servers import EtcdServer, NatsServer, make_workdir  # noqa: E402
 
-# Loopback only, for every Dynamo process a test may start.
-os.environ.setdefault("DYN_TCP_RPC_HOST", "127.0.0.1")
-os.environ.setdefault("DYN_EVENT_PLANE_HOST", "127.0.0.1")
+# Loopback only, for every Dynamo runtime a test starts, in a child or in this process (a Dynamo runtime
+# built here lives until the interpreter exits, and test_loopback checks this process's listeners too).
+from dynamo_ext.launch.plan import LOOPBACK_ENV  # noqa: E402
+
+for _k, _v in LOOPBACK_ENV.items():
+    os.environ.setdefault(_k, _v)
 os.environ.setdefault("DYN_EVENT_PLANE", "nats")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
 def _has_cuda() -> bool:
