@@ -183,6 +183,9 @@ class Child:
         return [line.decode(errors="replace").rstrip("\r") for line in complete]
 
 
+_READY_WORD = re.compile(r"(?<!\S)([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
+
+
 def ready_line(prefix: str) -> ReadyCheck:
     """Ready once the child's log has a line with a word starting ``prefix`` (stdout and stderr share the
     log, so another stream's unfinished line may precede it); the ``k=v`` words after it go to ready_info."""
@@ -191,8 +194,9 @@ def ready_line(prefix: str) -> ReadyCheck:
         for line in child.new_lines():
             at = line.find(prefix)
             if at >= 0 and (at == 0 or line[at - 1].isspace() or not line[at - 1].isalnum()):
-                words = line[at:].split()[1:]
-                child.ready_info = dict(w.split("=", 1) for w in words if "=" in w)
+                # another writer's log line may follow on the same line (the Rust logger's starts with ESC)
+                rest = line[at:].split("\x1b", 1)[0]
+                child.ready_info = dict(m.groups() for m in _READY_WORD.finditer(rest))
                 return True
         return False
 

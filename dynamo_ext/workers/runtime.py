@@ -243,8 +243,10 @@ class WorkerProcess:
             self.metrics = make_worker_metrics(self.args.role, self.instance_id)
         self.metrics.info.labels(self.args.role, str(self.instance_id)).set(1)
         self.http = serve_http(self.args.metrics_port, self.health, json_paths=self.json_paths())
-        print(f"DYNAMO_EXT_READY role={self.args.role} instance_id={self.instance_id} metrics={self.http.url}",
-              flush=True)
+        # one write(2) of the whole line: the Rust logger shares the log and must not land inside it
+        sys.stdout.flush()
+        os.write(sys.stdout.fileno(), f"DYNAMO_EXT_READY role={self.args.role} instance_id={self.instance_id} "
+                                      f"metrics={self.http.url}\n".encode())
         log.info("%s worker %d serving in namespace %s (record %s)", self.args.role, self.instance_id,
                  self.namespace, rec.key)
         self.spawn(self.watch_registration(), "watch-registration")

@@ -203,3 +203,23 @@ def test_child_stopped_by_us_is_not_restarted_and_exit_0_is(tmp_path):
     assert sup.serving()  # decode-2 was stopped on purpose: not missing capacity
     sup.stop_all()
     assert sup.leftovers() == []
+
+
+class _Lines:
+    def __init__(self, lines):
+        self.lines, self.ready_info = lines, {}
+
+    def new_lines(self):
+        return self.lines
+
+
+def test_ready_line_ignores_a_log_line_glued_onto_it():
+    """A worker's READY line and the Rust logger share one log: the logger's line (ESC-coloured) may land
+    right after the URL, before the newline; the URL must still be the URL."""
+    glued = ("\x1b[2m2026-12-04T22:10:01Z\x1b[0m INFO other line DYNAMO_EXT_READY role=decode instance_id=42 "
+             "metrics=http://127.0.0.1:4242/metrics\x1b[2m2026-12-04T22:10:01.5Z\x1b[0m \x1b[32m INFO\x1b[0m x=y")
+    child = _Lines(["warming up", glued])
+    assert ready_line("DYNAMO_EXT_READY")(child)
+    assert child.ready_info == {"role": "decode", "instance_id": "42", "metrics": "http://127.0.0.1:4242/metrics"}
+    child = _Lines(["NOTDYNAMO_EXT_READY role=x", "no ready here"])
+    assert not ready_line("DYNAMO_EXT_READY")(child)
