@@ -26,7 +26,8 @@ class DecisionReason(str, Enum):
     SHORT_PROMPT = "short_prompt"  # below RoutingConfig.local_prefill_max_tokens: local by rule
     LOCAL_CHEAPER = "local_cheaper"  # local estimate beat every healthy pair
     DISAGG_CHEAPER = "disagg_cheaper"  # a pair beat every local option
-    NO_HEALTHY_PAIR = "no_healthy_pair"  # no pair left after exclusions: local
+    NO_HEALTHY_PAIR = "no_healthy_pair"  # prefill workers exist, no pair left after exclusions: local
+    NO_PREFILL_WORKERS = "no_prefill_workers"  # no prefill worker at all (aggregated graph): local
     NO_LOCAL_OPTION = "no_local_option"  # local prefill disabled or impossible: best pair
 
 

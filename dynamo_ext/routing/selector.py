@@ -54,7 +54,7 @@ class _Candidates:
     what was excluded.
     """
 
-    __slots__ = ("prefill", "pair_decode", "local_decode", "exclusions", "by_id", "local1", "local2")
+    __slots__ = ("prefill", "pair_decode", "local_decode", "exclusions", "by_id", "local1", "local2", "any_prefill")
 
     def __init__(self, req: RequestShape, workers: Iterable[WorkerSnapshot], links: LinkTable,
                  cfg: RoutingConfig, score_local: bool = False) -> None:
@@ -131,6 +131,7 @@ class _Candidates:
         self.by_id = by_id
         pair_decode.sort(key=_worker_id)  # scan order fixes the evaluated/pruned counts: make it the ids'
         self.prefill = prefill
+        self.any_prefill = bool(prefill or bad_p or slow_p)
         self.pair_decode = pair_decode
         self.local_decode = local
         self.local1, self.local2 = l1, l2
@@ -243,7 +244,7 @@ def decide(
     if chosen is None:
         raise NoCandidateError(cand.exclusions)
     if not pairs:
-        reason = DecisionReason.NO_HEALTHY_PAIR
+        reason = DecisionReason.NO_HEALTHY_PAIR if cand.any_prefill else DecisionReason.NO_PREFILL_WORKERS
     elif best_local is None:
         reason = DecisionReason.NO_LOCAL_OPTION
     elif chosen.kind is OptionKind.LOCAL:

@@ -155,6 +155,9 @@ def test_no_candidates_raises_with_reasons():
 
 def test_only_local_when_no_prefill_workers():
     dec = decide(request(4096), [decode(10), decode(11, queue_tokens=100)], links())
+    assert dec.reason is DecisionReason.NO_PREFILL_WORKERS and dec.chosen.decode_id == 10
+    # a prefill worker exists but is unhealthy: no pair left, which is another reason
+    dec = decide(request(4096), [prefill(1, healthy=False), decode(10)], links())
     assert dec.reason is DecisionReason.NO_HEALTHY_PAIR and dec.chosen.decode_id == 10
 
 
