@@ -34,7 +34,7 @@ from .kv_pool import FreeListAllocator, PagedKvPool
 from .model import LlamaModel
 from .protocol import (BlockAllocator, DetachedRequest, FinishReason, OutOfBlocks, PrefillResult, Request, RequestOutput,
                        SamplingParams)
-from .sampling import sample
+from .sampling import RowContext, sample
 from .weights import LoadedModel
 
 
@@ -164,8 +164,9 @@ class LlmEngine:
             self._allocator.free(seq.blocks)
             raise
         logits = self._forward([seq])
-        first = sample(logits, [request.sampling], [seq.seed], [0])[0]
-        return PrefillResult(first_token=first, block_ids=list(seq.blocks), num_tokens=len(seq.tokens))
+        first, lps = sample(logits, [request.sampling], [seq.seed], [0], [self._context(seq)])[0]
+        return PrefillResult(first_token=first, block_ids=list(seq.blocks), num_tokens=len(seq.tokens),
+                             first_logprobs=lps)
 
     def add_prefilled_request(self, request: Request, block_ids: Sequence[int], first_token: int) -> None:
         """Decode from KV already in this pool: ``block_ids`` hold the prompt's KV (one reference each is
@@ -238,8 +239,9 @@ class LlmEngine:
             return outputs
         # 3. one forward; 4. sample, stop, free
         logits = self._forward(batch)
-        toks = sample(logits, [s.req.sampling for s in batch], [s.seed for s in batch], [len(s.output) for s in batch])
-        for s, t in zip(batch, toks):
+        toks = sample(logits, [s.req.sampling for s in batch], [s.seed for s in batch], [len(s.output) for s in batch],
+                      [self._context(s) for s in batch])
+        for s, (t, lps) in zip(batch, toks):
             s.num_computed = len(s.tokens)
             s.tokens.append(t)
             s.output.append(t)
@@ -248,8 +250,16 @@ class LlmEngine:
                 self.running.remove(s)
                 self._allocator.free(s.blocks)
                 s.blocks = []
-            outputs.append(RequestOutput(s.rid, [t], reason is not None, reason, s.num_prompt, len(s.output)))
+            outputs.append(RequestOutput(s.rid, [t], reason is not None, reason, s.num_prompt, len(s.output),
+                                         None if lps is None else [lps]))
         return outputs
+
+    @staticmethod
+    def _context(s: _Seq) -> RowContext | None:
+        """What the sampler's logits processing reads of a sequence (None when its parameters need none)."""
+        if s.req.sampling.plain:
+            return None
+        return RowContext(s.tokens[: s.num_prompt], s.output, s.stop_ids)
 
     def _finish_reason(self, s: _Seq) -> FinishReason | None:
         if s.output and s.output[-1] in s.stop_ids:

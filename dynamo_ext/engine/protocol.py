@@ -59,11 +59,22 @@ class BlockAllocator(Protocol):
         ...
 
 
+#: the most top-logprob entries a request may ask for per token (OpenAI's chat ``top_logprobs`` limit)
+MAX_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature <= 0 means greedy. Sampling of output token i uses a generator seeded from
     (seed, i), so a request's tokens do not depend on its batch, on preemption, or on which engine
-    (prefill or decode) sampled them."""
+    (prefill or decode) sampled them.
+
+    Logits processing, in this order (engine.sampling): repetition_penalty over prompt + output tokens
+    (vLLM/HF: positive logits divided, negative multiplied), frequency_penalty x count and presence_penalty
+    over the output tokens (OpenAI), stop ids masked while fewer than ``min_tokens`` were produced. Log
+    probabilities (``logprobs`` = k: the chosen token's and the k most likely) are of these processed
+    logits, before temperature and the top_k / min_p / top_p filters. Then greedy (argmax) or sampling
+    from softmax(logits / temperature) restricted by top_k, min_p, top_p."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -71,12 +82,44 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # stop ids cannot be produced before this many output tokens
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log probability and the top k
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 (off) or >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def plain(self) -> bool:
+        """No logits processing and no log probabilities: the sampler's fast path."""
+        return (self.top_k <= 0 and self.min_p == 0.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and self.repetition_penalty == 1.0 and self.min_tokens == 0
+                and self.logprobs is None)
+
+
+#: one sampled token's log probability and the top k (token id, log probability), most likely first
+TokenLogprobs = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass
@@ -98,6 +141,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    #: one entry per new token when the request asked for log probabilities (SamplingParams.logprobs)
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +169,7 @@ class PrefillResult:
     first_token: int
     block_ids: list[int]  # hold the KV of all prompt tokens, in order; caller owns one reference each
     num_tokens: int  # prompt tokens whose KV is in block_ids
+    first_logprobs: TokenLogprobs | None = None  # when the request asked for log probabilities
 
 
 @runtime_checkable
