@@ -10,7 +10,15 @@ Requests (Dynamo's Tokens contract, notes §4) arrive as dicts::
 ``parse_request`` turns one into an engine ``Request`` or raises ``BadRequest`` with a message that
 names the field; workers answer a bad request with one terminal error chunk (``error_chunk``) and
 carry on. Output chunks are ``{"token_ids": [t...]}``, the last one with ``finish_reason`` and
-``completion_usage``.
+``completion_usage``; with ``output_options.logprobs`` = k also ``log_probs`` (one per token) and
+``top_logprobs`` (per token, the k most likely: ``{rank, token_id, token, logprob}``), Dynamo's
+``LLMEngineOutput`` fields; a choice of an ``n`` > 1 request carries ``index`` (``serving.choices``).
+
+``check_options`` is the OpenAI parameter contract (workers/README.md): what Dynamo 1.6.1's frontend
+forwards and the engine cannot honour is refused (BadRequest naming the OpenAI parameter, the request
+field and what is allowed): structured output (``guided_decoding``), prompt log probabilities
+(``echo``), beam search, ``best_of`` other than ``n``, reasoning budgets, LoRA / multimodal inputs,
+``extra_args`` (allowed_token_ids, bad_words_token_ids), ``n`` > 1 without temperature > 0.
 
 ``KvHandle`` is what a prefill worker returns: where the prompt's KV lives (worker instance id,
 NIXL agent, pool name, block ids, layout) and until when it is held (``deadline``, unix seconds).
@@ -26,14 +34,16 @@ streamed tokens, recomputed); ``rerun_usage`` rewrites the last chunk's usage fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
-from dynamo_ext.engine.protocol import Request, SamplingParams
+from dynamo_ext.engine.protocol import MAX_LOGPROBS, Request, SamplingParams, TokenLogprobs
 
 # the largest max_tokens a request may ask for; beyond the context it is clamped by the engine
 MAX_TOKENS_LIMIT = 1 << 20
+#: the most choices (``n``) one request may ask for (Dynamo's frontend allows 1..128)
+MAX_CHOICES = 128
 
 
 class BadRequest(ValueError):
@@ -54,6 +64,8 @@ class KvHandle(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: kv_transfer.verify: [index into block_ids, 64-bit digest of that block] (transport.verify.block_digests)
     digests: list[tuple[int, int]] = msgspec.field(default_factory=list)
     digest_kind: str = ""  # how they were computed (transport.verify.DIGEST_KINDS): the puller computes the same
+    #: first_token's log probability and the top k (token id, log probability), when the request asked for them
+    first_logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -77,6 +89,68 @@ def handle_of(request: dict[str, Any]) -> KvHandle | None:
     return None if h is None else KvHandle.from_dict(h)
 
 
+def choices_of(samp: dict[str, Any]) -> int:
+    n = samp.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"n (sampling_options.n): {n!r} is not allowed (1 .. {MAX_CHOICES})")
+    return n
+
+
+def check_options(request: dict[str, Any]) -> None:
+    """Refuse what the engine cannot honour (BadRequest naming the OpenAI parameter, the request field and the
+    allowed values); what it can is read by ``parse_request``. Needs no model: the router calls it too."""
+    stop = request.get("stop_conditions") or {}
+    samp = request.get("sampling_options") or {}
+    out = request.get("output_options") or {}
+    if not isinstance(stop, dict) or not isinstance(samp, dict) or not isinstance(out, dict):
+        raise BadRequest("stop_conditions, sampling_options and output_options must be maps")
+    n = choices_of(samp)
+    if samp.get("guided_decoding") is not None:
+        raise BadRequest("response_format / tool_choice (sampling_options.guided_decoding): structured output is not "
+                         "supported by this engine; allowed: response_format {\"type\": \"text\"} or none, tool_choice "
+                         "\"auto\" or \"none\"")
+    if out.get("prompt_logprobs") is not None:
+        raise BadRequest("echo / prompt_logprobs (output_options.prompt_logprobs): prompt log probabilities and echo "
+                         "are not supported; allowed: echo false, no prompt_logprobs")
+    if samp.get("use_beam_search"):
+        raise BadRequest("use_beam_search (sampling_options.use_beam_search): beam search is not supported; "
+                         "allowed: false")
+    if samp.get("length_penalty") is not None:
+        raise BadRequest("length_penalty (sampling_options.length_penalty): only meaningful with beam search, which "
+                         "is not supported; allowed: unset")
+    best_of = samp.get("best_of")
+    if best_of is not None and best_of not in (1, n):
+        raise BadRequest(f"best_of (sampling_options.best_of): {best_of!r} is not supported: choices are not ranked; "
+                         f"allowed: unset, 1 or equal to n ({n})")
+    if stop.get("max_thinking_tokens") is not None:
+        raise BadRequest("max_thinking_tokens (stop_conditions.max_thinking_tokens): no reasoning budget in this "
+                         "engine; allowed: unset")
+    for key, what in (("lora_name", "LoRA adapters"), ("multi_modal_data", "multimodal inputs"),
+                      ("prompt_embeds", "prompt embeddings")):
+        if request.get(key) is not None:
+            raise BadRequest(f"{key}: {what} are not supported; allowed: unset")
+    extra = request.get("extra_args")
+    if extra:
+        named = str(extra)
+        if isinstance(extra, dict):
+            inner = extra.get("sampling_options")
+            named = ", ".join(sorted(inner) if isinstance(inner, dict) and inner else sorted(extra))
+        raise BadRequest(f"{named} (extra_args): not supported by this engine (allowed_token_ids, bad_words_token_ids "
+                         f"and other extra sampling arguments); allowed: unset")
+    lp = out.get("logprobs")
+    if lp is not None and (not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= MAX_LOGPROBS):
+        raise BadRequest(f"logprobs / top_logprobs (output_options.logprobs): {lp!r} is not allowed "
+                         f"(0 .. {MAX_LOGPROBS})")
+    if n > 1:
+        t = samp.get("temperature")
+        if not isinstance(t, (int, float)) or t <= 0:
+            raise BadRequest(f"n (sampling_options.n) = {n} needs temperature > 0 (got {t!r}; this server's default "
+                             f"temperature is 0, greedy, which would make the {n} choices identical); allowed: n = 1, or "
+                             f"n > 1 with temperature > 0")
+
+
 def parse_request(request: Any, request_id: str, *, vocab_size: int, max_model_len: int) -> Request:
     if not isinstance(request, dict):
         raise BadRequest(f"request must be a map, got {type(request).__name__}")
@@ -87,10 +161,10 @@ def parse_request(request: Any, request_id: str, *, vocab_size: int, max_model_l
         raise BadRequest(f"token_ids: ids must be integers in [0, {vocab_size})")
     if len(toks) >= max_model_len:
         raise BadRequest(f"token_ids: prompt of {len(toks)} tokens does not fit the context of {max_model_len}")
+    check_options(request)
     stop = request.get("stop_conditions") or {}
     samp = request.get("sampling_options") or {}
-    if not isinstance(stop, dict) or not isinstance(samp, dict):
-        raise BadRequest("stop_conditions and sampling_options must be maps")
+    out = request.get("output_options") or {}
     mt = stop.get("max_tokens")
     if mt is None:
         mt = max_model_len - len(toks)
@@ -105,14 +179,41 @@ def parse_request(request: Any, request_id: str, *, vocab_size: int, max_model_l
         top_p = 1.0 if top_p is None else float(top_p)
         if temp < 0:
             raise ValueError("temperature must be >= 0")
-        if seed is not None and not isinstance(seed, int):
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError("seed must be an integer")
-        stop_ids = tuple(int(t) for t in (stop.get("stop_token_ids_hidden") or stop.get("stop_token_ids") or []))
-        sp = SamplingParams(max_tokens=mt, temperature=temp, top_p=top_p, seed=seed, stop_token_ids=stop_ids,
-                            ignore_eos=bool(stop.get("ignore_eos", False)))
+        # every stop id the frontend sends: EOS (hidden), the request's stop_token_ids (visible or not)
+        stop_ids: set[int] = set()
+        for key in ("stop_token_ids_hidden", "stop_token_ids", "stop_token_ids_visible"):
+            stop_ids.update(int(t) for t in (stop.get(key) or []))
+        top_k = samp.get("top_k")
+        sp = SamplingParams(max_tokens=mt, temperature=temp, top_p=top_p, seed=seed, stop_token_ids=tuple(sorted(stop_ids)),
+                            ignore_eos=bool(stop.get("ignore_eos", False)),
+                            top_k=0 if top_k is None else int(top_k),
+                            min_p=float(samp.get("min_p") or 0.0),
+                            presence_penalty=float(samp.get("presence_penalty") or 0.0),
+                            frequency_penalty=float(samp.get("frequency_penalty") or 0.0),
+                            repetition_penalty=float(samp.get("repetition_penalty") or 1.0),
+                            min_tokens=int(stop.get("min_tokens") or 0),
+                            logprobs=out.get("logprobs"))
     except (TypeError, ValueError) as e:
         raise BadRequest(f"sampling: {e}") from None
     return Request(request_id, list(toks), sp)
+
+
+def logprob_fields(lps: list[TokenLogprobs], token_text: Callable[[int], str | None]) -> dict[str, Any]:
+    """A chunk's ``log_probs`` / ``top_logprobs`` (Dynamo's LLMEngineOutput fields) for its tokens' log probabilities."""
+    return {"log_probs": [float(lp) for lp, _ in lps],
+            "top_logprobs": [[{"rank": r + 1, "token_id": int(t), "token": token_text(int(t)), "logprob": float(x)}
+                              for r, (t, x) in enumerate(top)] for _, top in lps]}
+
+
+def drop_first_token(chunk: dict[str, Any]) -> dict[str, Any]:
+    """``chunk`` without its first token (and that token's log probabilities)."""
+    out = {**chunk, "token_ids": list(chunk.get("token_ids") or ())[1:]}
+    for key in ("log_probs", "top_logprobs"):
+        if isinstance(chunk.get(key), list):
+            out[key] = chunk[key][1:]
+    return out
 
 
 def error_chunk(message: str, prompt_tokens: int = 0, *, invalid: bool = False) -> dict[str, Any]:

@@ -52,7 +52,9 @@ from dynamo_ext.routing.throughput import Priors, WorkerMeter
 from dynamo_ext.topology import NodeTopology
 from dynamo_ext.topology.select import Endpoint, select_transport
 
-from .protocol import error_chunk, is_invalid, migration_request, rerun_request, rerun_usage
+from .choices import choice_requests, merge_choices
+from .protocol import (BadRequest, check_options, drop_first_token, error_chunk, is_invalid, migration_request,
+                       rerun_request, rerun_usage)
 
 log = logging.getLogger("dynamo_ext.serving.router")
 
@@ -451,8 +453,22 @@ class RouterCore:
 
     # -- sessions -----------------------------------------------------------------------------------
     def session(self, request: Any) -> AsyncIterator[dict[str, Any]]:
-        """The chunks the client gets for ``request`` (see the module docstring)."""
-        return StreamSession(self, request).run()
+        """The chunks the client gets for ``request`` (see the module docstring); ``n`` > 1: one session per
+        choice (``serving.choices``: seeds seed + i, chunks tagged with their ``index``)."""
+        subs = choice_requests(request)
+        if subs is None:
+            return StreamSession(self, request).run()
+        return self._choices(request, subs)
+
+    async def _choices(self, request: dict[str, Any], subs: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        try:  # refused once, before any choice is routed
+            check_options(request)
+        except BadRequest as e:
+            self.metrics.requests.labels("bad_request").inc()
+            yield error_chunk(str(e), len(request.get("token_ids") or ()), invalid=True)
+            return
+        async for chunk in merge_choices([StreamSession(self, r).run() for r in subs]):
+            yield chunk
 
 
 @dataclass
@@ -498,6 +514,12 @@ class StreamSession:
             yield error_chunk("token_ids: empty prompt (at least one token is needed)", invalid=True)
             return
         self.tokens = tokens
+        try:  # OpenAI parameters the engine cannot honour: refused before routing (workers/README.md)
+            check_options(request)
+        except BadRequest as e:
+            self._outcome("bad_request")
+            yield error_chunk(str(e), len(tokens), invalid=True)
+            return
         limit = core.s.context_length
         if limit and len(tokens) >= limit:  # refused here, before the prompt travels to any worker
             self._outcome("bad_request")
@@ -590,7 +612,7 @@ class StreamSession:
                 if a.worker in core.down:
                     core.mark_up(a.worker)
                 if a.skip_first and d.get("token_ids"):
-                    d = {**d, "token_ids": list(d["token_ids"])[1:]}
+                    d = drop_first_token(d)
                     a.skip_first = False
                 if a.offset and isinstance(d.get("completion_usage"), dict):
                     d = rerun_usage(d, n_prompt, a.offset)

@@ -62,8 +62,9 @@ from dynamo_ext.topology import NodeTopology
 from dynamo_ext.topology.select import Endpoint
 from dynamo_ext.transport import KvPool, TransferError
 
+from .choices import choice_requests, merge_choices
 from .engine_runner import EngineRunner, NoRoom
-from .protocol import BadRequest, KvHandle, error_chunk, handle_of, parse_request
+from .protocol import BadRequest, KvHandle, check_options, error_chunk, handle_of, logprob_fields, parse_request
 from .transports import PeerTransports, PullResult, TransportOptions, WorkerTransports
 
 log = logging.getLogger("dynamo_ext.serving.worker")
@@ -193,6 +194,7 @@ class ServingWorker:
         self._by_router: dict[str, str] = {}  # the router's request id -> engine request id
         self.draining = False
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._token_texts: dict[int, str | None] = {}  # token id -> its text (log probability entries)
 
     # -- start / stop -------------------------------------------------------------------------------
     def start_engine(self, model: Any = None) -> EngineRunner:
@@ -347,7 +349,8 @@ class ServingWorker:
         h = KvHandle(handle_id=rid, worker_id=self.instance_id, component=self.component, agent=self.s.name,
                      pool=self.kv_pool.name if self.kv_pool else "", block_ids=list(res.block_ids),
                      num_tokens=res.num_tokens, first_token=res.first_token,
-                     layout=self.engine.kv_layout.to_dict(), deadline=deadline, digests=digests, digest_kind=dkind)
+                     layout=self.engine.kv_layout.to_dict(), deadline=deadline, digests=digests, digest_kind=dkind,
+                     first_logprobs=res.first_logprobs)
         m.ttft.observe(time.monotonic() - t0)
         m.requests.labels("ok").inc()
         hd = h.to_dict()
@@ -433,8 +436,43 @@ class ServingWorker:
         return dst, res
 
     # -- decode side --------------------------------------------------------------------------------
+    def token_text(self, token_id: int) -> str | None:
+        """The text of one token (log probability entries), from the engine's tokenizer; cached."""
+        if token_id not in self._token_texts:
+            tok = getattr(self.engine, "tokenizer", None)
+            try:
+                text = tok.decode([token_id], skip_special_tokens=False) if tok is not None else None
+            except Exception:  # noqa: BLE001 - an id the tokenizer does not know: no text
+                text = None
+            if len(self._token_texts) < 1 << 16:
+                self._token_texts[token_id] = text
+            return text
+        return self._token_texts[token_id]
+
     async def generate(self, request: Any, rid: str | None = None,
                        is_stopped: Callable[[], bool] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of one request; ``n`` > 1 (no router in front: policy dynamo-kv): one request per choice
+        (``serving.choices``), choice 0 with the request's KV handle, the others prefilled here (prefix cache)."""
+        subs = choice_requests(request)
+        if subs is None:
+            async for chunk in self._generate_one(request, rid, is_stopped):
+                yield chunk
+            return
+        try:
+            check_options(request)
+        except BadRequest as e:
+            self.metrics.requests.labels("bad_request").inc()
+            yield error_chunk(str(e), len(request.get("token_ids") or ()), invalid=True)
+            return
+        base = rid or uuid.uuid4().hex
+        own = ("kv_handle", "prefill_result", "kv_peer_info", "router_rid")
+        streams = [self._generate_one(sub if i == 0 else {k: v for k, v in sub.items() if k not in own},
+                                      f"{base}-{i}", is_stopped) for i, sub in enumerate(subs)]
+        async for chunk in merge_choices(streams):
+            yield chunk
+
+    async def _generate_one(self, request: Any, rid: str | None = None,
+                            is_stopped: Callable[[], bool] | None = None) -> AsyncIterator[dict[str, Any]]:
         assert self.runner is not None
         m = self.metrics
         t0 = time.monotonic()
@@ -457,6 +495,7 @@ class ServingWorker:
         n_prompt = len(req.prompt_token_ids)
         blocks: list[int] | None = None
         first = 0
+        first_lps: Any = None
         report: dict[str, Any] | None = None
         if handle is not None:
             try:
@@ -467,7 +506,7 @@ class ServingWorker:
                 blocks, res = await self.pull(req, handle, peer)
                 m.kv_pulls.labels("ok").inc()
                 m.kv_pulled_bytes.inc(res.stats.bytes)
-                first = handle.first_token
+                first, first_lps = handle.first_token, handle.first_logprobs
                 report = {"bytes": res.stats.bytes, "seconds": res.stats.seconds, "backend": res.backend,
                           "kind": res.kind, "path": res.stats.path, "descriptors": res.stats.descriptors}
                 if res.failed:
@@ -487,10 +526,12 @@ class ServingWorker:
                 m.requests.labels("rejected").inc()
                 yield error_chunk(f"cannot prefill: {e}", n_prompt)
                 return
-            blocks, first = res_p.block_ids, res_p.first_token
+            blocks, first, first_lps = res_p.block_ids, res_p.first_token, res_p.first_logprobs
         t_first = time.monotonic()
         m.ttft.observe(t_first - t0)
         first_chunk: dict[str, Any] = {"token_ids": [first]}
+        if first_lps is not None and req.sampling.logprobs is not None:
+            first_chunk.update(logprob_fields([(first_lps[0], list(first_lps[1]))], self.token_text))
         if report is not None and isinstance(request, dict) and request.get("report_kv_transfer"):
             first_chunk["kv_transfer"] = report
         yield first_chunk
@@ -518,12 +559,15 @@ class ServingWorker:
                 return
             if o.finish_reason == "migrated":  # exported: hand it over, the router continues it
                 if o.new_token_ids:
-                    yield {"token_ids": list(o.new_token_ids)}
+                    yield {"token_ids": list(o.new_token_ids),
+                           **(logprob_fields(o.logprobs, self.token_text) if o.logprobs else {})}
                 m.requests.labels("migrated").inc()
                 yield {"token_ids": [], "migrate": self._hand_over_chunk(req.request_id)}
                 return
             n_out += len(o.new_token_ids)
             out: dict[str, Any] = {"token_ids": list(o.new_token_ids)}
+            if o.logprobs:
+                out.update(logprob_fields(o.logprobs, self.token_text))
             if o.new_token_ids:
                 t_last = time.monotonic()
             if o.finished:
