@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any, AsyncIterator
 
-from .card import runtime_config
+from .card import runtime_config, to_frontend
 from .engine_worker import EngineWorker
 from .runtime import WorkerArgs
 
@@ -76,5 +76,12 @@ class PrefillWorker(EngineWorker):
         yield await self.core.prefill(request, clamp=False)
 
     async def generate(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+        """Dynamo's disaggregated contract (policy dynamo-kv: the frontend calls us first). A request the engine
+        refuses becomes HTTP 400 here, as on the decode side (to_frontend); an error chunk would be a 500."""
+        assert self.core is not None
+        async for chunk in to_frontend(self._one(request)):
+            yield chunk
+
+    async def _one(self, request: Any) -> AsyncIterator[dict[str, Any]]:
         assert self.core is not None
         yield await self.core.prefill(request, clamp=True)
