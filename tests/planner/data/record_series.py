@@ -76,6 +76,10 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="dx-record-"))
     cfg = yaml.safe_load((ROOT / "configs/disagg.yaml").read_text())
+    # what the committed series were recorded with (configs/disagg.yaml now serves SmolLM2 and sends every
+    # prompt through the prefill worker)
+    cfg["model"] = {"name": "dynamo-ext/tiny", "preset": "tiny", "block_size": 16, "dtype": "float32"}
+    cfg["router"] = {"policy": "dynamo-ext", "disagg_min_prompt_tokens": 64}
     etcd, nats, http = free_port(), free_port(), free_port()
     cfg["discovery"] = {"namespace": "dxrecord", "etcd": {"endpoints": [f"http://127.0.0.1:{etcd}"]},
                         "nats": {"url": f"nats://127.0.0.1:{nats}"}}
