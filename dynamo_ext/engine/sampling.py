@@ -114,7 +114,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
         toks = logits[fast].argmax(dim=-1).tolist()
         for i, t in zip(fast, toks):
             out[i] = (int(t), None)
-    rows = [i for i in range(len(params)) if i not in set(fast)]
+    fast_set = set(fast)
+    rows = [i for i in range(len(params)) if i not in fast_set]
     if rows:
         cpu = logits[rows].float().cpu().double()
         gen = torch.Generator()
