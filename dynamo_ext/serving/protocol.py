@@ -132,13 +132,12 @@ def check_options(request: dict[str, Any]) -> None:
         if request.get(key) is not None:
             raise BadRequest(f"{key}: {what} are not supported; allowed: unset")
     extra = request.get("extra_args")
-    if extra:
-        named = str(extra)
-        if isinstance(extra, dict):
-            inner = extra.get("sampling_options")
-            named = ", ".join(sorted(inner) if isinstance(inner, dict) and inner else sorted(extra))
-        raise BadRequest(f"{named} (extra_args): not supported by this engine (allowed_token_ids, bad_words_token_ids "
-                         f"and other extra sampling arguments); allowed: unset")
+    if extra:  # the frontend's passthrough fields: allowed_token_ids, bad_words_token_ids, detokenize, cache_salt...
+        names: list[str] = []
+        for k, v in (extra.items() if isinstance(extra, dict) else ()):
+            names += [f"{x} (extra_args.{k}.{x})" for x in sorted(v)] if isinstance(v, dict) and v else [f"extra_args.{k}"]
+        raise BadRequest(f"{', '.join(names) or 'extra_args'}: not supported by this engine (token masks, detokenize, "
+                         f"cache_salt and other extra arguments); allowed: unset")
     lp = out.get("logprobs")
     if lp is not None and (not isinstance(lp, int) or isinstance(lp, bool) or not 0 <= lp <= MAX_LOGPROBS):
         raise BadRequest(f"logprobs / top_logprobs (output_options.logprobs): {lp!r} is not allowed "

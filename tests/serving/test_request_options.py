@@ -65,6 +65,7 @@ def test_supported_options_reach_the_engine():
     ({"sampling_options__best_of": 3}, ["best_of", "allowed"]),
     ({"stop_conditions__max_thinking_tokens": 10}, ["max_thinking_tokens"]),
     ({"extra_args": {"sampling_options": {"allowed_token_ids": [1, 2]}}}, ["allowed_token_ids"]),
+    ({"extra_args": {"nvext": {"cache_salt": "tenant-a"}}}, ["cache_salt"]),
     ({"lora_name": "x"}, ["lora_name"]),
     ({"output_options__logprobs": 21}, ["logprobs", "0 .. 20"]),
     ({"sampling_options__n": 2}, ["n ", "temperature > 0"]),
