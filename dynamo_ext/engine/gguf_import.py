@@ -25,9 +25,10 @@ The directory written holds what ``weights.load_model`` and Dynamo's frontend re
   whose stamp matches is left as it is (idempotent); ``force`` rewrites it. Every file is written under a
   temporary name and renamed into place, the stamp last.
 
-Only ``general.architecture: llama`` files without RoPE scaling are imported (``GgufImportError`` names
-what is found otherwise), as are GGUF files of other versions of transformers' reader. Needs the ``gguf``
-package (requirements/base.txt); transformers and torch are already engine dependencies.
+Only ``general.architecture: llama`` files with plain RoPE over the whole head and no biases are imported;
+anything else, a missing file, a file that is not GGUF, or a missing ``gguf`` package raises
+``GgufImportError`` naming it. Needs the ``gguf`` package (requirements/base.txt) and transformers (pinned
+5.23.0: its GGUF reader and tokenizer converter are used), torch and safetensors.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def is_imported(out_dir: Path, stamp: dict | None = None) -> bool:
 
 
 def _deps():
-    """(torch, transformers pieces) or GgufImportError naming the missing package."""
+    """torch and the transformers pieces used here, or GgufImportError naming the missing package."""
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -185,9 +186,11 @@ def _model_config(md: dict, tensor_names: tuple[str, ...], tokens: int, dtype: s
     kv = md.get("llama.attention.head_count_kv", heads)
     if isinstance(kv, (list, tuple)) or isinstance(heads, (list, tuple)):
         raise GgufImportError(f"{path}: per-layer head counts are not supported")
-    head_dim = int(md.get("llama.attention.key_length") or md.get("llama.rope.dimension_count") or hidden // heads)
-    if head_dim * heads != hidden and "llama.attention.key_length" not in md:
-        head_dim = hidden // heads
+    head_dim = int(md.get("llama.attention.key_length") or hidden // heads)
+    rotary = md.get("llama.rope.dimension_count")
+    if rotary is not None and int(rotary) != head_dim:
+        raise GgufImportError(f"{path}: RoPE over {rotary} of {head_dim} head dimensions (partial rotary) is not "
+                              "supported")
     bos = md.get("tokenizer.ggml.bos_token_id")
     eos = md.get("tokenizer.ggml.eos_token_id")
     if bos is None or eos is None:
@@ -256,7 +259,8 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "float32", f
     try:
         backend, _ = convert_gguf_tokenizer(arch, tok_dict)
     except (ValueError, KeyError) as e:
-        raise GgufImportError(f"{gguf}: cannot convert its tokenizer (tokenizer.ggml.model {tok_type!r}): {e}") from None
+        raise GgufImportError(f"{gguf}: cannot convert its tokenizer (tokenizer.ggml.model {tok_type!r}): "
+                              f"{e}") from None
     pre = tok_dict.get("pre_tokenizer_type")
     if tok_type == "gpt2" and pre in _DIGIT_SPLIT_PRE:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -302,7 +306,7 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "float32", f
     n_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     say(f"[4/4] writing {out_dir} (model.safetensors {n_bytes / 1e6:.0f} MB)")
     _write(out_dir, "model.safetensors",
-           lambda p: save_file(tensors, str(p), metadata={"format": "pt", "source": gguf.name}))
+           lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     del tensors
     _write(out_dir, "config.json", lambda p: p.write_text(json.dumps(cfg.to_hf(), indent=2) + "\n"))
     _write(out_dir, "generation_config.json",
