@@ -328,10 +328,10 @@ def summarize(graph: str, rate: float | None, reqs: list[Req], t0: float, kv: di
 
 def compare_to_agg(rows: list[dict]) -> None:
     """Disagg rows get ``ttft_p50_vs_agg`` / ``ttft_mean_vs_agg_ms``: against the agg row of the same class and
-    load (same prompts)."""
-    agg = {(r["prompt_len"], r["load"]): r for r in rows if r["graph"] == "agg"}
+    load (same prompts) and the same load generator (``client``, when rows have one: ``bench aiperf``)."""
+    agg = {(r["prompt_len"], r["load"], r.get("client")): r for r in rows if r["graph"] == "agg"}
     for r in rows:
-        a = agg.get((r["prompt_len"], r["load"]))
+        a = agg.get((r["prompt_len"], r["load"], r.get("client")))
         if r["graph"] != "disagg" or a is None:
             continue
         if r["ttft_p50_ms"] and a["ttft_p50_ms"]:
@@ -545,12 +545,21 @@ def table(res: dict) -> str:
             lines += ["", f"**{what}:** " + "; ".join(json.dumps(x) if not isinstance(x, str) else x for x in items)]
     if res.get("note"):
         lines += ["", res["note"]]
-    lines += ["", "| graph | prompt tok | load | done | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) "
-              "| output tok/s | req/s | KV pull mean (ms) | KV share of TTFT | vs agg | KV pulls | KV MiB/req | "
-              "pull GB/s | backend | path |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in res["results"]:
-        lines.append(f"| {r['graph']} | {_f(r['prompt_tokens_mean'], '{:.0f}')} | {_load(r)} | "
+    lines += ["", *results_table(res["results"])]
+    return "\n".join(lines) + "\n"
+
+
+def results_table(rows: list[dict], client: bool = False) -> list[str]:
+    """The markdown results table, one line per row (``client``: a column naming the load generator of each row,
+    ``row["client"]``; used by ``bench aiperf``)."""
+    c_head, c_sep = ("client | ", "---|") if client else ("", "")
+    lines = [f"| graph | {c_head}prompt tok | load | done | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | "
+             "TPOT p99 (ms) | output tok/s | req/s | KV pull mean (ms) | KV share of TTFT | vs agg | KV pulls | "
+             "KV MiB/req | pull GB/s | backend | path |",
+             f"|---|{c_sep}---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['graph']} | " + (f"{r.get('client') or '-'} | " if client else "")
+                     + f"{_f(r['prompt_tokens_mean'], '{:.0f}')} | {_load(r)} | "
                      f"{r['completed']}/{r['requests']} | {_f(r['ttft_p50_ms'])} | {_f(r['ttft_p99_ms'])} | "
                      f"{_f(r['tpot_p50_ms'], '{:.2f}')} | {_f(r['tpot_p99_ms'], '{:.2f}')} | "
                      f"{_f(r['output_tok_s'])} | {_f(r['req_s'], '{:.2f}')} | "
@@ -559,7 +568,7 @@ def table(res: dict) -> str:
                      f"{_f(None if r.get('kv_bytes_per_request') is None else r['kv_bytes_per_request'] / 2**20, '{:.2f}')} | "
                      f"{_f(r.get('kv_pull_gbps'), '{:.3f}')} | {', '.join(r.get('kv_backends') or []) or '-'} | "
                      f"{', '.join(r.get('kv_paths') or []) or '-'} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _load(r: dict) -> str:
@@ -607,11 +616,10 @@ def plot(res: dict, path: Path) -> None:
     loads = sorted({(r.get("concurrency") or 0, r.get("rate") or 0) for r in rows})
     by_load = len(loads) > 1  # x = load; else x = prompt length (one point per class)
     closed = any(r.get("concurrency") for r in rows)
-    fig, axs = plt.subplots(1, 4, figsize=(17, 4))
     plens = sorted({r.get("prompt_len") for r in rows}, key=lambda x: x or 0)
     colors = {"agg": plt.cm.Blues, "disagg": plt.cm.Oranges}
-    series = [(kind, plen) for kind in ("agg", "disagg") for plen in (plens if by_load else [None])]
-    for kind, plen in series:
+    series = []
+    for kind, plen in [(kind, plen) for kind in ("agg", "disagg") for plen in (plens if by_load else [None])]:
         rs = [r for r in rows if r["graph"] == kind and (plen is None or r.get("prompt_len") == plen)]
         if not rs:
             continue
@@ -621,30 +629,47 @@ def plot(res: dict, path: Path) -> None:
             {"agg": "tab:blue", "disagg": "tab:orange"}[kind]
         name = kind if plen is None or len(plens) == 1 else f"{kind} {plen} tok"
         x = [(r.get("concurrency") or r.get("rate")) if by_load else r["prompt_len"] for r in rs]
+        series.append((name, x, rs, style, color))
+    xlabel = ("requests in flight (closed loop)" if closed else "request rate (req/s, Poisson)") if by_load else \
+        "prompt tokens"
+    p, m = res["params"], res["machine"]
+    where = f"{m['gpus'][0]}" if m.get("gpus") else f"{m['cpu']} ({m['cores']} cores)"
+    title = (f"{p['preset']} on {where}: prompts "
+             f"{', '.join(str(x) for x in (p.get('prompt_lens') or [p['prompt_len']]))}, "
+             f"outputs {p['output_len']}, {p['requests']} requests per cell, "
+             f"{'closed loop ' + ', '.join(f'c={c}' for c in p['concurrency']) if p.get('concurrency') else 'Poisson'}")
+    plot_panels(series, path, xlabel, title)
+
+
+def plot_panels(series: list[tuple[str, list, list[dict], str, Any]], path: Path, xlabel: str, title: str,
+                throughput: tuple[str, str] = ("req_s", "requests/s")) -> None:
+    """Four panels against x (log2): TTFT p50/p99, TPOT p50/p99, throughput (``throughput`` = (row key, unit))
+    and KV pull share of TTFT, one line per series ``(name, x values, rows, matplotlib style, color)``; the KV
+    panel only for the series whose rows have KV pulls (disagg). Also used by ``bench aiperf``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, 4, figsize=(17, 4))
+    for name, x, rs, style, color in series:
         for ax, key in ((axs[0], "ttft"), (axs[1], "tpot")):
             ax.plot(x, [r[f"{key}_p50_ms"] for r in rs], style, color=color, label=f"{name} p50")
             ax.plot(x, [r[f"{key}_p99_ms"] for r in rs], style, color=color, alpha=0.4, label=f"{name} p99")
-        axs[2].plot(x, [r["req_s"] for r in rs], style, color=color, label=name)
-        if kind == "disagg":
+        axs[2].plot(x, [r[throughput[0]] for r in rs], style, color=color, label=name)
+        if any("kv_transfers" in r for r in rs):
             axs[3].plot(x, [100 * (r.get("kv_share_of_ttft") or 0) for r in rs], style, color=color, label=name)
-    xlabel = ("requests in flight (closed loop)" if closed else "request rate (req/s, Poisson)") if by_load else \
-        "prompt tokens"
-    for ax, t, y in zip(axs, ("TTFT", "TPOT", "throughput", "KV pull share of TTFT"), ("ms", "ms", "requests/s", "%")):
+    for ax, t, y in zip(axs, ("TTFT", "TPOT", "throughput", "KV pull share of TTFT"), ("ms", "ms", throughput[1], "%")):
         ax.set_title(t)
         ax.set_xlabel(xlabel)
         ax.set_xscale("log", base=2)
         ax.set_ylabel(y)
         if ax.lines:
             ax.legend(fontsize=8)
-    p, m = res["params"], res["machine"]
-    where = f"{m['gpus'][0]}" if m.get("gpus") else f"{m['cpu']} ({m['cores']} cores)"
-    fig.suptitle(f"{p['preset']} on {where}: prompts "
-                 f"{', '.join(str(x) for x in (p.get('prompt_lens') or [p['prompt_len']]))}, "
-                 f"outputs {p['output_len']}, {p['requests']} requests per cell, "
-                 f"{'closed loop ' + ', '.join(f'c={c}' for c in p['concurrency']) if p.get('concurrency') else 'Poisson'}",
-                 fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def default_stem(a: argparse.Namespace, m: dict[str, Any]) -> str:

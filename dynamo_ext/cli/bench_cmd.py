@@ -7,6 +7,7 @@
     dynamo-ext bench serve-direct [--device cuda] [--graphs agg:4,disagg:2p2d] [--prompt-lens 512,2048,4096]
     dynamo-ext bench route    [--workloads shared-prefix,mixed] [--policies ...]  (routing policies end to end)
     dynamo-ext bench faults   [--faults sigkill-prefill,...] [--concurrency 8]  (supervision and recovery under load)
+    dynamo-ext bench aiperf   [--graphs agg,disagg | --graph G -f CONFIG | --url URL] [--concurrency 1,4,8]  (aiperf + ours)
 
 Each benchmark is a module ``dynamo_ext.bench.<module>`` with ``main(argv)``; ARGS are passed to it
 (``--help`` there). It works from an installed wheel as from a source checkout. Results go to
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "serve-direct": ("serve_direct", "agg vs disagg on several GPUs without the Dynamo runtime (engine, kv, transport)"),
     "route": ("route", "round-robin vs Dynamo KV router vs dynamo-ext: TTFT, throughput, prefix hits, KV bytes"),
     "faults": ("faults", "fault campaign of the disagg graph under streaming load: failed requests, recovery time"),
+    "aiperf": ("aiperf", "aiperf (own venv) and bench serve's client against the frontend: TTFT/TPOT/throughput vs concurrency"),
 }
 
 
