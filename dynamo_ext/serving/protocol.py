@@ -18,7 +18,8 @@ carry on. Output chunks are ``{"token_ids": [t...]}``, the last one with ``finis
 forwards and the engine cannot honour is refused (BadRequest naming the OpenAI parameter, the request
 field and what is allowed): structured output (``guided_decoding``), prompt log probabilities
 (``echo``), beam search, ``best_of`` other than ``n``, reasoning budgets, LoRA / multimodal inputs,
-``extra_args`` (allowed_token_ids, bad_words_token_ids), ``n`` > 1 without temperature > 0.
+``extra_args`` (allowed_token_ids, bad_words_token_ids; ``nvext.extra_fields`` ["completion_token_ids"] passes:
+the frontend answers it), ``n`` > 1 without temperature > 0.
 
 ``KvHandle`` is what a prefill worker returns: where the prompt's KV lives (worker instance id,
 NIXL agent, pool name, block ids, layout) and until when it is held (``deadline``, unix seconds).
@@ -98,6 +99,28 @@ def choices_of(samp: dict[str, Any]) -> int:
     return n
 
 
+#: ``nvext.extra_fields`` entries that Dynamo's frontend fills in its own response (it forwards the list to the
+#: workers as ``extra_args.nvext.extra_fields``; they need do nothing): ``completion_token_ids`` = the generated
+#: token ids (response ``nvext.completion_token_ids``; one choice only, the frontend refuses n > 1 itself)
+FRONTEND_EXTRA_FIELDS = ("completion_token_ids",)
+
+
+def _without_frontend_fields(extra: Any) -> Any:
+    """``extra_args`` less ``nvext.extra_fields`` when every entry is one the frontend answers itself
+    (BadRequest naming the entry and the allowed values otherwise)."""
+    if not isinstance(extra, dict) or not isinstance(extra.get("nvext"), dict) or "extra_fields" not in extra["nvext"]:
+        return extra
+    fields = extra["nvext"]["extra_fields"]
+    allowed = f"allowed: a list of {', '.join(repr(f) for f in FRONTEND_EXTRA_FIELDS)}"
+    if not isinstance(fields, list):
+        raise BadRequest(f"nvext.extra_fields (extra_args.nvext.extra_fields): {fields!r} is not a list; {allowed}")
+    bad = [f for f in fields if f not in FRONTEND_EXTRA_FIELDS]
+    if bad:
+        raise BadRequest(f"nvext.extra_fields (extra_args.nvext.extra_fields): {bad!r} not supported; {allowed}")
+    nvext = {k: v for k, v in extra["nvext"].items() if k != "extra_fields"}
+    return {k: v for k, v in {**extra, "nvext": nvext}.items() if v}
+
+
 def check_options(request: dict[str, Any]) -> None:
     """Refuse what the engine cannot honour (BadRequest naming the OpenAI parameter, the request field and the
     allowed values); what it can is read by ``parse_request``. Needs no model: the router calls it too."""
@@ -131,7 +154,7 @@ def check_options(request: dict[str, Any]) -> None:
                       ("prompt_embeds", "prompt embeddings")):
         if request.get(key) is not None:
             raise BadRequest(f"{key}: {what} are not supported; allowed: unset")
-    extra = request.get("extra_args")
+    extra = _without_frontend_fields(request.get("extra_args"))
     if extra:  # the frontend's passthrough fields: allowed_token_ids, bad_words_token_ids, detokenize, cache_salt...
         names: list[str] = []
         for k, v in (extra.items() if isinstance(extra, dict) else ()):

@@ -66,6 +66,9 @@ def test_supported_options_reach_the_engine():
     ({"stop_conditions__max_thinking_tokens": 10}, ["max_thinking_tokens"]),
     ({"extra_args": {"sampling_options": {"allowed_token_ids": [1, 2]}}}, ["allowed_token_ids"]),
     ({"extra_args": {"nvext": {"cache_salt": "tenant-a"}}}, ["cache_salt"]),
+    ({"extra_args": {"nvext": {"extra_fields": ["worker_id"]}}}, ["extra_fields", "'worker_id'", "completion_token_ids"]),
+    ({"extra_args": {"nvext": {"extra_fields": "completion_token_ids"}}}, ["extra_fields", "a list of"]),
+    ({"extra_args": {"nvext": {"extra_fields": ["completion_token_ids"], "cache_salt": "t"}}}, ["cache_salt"]),
     ({"lora_name": "x"}, ["lora_name"]),
     ({"output_options__logprobs": 21}, ["logprobs", "0 .. 20"]),
     ({"sampling_options__n": 2}, ["n ", "temperature > 0"]),
@@ -79,6 +82,14 @@ def test_refused_options_name_the_parameter(over, names):
         assert name in str(e.value), str(e.value)
     with pytest.raises(BadRequest):
         check_options(req(**over))  # the router refuses the same, without the model
+
+
+def test_completion_token_ids_are_left_to_the_frontend():
+    """nvext.extra_fields ["completion_token_ids"]: Dynamo's frontend puts the generated ids in its own response
+    (measured on 1.6.1); it forwards the list as extra_args.nvext.extra_fields, which the engine needs not honour."""
+    r = req(extra_args={"nvext": {"extra_fields": ["completion_token_ids"]}})
+    check_options(r)
+    assert parse(r).plain
 
 
 def test_best_of_equal_to_n_and_n_with_temperature_are_accepted():
