@@ -4,7 +4,9 @@ Starts a graph (``graphs/disagg.py`` or ``graphs.disagg``) as local processes: e
 answers at the configured addresses, the workers, the router replicas and Dynamo's frontend; waits
 until all are ready and the model is listed, prints the URL and a curl line, and serves until Ctrl-C
 or SIGTERM (then stops everything in reverse order). ``--once PROMPT`` sends one completion request
-instead, prints the answer and stops. The protocol is in ``dynamo_ext/launch/__init__.py``; exit
+instead, prints the answer and stops. ``--print-commands`` prints the same processes as plain shell lines
+(``env VAR=... python -m ...``) and exits (``dynamo_ext/launch/commands.py``). The protocol is in
+``dynamo_ext/launch/__init__.py``; exit
 status: 0 stopped on request / ``--once`` answered, 1 a process failed, 2 bad config/graph/port.
 
 With ``planner.enabled: true`` (or ``--planner``) it also runs Dynamo's planner (environment virtual,
@@ -42,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run Dynamo's planner + our executor even if planner.enabled is false; exit 2 when its "
                         "dependencies are missing (with planner.enabled alone serve warns and runs without it)")
     g.add_argument("--no-planner", dest="planner", action="store_false", help="ignore planner.enabled")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print the plain command and environment of every component (etcd/NATS, workers, routers, "
+                        "frontend) as shell lines runnable by hand in that order, and exit (starts nothing)")
     p.add_argument("--planner-config", default=None, metavar="FILE",
                    help="Dynamo planner config to run instead of the one generated from dynamo.yaml's planner "
                         "section (that one is written to <log-dir>/planner.yaml)")
@@ -49,6 +54,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.print_commands:
+        from dynamo_ext.launch.commands import print_commands
+
+        return print_commands(args.graph, args.config, port=args.port, model_dir=args.model_dir,
+                              stop_timeout=args.stop_timeout)
     from dynamo_ext.launch.serve import ServeOptions, serve
 
     return serve(ServeOptions(

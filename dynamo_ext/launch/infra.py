@@ -8,7 +8,8 @@ Protocol
   ``reused`` (something already answers at the configured address; it is never stopped), or a
   :class:`~dynamo_ext.launch.supervisor.ChildSpec` that starts ``etcd`` / ``nats-server`` on that exact
   loopback address with its data under ``workdir``, ready when the probe answers. An address that is not
-  loopback and does not answer raises :class:`InfraError` (we only start servers for this host).
+  loopback and does not answer raises :class:`InfraError` (we only start servers for this host). Their
+  command lines come from ``etcd_argv`` / ``nats_argv`` (also printed by ``serve --print-commands``).
 * Records audit through etcd's v3 JSON gateway (no gRPC client needed): ``etcd_keys(url, prefix)``
   lists keys under a prefix; ``stale_records(url, namespace, instance_ids)`` lists the keys under
   :data:`WORKER_PREFIXES` that belong to the given instances (Dynamo names them by the lease id in hex,
@@ -127,16 +128,26 @@ def ensure_etcd(urls: list[str], workdir: Path, env: dict[str, str], discovery: 
     url = urls[0]
     host, port = _host_port(url, 2379)
     _check_startable("etcd", url, host, port)
-    peer = free_port()
+    argv = etcd_argv(which("etcd"), host, port, workdir / "etcd-data", free_port())
     client = f"http://{host}:{port}"
-    argv = [
-        which("etcd"), "--name", "dynamo-ext", "--data-dir", str(workdir / "etcd-data"),
-        "--listen-client-urls", client, "--advertise-client-urls", client,
-        "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-cluster", f"dynamo-ext=http://127.0.0.1:{peer}", "--log-level", "warn",
-    ]  # fmt: skip
     spec = ChildSpec("etcd", argv, env, ready=lambda _c: etcd_healthy(client), stop_timeout=5.0)
     return ServerPlan("etcd", client, reused=False, spec=spec)
+
+
+def etcd_argv(etcd: str, host: str, port: int, data_dir: Path, peer_port: int) -> list[str]:
+    """A one-member etcd serving clients on ``http://host:port`` (peers on loopback)."""
+    client, peer = f"http://{host}:{port}", f"http://127.0.0.1:{peer_port}"
+    return [
+        etcd, "--name", "dynamo-ext", "--data-dir", str(data_dir),
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"dynamo-ext={peer}", "--log-level", "warn",
+    ]  # fmt: skip
+
+
+def nats_argv(nats_server: str, host: str, port: int, store_dir: Path) -> list[str]:
+    """nats-server with JetStream (Dynamo's event plane and object store need it)."""
+    return [nats_server, "-a", host, "-p", str(port), "-js", "-sd", str(store_dir)]
 
 
 def ensure_nats(url: str, workdir: Path, env: dict[str, str], discovery: Any = None) -> ServerPlan:
@@ -147,7 +158,7 @@ def ensure_nats(url: str, workdir: Path, env: dict[str, str], discovery: Any = N
         return ServerPlan("nats", url, reused=True)
     host, port = _host_port(url, 4222)
     _check_startable("nats-server", url, host, port)
-    argv = [which("nats-server"), "-a", host, "-p", str(port), "-js", "-sd", str(workdir / "jetstream")]
+    argv = nats_argv(which("nats-server"), host, port, workdir / "jetstream")
     spec = ChildSpec("nats", argv, env, ready=lambda _c: nats_answers(url), stop_timeout=5.0)
     return ServerPlan("nats", url, reused=False, spec=spec)
 

@@ -26,6 +26,10 @@ Protocol
     --namespace NS`` (``kv`` under ``router.policy: dynamo-kv``, else it round-robins over our router
     replicas), ready when ``/v1/models`` lists ``model.name``; ``DYN_HTTP_BODY_LIMIT_MB`` from
     ``frontend.max_request_mb`` and ``DYN_MIGRATION_LIMIT`` from ``frontend.migration_limit`` (``frontend_env``).
+* The command builders are the one source of every component's command line: ``worker_argv`` (workers and
+  routers), ``frontend_argv``, ``drain_seconds``, and ``graph_env`` (the variables a graph adds, without the
+  inherited environment). ``plan_processes`` (``dynamo-ext serve``), ``commands.py`` (``serve
+  --print-commands``) and ``deploy.py`` (``deploy render``, the Kubernetes pods) all build from them.
 """
 
 from __future__ import annotations
@@ -53,6 +57,21 @@ LOOPBACK_ENV = {
 }  # fmt: skip
 
 
+#: set by graph_env unless the caller's environment already has them (child_env keeps an inherited value)
+ENV_DEFAULTS = ("HF_HUB_OFFLINE", "ETCD_LEASE_TTL")
+
+
+def graph_env(config: DynamoExtConfig, etcd_url: str, nats_url: str, *, loopback: bool = True) -> dict[str, str]:
+    """The variables every process of a graph gets (discovery addresses, event plane, unbuffered output, offline
+    hub, lease TTL; with ``loopback`` every listener on 127.0.0.1, :data:`LOOPBACK_ENV`), without the inherited
+    environment and without TLS / credential variables."""
+    env = dict(LOOPBACK_ENV) if loopback else {}
+    env.update({"DYN_EVENT_PLANE": "nats", "ETCD_ENDPOINTS": etcd_url, "NATS_SERVER": nats_url,
+                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+                "ETCD_LEASE_TTL": str(config.discovery.etcd.lease_ttl_s)})  # fmt: skip
+    return env
+
+
 def child_env(
     config: DynamoExtConfig, etcd_url: str, nats_url: str, base: dict[str, str] | None = None
 ) -> dict[str, str]:
@@ -64,11 +83,11 @@ def child_env(
     except DiscoverySettingError as e:
         raise InfraError(str(e)) from None
     env.update({k: v for k, v in discovery.items() if k in SECURITY_ENV_KEYS})
-    env.update(LOOPBACK_ENV)
-    env.update({"DYN_EVENT_PLANE": "nats", "ETCD_ENDPOINTS": etcd_url, "NATS_SERVER": nats_url,
-                "PYTHONUNBUFFERED": "1"})  # fmt: skip
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("ETCD_LEASE_TTL", discovery["ETCD_LEASE_TTL"])
+    for k, v in graph_env(config, etcd_url, nats_url).items():
+        if k in ENV_DEFAULTS:
+            env.setdefault(k, v)
+        else:
+            env[k] = v
     return env
 
 
@@ -112,6 +131,31 @@ def assign_devices(plan: list[tuple[str, int]], config: DynamoExtConfig, gpu_cou
     return out
 
 
+def worker_argv(role: str, *, python: str, config_path: str | Path, model_dir: str | Path, index: int,
+                metrics_port: int, drain_s: float, device: str | None = None) -> list[str]:
+    """A worker's or router's command line (``python -m dynamo_ext.workers``, workers/__main__.py)."""
+    argv = [python, "-m", "dynamo_ext.workers", "--role", role, "--config", str(config_path),
+            "--model-dir", str(model_dir), "--index", str(index), "--metrics-port", str(metrics_port),
+            "--drain-s", f"{drain_s:g}"]  # fmt: skip
+    if device is not None:
+        argv += ["--device", device]
+    return argv
+
+
+def frontend_argv(config: DynamoExtConfig, *, python: str, host: str, port: int) -> list[str]:
+    """Dynamo's frontend: ``--router-mode kv`` under ``router.policy: dynamo-kv`` (it routes to the workers
+    itself), else ``round-robin`` over our router replicas."""
+    mode = "kv" if config.router.policy == "dynamo-kv" else "round-robin"
+    return [python, "-m", "dynamo.frontend", "--http-host", host, "--http-port", str(port),
+            "--router-mode", mode, "--namespace", config.discovery.namespace]  # fmt: skip
+
+
+def drain_seconds(config: DynamoExtConfig, stop_timeout: float) -> float:
+    """How long a stopping worker drains: ``workers.drain_s``, cut to the stop timeout - 3 s (at least 1 s) so
+    that the drain ends before the launcher's SIGKILL."""
+    return min(config.workers.drain_s, max(1.0, stop_timeout - 3.0))
+
+
 def frontend_env(config: DynamoExtConfig, env: dict[str, str]) -> dict[str, str]:
     """The frontend's environment: the graph's, plus its request body limit (``frontend.max_request_mb``) and
     stream migration limit (``frontend.migration_limit``)."""
@@ -127,27 +171,18 @@ def plan_processes(
     host = config.frontend.http_host
     planned = graph.plan(config)
     devices = assign_devices([(c.role, n) for c, n in planned], config, gpu_count)
-    drain_s = min(config.workers.drain_s, max(1.0, stop_timeout - 3.0))
+    drain_s = drain_seconds(config, stop_timeout)
     for comp, count in planned:
         for i in range(count):
             name = f"{comp.name}-{i}" if count > 1 or comp.role != "frontend" else comp.name
             if comp.role == "frontend":
-                mode = "kv" if config.router.policy == "dynamo-kv" else "round-robin"
-                argv = [python, "-m", "dynamo.frontend", "--http-host", host, "--http-port", str(port),
-                        "--router-mode", mode, "--namespace", config.discovery.namespace]  # fmt: skip
+                argv = frontend_argv(config, python=python, host=host, port=port)
                 ready = model_listed(frontend_base(host, port), config.model.name)
-                tolerate = False
                 specs.append(ChildSpec(name, argv, frontend_env(config, env), component=comp.name, ready=ready,
                                        stop_timeout=stop_timeout))  # fmt: skip
                 continue
-            else:
-                argv = [python, "-m", "dynamo_ext.workers", "--role", comp.role, "--config", str(config_path),
-                        "--model-dir", str(model_dir), "--index", str(i),
-                        "--metrics-port", str(free_port()), "--drain-s", f"{drain_s:g}"]  # fmt: skip
-                if (comp.role, i) in devices:
-                    argv += ["--device", devices[(comp.role, i)]]
-                ready = ready_line(READY_PREFIX)
-                tolerate = tolerate_exits
-            specs.append(ChildSpec(name, argv, env, component=comp.name, ready=ready, tolerate_exit=tolerate,
-                                   stop_timeout=stop_timeout))  # fmt: skip
+            argv = worker_argv(comp.role, python=python, config_path=config_path, model_dir=model_dir, index=i,
+                               metrics_port=free_port(), drain_s=drain_s, device=devices.get((comp.role, i)))
+            specs.append(ChildSpec(name, argv, env, component=comp.name, ready=ready_line(READY_PREFIX),
+                                   tolerate_exit=tolerate_exits, stop_timeout=stop_timeout))  # fmt: skip
     return specs
