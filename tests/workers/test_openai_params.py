@@ -186,3 +186,38 @@ def test_unsupported_chat_parameters_are_400(graph):
         with pytest.raises(openai.APIError) as e:  # streaming: the frontend sends an error event (code 400)
             list(client.chat.completions.create(model=g.model, messages=CHAT, max_tokens=4, stream=True, **kw))
         assert name in str(e.value)
+
+
+def test_streaming_chat_on_the_default_model(smollm2_dir, tmp_path):
+    """The same client on SmolLM2-135M-Instruct (a real tokenizer: multi-byte tokens, ChatML template), the
+    second and last graph start of this module: a streamed greedy chat with log probabilities, a stop string and
+    include_usage, prefilled on the prefill worker."""
+    cfg = {"model": {"name": "SmolLM2-135M-Instruct", "preset": "smollm2-135m-instruct", "block_size": 16,
+                     "dtype": "float32"},
+           "workers": {"prefill": {"count": 1}, "decode": {"count": 1}},
+           "router": {"policy": "round-robin", "disagg_min_prompt_tokens": 0},
+           "discovery": {"namespace": "oaismol", "etcd": {"endpoints": [f"http://127.0.0.1:{free_port()}"]},
+                         "nats": {"url": f"nats://127.0.0.1:{free_port()}"}}}
+    t0 = time.monotonic()
+    with launch_graph("graphs/disagg.py", cfg, model_dir=smollm2_dir, log_dir=tmp_path / "logs",
+                      ready_timeout=240) as g:
+        t_ready = time.monotonic() - t0
+        client = openai.OpenAI(base_url=g.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        text, entries, usage, finish = "", [], None, None
+        for chunk in client.chat.completions.create(
+                model=g.model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=24, temperature=0, logprobs=True, top_logprobs=2, stop=["."], stream=True,
+                stream_options={"include_usage": True}):
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                text += c.delta.content or ""
+                entries += (c.logprobs.content or []) if c.logprobs else []
+                finish = c.finish_reason or finish
+        assert _pulls(g) == 1  # prefilled on the prefill worker, KV pulled by the decode worker
+    print(f"SmolLM2 graph ready in {t_ready:.1f} s, total {time.monotonic() - t0:.1f} s: {text!r}, "
+          f"{usage.completion_tokens} tokens")
+    assert "Paris" in text and "." not in text and finish == "stop", (text, finish)
+    assert usage is not None and len(entries) == usage.completion_tokens >= 2
+    assert "".join(e.token for e in entries).startswith(text)  # the tokens spell the text (and the cut stop token)
+    for e in entries:
+        assert len(e.top_logprobs) == 2 and e.logprob == pytest.approx(e.top_logprobs[0].logprob)
