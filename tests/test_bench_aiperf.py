@@ -42,6 +42,7 @@ def test_bench_aiperf_tiny_agg(tmp_path):
         for k in ("ttft_p50_ms", "ttft_p99_ms", "output_tok_s", "req_s", "prompt_tokens_mean"):
             assert row[k] is not None and row[k] > 0, (k, row)
         assert row["ttft_p99_ms"] >= row["ttft_p50_ms"] and row["load"] == f"c={row['concurrency']}"
+        assert row["load_avg_1m"] >= 0 and "client_cpu_cores" in row  # None when aiperf measured < 1 s
     for aip, ours in ((rows[0], rows[1]), (rows[2], rows[3])):
         assert aip["aiperf"]["request_count"] == 4 and aip["aiperf"]["completed_request_count"] == 4
         assert aip["output_tokens_mean"] == 6 and "--concurrency" in aip["aiperf"]["argv"]

@@ -263,14 +263,18 @@ def aiperf_env() -> dict[str, str]:
     return env
 
 
-def run_aiperf(argv: list[str], artifact_dir: Path, timeout_s: float, bar: Any = None, expected: int = 0) -> float:
-    """Run one aiperf profile (output to ``<artifact_dir>.log``); the progress bar advances with the profiling
-    records aiperf writes. Returns its seconds; :class:`AiperfError` on a non-zero exit or after ``timeout_s``."""
+def run_aiperf(argv: list[str], artifact_dir: Path, timeout_s: float, bar: Any = None,
+               expected: int = 0) -> tuple[float, list[tuple[float, float]]]:
+    """Run one aiperf profile (output to ``<artifact_dir>.aiperf.log``); the progress bar advances with the
+    profiling records aiperf writes. Returns (seconds, CPU samples: (wall time, CPU seconds used so far by the
+    processes of aiperf's process group alive then), every 0.5 s); :class:`AiperfError` on a non-zero exit or
+    after ``timeout_s``."""
     artifact_dir.parent.mkdir(parents=True, exist_ok=True)
     logfile = artifact_dir.parent / f"{artifact_dir.name}.aiperf.log"
     records = artifact_dir / "profile_export.jsonl"
     t0 = time.monotonic()
     done = 0
+    cpu: list[tuple[float, float]] = []
     with open(logfile, "w") as f:
         f.write(f"$ {shlex.join(argv)}\n")
         f.flush()
@@ -281,6 +285,7 @@ def run_aiperf(argv: list[str], artifact_dir: Path, timeout_s: float, bar: Any =
                     _kill_group(p)
                     raise AiperfError(f"aiperf did not end within {timeout_s:.0f} s (killed); log: {logfile}")
                 time.sleep(0.5)
+                cpu.append((time.time(), group_cpu_s(p.pid)))
                 if bar is not None and records.exists():
                     n = min(expected, _count_profiling(records))
                     if n > done:
@@ -294,7 +299,34 @@ def run_aiperf(argv: list[str], artifact_dir: Path, timeout_s: float, bar: Any =
     if p.returncode != 0:
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-25:])
         raise AiperfError(f"aiperf exited {p.returncode}; log {logfile}, last lines:\n{tail}")
-    return time.monotonic() - t0
+    return time.monotonic() - t0, cpu
+
+
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of process group ``pgid`` (from /proc)."""
+    total = 0.0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(f[2]) == pgid:
+            total += (int(f[11]) + int(f[12])) / _TCK
+    return total
+
+
+def window_cores(samples: list[tuple[float, float]], t0: float, t1: float) -> float | None:
+    """Mean CPU cores used between the first and the last sample inside [t0, t1] (None: fewer than 2, or less
+    than 1 s apart)."""
+    inside = [s for s in samples if t0 <= s[0] <= t1]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] < 1.0:
+        return None
+    return round((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]), 2)
 
 
 def _count_profiling(path: Path) -> int:
@@ -471,11 +503,16 @@ def bench_target(label: str, base: str, model: str, tokenizer: Path, a: argparse
         bar.set_postfix_str(f"{label} c={c} aiperf")
         try:
             before = serve.decode_counters(g) if pulls else None
-            secs = run_aiperf(argv, art, a.aiperf_timeout(c), bar, a.requests)
+            load_before = _load_avg()
+            secs, cpu = run_aiperf(argv, art, a.aiperf_timeout(c), bar, a.requests)
             summary, prof = read_export(art)
             kv = _kv_since(g, before) if pulls else None
             row = aiperf_row(label, c, plen, summary, prof, kv)
+            row["load_avg_1m"] = load_before
             row["aiperf"]["wall_s"] = round(secs, 1)
+            if prof:  # the mean cores aiperf's own processes took while it measured
+                row["client_cpu_cores"] = window_cores(cpu, min(r["metadata"]["request_start_ns"] for r in prof) / 1e9,
+                                                       max(r["metadata"]["request_end_ns"] for r in prof) / 1e9)
             row["aiperf"]["argv"] = shlex.join(argv[1:]).replace(str(art), "<artifacts>")
             rows.append(row)
             if g is not None:
@@ -488,14 +525,22 @@ def bench_target(label: str, base: str, model: str, tokenizer: Path, a: argparse
         bar.set_postfix_str(f"{label} c={c} bench-serve")
         reqs = replay_requests(art, prof)
         before = serve.decode_counters(g) if pulls else None
+        load_before, cpu0 = _load_avg(), os.times()
         t0 = serve.Load("concurrency", c).run(base, reqs, a.timeout, bar, model)
+        cpu1, t1 = os.times(), time.monotonic()
         kv = _kv_since(g, before) if pulls else None
         ours = serve.summarize(label, None, reqs, t0, kv, plen, c)
         ours = {"graph": label, "client": "bench-serve", **{k2: v for k2, v in ours.items() if k2 != "graph"}}
+        ours["load_avg_1m"] = load_before  # this process's CPU while our client ran (its threads; nothing else runs)
+        ours["client_cpu_cores"] = round((cpu1.user + cpu1.system - cpu0.user - cpu0.system) / max(t1 - t0, 1e-9), 2)
         rows.append(ours)
         if g is not None:
             g.check()
         bar.write(_line(ours))
+
+
+def _load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def _kv_since(g: Any, before: tuple[dict, float, float] | None) -> dict[str, Any]:
@@ -576,6 +621,15 @@ def table(res: dict) -> str:
             lines += ["", f"**{what}:** " + "; ".join(json.dumps(x) if not isinstance(x, str) else x for x in items)]
     if res.get("note"):
         lines += ["", res["note"]]
+    cost = [r for r in res["results"] if r.get("client_cpu_cores") is not None or r.get("load_avg_1m") is not None]
+    if cost:
+        lines += ["", "What each load generator cost while it measured (client CPU = mean cores used by aiperf's "
+                  "processes between its first send and its last response, from /proc; by this process's threads "
+                  "for bench serve's client) and the machine's 1-minute load average before it started:", "",
+                  "| graph | client | load | client CPU (cores) | load avg 1m |", "|---|---|---|---:|---:|"]
+        lines += [f"| {r['graph']} | {r['client']} | {serve._load(r)} | "
+                  f"{serve._f(r.get('client_cpu_cores'), '{:.2f}')} "
+                  f"| {serve._f(r.get('load_avg_1m'), '{:.2f}')} |" for r in cost]
     lines += ["", *serve.results_table(res["results"], client=True)]
     return "\n".join(lines) + "\n"
 
