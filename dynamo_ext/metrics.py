@@ -3,7 +3,10 @@
 Who calls what::
 
     worker start-up (dynamo_ext/workers/)      m = WorkerMetrics(role)           gauges/histograms below
-                                               srv = serve_http(port, health)    GET /metrics, GET /health
+                                               srv = serve_http(port, health)    GET /metrics, /health, /live
+                                               REGISTRY.register(CountersCollector(...))  counters read at scrape
+                                               time from the serving core (router decisions, migrations,
+                                               the engine's prefix-cache counters)
     per request                                m.ttft.observe(s), m.tpot.observe(s), m.requests.labels(outcome).inc()
     every metrics tick (~0.5 s)                m.set_load(queued=, running=, kv_usage=, held_handles=)
     decode worker, per received transfer       transport/metrics.py (dynamo_ext_kv_transfer_*), updated by
@@ -12,18 +15,23 @@ Who calls what::
 
 Everything lives in prometheus_client's default registry (one worker per process), so the transfer
 metrics of ``transport/metrics.py`` come out of the same ``/metrics``. The server binds 127.0.0.1
-unless told otherwise; port 0 picks a free port (``srv.url`` says which).
+unless told otherwise; port 0 picks a free port (``srv.url`` says which). Its ``/metrics`` is the plain
+registry (labels as created here); the same series with Dynamo's labels are appended to Dynamo's system
+status server by the workers (``workers/observability.py``). Nothing here imports Dynamo.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _LAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -75,21 +83,47 @@ def make_worker_metrics(role: str, instance_id: int = 0, registry: CollectorRegi
     return m
 
 
+class CountersCollector(Collector):
+    """Counter families read at scrape time: ``families`` = [(name without ``_total``, help, label name,
+    read)], where ``read()`` returns {label value: cumulative count} (e.g. the router's decision counts); with
+    an empty label name the family has no label and ``read()`` returns ``{"": count}``. A family whose
+    ``read`` fails is left out of that scrape."""
+
+    def __init__(self, families: list[tuple[str, str, str, Callable[[], dict[str, float]]]]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Any:
+        for name, doc, label, read in self.families:
+            try:
+                values = read()
+            except Exception:  # noqa: BLE001 - a scrape must not fail because one source is not ready
+                continue
+            fam = CounterMetricFamily(name, doc, labels=[label] if label else [])
+            for key, v in sorted(values.items()):
+                fam.add_metric([str(key)] if label else [], float(v))
+            yield fam
+
+
 class MetricsServer:
-    """GET /metrics (Prometheus text), GET /health (JSON from ``health()``; 503 when not ok) and GET <path> for
-    each of ``json_paths`` (JSON from its callable; the router's ``/routes``)."""
+    """GET /metrics (Prometheus text), GET /health (JSON from ``health()``; 503 when its status is not ok:
+    stopping / draining, registration lost), GET /live (200 while the process runs, draining included) and GET
+    <path> for each of ``json_paths`` (JSON from its callable; the router's ``/routes``)."""
 
     def __init__(self, host: str, port: int, health: Callable[[], dict[str, Any]],
                  registry: CollectorRegistry = REGISTRY,
                  json_paths: dict[str, Callable[[], Any]] | None = None) -> None:
         reg = registry
         extra = dict(json_paths or {})
+        started = time.monotonic()
 
         class _H(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     body, ctype, code = generate_latest(reg), CONTENT_TYPE_LATEST, 200
+                elif path == "/live":
+                    body = json.dumps({"status": "live", "uptime_s": round(time.monotonic() - started, 3)}).encode()
+                    ctype, code = "application/json", 200
                 elif path == "/health":
                     try:
                         h = health()

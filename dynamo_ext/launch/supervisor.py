@@ -34,6 +34,7 @@ Protocol
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -186,12 +187,39 @@ class Child:
 _READY_WORD = re.compile(r"(?<!\S)([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
 
 
+def _json_ready(line: str, prefix: str) -> tuple[bool, dict[str, str] | None]:
+    """(the line ends with a JSON object, the fields of a JSON readiness line or None). A readiness line under
+    ``DYN_LOGGING_JSONL`` is ``{"message": "<prefix> k=v ...", k: v, ...}`` (``logfmt.ready_line_text``),
+    possibly after another stream's unfinished line."""
+    at = line.find("{")
+    while at >= 0:
+        try:
+            obj = json.loads(line[at:])
+        except ValueError:
+            at = line.find("{", at + 1)
+            continue
+        if isinstance(obj, dict) and str(obj.get("message", "")).startswith(prefix):
+            return True, {str(k): str(v) for k, v in obj.items() if k not in ("time", "level", "target", "message")
+                          and isinstance(v, (str, int, float))}
+        return True, None
+    return False, None
+
+
 def ready_line(prefix: str) -> ReadyCheck:
     """Ready once the child's log has a line with a word starting ``prefix`` (stdout and stderr share the
-    log, so another stream's unfinished line may precede it); the ``k=v`` words after it go to ready_info."""
+    log, so another stream's unfinished line may precede it); the ``k=v`` words after it go to ready_info.
+    A JSON line whose ``message`` starts with ``prefix`` (workers under ``DYN_LOGGING_JSONL``) gives its other
+    fields instead."""
 
     def check(child: Child) -> bool:
         for line in child.new_lines():
+            if "{" in line and prefix in line:
+                is_json, fields = _json_ready(line, prefix)
+                if fields is not None:
+                    child.ready_info = fields
+                    return True
+                if is_json:  # another JSON log line that mentions the prefix
+                    continue
             at = line.find(prefix)
             if at >= 0 and (at == 0 or line[at - 1].isspace() or not line[at - 1].isalnum()):
                 # another writer's log line may follow on the same line (the Rust logger's starts with ESC)

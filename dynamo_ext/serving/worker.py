@@ -429,10 +429,15 @@ class ServingWorker:
         await self.runner.commit_pulled(req, dst, k)
         self.transfers += 1
         st = res.stats
+        # the fields again as the record's own (JSON log lines: logfmt), text keeps them as words
+        fields = {"request_id": req.request_id, "worker": self.s.name, "peer": h.worker_id, "path": st.path,
+                  "bytes": st.bytes, "seconds": round(st.seconds, 6), "backend": res.backend, "kind": res.kind,
+                  "descriptors": st.descriptors, "cached_blocks": k}
         log.info("kv transfer received: peer=%s agent=%s tokens=%d bytes=%d descriptors=%d kind=%s backend=%s "
-                 "path=%s latency_ms=%.3f transfer_ms=%.3f cached_blocks=%d%s", h.worker_id, h.agent, n, st.bytes,
-                 st.descriptors, res.kind, res.backend, st.path, (time.monotonic() - t0) * 1e3, st.seconds * 1e3, k,
-                 f" failed_before={[b for b, _ in res.failed]}" if res.failed else "")
+                 "path=%s latency_ms=%.3f transfer_ms=%.3f cached_blocks=%d request_id=%s worker=%s%s", h.worker_id,
+                 h.agent, n, st.bytes, st.descriptors, res.kind, res.backend, st.path, (time.monotonic() - t0) * 1e3,
+                 st.seconds * 1e3, k, req.request_id, self.s.name,
+                 f" failed_before={[b for b, _ in res.failed]}" if res.failed else "", extra=fields)
         return dst, res
 
     # -- decode side --------------------------------------------------------------------------------

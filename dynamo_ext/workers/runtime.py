@@ -10,8 +10,12 @@ Order of a worker's life (``WorkerProcess.main``)::
        (instance, model card gone); leave main() -> exit 0
     4. await self.setup()            role: engine, endpoints, register_model, serve_endpoint tasks
     5. store.put(worker_key, encode_record(WorkerRecord(...)), lease=ep.connection_id())
-    6. /metrics + /health on 127.0.0.1:<--metrics-port> (0 = any free port)
-    7. print("DYNAMO_EXT_READY role=<role> instance_id=<id> metrics=<url>") on stdout, flushed
+    6. our dynamo_ext_* series appended to Dynamo's system status server (DYN_SYSTEM_PORT, --system-port) with
+       Dynamo's labels (observability.py); /metrics (the plain series) + /health + /live on
+       127.0.0.1:<--metrics-port> (0 = any free port)
+    7. print("DYNAMO_EXT_READY role=<role> instance_id=<id> metrics=<url> [system=<url>]") on stdout, flushed
+       (with DYN_LOGGING_JSONL: one JSON line with those fields, logfmt.ready_line_text);
+       rt.set_health_status(True): the system server's /health and /live answer 200
     8. wait for the stop request; self.teardown(); return 0 (3 after a lost registration, below)
 
 Lost registration (``watch_registration``, every ``REGISTRATION_CHECK_S`` while serving): the process must
@@ -22,12 +26,14 @@ not stay alive unregistered. It is lost when
 * one of our ``serve_endpoint`` tasks ended while no stop was requested: Dynamo's runtime shut itself
   down (its keep-alive saw the lease gone, or it could not reach etcd for a whole TTL).
 
-Then ``/health`` answers 503 ``{"status": "registration_lost", "reason": ...}``, the runtime is shut down
+Then ``/health`` answers 503 ``{"status": "registration_lost", "reason": ...}`` (and the system server's
+``/health`` 503 ``notready``), the runtime is shut down
 as on SIGTERM (in-flight requests drain) and the process exits ``EXIT_REGISTRATION_LOST`` (3) so that its
 supervisor (``dynamo-ext serve``) starts a fresh copy with a new lease. etcd that does not answer is not a
 loss by itself (an etcd restart keeps the leases); Dynamo gives up after a whole TTL without etcd.
 
-Logs go to stderr. Subclasses: ``decode.DecodeWorker`` (roles decode, agg), ``prefill.PrefillWorker``,
+Logs go to stderr in one format per process (``dynamo_ext.logfmt``: Dynamo's JSON lines with
+``DYN_LOGGING_JSONL``, else its text lines). Subclasses: ``decode.DecodeWorker`` (roles decode, agg), ``prefill.PrefillWorker``,
 ``router.RouterWorker``.
 """
 
@@ -43,11 +49,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable
 
+from dynamo_ext import logfmt
 from dynamo_ext.config import DynamoExtConfig
 from dynamo_ext.discovery import EtcdStore, WorkerRecord, dynamo_env, encode_record
 from dynamo_ext.discovery.records import PoolDescriptor as RecordPool
 from dynamo_ext.discovery.records import worker_key
 from dynamo_ext.metrics import MetricsServer, WorkerMetrics, make_worker_metrics, serve_http
+
+from .observability import dynamo_labels, export_metrics, register_core_counters, system_url
 
 log = logging.getLogger("dynamo_ext.workers")
 
@@ -66,6 +75,7 @@ class WorkerArgs:
     metrics_port: int = 0
     device: str | None = None  # cpu | cuda:N; None: model.device (cuda -> cuda:0)
     drain_s: float | None = None  # None: workers.drain_s
+    system_port: int | None = None  # Dynamo's system status server: None = DYN_SYSTEM_PORT, else 0; 0 = pick one
 
     @property
     def drain_timeout_s(self) -> float:
@@ -115,6 +125,8 @@ class WorkerProcess:
         self.started_at = time.time()
         self.lost: str | None = None  # why our registration is gone (see the module docstring)
         self.exit_code = 0
+        self.system_url: str | None = None  # Dynamo's system status server of this process, when it answers
+        self._endpoint_names: dict[int, str] = {}
 
     # -- hooks --------------------------------------------------------------------------------------
     async def setup(self) -> Any:
@@ -133,6 +145,8 @@ class WorkerProcess:
         h: dict[str, Any] = {"status": status, "role": self.args.role, "instance_id": self.instance_id}
         if self.lost:
             h["reason"] = self.lost
+        if self.system_url:
+            h["system"] = self.system_url  # Dynamo's system status server of this process
         if self.core is not None:  # the serving core's state (serving.ServingWorker / RouterCore .health())
             h.update(self.core.health())
         h["status"] = status
@@ -159,7 +173,16 @@ class WorkerProcess:
         return fut
 
     def endpoint(self, name: str, component: str | None = None) -> Any:
-        return self.rt.endpoint(f"{self.namespace}.{component or self.component}.{name}")
+        ep = self.rt.endpoint(f"{self.namespace}.{component or self.component}.{name}")
+        if component is None or component == self.component:
+            self._endpoint_names[id(ep)] = name
+        return ep
+
+    def _set_system_health(self, ready: bool) -> None:
+        try:
+            self.rt.set_health_status(ready)
+        except Exception as e:  # noqa: BLE001 - the system server is optional
+            log.debug("set_health_status(%s): %r", ready, e)
 
     async def wait_serving(self, ep: Any, timeout: float = 30.0) -> None:
         """Until our own instance of ``ep`` is visible in discovery (so the ready line tells the truth)."""
@@ -175,6 +198,7 @@ class WorkerProcess:
             return
         log.info("stop requested: shutting the runtime down (lease revoked)")
         self.stopping = True
+        self._set_system_health(False)
         if self.store is not None and self.record_key:
             self.spawn(self._delete_record(), "delete-record")
         try:
@@ -242,11 +266,25 @@ class WorkerProcess:
         if self.metrics is None:
             self.metrics = make_worker_metrics(self.args.role, self.instance_id)
         self.metrics.info.labels(self.args.role, str(self.instance_id)).set(1)
+        self._export_metrics(ep)
         self.http = serve_http(self.args.metrics_port, self.health, json_paths=self.json_paths())
+        try:
+            port = int(os.environ.get("DYN_SYSTEM_PORT") or -1)
+        except ValueError:
+            port = -1
+        if port > 0:
+            host = os.environ.get("DYN_SYSTEM_HOST") or "127.0.0.1"
+            self.system_url = system_url("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
+            if self.system_url is None:
+                log.warning("Dynamo's system status server does not answer on %s:%d (see the runtime's log line "
+                            "above: port taken?): metrics only on %s", host, port, self.http.url)
+        ready = {"role": self.args.role, "instance_id": self.instance_id, "metrics": self.http.url}
+        if self.system_url:
+            ready["system"] = self.system_url
+        self._set_system_health(True)
         # one write(2) of the whole line: the Rust logger shares the log and must not land inside it
         sys.stdout.flush()
-        os.write(sys.stdout.fileno(), f"DYNAMO_EXT_READY role={self.args.role} instance_id={self.instance_id} "
-                                      f"metrics={self.http.url}\n".encode())
+        os.write(sys.stdout.fileno(), (logfmt.ready_line_text(ready) + "\n").encode())
         log.info("%s worker %d serving in namespace %s (record %s)", self.args.role, self.instance_id,
                  self.namespace, rec.key)
         self.spawn(self.watch_registration(), "watch-registration")
@@ -268,6 +306,21 @@ class WorkerProcess:
             self.http.close()
         return self.exit_code
 
+    def _export_metrics(self, ep: Any) -> None:
+        """Our series on Dynamo's system status server with Dynamo's labels (observability.py), and the
+        counters read from the serving core (on both /metrics)."""
+        name = self._endpoint_names.get(id(ep), "generate")
+        labels = dynamo_labels(self.namespace, self.component, name, self.instance_id, self.cfg.model.name)
+        try:
+            register_core_counters(self)
+        except Exception as e:  # noqa: BLE001 - metrics must not stop serving
+            log.warning("core counters not exported: %r", e)
+        try:
+            export_metrics(ep, labels)
+        except Exception as e:  # noqa: BLE001
+            log.warning("metrics not appended to Dynamo's system status server (%r): only on %s", e,
+                        f"--metrics-port {self.args.metrics_port}")
+
 
 def record_pools(pools: list[Any]) -> list[RecordPool]:
     """Discovery's pool descriptors from transport KvPools."""
@@ -275,19 +328,26 @@ def record_pools(pools: list[Any]) -> list[RecordPool]:
 
 
 def stdout_logs_to_stderr() -> None:
-    """Move every logging handler that writes to stdout (NIXL configures one) to stderr: stdout carries
-    only the ready line."""
+    """Move every logging handler that writes to stdout or stderr with a format of its own (NIXL configures
+    one, on stdout) to stderr in this process's format: stdout carries only the ready line."""
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
     for lg in loggers:
         for h in lg.handlers:
-            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout:
-                h.setStream(sys.stderr)
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr):
+                logfmt.adopt(h)
 
 
 def setup_logging(role: str, index: int) -> None:
-    logging.basicConfig(stream=sys.stderr, level=os.environ.get("DYNAMO_EXT_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s {role}[{index}] %(levelname)s %(name)s: %(message)s")
+    """This process's one log format (``dynamo_ext.logfmt``); prometheus_client's ``*_created`` series off
+    (Dynamo's own series have none)."""
+    logfmt.configure()
+    try:
+        from prometheus_client import disable_created_metrics  # noqa: PLC0415
+
+        disable_created_metrics()
+    except ImportError:  # older prometheus_client
+        pass
 
 
 __all__ = ["COMPONENTS", "EXIT_REGISTRATION_LOST", "WorkerArgs", "WorkerProcess", "apply_env_defaults", "record_pools", "setup_logging",
