@@ -62,6 +62,11 @@ class EngineRunner:
         self.prefill_prompt_tokens = 0
         self.prefill_cached_tokens = 0
         self.prefill_seconds = 0.0  # engine-thread time of those prefills
+        #: prefix-aware pulls (a decode worker's KV from a prefill worker or a drained / rebalanced decode
+        #: worker): their prompt tokens, and of those the leading full blocks' found in our prefix cache (not read)
+        self.pulls = 0
+        self.pull_prompt_tokens = 0
+        self.pull_cached_tokens = 0
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
@@ -147,9 +152,12 @@ class EngineRunner:
         return res
 
     def counters(self) -> dict[str, float]:
-        """The engine's own counters (cumulative): steps, prefills, prompt tokens prefilled and cached."""
+        """The engine's own counters (cumulative): steps, prefills, prompt tokens prefilled and cached; pulls,
+        their prompt tokens and those found cached here (the prefix-aware pull's hits)."""
         return {"steps": self.steps, "prefills": self.prefills, "prefill_prompt_tokens": self.prefill_prompt_tokens,
-                "prefill_cached_tokens": self.prefill_cached_tokens, "prefill_seconds": self.prefill_seconds}
+                "prefill_cached_tokens": self.prefill_cached_tokens, "prefill_seconds": self.prefill_seconds,
+                "pulls": self.pulls, "pull_prompt_tokens": self.pull_prompt_tokens,
+                "pull_cached_tokens": self.pull_cached_tokens}
 
     async def prefill(self, req: Request) -> PrefillResult:
         """Prefill now, or as soon as the pool has room (NoRoom after ``wait_room``'s timeout)."""
@@ -158,6 +166,9 @@ class EngineRunner:
     def _commit_pulled(self, req: Request, block_ids: Sequence[int], cached: int = 0) -> None:
         bs = self.block_size
         nfull = len(req.prompt_token_ids) // bs
+        self.pulls += 1
+        self.pull_prompt_tokens += len(req.prompt_token_ids)
+        self.pull_cached_tokens += cached * bs
         if nfull > cached:  # the first ``cached`` blocks came from our prefix cache: already registered
             try:
                 self.pool.commit(list(block_ids[cached:nfull]), req.prompt_token_ids[cached * bs: nfull * bs],
