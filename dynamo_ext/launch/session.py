@@ -6,6 +6,7 @@
         g.children                                      # [LaunchedChild(name, role, pid, instance_id, metrics_url)]
         g.infra                                         # etcd / NATS this launch started (LaunchedChild each)
         g.serving(); g.events                           # full capacity now?; supervision events (exits, restarts)
+        g.scale("decode", 2); g.stop_child("decode-0")  # add / remove workers as the planner does (never restarted)
     # here every child is stopped (reverse start order, SIGTERM then SIGKILL), the etcd records of the stopped
     # instances are gone, and etcd / NATS are stopped if this launch started them
 
@@ -50,6 +51,7 @@ from dynamo_ext.config import ConfigError, DynamoExtConfig, parse_config
 
 from .graph import Graph
 from .infra import free_port
+from .scaling import LauncherScaler
 from .serve import Launch, LaunchError, ServeOptions
 from .supervisor import Child, SupervisorError
 
@@ -135,6 +137,35 @@ class LaunchedGraph:
             with urllib.request.urlopen(c.metrics_url, timeout=timeout) as r:
                 out[c.name] = r.read().decode(errors="replace")
         return out
+
+    def scale(self, role: str, target: int, ready_timeout: float | None = None) -> None:
+        """Run ``target`` worker processes of ``role`` (prefill | decode | agg), as the planner's executor does
+        (:class:`~dynamo_ext.launch.scaling.LauncherScaler`): new ones are copies of the role's first process
+        (a new ``--index`` and metrics port), their ready lines awaited; on the way down the newest are
+        SIGTERMed (they drain) and never restarted. :class:`LaunchError` when the graph has no such role or a
+        new worker fails to start."""
+        comps = {c.role: c.name for c, _n in self.graph.plan(self.config) if c.role in ("prefill", "decode", "agg")}
+        if role not in comps:
+            have = ", ".join(comps) or "none"
+            raise LaunchError(f"graph {self.graph.name!r} has no {role!r} workers (it has: {have})", 2)
+        sup = self._launch.sup
+        assert sup is not None
+        timeout = self._launch.opts.ready_timeout if ready_timeout is None else ready_timeout
+        try:
+            LauncherScaler(sup, comps, ready_timeout=timeout, say=self._launch.say).scale(role, target)
+        except SupervisorError as e:
+            raise LaunchError(str(e), 1) from None
+
+    def stop_child(self, name: str) -> str:
+        """Stop one child on purpose, as a scale-down does: SIGTERM (a worker stops taking requests and drains:
+        its streams finish, or move to another decode worker with ``workers.migrate_on_drain``), SIGKILL after
+        the stop timeout; it is never restarted. Returns how it ended (``exit 0``, ...)."""
+        sup = self._launch.sup
+        victims = [c for c in (sup.children if sup is not None else []) if c.name == name and not c.stopping]
+        if not victims:
+            raise LaunchError(f"no running child named {name!r} (children: "
+                              f"{', '.join(c.name for c in self.children)})", 2)
+        return dict(sup.stop_group(victims))[name]  # type: ignore[union-attr]
 
     def check(self) -> None:
         """Raise :class:`LaunchError` when a child (or etcd / NATS this launch started) exited unexpectedly."""

@@ -4,7 +4,8 @@ Real: graphs/agg.py (one aggregated worker, Dynamo's frontend and KV router), et
 launch on free loopback ports; one completion answers, the children are described from their ready lines,
 /metrics is scraped, and after the ``with`` no process of the launch and no etcd/NATS is left. Stub
 (tests/launch/stub_python.py): a crash after readiness is reported by ``check()``, an exception in the body
-stops everything, a bad config raises LaunchError(code 2) before anything starts."""
+stops everything, a bad config raises LaunchError(code 2) before anything starts; scale() adds a worker and
+stop_child() stops one that supervision then leaves stopped."""
 
 from __future__ import annotations
 
@@ -146,3 +147,23 @@ def test_bad_config_raises_before_anything_starts(tmp_path):
         with launch_graph("graphs/agg.py", {"workers": {"agg": {"count": 1}}, "router": {"policy": "nope"}}):
             pass
     assert e.value.code == 2 and "router.policy" in str(e.value)
+
+
+def test_scale_and_stop_child(tmp_path, stub_python):
+    """LaunchedGraph.scale starts copies of a role's first worker (ready awaited) and stop_child stops one on
+    purpose: SIGTERM, never restarted by supervision, no failure for check(); unknown roles/names: LaunchError."""
+    cfg = loopback_config({"agg": {"count": 1}}, "round-robin", model="stub/model")
+    cfg["supervision"] = {"backoff_initial_s": 0.1}
+    with launch_graph("graphs/agg.py", cfg, model_dir=tmp_path / "model", python=stub_python) as g:
+        g.scale("agg", 2)
+        kids = {c.name: c for c in g.alive()}
+        assert {"agg-0", "agg-1"} <= set(kids) and kids["agg-1"].metrics_url != kids["agg-0"].metrics_url
+        assert g.stop_child("agg-1") == "exit 0"
+        time.sleep(1.0)  # several supervision rounds: a restart would have started by now
+        assert [c.name for c in g.alive() if c.role == "agg"] == ["agg-0"] and not alive(kids["agg-1"].pid)
+        g.check()
+        with pytest.raises(LaunchError, match=r"graph 'agg' has no 'decode' workers \(it has: agg\)"):
+            g.scale("decode", 1)
+        with pytest.raises(LaunchError, match=r"no running child named 'agg-1'"):
+            g.stop_child("agg-1")
+        assert complete(g.base_url, g.model, "hi")["choices"][0]["text"] == " stub answer"
