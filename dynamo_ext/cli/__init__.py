@@ -4,7 +4,9 @@
     dynamo-ext topology [--json] [--probe]
     dynamo-ext bench transfer|engine|routing [...]
     dynamo-ext model init|show, dynamo-ext generate   (reference engine)
-    dynamo-ext serve GRAPH -f CONFIG [--once PROMPT]   (local graph: etcd, NATS, frontend, router, workers)
+    dynamo-ext serve GRAPH -f CONFIG [--once PROMPT | --print-commands]   (local graph: etcd, NATS, frontend,
+                                                       router, workers; or their commands, printed)
+    dynamo-ext deploy render GRAPH -f CONFIG --image IMAGE [-o DIR]   (Kubernetes: DynamoGraphDeployment)
 
 Each module in this package exposes ``add_parser(subparsers)`` (registers its verb and sets
 ``func``) and ``run(args) -> int``. Only this package and ``workers/`` wire layers together.
@@ -26,6 +28,7 @@ COMMANDS = {
     "model": "model_cmd",
     "generate": "generate_cmd",
     "serve": "serve_cmd",
+    "deploy": "deploy_cmd",
 }
 
 
