@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dynamo.yaml for the cluster (deploy/k8s/configs/: in-cluster etcd and NATS)")
     r.add_argument("--image", required=True, metavar="IMAGE",
                    help="image with dynamo-ext and Dynamo 1.6.1 (deploy/Dockerfile), a pinned tag or digest")
+    r.add_argument("--planner-image", default=None, metavar="IMAGE",
+                   help="image of the planner pod (deploy/Dockerfile --target planner: Dynamo's planner image with "
+                        "dynamo-ext[planner]); default: --image")
     r.add_argument("--namespace", default=None, metavar="NS", help="metadata.namespace of every document (default: none)")
     r.add_argument("--name", default=None, metavar="NAME",
                    help="DynamoGraphDeployment name (default: dynamo-ext-<graph name>)")
@@ -45,14 +48,16 @@ def run_render(args: argparse.Namespace) -> int:
     source = f"dynamo-ext deploy render {args.graph} -f {args.config}"
     try:
         docs = render(graph, config, Path(args.config).read_text(), image=args.image, name=name,
-                      namespace=args.namespace, source=source)
+                      namespace=args.namespace, source=source, planner_image=args.planner_image)
     except DeployError as e:
         print(f"dynamo-ext deploy render: {args.config} cannot run as graph {graph.name!r} on Kubernetes:",
               file=sys.stderr)
         for line in e.lines:
             print(f"  {line}", file=sys.stderr)
         return 2
-    header = (f"{source} --image {args.image}" + (f" --namespace {args.namespace}" if args.namespace else "")
+    header = (f"{source} --image {args.image}"
+              + (f" --planner-image {args.planner_image}" if args.planner_image else "")
+              + (f" --namespace {args.namespace}" if args.namespace else "")
               + (f" --name {args.name}" if args.name else "") + "\nGenerated: re-render instead of editing.")
     if args.output:
         for path in write_dir(docs, Path(args.output), header):

@@ -28,9 +28,11 @@ Protocol
     ``0.0.0.0:<frontend.http_port>`` named ``http`` (liveness ``/live``, readiness ``/health``);
   - GPUs: ``nvidia.com/gpu`` = ``workers.<role>.tensor_parallel`` for engine workers under ``model.device:
     cuda`` (none on CPU, none for routers and the frontend);
-  - the model: an init container ``model`` runs ``python -m dynamo_ext.launch.prepare_model`` (the same
-    ``ensure_model_dir`` as ``serve``) into an ``emptyDir`` at ``/var/lib/dynamo-ext`` and links
-    ``/var/lib/dynamo-ext/model``, the ``--model-dir`` of the main container;
+  - the model (not in the planner pod): an init container ``model`` runs ``python -m
+    dynamo_ext.launch.prepare_model`` (the same ``ensure_model_dir`` as ``serve``) into an ``emptyDir`` at
+    ``/var/lib/dynamo-ext`` and links ``/var/lib/dynamo-ext/model``, the ``--model-dir`` of the main container;
+  - the image: ``--image``; the planner pod ``--planner-image`` (deploy/Dockerfile's ``planner`` target, on
+    Dynamo's planner image), default ``--image``;
   - non-root (uid/gid 1000, the image's user), ``terminationGracePeriodSeconds`` = drain + 10 s, pod labels
     ``app.kubernetes.io/{name,instance,component,part-of}``, annotation ``dynamo-ext/config-sha256`` (a config
     change rolls the pods).
@@ -175,9 +177,11 @@ def _pod_env(config: DynamoExtConfig, drain_s: float, system_port: bool) -> dict
 
 
 def _pod_template(*, name: str, component: str, image: str, argv: list[str], env: dict[str, str],
-                  port_name: str, port: int, gpus: int, config_hash: str, grace_s: int) -> dict[str, Any]:  # fmt: skip
-    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-              {"name": "model", "mountPath": MODEL_ROOT}]  # fmt: skip
+                  port_name: str, port: int, gpus: int, config_hash: str, grace_s: int,
+                  model: bool = True) -> dict[str, Any]:  # fmt: skip
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    if model:
+        mounts.append({"name": "model", "mountPath": MODEL_ROOT})
     main: dict[str, Any] = {
         "name": "main",
         "image": image,
@@ -190,7 +194,7 @@ def _pod_template(*, name: str, component: str, image: str, argv: list[str], env
     }
     if gpus:
         main["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
-    model = {
+    init = {
         "name": "model",
         "image": image,
         "command": [PYTHON, "-m", "dynamo_ext.launch.prepare_model"],
@@ -198,23 +202,30 @@ def _pod_template(*, name: str, component: str, image: str, argv: list[str], env
         "env": _k8s_env({"DYNAMO_EXT_CACHE": f"{MODEL_ROOT}/cache", "HF_HUB_OFFLINE": "1"}),
         "volumeMounts": mounts,
     }
-    return {
-        "metadata": {"labels": _labels(name, component), "annotations": {"dynamo-ext/config-sha256": config_hash}},
-        "spec": {
-            "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS},
-            "terminationGracePeriodSeconds": grace_s,
-            "initContainers": [model],
-            "containers": [main],
-            "volumes": [{"name": "config", "configMap": {"name": f"{name}-config"}},
-                        {"name": "model", "emptyDir": {}}],  # fmt: skip
-        },
+    spec: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS},
+        "terminationGracePeriodSeconds": grace_s,
     }
+    if model:
+        spec["initContainers"] = [init]
+    spec["containers"] = [main]
+    spec["volumes"] = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
+    if model:
+        spec["volumes"].append({"name": "model", "emptyDir": {}})
+    return {"metadata": {"labels": _labels(name, component), "annotations": {"dynamo-ext/config-sha256": config_hash}},
+            "spec": spec}
 
 
 def render(graph: Graph, config: DynamoExtConfig, config_text: str, *, image: str, name: str,
-           namespace: str | None = None, source: str = "") -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
-    """The documents of a deployment; :class:`DeployError` lists what cannot be rendered."""
+           namespace: str | None = None, source: str = "", planner_image: str | None = None,
+           ) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """The documents of a deployment (the planner pod runs ``planner_image``, default ``image``);
+    :class:`DeployError` lists what cannot be rendered."""
     bad = problems(graph, config, image=image, name=name)
+    if planner_image is not None:
+        bad += [line.replace("--image", "--planner-image") for line in check_image(planner_image)]
+        if not config.planner.enabled:
+            bad.append("--planner-image: planner.enabled is false in the config: no planner pod to run it")
     if bad:
         raise DeployError(bad)
     config_hash = hashlib.sha256(config_text.encode()).hexdigest()[:16]
@@ -251,7 +262,8 @@ def render(graph: Graph, config: DynamoExtConfig, config_text: str, *, image: st
         data["planner.yaml"] = yaml.safe_dump(pcfg, sort_keys=False)
         argv = PlannerProcess(Path(f"{CONFIG_DIR}/planner.yaml"), config.discovery.namespace, python=PYTHON).argv()
         pod = _pod_template(component="planner", argv=argv, env=_pod_env(config, drain_s, system_port=True),
-                            port_name=SYSTEM_PORT_NAME, port=SYSTEM_PORT, gpus=0, **common)  # fmt: skip
+                            port_name=SYSTEM_PORT_NAME, port=SYSTEM_PORT, gpus=0, model=False,
+                            **{**common, "image": planner_image or image})  # fmt: skip
         components.append({"name": "planner", "type": "planner", "replicas": 1,
                            "runtimeVersionOverride": DYNAMO_VERSION, "podTemplate": pod})  # fmt: skip
     labels = {"app.kubernetes.io/name": "dynamo-ext", "app.kubernetes.io/instance": name,

@@ -193,10 +193,14 @@ def test_pods_config_ports_probes_and_monitoring():
 
 
 def test_planner_component_and_its_config():
-    docs = rendered("disagg-planner")
+    docs = rendered("disagg-planner", planner_image="registry.example.com/dynamo-ext-planner:0.1.0")
     dgd, cm = docs["DynamoGraphDeployment"], docs["ConfigMap"]
     planner = next(c for c in dgd["spec"]["components"] if c["type"] == "planner")
     main_c = containers(planner)["main"]
+    assert main_c["image"] == "registry.example.com/dynamo-ext-planner:0.1.0"
+    assert "initContainers" not in planner["podTemplate"]["spec"]  # no model in the planner pod
+    assert [v["name"] for v in planner["podTemplate"]["spec"]["volumes"]] == ["config"]
+    assert {containers(c)["main"]["image"] for c in dgd["spec"]["components"] if c is not planner} == {IMAGE}
     assert main_c["command"] + main_c["args"] == ["python3", "-m", "dynamo.planner", "--config",
                                                   f"{CONFIG_DIR}/planner.yaml"]  # fmt: skip
     assert {e["name"]: e.get("value") for e in main_c["env"]}["DYN_NAMESPACE"] == "dynamo-ext-disagg-planner"
@@ -249,6 +253,10 @@ def test_refusals_name_the_key(tmp_path):
     rendered("agg", image="registry.example.com:5000/dynamo-ext@sha256:" + "0" * 64)  # a digest is pinned
     with pytest.raises(DeployError, match="--name 'Bad_Name'"):
         rendered("agg", name="Bad_Name")
+    with pytest.raises(DeployError, match="--planner-image: planner.enabled is false"):
+        rendered("disagg", planner_image="dynamo-ext-planner:0.1.0")
+    with pytest.raises(DeployError, match="--planner-image dynamo-ext-planner: no tag"):
+        rendered("disagg-planner", planner_image="dynamo-ext-planner")
 
 
 def test_stdout_and_output_dir(tmp_path):
@@ -271,7 +279,9 @@ def test_stdout_and_output_dir(tmp_path):
 def test_committed_renders_are_current(tmp_path):
     """deploy/k8s/base is what scripts/render_k8s.sh renders now (re-run it after changing a config or the renderer)."""
     env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
-    subprocess.run(["bash", str(ROOT / "scripts/render_k8s.sh"), str(tmp_path)], check=True, env=env, cwd=ROOT)
+    r = subprocess.run(["bash", str(ROOT / "scripts/render_k8s.sh"), str(tmp_path)], env=env, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     committed = sorted(p.relative_to(K8S / "base") for p in (K8S / "base").rglob("*") if p.is_file())
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert committed == fresh
