@@ -344,3 +344,26 @@ def test_extract_script_reproduces_the_committed_schema(tmp_path):
     want = dict(SCHEMA)
     want.pop("x-source")
     assert got == want
+
+
+def test_prepare_model_links_the_config_model_dir(tmp_path, monkeypatch, capsys):
+    """The pods' init container: the same ensure_model_dir as serve, behind one fixed path."""
+    from dynamo_ext.launch.prepare_model import main as prepare
+
+    monkeypatch.setenv("DYNAMO_EXT_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "dynamo.yaml"
+    cfg.write_text("model: {preset: tiny, num_layers: 1}\nworkers: {agg: {count: 1}}\n")
+    link = tmp_path / "var/model"
+    assert prepare(["--config", str(cfg), "--link", str(link)]) == 0
+    target = Path(capsys.readouterr().out.strip())
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert target.parent == tmp_path / "cache/models" and (link / "config.json").is_file()
+    assert prepare(["--config", str(cfg), "--link", str(link)]) == 0  # a restarted pod: reused, linked again
+    assert "(cached)" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert prepare(["--config", str(cfg), "--link", str(tmp_path / "plain")]) == 2
+    assert "exists and is not a symbolic link" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {preset: nope}\nworkers: {agg: {count: 1}}\n")
+    assert prepare(["--config", str(bad), "--link", str(link)]) == 2
+    assert "model.preset" in capsys.readouterr().err
