@@ -43,7 +43,8 @@ Refused (:class:`DeployError`, one line per problem naming the key and what is a
 (config, graph), loopback etcd/NATS endpoints or frontend host (pods cannot share a loopback), discovery with
 TLS or credentials (not rendered yet), ``workers.<role>.gpu_ids`` (the device plugin assigns GPUs),
 ``supervision`` (the kubelet restarts containers), ``kv_transfer.backend: fallback`` in a disaggregated graph
-(its cma/tcp paths are loopback only), ``planner.enabled`` without a decode component, an image without a
+(its cma/tcp paths are loopback only), a forced same-host ``kv_transfer.transport`` (nvlink, pcie, shm) in a
+disaggregated graph, ``planner.enabled`` without a decode component, an image without a
 pinned tag or digest (or ``:latest``), a name that is not a DNS label.
 
 ``to_yaml(docs)`` is the multi-document YAML of ``render``; ``write_dir(docs, out)`` writes one file per document
@@ -84,6 +85,7 @@ RUN_AS = 1000  # the image's user (deploy/Dockerfile)
 COMPONENT_TYPES = {"frontend": "frontend", "prefill": "prefill", "decode": "decode", "agg": "worker",
                    "router": "worker", "planner": "planner"}  # fmt: skip
 ENGINE_ROLES = ("prefill", "decode", "agg")
+SAME_HOST_TRANSPORTS = ("nvlink", "pcie", "shm")  # kv_transfer.transport values that only work within one host
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 
 
@@ -137,6 +139,9 @@ def problems(graph: Graph, config: DynamoExtConfig, *, image: str, name: str) ->
     if config.kv_transfer.backend == "fallback" and {"prefill", "decode"} <= roles:
         out.append("kv_transfer.backend: 'fallback' moves KV over loopback only (its cma and tcp paths bind "
                    "127.0.0.1), and prefill and decode run in different pods; use nixl")
+    if config.kv_transfer.transport in SAME_HOST_TRANSPORTS and {"prefill", "decode"} <= roles:
+        out.append(f"kv_transfer.transport: {config.kv_transfer.transport!r} forces a same-host path, and nothing "
+                   "places the prefill and decode pods on one node; use auto (picked per pair), rdma or tcp")
     if config.planner.enabled and "decode" not in roles:
         out.append(f"planner.enabled: graph {graph.name!r} has no decode component to scale (use graphs/disagg.py, "
                    "or set planner.enabled: false)")

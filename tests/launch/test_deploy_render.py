@@ -237,6 +237,7 @@ def test_refusals_name_the_key(tmp_path):
             "prefill: {count: 1}", "prefill: {count: 1, gpu_ids: [0]}"),
         "supervision: applies to dynamo-ext serve": base + "supervision: {restart: true}\n",
         "kv_transfer.backend: 'fallback'": base.replace("backend: nixl", "backend: fallback"),
+        "kv_transfer.transport: 'pcie' forces a same-host path": base.replace("transport: auto", "transport: pcie"),
     }
     for expected, text in cases.items():
         cfg = tmp_path / "c.yaml"
