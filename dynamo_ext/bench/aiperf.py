@@ -84,6 +84,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from dynamo_ext.helpfmt import HelpFormatter
 from dynamo_ext.bench import results_dir
 from dynamo_ext.bench import serve
 from dynamo_ext.bench._kv import kv_delta, kv_summary
@@ -677,7 +678,8 @@ def default_stem(a: argparse.Namespace, m: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="dynamo-ext bench aiperf", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench aiperf", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
     tgt = ap.add_argument_group("target (default: --graphs agg,disagg started here)")
     tgt.add_argument("--graphs", default="agg,disagg", help="built-in graphs started one after the other: agg, disagg")
     tgt.add_argument("--graph", default=None, help="a graph file or module (with -f CONFIG) instead of --graphs")
@@ -693,11 +695,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mdl.add_argument("--layers", type=int, default=None, help="model.num_layers of the preset")
     mdl.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="model.dtype (default: float32 on cpu, bfloat16 on cuda)")
-    mdl.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    mdl.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="cpu or cuda (model.device of the graphs)")
     mdl.add_argument("--agg-workers", type=int, default=None, help="(default: 2 on cpu, 1 on cuda)")
-    mdl.add_argument("--prefill-workers", type=int, default=1)
-    mdl.add_argument("--decode-workers", type=int, default=1)
-    mdl.add_argument("--policy", default="round-robin", choices=("round-robin", "dynamo-ext"))
+    mdl.add_argument("--prefill-workers", type=int, default=1, help="prefill workers of the disagg graph")
+    mdl.add_argument("--decode-workers", type=int, default=1, help="decode workers of the disagg graph")
+    mdl.add_argument("--policy", default="round-robin", choices=("round-robin", "dynamo-ext"),
+                     help="router.policy of the graphs")
     mdl.add_argument("--kv-blocks", type=int, default=None, help="KV blocks (16 tokens) per worker (default: sized "
                                                                  "for the longest request x concurrency, >= 1024)")
     ld = ap.add_argument_group("load")
@@ -710,20 +714,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ld.add_argument("--trace", default=None, help="Mooncake-style JSONL trace (input_length / output_length or "
                                                   "text_input per line) instead of --isl/--osl")
     ld.add_argument("--warmup", type=int, default=2, help="warm-up requests per graph (our client; default 2)")
-    ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--seed", type=int, default=0, help="random seed of the prompts")
     ld.add_argument("--timeout", type=float, default=120.0, help="per request (s)")
     ld.add_argument("--aiperf-connections", default="never", choices=("never", "pooled"),
                     help="aiperf's --connection-reuse-strategy: never (default: a new connection per request, as our "
                          "client) or pooled (aiperf's own default; see the module docstring: ~40 ms stalls)")
     ld.add_argument("--aiperf-args", default="", help="more `aiperf profile` arguments (one shell-quoted string)")
     out = ap.add_argument_group("output")
-    out.add_argument("--out", default=str(results_dir()))
+    out.add_argument("--out", default=str(results_dir()), help="results directory")
     out.add_argument("--tag", default=None, help="file name stem (default aiperf-<machine>-<model>-c<points>)")
     out.add_argument("--force", action="store_true", help="overwrite <out>/<tag>.json when it exists")
     out.add_argument("--work-dir", default=None, help="aiperf artifacts and graph logs (default: a temporary "
                                                       "directory, removed after a clean run)")
-    out.add_argument("--ready-timeout", type=float, default=180.0)
-    out.add_argument("--no-progress", action="store_true")
+    out.add_argument("--ready-timeout", type=float, default=180.0, help="seconds for a graph to start")
+    out.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     out.add_argument("--note", default=None, help="a paragraph added to the markdown")
     a = ap.parse_args(argv)
     try:

@@ -10,9 +10,19 @@ SDPA, greedy argmax):
   prefill  tokens/s of one step that prefills B prompts of --prompt-len tokens (B in --prefill-batches)
   decode   median time of one decode step at batch B (B in --batches) with --prompt-len tokens of context
 
+With ``--compare-transformers`` (a model directory or an imported preset: ``--model smollm2-135m-instruct``)
+the same shapes also run through transformers' ``generate`` (``AutoModelForCausalLM`` from the same directory,
+same dtype, device and torch threads, greedy, ``min_new_tokens`` = ``max_new_tokens``; a streamer time-stamps
+every step: prefill = prompt until the first token, decode step = between consecutive tokens), and the
+machine's limits are measured first in the same run: fp32 GEMM GFLOP/s (``torch.mm`` 2048^3) and memory read
+bandwidth (a 512 MiB sum), from which the table states the bound for each shape (prefill tokens/s <= GEMM
+rate / FLOPs per token; decode step >= max(weights + KV bytes / bandwidth, FLOPs / GEMM rate)).
+``--rounds R`` repeats every measurement R times, interleaved (engine, dense, transformers per shape), and
+reports medians and same-round ratios; the load average is recorded at the start and at the end.
+
 Writes benchmarks/results/engine-<device>-<preset>.{md,json,png} (machine described: CPU model,
 cores, GPU, torch version) and prints the table last. Needs torch, tokenizers, safetensors,
-msgspec, matplotlib; nothing of Dynamo.
+msgspec, matplotlib (transformers for ``--compare-transformers``); nothing of Dynamo.
 """
 
 from __future__ import annotations
@@ -28,20 +38,20 @@ from pathlib import Path
 
 import torch
 
+from dynamo_ext.helpfmt import HelpFormatter
 from dynamo_ext.bench import results_dir
-from dynamo_ext.bench._machine import cpu_model
+from dynamo_ext.bench._machine import cpu_model, load_avg_1m
 from dynamo_ext.engine.attention import DenseKvCache
 from dynamo_ext.engine.core import EngineConfig, LlmEngine
 from dynamo_ext.engine.protocol import Request, SamplingParams
 from dynamo_ext.engine.weights import load_model
 
 
-
 def machine(device: str) -> dict:
     cpu = cpu_model()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "device": device,
-            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+            "load_avg_1m": load_avg_1m()}
     if device.startswith("cuda"):
         p = torch.cuda.get_device_properties(torch.device(device))
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
@@ -62,8 +72,10 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.a = args
         self.dev = args.device
-        m = load_model(args.model or args.preset, device=args.device, seed=0, num_layers=args.layers, dtype=args.dtype)
+        m = load_model(args.model_dir or args.preset, device=args.device, seed=0, num_layers=args.layers,
+                       dtype=args.dtype)
         self.cfg = m.config
+        self.eos = m.tokenizer.eos_token_id
         bs = args.block_size
         ctx = args.prompt_len + args.warmup + args.steps + 2
         blocks = max(max(args.batches), max(args.prefill_batches)) * (-(-ctx // bs)) + 8
@@ -171,6 +183,113 @@ class Bench:
         return statistics.median(times), out
 
 
+class _StepClock:
+    """A transformers streamer that time-stamps each ``put``: the prompt (before the prefill), then every step's
+    tokens (the batch's, after the step)."""
+
+    def __init__(self, device: str) -> None:
+        self.dev, self.t = device, []  # type: ignore[var-annotated]
+
+    def put(self, _value: torch.Tensor) -> None:
+        sync(self.dev)
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class HfReference:
+    """transformers' ``generate`` on the same model directory, dtype, device and threads as the engine."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, device: str, a: argparse.Namespace, eos: int | None) -> None:
+        import transformers
+
+        self.a, self.dev = a, device
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        self.version = transformers.__version__
+        self.attn = str(getattr(self.model.config, "_attn_implementation", "?"))
+        self.pad = eos if eos is not None else 0
+
+    @torch.inference_mode()
+    def generate(self, ps: list[list[int]], new_tokens: int) -> tuple[list[float], list[list[int]]]:
+        ids = torch.tensor(ps, device=self.dev)
+        clock = _StepClock(self.dev)
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad, streamer=clock)
+        return clock.t, out[:, ids.shape[1]:].tolist()
+
+    def prefill(self, batch: int, vocab: int) -> float:
+        times = []
+        for rep in range(self.a.reps + 1):
+            t, _ = self.generate(prompts(batch, self.a.prompt_len, vocab, rep), 1)
+            if rep:
+                times.append(t[1] - t[0])
+        return batch * self.a.prompt_len / statistics.median(times)
+
+    def decode(self, batch: int, vocab: int) -> tuple[float, list[list[int]]]:
+        a = self.a
+        t, toks = self.generate(prompts(batch, a.prompt_len, vocab, 1), 1 + a.warmup + a.steps)
+        steps = [t2 - t1 for t1, t2 in zip(t[1:], t[2:])]  # t[1]: after the prefill (first token)
+        return statistics.median(steps[a.warmup:]), toks
+
+
+def measure_limits(device: str, dtype: torch.dtype) -> dict:
+    """The machine's ceilings for this run's threads: GEMM GFLOP/s (torch.mm, 2048^3, best of 5) and memory read
+    bandwidth GB/s (sum of a 512 MiB tensor, best of 5)."""
+    n = 2048
+    x, y = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(x, y)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        torch.mm(x, y)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    gflops = 2 * n**3 / best / 1e9
+    del x, y
+    big = torch.ones(512 * 2**20 // 4, device=device, dtype=torch.float32)
+    big.sum()
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        big.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return {"gemm_gflops": round(gflops, 1), "read_gb_s": round(big.numel() * 4 / best / 1e9, 1),
+            "gemm_shape": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}", "read_bytes": big.numel() * 4}
+
+
+def model_costs(cfg, dtype: torch.dtype) -> dict:
+    """Parameters, FLOPs and bytes of this Llama shape: matmul FLOPs per token = 2 x (every matmul weight,
+    the LM head included); attention FLOPs per token = 4 x layers x heads x head_dim x context; a decode step
+    reads every weight once (the LM head = the embedding when tied) plus the KV of every sequence."""
+    d, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_layers
+    per_layer = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2 + 3 * d * cfg.intermediate_size + 2 * d
+    embed = cfg.vocab_size * d
+    head = 0 if cfg.tie_word_embeddings else embed
+    matmul = layers * (per_layer - 2 * d) + embed  # the LM head's matmul (tied or not) reads vocab x d
+    esize = torch.empty((), dtype=dtype).element_size()
+    return {"params": layers * per_layer + embed + head + d, "matmul_params": matmul,
+            "flops_per_token": 2 * matmul, "attn_flops_per_token_per_ctx": 4 * layers * cfg.num_heads * hd,
+            "weight_bytes": (layers * per_layer + embed + head + d) * esize,
+            "kv_bytes_per_token": 2 * layers * cfg.num_kv_heads * hd * esize}
+
+
+def bounds(costs: dict, lim: dict, prompt_len: int, res: dict) -> None:
+    """Adds to each row the limit its shape has on this machine (see model_costs / measure_limits)."""
+    f, fa = costs["flops_per_token"], costs["attn_flops_per_token_per_ctx"]
+    gemm, bw = lim["gemm_gflops"] * 1e9, lim["read_gb_s"] * 1e9
+    for r in res["prefill"]:
+        r["limit_tok_s"] = gemm / (f + fa * prompt_len / 2)  # causal: the mean context is half the prompt
+    for r in res["decode"]:
+        b, ctx = r["batch"], prompt_len + 4  # context of the measured steps: prompt + warm-up steps
+        mem = (costs["weight_bytes"] + b * ctx * costs["kv_bytes_per_token"]) / bw
+        r["limit_ms"] = 1e3 * max(mem, b * (f + fa * ctx) / gemm)
+        r["limit_kind"] = "memory" if mem * gemm >= b * (f + fa * ctx) else "compute"
+
+
 def agreement(a: list[list[int]], b: list[list[int]], n: int = 8) -> float:
     """Share of sequences whose first n greedy tokens agree with the dense reference's. fp32: all;
     bf16 with random weights: near-ties flip on rounding differences, and one flip changes the rest."""
@@ -245,21 +364,23 @@ def profile(b: Bench, dbatch: int, pbatch: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dynamo-ext bench engine", description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--preset", default="tiny")
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench engine", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--preset", default="tiny",
+                    help="model shape preset: tiny, llama3-8b-shape, llama3-70b-shape (dynamo_ext.engine presets)")
     ap.add_argument("--model", default=None, help="a model directory instead of a preset")
-    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the preset's)")
     ap.add_argument("--dtype", default=None, help="default: the preset's (tiny float32, llama3-* bfloat16)")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--prefill-batches", default="1,8")
+    ap.add_argument("--batches", default="1,8,32", help="decode batch sizes, comma-separated")
+    ap.add_argument("--prefill-batches", default="1,8", help="prefill batch sizes, comma-separated")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 on CPU, 1024 on CUDA")
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps before the timed ones")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (the median is reported)")
+    ap.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out", default=str(results_dir()))
+    ap.add_argument("--out", default=str(results_dir()), help="results directory")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step of each kind, then exit")
     ap.add_argument("--tag", default=None, help="file name stem (default engine-<device>-<preset>)")
     a = ap.parse_args(argv)

@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from dynamo_ext.helpfmt import HelpFormatter
+
 FAULTS: dict[str, str] = {
     "sigkill-prefill": "SIGKILL the prefill worker (the only one)",
     "sigkill-decode": "SIGKILL one of the two decode workers",
@@ -495,23 +497,25 @@ def write(res: dict[str, Any], stem: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from . import results_dir  # noqa: PLC0415
 
-    p = argparse.ArgumentParser(prog="dynamo-ext bench faults", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dynamo-ext bench faults", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, in order (default: the issue's "
                    f"{', '.join(FAULTS)}; also {', '.join(EXTRA_FAULTS)})")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent streaming requests (the load)")
+    p.add_argument("--max-tokens", type=int, default=256, help="output tokens per request")
     p.add_argument("--prompt-chars", type=int, default=1000, help="prompt length in characters (~tokens)")
     p.add_argument("--policy", default="round-robin", choices=["dynamo-ext", "round-robin"],
                    help="router.policy (default round-robin: every request above 64 tokens goes through the prefill "
                         "worker; dynamo-ext's cost model prefills most tiny-model requests on the decode worker)")
     p.add_argument("--routers", type=int, default=1, help="router replicas (router.replicas)")
-    p.add_argument("--warm-s", type=float, default=4.0)
-    p.add_argument("--settle-s", type=float, default=3.0)
-    p.add_argument("--max-s", type=float, default=90.0)
-    p.add_argument("--log-dir", default=None)
+    p.add_argument("--warm-s", type=float, default=4.0, help="seconds of load before the fault")
+    p.add_argument("--settle-s", type=float, default=3.0, help="capacity must be full this long to count as recovered")
+    p.add_argument("--max-s", type=float, default=90.0,
+                   help="give up waiting for recovery after this many seconds from the fault")
+    p.add_argument("--log-dir", default=None, help="keep the graph's logs here (default: a temporary directory)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="added to every child's environment")
     p.add_argument("--out", default=None, help="result stem (default: <results>/reliability)")
-    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-write", action="store_true", help="print the results, write no result files")
     a = p.parse_args(argv)
     faults = [f.strip() for f in a.faults.split(",") if f.strip()]
     bad = [f for f in faults if f not in FAULTS and f not in EXTRA_FAULTS]

@@ -90,6 +90,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from dynamo_ext.helpfmt import HelpFormatter
 from dynamo_ext.bench import results_dir
 from dynamo_ext.bench._kv import counter_total, kv_delta, kv_summary, kv_totals
 from dynamo_ext.bench.serve import MODEL, WORDS, Req, machine, pct, run_load
@@ -668,44 +669,45 @@ def write_outputs(a: argparse.Namespace, wl: str, rows: list[dict], info: dict, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dynamo-ext bench route", description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench route", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="workloads, comma-separated: shared-prefix, mixed")
     ap.add_argument("--policies", default=None,
                     help=f"of {', '.join(POLICIES)} (default: all on disagg; all but dynamo-ext-nolocal on agg)")
     ap.add_argument("--graph", default="disagg", choices=GRAPHS,
                     help="disagg: --prefill-workers + --decode-workers; agg: --agg-workers aggregated workers")
-    ap.add_argument("--agg-workers", type=int, default=3)
+    ap.add_argument("--agg-workers", type=int, default=3, help="aggregated workers (--graph agg)")
     ap.add_argument("--router", action="append", metavar="KEY=VALUE",
                     help="a dynamo.yaml router setting for the dynamo-ext policies, e.g. work_weight=0 (repeatable)")
     ap.add_argument("--agg-kv-blocks", type=int, default=320,
                     help="KV blocks per agg worker; fewer than the shared prefixes need together")
-    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--requests", type=int, default=40, help="requests per run")
     ap.add_argument("--rate", type=float, default=8.0, help="req/s (Poisson)")
     ap.add_argument("--runs", type=int, default=3, help="runs per policy and workload (median reported)")
-    ap.add_argument("--output-len", type=int, default=8)
-    ap.add_argument("--systems", type=int, default=8)
-    ap.add_argument("--system-len", type=int, default=1024)
-    ap.add_argument("--docs", type=int, default=4)
-    ap.add_argument("--doc-len", type=int, default=512)
-    ap.add_argument("--max-prompt", type=int, default=1900)
-    ap.add_argument("--long-len", type=int, default=1536)
-    ap.add_argument("--short-len", type=int, default=64)
-    ap.add_argument("--prefill-workers", type=int, default=2)
-    ap.add_argument("--decode-workers", type=int, default=2)
+    ap.add_argument("--output-len", type=int, default=8, help="output tokens per request (ignore_eos)")
+    ap.add_argument("--systems", type=int, default=8, help="shared-prefix: number of long system prompts")
+    ap.add_argument("--system-len", type=int, default=1024, help="shared-prefix: tokens per system prompt")
+    ap.add_argument("--docs", type=int, default=4, help="shared-prefix: number of shared documents (RAG-like prompts)")
+    ap.add_argument("--doc-len", type=int, default=512, help="shared-prefix: tokens per document")
+    ap.add_argument("--max-prompt", type=int, default=1900, help="prompts are cut to this many tokens")
+    ap.add_argument("--long-len", type=int, default=1536, help="mixed: tokens of a long prompt")
+    ap.add_argument("--short-len", type=int, default=64, help="mixed: tokens of a short prompt")
+    ap.add_argument("--prefill-workers", type=int, default=2, help="prefill workers (--graph disagg)")
+    ap.add_argument("--decode-workers", type=int, default=2, help="decode workers (--graph disagg)")
     ap.add_argument("--kv-blocks", type=int, default=1024, help="KV blocks per decode worker")
     ap.add_argument("--prefill-kv-blocks", type=int, default=400,
                     help="KV blocks per prefill worker; smaller than the shared prefixes "
                          "together, so a worker's cache holds only some of them and placement matters")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up requests before each run (not measured)")
     ap.add_argument("--layers", type=int, default=16,
                     help="layers of the tiny model (its preset has 2): more layers make prefill a larger share of TTFT")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--ready-timeout", type=float, default=120.0)
-    ap.add_argument("--out", default=str(results_dir()))
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the workload")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
+    ap.add_argument("--ready-timeout", type=float, default=120.0, help="seconds for a graph to start")
+    ap.add_argument("--out", default=str(results_dir()), help="results directory")
     ap.add_argument("--tag", default="route-cpu", help="file stem prefix: <tag>-<workload>.{json,md,png}")
-    ap.add_argument("--note", default=None)
-    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--note", default=None, help="a line added to the results page")
+    ap.add_argument("--no-plot", action="store_true", help="write no .png")
     ap.add_argument("--keep-logs", action="store_true", help="keep the graphs' logs (printed path) after a good run")
     ap.add_argument("--quiet-load", type=float, default=0.0,
                     help="wait before each run until the 1-min load average is below this (0: do not wait)")

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from dynamo_ext.helpfmt import HelpFormatter
 from dynamo_ext.bench import results_dir
 from dynamo_ext.bench._machine import cpu_model
 from dynamo_ext.routing import (
@@ -270,18 +271,20 @@ def render(results_dir: Path, runs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dynamo-ext bench routing", description=__doc__.splitlines()[0])
-    ap.add_argument("--decisions", type=int, default=2000)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[16, 256, 1024])
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench routing", description=__doc__.splitlines()[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--decisions", type=int, default=2000, help="timed decisions per cluster size")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[16, 256, 1024], help="cluster sizes (workers)")
     ap.add_argument("--scenarios", type=int, default=40, help="distinct (request, workers, links) inputs per size")
     ap.add_argument("--brute", type=int, default=50, help="unpruned estimate_all runs per size (<=256 workers)")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="random seed of the generated inputs")
     ap.add_argument("--label", default="dev box", help="name of this run in the results (same label: replaced)")
-    ap.add_argument("--results-dir", type=Path, default=results_dir())
+    ap.add_argument("--results-dir", type=Path, default=results_dir(),
+                    help="where routing_latency.json / .md / .png go")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="routing_latency.json files whose runs are merged in (e.g. from another machine)")
     ap.add_argument("--no-measure", action="store_true", help="only merge and render")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="measure and print, write no result files")
     args = ap.parse_args(argv)
     new = []
     if not args.no_measure:

@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from dynamo_ext.helpfmt import HelpFormatter
 from dynamo_ext.bench import results_dir
 from dynamo_ext.bench._kv import counter_total, kv_delta, kv_summary, kv_totals
 from dynamo_ext.bench._machine import cpu_model, cuda_info, machine_tag
@@ -732,8 +733,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{f}: {e}")
         print(summary_table(runs))
         return 0 if runs else 1
-    ap = argparse.ArgumentParser(prog="dynamo-ext bench serve", description=__doc__.split("\n")[0])
-    ap.add_argument("--graphs", default="agg,disagg")
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench serve", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--graphs", default="agg,disagg", help="graphs to compare, comma-separated: agg, disagg")
     ap.add_argument("--rates", default=None, help="request rates (req/s), comma-separated (default 2,4,8,16,32,64)")
     ap.add_argument("--concurrency", default=None,
                     help="closed loop instead of --rates: requests in flight, comma-separated (1 = one at a time)")
@@ -744,32 +746,34 @@ def main(argv: list[str] | None = None) -> int:
                     help="request classes: prompt lengths, comma-separated (default: --prompt-len); one cell per "
                          "(graph, prompt length, load)")
     ap.add_argument("--prompt-len-jitter", type=float, default=0.25, help="uniform +- fraction of the prompt length")
-    ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--output-len-jitter", type=float, default=0.0)
+    ap.add_argument("--output-len", type=int, default=32, help="output tokens per request (ignore_eos)")
+    ap.add_argument("--output-len-jitter", type=float, default=0.0,
+                    help="relative spread of the output length (0.2: +-20%% per request)")
     ap.add_argument("--warmup", type=int, default=4, help="requests sent per prompt length and graph before measuring")
     ap.add_argument("--agg-workers", type=int, default=None, help="aggregated workers (default: 2 on cpu, 1 on cuda)")
-    ap.add_argument("--prefill-workers", type=int, default=1)
-    ap.add_argument("--decode-workers", type=int, default=1)
-    ap.add_argument("--policy", default="round-robin", choices=("round-robin", "dynamo-ext"))
+    ap.add_argument("--prefill-workers", type=int, default=1, help="prefill workers of the disagg graph")
+    ap.add_argument("--decode-workers", type=int, default=1, help="decode workers of the disagg graph")
+    ap.add_argument("--policy", default="round-robin", choices=("round-robin", "dynamo-ext"),
+                    help="router.policy of the graphs")
     ap.add_argument("--kv-blocks", type=int, default=None,
                     help="KV blocks (16 tokens) per worker (default: the longest request x requests in flight, "
                          ">= 1024)")
     ap.add_argument("--kv-timeout-ms", type=int, default=2000, help="kv_transfer.timeout_ms")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="model.device of every engine worker")
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", help="model preset (random weights of that shape)")
     ap.add_argument("--layers", type=int, default=None, help="model.num_layers (default: the preset's)")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="model.dtype (default: float32 on cpu, bfloat16 on cuda)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the prompts and arrivals")
     ap.add_argument("--timeout", type=float, default=60.0, help="per request (s)")
-    ap.add_argument("--ready-timeout", type=float, default=120.0)
+    ap.add_argument("--ready-timeout", type=float, default=120.0, help="seconds for a graph to start")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="start no graph or cell after this many seconds (what was measured is written)")
-    ap.add_argument("--out", default=str(results_dir()))
+    ap.add_argument("--out", default=str(results_dir()), help="results directory")
     ap.add_argument("--tag", default=None, help="file name stem (default: see the module docstring)")
     ap.add_argument("--log-dir", default=None, help="keep the graphs' process logs here (default: a temporary "
                                                    "directory, removed after a clean run)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--note", default=None, help="a paragraph added to the markdown (e.g. run-to-run noise seen)")
     a = ap.parse_args(rest)
     if a.rates is not None and a.concurrency is not None:

@@ -77,6 +77,7 @@ from typing import Any, AsyncIterator
 
 import msgspec
 
+from dynamo_ext.helpfmt import HelpFormatter
 from dynamo_ext.bench import results_dir
 from dynamo_ext.bench._machine import cpu_model, machine_tag
 from dynamo_ext.bench._stats import pct
@@ -780,15 +781,18 @@ def write(res: dict[str, Any], stem: Path) -> None:
 
 # -- main -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="dynamo-ext bench serve-direct", description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--preset", default="tiny")
+    ap = argparse.ArgumentParser(prog="dynamo-ext bench serve-direct", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu or cuda")
+    ap.add_argument("--preset", default="tiny", help="model preset (random weights of that shape)")
     ap.add_argument("--layers", type=int, default=None, help="model layers (default: the preset's)")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--graphs", default="agg:2,disagg:1p1d")
-    ap.add_argument("--prompt-lens", default="64,256")
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--dtype", default=None, help="weights and KV dtype (default: the preset's)")
+    ap.add_argument("--graphs", default="agg:2,disagg:1p1d",
+                    help="graphs to compare, comma-separated: agg:N (N aggregated workers), disagg:PpDd (P prefill, "
+                         "D decode)")
+    ap.add_argument("--prompt-lens", default="64,256", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--requests", type=int, default=16, help="requests per (graph, prompt length, load) point")
+    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight (closed loop)")
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals (req/s) instead of a closed loop")
     ap.add_argument("--rates", default=None,
                     help="several loads per cell, comma-separated: req/s for Poisson arrivals, 'closed' for the "
@@ -798,21 +802,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(e.g. 540 under a 600 s limit); skipped cells are listed in the JSON")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: at most 16 requests and 16 output tokens per cell, warm-up 1")
-    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=16, help="output tokens per request")
     ap.add_argument("--warmup", type=int, default=1, help="requests per worker and prompt length before measuring")
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
     ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: sized for the load)")
     ap.add_argument("--transport", default="auto", choices=("auto", "nvlink", "pcie", "rdma", "tcp"),
                     help="kv_transfer.transport: auto = the backend topology.select_transport picks per pair")
     ap.add_argument("--no-nixl", action="store_true", help="kv_transfer.backend: fallback (the workers start no NIXL)")
-    ap.add_argument("--transfer-timeout-s", type=float, default=10.0)
-    ap.add_argument("--request-timeout-s", type=float, default=120.0)
-    ap.add_argument("--startup-timeout-s", type=float, default=300.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transfer-timeout-s", type=float, default=10.0, help="KV transfer timeout of the workers")
+    ap.add_argument("--request-timeout-s", type=float, default=120.0,
+                    help="give up on a request after this many seconds")
+    ap.add_argument("--startup-timeout-s", type=float, default=300.0, help="seconds for the worker processes to start")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the prompts and arrivals")
     ap.add_argument("--verify", choices=("auto", "assert", "report", "off"), default="auto",
                     help="compare greedy outputs with the agg graph: assert (CPU default) or report (GPU default)")
-    ap.add_argument("--out", default=None, help="result stem (default benchmarks/results/serve-direct-<device>-<preset>)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default=None,
+                    help="result stem (default benchmarks/results/serve-direct-<device>-<preset>)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--policies", default="least-loaded",
                     help="routing policies, each run on a fresh graph: least-loaded, round-robin, dynamo-ext "
                          "(routing.decide over the workers' KV-event prefix index, measured prefill rates and links)")
