@@ -76,8 +76,11 @@ Failures raise ``LaunchError`` (``.code`` = serve's exit status: 2 bad input, 1 
 
 Modules: ``graph`` (typed Graph/Component API), ``infra`` (etcd/NATS probing and starting, etcd JSON
 gateway), ``modeldir``, ``supervisor`` (generic process supervision), ``plan`` (graph + config ->
-child specs), ``scaling`` (the planner executor's worker scaler), ``serve`` (the orchestration above,
-and the ``--once`` request), ``session`` (``launch_graph``), ``client`` (completions, model list, scrape).
+child specs; the command builders every path below shares), ``scaling`` (the planner executor's worker scaler),
+``serve`` (the orchestration above, and the ``--once`` request), ``session`` (``launch_graph``), ``client``
+(completions, model list, scrape), ``commands`` (``serve --print-commands``: the same processes as shell lines),
+``deploy`` (``dynamo-ext deploy render``: the graph as a Kubernetes DynamoGraphDeployment), ``prepare_model`` (the
+rendered pods' init container), ``healthcheck`` (the image's HEALTHCHECK).
 """
 
 from __future__ import annotations
