@@ -18,6 +18,10 @@ import argparse
 import importlib
 import os
 import sys
+from importlib import metadata
+
+from dynamo_ext import __version__
+from dynamo_ext.helpfmt import HelpFormatter
 
 # verb -> module under dynamo_ext.cli; a module that fails to import (a layer not installed on
 # this machine) is reported when its verb is used, not when another verb runs.
@@ -33,7 +37,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynamo-ext", description="Disaggregated-serving extensions for NVIDIA Dynamo")
+    parser = argparse.ArgumentParser(prog="dynamo-ext", description="Disaggregated-serving extensions for NVIDIA Dynamo",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print dynamo-ext's version and the Dynamo it runs on, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for verb, mod in COMMANDS.items():
@@ -44,7 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=lambda args, e=e, verb=verb: _unavailable(verb, e))
             continue
         module.add_parser(sub)
+    _format_all(parser)
     return parser
+
+
+def version_text() -> str:
+    """``dynamo-ext X (Dynamo Y, Python Z)``; Dynamo's version from its package metadata (not imported)."""
+    try:
+        dyn = metadata.version("ai-dynamo")
+    except metadata.PackageNotFoundError:
+        dyn = "not installed"
+    return f"dynamo-ext {__version__} (Dynamo {dyn}, Python {sys.version.split()[0]})"
+
+
+def _format_all(parser: argparse.ArgumentParser) -> None:
+    """Every verb's parser (and theirs) shows each option's default (helpfmt.HelpFormatter)."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                _format_all(sp)
 
 
 def _unavailable(verb: str, err: Exception) -> int:

@@ -24,11 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     msub = p.add_subparsers(dest="model_command", metavar="ACTION")
     msub.required = True
     i = msub.add_parser("init", help="write a model directory from a preset with random weights")
-    i.add_argument("dir", metavar="DIR")
+    i.add_argument("dir", metavar="DIR", help="directory to write (config.json, tokenizer, weights)")
     i.add_argument("--preset", required=True, help="tiny | llama3-8b-shape | llama3-70b-shape")
-    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     i.add_argument("--layers", type=int, default=None, help="number of layers (default: the preset's)")
-    i.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    i.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the weights (default: the preset's)")
     i.set_defaults(func=run_init)
     m = msub.add_parser("import", help="write a model directory from a Llama GGUF file (dequantized weights, "
                                        "tokenizer, chat template)")
@@ -44,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--force", action="store_true", help="rewrite a directory already imported from the same file")
     m.set_defaults(func=run_import)
     s = msub.add_parser("show", help="print a model directory's config")
-    s.add_argument("dir", metavar="DIR")
+    s.add_argument("dir", metavar="DIR", help="a model directory")
     s.set_defaults(func=run_show)
 
 
