@@ -70,6 +70,7 @@ import numpy as np
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 from dynamo_ext.bench import results_dir  # noqa: E402
+from dynamo_ext.helpfmt import HelpFormatter  # noqa: E402
 from dynamo_ext.transport import (  # noqa: E402
     KvPool,
     RemotePool,
@@ -1079,12 +1080,13 @@ def summarize(files: Sequence[str | Path]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     global NCCL_SLICE_BYTES
-    p = argparse.ArgumentParser(prog="dynamo-ext bench transfer", description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="1GiB")
-    p.add_argument("--layout", default="llama3-70b")
-    p.add_argument("--json", default=None)
+    p = argparse.ArgumentParser(prog="dynamo-ext bench transfer", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--size", default="1GiB", help="bytes per transfer (suffixes KiB, MiB, GiB)")
+    p.add_argument("--layout", default="llama3-70b", help="KV layout preset: llama3-70b, llama3-8b, tiny")
+    p.add_argument("--json", default=None, help="result JSON path (+ .md, .png next to it)")
     p.add_argument("--paths", default="", help=f"comma-separated subset of {list(PATHS)}")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per path and method")
     p.add_argument("--methods", default="", help=f"comma-separated subset of {METHODS + EXTRA} (default: all)")
     p.add_argument("--tune", default="", help="rowcopy tuning for this run, e.g. cross_kernel=direct-read,triton_block=4096")
     p.add_argument("--nccl-slice-bytes", type=int, default=NCCL_SLICE_BYTES, help="nccl-planned slices (0: one message)")
