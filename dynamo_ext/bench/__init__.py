@@ -5,7 +5,8 @@ workers), ``serve`` (agg vs disagg graphs through Dynamo's HTTP frontend, starte
 ``dynamo_ext.launch.launch_graph``), ``route`` (round-robin vs Dynamo KV router vs dynamo-ext end to end),
 ``faults`` (the fault campaign: SIGKILL / SIGTERM / SIGSTOP of workers, etcd and NATS restarts under a streaming
 load; ``benchmarks/results/reliability.md``), ``serve_direct`` (``bench serve-direct``: agg vs disagg on several GPUs without the Dynamo runtime) with its
-worker process ``direct_worker``, and the shared helpers ``_machine`` (machine facts), ``_stats``
+worker process ``direct_worker``, ``aiperf`` (NVIDIA's aiperf, in its own venv created on first use, and
+``serve``'s client at the same load on the same graph), and the shared helpers ``_machine`` (machine facts), ``_stats``
 (percentiles) and ``_kv`` (KV pull statistics from the workers' ``/metrics``). Results go to
 :func:`results_dir`. This is a top layer like ``cli``: it may import every layer below (workers, launch,
 routing, engine, kv, transport, ...); nothing below imports it.
