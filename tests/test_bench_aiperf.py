@@ -19,6 +19,7 @@ from dynamo_ext.bench import aiperf as A
 from dynamo_ext.bench import results_dir
 
 
+@pytest.mark.timeout(900)  # the first run on a machine creates aiperf's venv: 61-111 s here, more on a slow index
 def test_bench_aiperf_tiny_agg(tmp_path):
     venv = A.venv_dir()  # the shared one (not under the test's model cache): created once per machine
     env = dict(os.environ, DYNAMO_EXT_CACHE=str(tmp_path / "cache"), DYNAMO_EXT_AIPERF_VENV=str(venv))
