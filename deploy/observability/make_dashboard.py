@@ -70,10 +70,13 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
      8),
     ("Prefix cache hit rate", "percentunit",
      "Prompt tokens served from an engine's prefix cache / prompt tokens prefilled, from the engines' own counters "
-     "(prefill workers, and decode or aggregated workers that prefill locally).",
+     "(prefill workers, and decode or aggregated workers that prefill locally); and for pulls, the prompt tokens a "
+     "decode worker found in its own cache and did not read / the pulled handles' prompt tokens.",
      [(f"sum by (dynamo_component) (rate(dynamo_ext_engine_prefill_cached_tokens_total{{{NS}}}{RI})) / "
        f"sum by (dynamo_component) (rate(dynamo_ext_engine_prefill_prompt_tokens_total{{{NS}}}{RI}))",
-       "{{dynamo_component}}")],
+       "prefill {{dynamo_component}}"),
+      (f"sum (rate(dynamo_ext_engine_pull_cached_tokens_total{{{NS}}}{RI})) / "
+       f"sum (rate(dynamo_ext_engine_pull_prompt_tokens_total{{{NS}}}{RI}))", "pull (decode)")],
      8),
     ("Routing decisions by reason", "reqps",
      "dynamo_ext router: why each request went where it went (routing.decide's reason).",

@@ -117,7 +117,12 @@ def register_core_counters(w: "WorkerProcess", registry: CollectorRegistry = REG
                  "", engine("prefill_prompt_tokens")),
                 ("dynamo_ext_engine_prefill_cached_tokens", "Of those, tokens served from this engine's prefix cache "
                  "(prefix hit rate = rate(cached) / rate(prompt))", "", engine("prefill_cached_tokens")),
-                ("dynamo_ext_engine_prefills", "Prefills this engine ran", "", engine("prefills"))]
+                ("dynamo_ext_engine_prefills", "Prefills this engine ran", "", engine("prefills")),
+                ("dynamo_ext_engine_pull_prompt_tokens", "Prompt tokens of the KV handles this engine pulled",
+                 "", engine("pull_prompt_tokens")),
+                ("dynamo_ext_engine_pull_cached_tokens", "Of those, tokens found in this engine's own prefix cache "
+                 "(not read: the prefix-aware pull's hits)", "", engine("pull_cached_tokens")),
+                ("dynamo_ext_engine_pulls", "KV pulls of this engine", "", engine("pulls"))]
     c = CountersCollector(fams)
     registry.register(c)
     return c

@@ -158,6 +158,8 @@ def test_disagg_graph_observable_like_dynamo(tmp_path, monkeypatch):
         assert used > 0 and sum(by_route.values()) == used, (by_route, used)
         assert _total(d, "dynamo_ext_kv_cache_usage_perc") >= 0 and any(n == "dynamo_ext_worker_queue_length"
                                                                         for n, _, _ in d)
+        assert _total(d, "dynamo_ext_engine_pulls_total") == 1
+        assert _total(d, "dynamo_ext_engine_pull_prompt_tokens_total") == resp["usage"]["prompt_tokens"]
         p = _samples(texts["prefill"])
         assert _total(p, "dynamo_ext_engine_prefill_prompt_tokens_total") == resp["usage"]["prompt_tokens"]
         assert _total(p, "dynamo_ext_engine_prefills_total") == 1
