@@ -368,3 +368,65 @@ def test_prepare_model_links_the_config_model_dir(tmp_path, monkeypatch, capsys)
     bad.write_text("model: {preset: nope}\nworkers: {agg: {count: 1}}\n")
     assert prepare(["--config", str(bad), "--link", str(link)]) == 2
     assert "model.preset" in capsys.readouterr().err
+
+
+def _system_port() -> int:
+    """A free port Dynamo 1.6.1 accepts as DYN_SYSTEM_PORT (it reads a 16-bit signed integer: <= 32767)."""
+    import socket
+
+    for port in range(29000, 32700, 37):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port below 32768")
+
+
+def test_a_worker_answers_the_rendered_probes_on_its_system_port(tmp_path, etcd_server, nats_server):
+    """The pod's probes (paths and port of the render) against a real worker started with the pod's DYN_SYSTEM_*
+    variables: Dynamo's system server serves /live, /health and /metrics in our worker process."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from dynamo_ext.launch.modeldir import ensure_model_dir
+    from dynamo_ext.launch.plan import graph_env, worker_argv
+
+    dgd = rendered("agg")["DynamoGraphDeployment"]
+    comp = next(c for c in dgd["spec"]["components"] if c["name"] == "agg")
+    main_c = containers(comp)["main"]
+    pod_env = {e["name"]: e.get("value") for e in main_c["env"]}
+    assert pod_env["DYN_SYSTEM_PORT"] == str(main_c["ports"][0]["containerPort"]) == "9090"
+    probes = {k: main_c[k]["httpGet"]["path"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+
+    cfg = tmp_path / "dynamo.yaml"
+    cfg.write_text("model: {preset: tiny}\nworkers: {agg: {count: 1}}\nrouter: {policy: dynamo-kv}\n"
+                   f"discovery: {{etcd: {{endpoints: ['{etcd_server.url}']}}, nats: {{url: '{nats_server.url}'}}}}\n")
+    graph, config = load_checked("graphs/agg.py", str(cfg))
+    model_dir, _how = ensure_model_dir(config.model)
+    port = _system_port()  # 9090 may be taken on a test machine; the paths are the render's
+    env = {**os.environ, **graph_env(config, etcd_server.url, nats_server.url),
+           "DYN_SYSTEM_PORT": str(port), "DYN_SYSTEM_HOST": "127.0.0.1"}
+    argv = worker_argv("agg", python=sys.executable, config_path=cfg, model_dir=model_dir, index=0, metrics_port=0,
+                       drain_s=2)
+    log = tmp_path / "agg.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        end = time.monotonic() + 120
+        while b"DYNAMO_EXT_READY" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < end, log.read_text()[-3000:]
+            time.sleep(0.2)
+        for kind, path in probes.items():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                assert r.status == 200, (kind, path)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert json.loads(r.read())["status"] == "ready"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:  # the PodMonitor's path
+            assert b'dynamo_component="backend"' in r.read()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,9 @@ def test_printed_lines_start_a_graph_that_answers_and_stops_cleanly(tmp_path):
         assert resp["choices"][0]["finish_reason"] in ("length", "stop")
         assert 0 < resp["usage"]["completion_tokens"] <= 8
         assert resp["usage"]["prompt_tokens"] > 0
+        for path in ("/live", "/health"):  # what the rendered frontend pods probe (launch/deploy.py)
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                assert r.status == 200, path
     finally:
         for p in reversed(procs):
             if p.poll() is None:
