@@ -33,7 +33,8 @@ supervisor (``dynamo-ext serve``) starts a fresh copy with a new lease. etcd tha
 loss by itself (an etcd restart keeps the leases); Dynamo gives up after a whole TTL without etcd.
 
 Logs go to stderr in one format per process (``dynamo_ext.logfmt``: Dynamo's JSON lines with
-``DYN_LOGGING_JSONL``, else its text lines). Subclasses: ``decode.DecodeWorker`` (roles decode, agg), ``prefill.PrefillWorker``,
+``DYN_LOGGING_JSONL``, else its text lines). Subclasses: ``decode.DecodeWorker`` (roles decode, agg),
+``prefill.PrefillWorker``,
 ``router.RouterWorker``.
 """
 
