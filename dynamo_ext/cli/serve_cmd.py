@@ -55,7 +55,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.print_commands:
+        import sys
+
         from dynamo_ext.launch.commands import print_commands
+
+        ignored = [flag for flag, value in (("--once", args.once), ("--log-dir", args.log_dir),
+                                            ("--planner/--no-planner", args.planner),
+                                            ("--planner-config", args.planner_config),
+                                            ("--tolerate-exits", args.tolerate_exits or None)) if value is not None]
+        if ignored:
+            print(f"dynamo-ext serve: --print-commands starts nothing, so {', '.join(ignored)} cannot apply; drop "
+                  f"{'it' if len(ignored) == 1 else 'them'}", file=sys.stderr)
+            return 2
 
         return print_commands(args.graph, args.config, port=args.port, model_dir=args.model_dir,
                               stop_timeout=args.stop_timeout)

@@ -123,3 +123,12 @@ def test_refused_configs_name_the_problem(tmp_path, monkeypatch):
     code, out, err = printed("graphs/agg.py", tls)
     assert code == 2 and out == "" and "pw-7f3c9a" not in err
     assert "discovery: --print-commands prints plain commands" in err and "TLS or credentials" in err
+
+
+def test_options_that_need_a_running_serve_are_refused(tmp_path, capsys):
+    from dynamo_ext.cli import main
+
+    cfg = write_config(tmp_path, 2379, 4222, 8000)
+    assert main(["serve", "graphs/agg.py", "-f", str(cfg), "--print-commands", "--once", "hi", "--no-planner"]) == 2
+    err = capsys.readouterr().err
+    assert "--print-commands starts nothing, so --once, --planner/--no-planner cannot apply" in err
