@@ -22,7 +22,7 @@ import importlib
 
 BENCHMARKS = {
     "transfer": ("transfer", "KV transfer between two processes: naive / planned / staged / raw / copy"),
-    "engine": ("engine", "reference engine: prefill tokens/s and decode step vs dense SDPA"),
+    "engine": ("engine", "reference engine: prefill tok/s, decode step vs dense SDPA (or transformers)"),
     "routing": ("routing_latency", "routing decision latency p50/p99 at 16, 256, 1024 workers"),
     "serve": ("serve", "agg vs disagg graphs through the HTTP frontend: TTFT/TPOT p50/p99, throughput, KV share"),
     "serve-direct": ("serve_direct", "agg vs disagg on several GPUs without the Dynamo runtime (engine, kv, transport)"),
