@@ -59,9 +59,11 @@ from .transfer import (
 
 
 def make_backend(kind: str, agent_name: str, choice: dict | None = None, *, memory: str | None = None) -> TransferBackend:
-    """Backend by name ("nixl", "tcp", "cma", "local", "cuda_ipc"). "auto": for host pools
+    """Backend by name ("nixl", "tcp", "cma", "shm", "local", "cuda_ipc"). "auto": for host pools
     (``memory="host"``) CMA when the kernel allows it (same-node peers through process_vm_writev,
-    other nodes over its TCP data path), else NIXL when importable, else TCP."""
+    other nodes over its TCP data path), else NIXL when importable, else TCP. "shm" (pools in shared
+    memory, mapped by the peer) is never picked by "auto": it needs pools allocated with ``shared=True``;
+    ``topology.select_transport`` orders it per pair for the workers."""
     from .fallbacks.cma import CmaBackend, cma_available  # noqa: PLC0415
     from .nixl_backend import NixlBackend, nixl_available  # noqa: PLC0415
 
@@ -69,6 +71,10 @@ def make_backend(kind: str, agent_name: str, choice: dict | None = None, *, memo
         kind = "cma" if memory == "host" and cma_available() else "nixl" if nixl_available() else "tcp"
     if kind == "cma":
         return CmaBackend(agent_name)
+    if kind == "shm":
+        from .fallbacks.shm import ShmBackend  # noqa: PLC0415
+
+        return ShmBackend(agent_name)
     if kind == "nixl":
         return NixlBackend(agent_name, choice)
     if kind == "tcp":
@@ -79,7 +85,7 @@ def make_backend(kind: str, agent_name: str, choice: dict | None = None, *, memo
         from .fallbacks.cuda_ipc import CudaIpcBackend  # noqa: PLC0415
 
         return CudaIpcBackend(agent_name)
-    raise ValueError(f"unknown transport backend {kind!r} (nixl, tcp, cma, local, cuda_ipc, auto)")
+    raise ValueError(f"unknown transport backend {kind!r} (nixl, tcp, cma, shm, local, cuda_ipc, auto)")
 
 
 def probe_pair(nbytes: int = 256 << 20, **kw):  # type: ignore[no-untyped-def]

@@ -79,6 +79,13 @@ class XferRequest(ABC):
     def cancel(self) -> None:
         """Abort if still running and release backend resources. Idempotent, never raises."""
 
+    def completion(self) -> Any:
+        """An asyncio awaitable that finishes when the request does (success or error), or None. A request
+        whose work runs in a task or thread (tcp, cma, shm) returns it: the handle then waits on it instead of
+        spinning on ``poll()`` (a spinning event loop holds the GIL the copy thread needs to start and finish:
+        measured ~2 ms per transfer on 2 cores). ``poll()`` still gives the result."""
+        return None
+
 
 class DoneRequest(XferRequest):
     """A request that completed synchronously inside ``post``."""

@@ -53,10 +53,18 @@ and a plan of 32,768 chunks is built in a few milliseconds. ``TransferPlan.stats
 counts (chunks, merged descriptors of each list, bytes).
 
 ``plan_naive`` is the baseline: one wire descriptor per chunk, in request order, no merging.
+
+``cached_plan_transfer(...)`` (what ``transfer.pull/push/copy`` and the staged protocol call) returns the
+same plan OBJECT for the same (layouts, block ids, options): a bounded LRU (``PLAN_CACHE``: at most
+``max_entries`` plans and ``max_descriptors`` descriptor rows in all; ``configure_plan_cache``). Plans are
+immutable (frozen dataclass, read-only arrays), so sharing one is safe, and ``rowcopy``'s rows cache keys on
+its descriptor array. Ids that are not plain integers are never cached (a float id must still be refused).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Literal, NamedTuple, Sequence, overload
 
@@ -66,6 +74,10 @@ from .errors import InvalidBlocks
 from .layout import KvLayout, MemoryOrder
 
 __all__ = [
+    "PLAN_CACHE",
+    "PlanCache",
+    "cached_plan_transfer",
+    "configure_plan_cache",
     "Descriptor",
     "DescriptorArray",
     "PlanStats",
@@ -538,3 +550,92 @@ def _plan_staged(
         staging_slots=nbuf if ring else 0,
     )
 
+
+
+# -- the plan cache ---------------------------------------------------------------------------------------
+
+
+def _ids_key(ids: Any) -> bytes | tuple[int, ...] | None:
+    """A hashable key of a block id sequence, or None when it must not be cached (not plain integers)."""
+    if isinstance(ids, np.ndarray):
+        return ids.astype(np.int64, copy=False).tobytes() if ids.ndim == 1 and ids.dtype.kind in "iu" else None
+    if isinstance(ids, (list, tuple, range)):
+        t = tuple(ids)
+        return t if all(type(b) is int for b in t) else None
+    return None
+
+
+class PlanCache:
+    """Bounded LRU of ``plan_transfer`` results keyed by (layouts, block ids, keyword options)."""
+
+    def __init__(self, max_entries: int = 64, max_descriptors: int = 1 << 20) -> None:
+        self.max_entries, self.max_descriptors = max_entries, max_descriptors
+        self._plans: OrderedDict[tuple[Any, ...], tuple[TransferPlan, int]] = OrderedDict()
+        self._rows = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    @property
+    def rows(self) -> int:
+        """Descriptor rows held (wire + gather + scatter of every cached plan)."""
+        return self._rows
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+            self._rows = 0
+
+    def plan(self, src_layout: KvLayout, src_blocks: Sequence[int], dst_layout: KvLayout,
+             dst_blocks: Sequence[int], **kw: Any) -> TransferPlan:
+        sk, dk = _ids_key(src_blocks), _ids_key(dst_blocks)
+        if sk is None or dk is None or self.max_entries <= 0:
+            return plan_transfer(src_layout, src_blocks, dst_layout, dst_blocks, **kw)
+        try:
+            key = (src_layout, dst_layout, sk, dk, tuple(sorted(kw.items())))
+            hash(key)
+        except TypeError:  # an unhashable option: plan without the cache
+            return plan_transfer(src_layout, src_blocks, dst_layout, dst_blocks, **kw)
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None:
+                self._plans.move_to_end(key)
+                self.hits += 1
+                return hit[0]
+        plan = plan_transfer(src_layout, src_blocks, dst_layout, dst_blocks, **kw)  # raises on bad input
+        rows = len(plan.wire) + len(plan.gather) + len(plan.scatter)
+        with self._lock:
+            self.misses += 1
+            if rows <= self.max_descriptors and key not in self._plans:
+                self._plans[key] = (plan, rows)
+                self._rows += rows
+                while self._plans and (len(self._plans) > self.max_entries or self._rows > self.max_descriptors):
+                    _, (_, r) = self._plans.popitem(last=False)
+                    self._rows -= r
+        return plan
+
+
+PLAN_CACHE = PlanCache()
+
+
+def configure_plan_cache(max_entries: int | None = None, max_descriptors: int | None = None) -> PlanCache:
+    """Resize the process's plan cache (0 entries = off); returns it. Existing entries beyond the bounds go."""
+    with PLAN_CACHE._lock:  # noqa: SLF001
+        if max_entries is not None:
+            PLAN_CACHE.max_entries = int(max_entries)
+        if max_descriptors is not None:
+            PLAN_CACHE.max_descriptors = int(max_descriptors)
+        while PLAN_CACHE._plans and (len(PLAN_CACHE._plans) > max(PLAN_CACHE.max_entries, 0)  # noqa: SLF001
+                                     or PLAN_CACHE._rows > PLAN_CACHE.max_descriptors):  # noqa: SLF001
+            _, (_, r) = PLAN_CACHE._plans.popitem(last=False)  # noqa: SLF001
+            PLAN_CACHE._rows -= r  # noqa: SLF001
+    return PLAN_CACHE
+
+
+def cached_plan_transfer(src_layout: KvLayout, src_blocks: Sequence[int], dst_layout: KvLayout,
+                         dst_blocks: Sequence[int], **kw: Any) -> TransferPlan:
+    """``plan_transfer`` through the process's bounded LRU (``PLAN_CACHE``): the same inputs give the same
+    plan object without planning again."""
+    return PLAN_CACHE.plan(src_layout, src_blocks, dst_layout, dst_blocks, **kw)

@@ -128,11 +128,15 @@ def make_backend(kind: str, name: str, choice: dict[str, Any] | None = None) -> 
         from .fallbacks.cma import CmaBackend  # noqa: PLC0415
 
         return CmaBackend(name)
+    if kind == "shm":
+        from .fallbacks.shm import ShmBackend  # noqa: PLC0415
+
+        return ShmBackend(name)
     if kind == "cuda_ipc":
         from .fallbacks.cuda_ipc import CudaIpcBackend  # noqa: PLC0415
 
         return CudaIpcBackend(name)
-    raise ValueError(f"backend {kind!r} cannot serve as a peer process (use nixl, tcp, cma or cuda_ipc)")
+    raise ValueError(f"backend {kind!r} cannot serve as a peer process (use nixl, tcp, cma, shm or cuda_ipc)")
 
 
 # -- the peer process ----------------------------------------------------------------------------------
@@ -141,17 +145,18 @@ async def _peer_main(args: argparse.Namespace, publish: Callable[[PeerInfo, argp
     choice = json.loads(args.choice) if args.choice else None
     be = make_backend(args.backend, args.name, choice)
     await be.start()
+    shared = args.backend == "shm"  # the shm backend maps pools in shared memory only
     if args.device >= 0:
         pool = KvPool.allocate_device(args.pool, layout, args.device)
     else:
-        pool = KvPool.allocate_host(args.pool, layout)
+        pool = KvPool.allocate_host(args.pool, layout, shared=shared)
     fill_pool(pool, args.seed)
     be.register_pool(pool)
     staging: KvPool | None = None
     if args.staging_bytes > 0:
         slay = probe_layout(args.staging_bytes, chunk_bytes=layout.chunk_bytes)
         staging = (KvPool.allocate_device("staging", slay, args.device) if args.device >= 0
-                   else KvPool.allocate_host("staging", slay))
+                   else KvPool.allocate_host("staging", slay, shared=shared))
         be.register_pool(staging, staging=True)
     info = be.local_peer_info()
     if publish is not None:
@@ -349,7 +354,7 @@ async def probe_pair_async(nbytes: int = 256 << 20, *, backend: str = "nixl", ch
     try:
         be = make_backend(backend, f"{name}-{os.getpid()}", choice)
         await be.start()
-        pool = KvPool.allocate_host("kv", layout)
+        pool = KvPool.allocate_host("kv", layout, shared=backend == "shm")
         be.register_pool(pool)
         be.add_peer(peer.info)
         remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))

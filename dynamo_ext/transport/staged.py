@@ -67,7 +67,7 @@ import numpy as np
 from .backend import PROTOCOL_PREFIX, TransferBackend, XferRequest, add_notif_handler
 from .errors import BackendError, UnregisteredMemory
 from .layout import KvLayout
-from .plan import TransferPlan, plan_transfer
+from .plan import TransferPlan, cached_plan_transfer
 from .pool import KvPool, MemoryKind, PoolDescriptor
 
 STAGED_PREFIX = PROTOCOL_PREFIX  # every protocol notification of staged transfers
@@ -298,8 +298,8 @@ def _serve_gathers(backend: TransferBackend, peer: str, msgs: list[bytes]) -> in
             stg = backend.staging_pool
             if pool is None or stg is None:
                 raise UnregisteredMemory(f"no pool {req['src_pool']!r} or no staging on {backend.agent_name!r}")
-            plan = plan_transfer(pool.layout, req["src_blocks"], KvLayout.from_dict(req["dst_layout"]),
-                                 req["dst_blocks"], **req["plan"])
+            plan = cached_plan_transfer(pool.layout, req["src_blocks"], KvLayout.from_dict(req["dst_layout"]),
+                                        req["dst_blocks"], **req["plan"])
             from .staging import gather_into  # noqa: PLC0415
 
             gather_into(pool.tensor_u8(), stg.tensor_u8(), plan.gather)
@@ -337,8 +337,8 @@ def serve_staged_requests(backend: TransferBackend) -> int:
                 stg = backend.staging_pool
                 if pool is None or stg is None:
                     raise UnregisteredMemory(f"no pool {req['dst_pool']!r} or no staging on {backend.agent_name!r}")
-                plan = plan_transfer(KvLayout.from_dict(req["src_layout"]), req["src_blocks"], pool.layout,
-                                     req["dst_blocks"], **req["plan"])
+                plan = cached_plan_transfer(KvLayout.from_dict(req["src_layout"]), req["src_blocks"], pool.layout,
+                                            req["dst_blocks"], **req["plan"])
                 from .staging import scatter_from  # noqa: PLC0415
 
                 scatter_from(stg.tensor_u8(), pool.tensor_u8(), plan.scatter)

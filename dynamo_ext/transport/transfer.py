@@ -18,10 +18,12 @@ Protocol (who calls what, in what order)::
                                                   max(0.5 s, 4 * bytes / expected GB/s)
                                                6. req = be.post(op, local, peer, remote, wire, notif)
                                                   (staged plan: staged.post_staged_write / _read)
-                                               7. a task polls req.poll(), yielding to the loop between
-                                                  polls (sleep(0); after 2 ms sleep(be.poll_interval_s):
-                                                  0 for NIXL without progress thread, whose polls ARE
-                                                  the progress) until done / error / deadline
+                                               7. a task waits on req.completion() when the request has
+                                                  one (tcp/cma/shm: their task; until the deadline), then
+                                                  polls req.poll(), yielding to the loop between polls
+                                                  (sleep(0); after 2 ms sleep(be.poll_interval_s): 0 for
+                                                  NIXL without progress thread, whose polls ARE the
+                                                  progress) until done / error / deadline
     stats = await h   (or h.result(), h.add_done_callback(cb), h.cancel())
                                                8. deadline passed -> req.cancel(), TransferTimeout
                                                9. done -> metrics (bytes, seconds, descriptors)
@@ -37,7 +39,9 @@ ignores it); ``metrics`` ("default" = the process registry, None = none); ``on_d
 ``copy`` of two KvPools where one is a FILE pool goes through ``backend`` (NIXL POSIX, the agent being
 its own remote): host -> file is a "write", file -> host a "read".
 
-The default planner is ``plan_transfer(..., stage=False)``: merged descriptors, pool to pool. Staged
+The default planner is ``plan_transfer(..., stage=False)``: merged descriptors, pool to pool, through the
+process's bounded plan LRU (``plan.cached_plan_transfer``: a repeated (layouts, ids) pair is not planned
+again, and gets the same plan object, which rowcopy's rows cache keys on). Staged
 transfers (gather -> one wire descriptor -> scatter, with acks through notifications) are the protocol
 of ``staged.py``; see its map.
 
@@ -61,7 +65,7 @@ from .errors import BackendError, InvalidBlocks, TransferError, TransferTimeout
 from .fallbacks.local import copy_ranges
 from .layout import KvLayout
 from .metrics import TransportMetrics, metrics as default_metrics
-from .plan import TransferPlan, check_blocks as _check_blocks, plan_transfer
+from .plan import TransferPlan, cached_plan_transfer, check_blocks as _check_blocks
 from .pool import KvPool, MemoryKind, PoolDescriptor
 from .staged import post_staged_read, post_staged_write, staged_plan_kwargs
 
@@ -96,7 +100,8 @@ class TransferStats:
 
 def default_planner(src_layout: KvLayout, src_blocks: Sequence[int], dst_layout: KvLayout,
                     dst_blocks: Sequence[int]) -> TransferPlan:
-    return plan_transfer(src_layout, src_blocks, dst_layout, dst_blocks, stage=False)
+    """The direct plan (merged runs, pool -> pool), from the process's bounded plan LRU (``plan.PLAN_CACHE``)."""
+    return cached_plan_transfer(src_layout, src_blocks, dst_layout, dst_blocks, stage=False)
 
 
 def deadline_for(nbytes: int, gbps: float, *, floor_s: float = DEADLINE_FLOOR_S, factor: float = DEADLINE_FACTOR) -> float:
@@ -160,6 +165,23 @@ class TransferHandle:
 
     async def _drive(self) -> None:
         deadline_at = self._t0 + self.deadline_s
+        try:
+            done = self._req.completion()  # a task/thread-backed request: wait for it, no spinning
+            if done is not None and not self._req.poll():
+                await asyncio.wait({asyncio.ensure_future(done)}, timeout=max(0.0, deadline_at - time.monotonic()))
+        except asyncio.CancelledError:
+            self._req.cancel()
+            if not self._fut.done():
+                self._fut.cancel()
+            raise
+        except TransferError as e:
+            self._finish_error(e)
+            return
+        except Exception as e:  # noqa: BLE001 - as below
+            err = BackendError(f"{self.backend}: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            self._finish_error(err)
+            return
         spin_until = time.monotonic() + _SPIN_S
         try:
             while not self._req.poll():
@@ -252,7 +274,7 @@ def _plan(src: KvPool | RemotePool, src_ids: list[int], dst: KvPool | RemotePool
     if planner is not None:
         plan = planner(_layout(src), src_ids, _layout(dst), dst_ids)
     elif plan_kwargs:
-        plan = plan_transfer(_layout(src), src_ids, _layout(dst), dst_ids, **plan_kwargs)
+        plan = cached_plan_transfer(_layout(src), src_ids, _layout(dst), dst_ids, **plan_kwargs)
         if plan.staged and plan.staging_slots:
             plan_kwargs = {}
             plan = default_planner(_layout(src), src_ids, _layout(dst), dst_ids)

@@ -24,12 +24,15 @@ import pytest
 from dynamo_ext.transport import KvLayout, KvPool, PeerInfo, RemotePool, preset
 from dynamo_ext.transport.fallbacks import LocalBackend, TcpBackend
 from dynamo_ext.transport.fallbacks.cma import CmaBackend, cma_available
+from dynamo_ext.transport.fallbacks.shm import ShmBackend, shm_available
 from dynamo_ext.transport.nixl_backend import nixl_available
 from dynamo_ext.transport.probe import PeerProcess, digest, pattern
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 PEER_SCRIPT = [sys.executable, str(Path(__file__).with_name("peer_proc.py"))]
-KINDS = (["nixl"] if nixl_available() else []) + ["tcp"] + (["cma"] if cma_available() else []) + ["local"]
+KINDS = ((["nixl"] if nixl_available() else []) + ["tcp"] + (["cma"] if cma_available() else [])
+         + (["shm"] if shm_available() else []) + ["local"])
+BACKENDS = {"tcp": TcpBackend, "cma": CmaBackend, "shm": ShmBackend}
 
 
 def small_layout(num_blocks: int = 64) -> KvLayout:
@@ -109,7 +112,7 @@ class Pair:
         if self.kind == "nixl":
             pool = _session_pool(self.backend, name, layout)
         else:
-            pool = KvPool.allocate_host(name, layout)
+            pool = KvPool.allocate_host(name, layout, shared=self.kind == "shm")
             self.backend.register_pool(pool)
         pool.host_view().fill(fill)
         return pool
@@ -187,17 +190,18 @@ async def pair(transport_kind, module_peers, request) -> Any:
         if not be.has_peer(info.agent_name):
             be.add_peer(info)
     else:
-        be = (CmaBackend if transport_kind == "cma" else TcpBackend)(f"{transport_kind}-a-{os.getpid()}")
+        be = BACKENDS[transport_kind](f"{transport_kind}-a-{os.getpid()}")
         await be.start()
-        pool = KvPool.allocate_host("kv", layout)
+        shared = transport_kind == "shm"  # the shm backend registers pools in shared memory only
+        pool = KvPool.allocate_host("kv", layout, shared=shared)
         be.register_pool(pool)
-        be.register_pool(KvPool.allocate_host("staging", layout), staging=True)
+        be.register_pool(KvPool.allocate_host("staging", layout, shared=shared), staging=True)
         be.add_peer(info)
     pool.host_view().fill(0)
     ctl = PeerCtl(proc=proc)
     await ctl.fill(7)
     yield Pair(transport_kind, be, pool, RemotePool(info.agent_name, info.pool("kv")), ctl, layout)
-    if transport_kind in ("tcp", "cma"):
+    if transport_kind in BACKENDS:
         await be.close()
 
 

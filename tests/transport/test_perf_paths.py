@@ -352,6 +352,32 @@ def test_rows_cache_reuses_rows_of_the_same_plan_object(fake_cuda, monkeypatch, 
     assert len(calls) == 2 and torch.equal(d3, want)
 
 
+def test_rows_cache_on_by_default_never_caches_a_mutable_array(fake_cuda, monkeypatch):
+    """rows_cache is on by default; a writable descriptor array (a caller's, which it could change in place)
+    is computed again every time, even the same object, while the plan's read-only array hits."""
+    from dynamo_ext.transport import rowcopy
+
+    assert rowcopy.TUNING["rows_cache"] is True
+    monkeypatch.setattr(rowcopy, "_rows_cache", {})
+    calls = []
+    real = rowcopy.rows_of
+    monkeypatch.setattr(rowcopy, "rows_of", lambda *a: calls.append(1) or real(*a))
+    lay, plan, src, dst, want = _kv_case(seed=9)
+    mutable = plan.wire.array.copy()
+    for _ in range(2):
+        d = dst.clone()
+        rowcopy.copy_rows(src, d, mutable, use_triton=False)
+        assert torch.equal(d, want)
+    assert len(calls) == 2
+    mutable[:, 1] = mutable[::-1, 1]  # changed in place: must not reuse the rows of the old contents
+    d = dst.clone()
+    rowcopy.copy_rows(src, d, mutable, use_triton=False)
+    assert len(calls) == 3
+    for _ in range(2):
+        rowcopy.copy_rows(src, dst.clone(), plan.wire, use_triton=False)
+    assert len(calls) == 4  # the read-only plan array: one miss, then a hit
+
+
 @pytest.mark.parametrize("src_order,dst_order", [("layer_major", "layer_major"), ("layer_major", "block_major"),
                                                  ("block_major", "layer_major")])
 def test_copy_blocks_moves_every_chunk_of_each_block_and_nothing_else(src_order, dst_order):

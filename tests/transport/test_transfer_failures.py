@@ -18,11 +18,9 @@ import time
 import pytest
 
 from dynamo_ext.transport import KvPool, PeerUnreachable, RemotePool, TransferOptions, TransferTimeout, pull, push
-from dynamo_ext.transport.fallbacks import TcpBackend
-from dynamo_ext.transport.fallbacks.cma import CmaBackend
 from dynamo_ext.transport.probe import probe_layout
 
-from conftest import KINDS, _session_pool, start_peer  # noqa: E402  (tests/transport is on sys.path)
+from conftest import BACKENDS, KINDS, _session_pool, start_peer  # noqa: E402  (tests/transport is on sys.path)
 
 REMOTE_KINDS = [k for k in KINDS if k != "local"]
 BIG = 256 << 20
@@ -39,9 +37,9 @@ async def test_peer_sigkill_mid_transfer_fails_fast(kind, direction, shared_etcd
             be = request.getfixturevalue("nixl_backend")
             pool = _session_pool(be, "big", layout)
         else:
-            be = (CmaBackend if kind == "cma" else TcpBackend)(f"{kind}-kill-{os.getpid()}")
+            be = BACKENDS[kind](f"{kind}-kill-{os.getpid()}")
             await be.start()
-            pool = KvPool.allocate_host("big", layout)
+            pool = KvPool.allocate_host("big", layout, shared=kind == "shm")
             be.register_pool(pool)
         be.add_peer(info)
         remote = RemotePool(info.agent_name, info.pool("kv"))
@@ -87,7 +85,7 @@ async def test_peer_sigkill_mid_transfer_fails_fast(kind, direction, shared_etcd
         be.remove_peer(info.agent_name)
         with pytest.raises(PeerUnreachable, match="unknown peer"):
             await move([0], None)
-        if kind in ("tcp", "cma"):
+        if kind in BACKENDS:
             await be.close()
     finally:
         proc.kill()

@@ -109,6 +109,9 @@ class _TcpRequest(XferRequest):
             self._task.cancel()
             self._on_cancel()
 
+    def completion(self) -> asyncio.Task:
+        return self._task
+
 
 class TcpBackend(TransferBackend):
     name = "tcp"
