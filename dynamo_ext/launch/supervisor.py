@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,6 +246,37 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+_spawner_lock = threading.Lock()
+_spawner_queue: queue.SimpleQueue | None = None
+_spawner_thread: threading.Thread | None = None
+
+
+def _spawner_loop(q: queue.SimpleQueue) -> None:
+    while True:
+        kw, done = q.get()
+        try:
+            done.set_result(subprocess.Popen(**kw))
+        except BaseException as e:  # handed to the caller
+            done.set_exception(e)
+
+
+def _spawn_from_lasting_thread(argv: list[str], **kw) -> subprocess.Popen[bytes]:
+    """Popen from one daemon thread that lives as long as this process. PR_SET_PDEATHSIG (``_die_with_parent``)
+    fires when the *thread* that forked the child ends, not the process: a graph started from a short-lived
+    thread (a test fixture's, a web handler's) lost its children about when that thread returned."""
+    global _spawner_queue, _spawner_thread
+    with _spawner_lock:
+        if _spawner_thread is None or not _spawner_thread.is_alive():
+            _spawner_queue = queue.SimpleQueue()
+            _spawner_thread = threading.Thread(target=_spawner_loop, args=(_spawner_queue,),
+                                               name="dynamo-ext-spawner", daemon=True)
+            _spawner_thread.start()
+        q = _spawner_queue
+    done: Future[subprocess.Popen[bytes]] = Future()
+    q.put(({"args": argv, **kw}, done))
+    return done.result()
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``, from /proc."""
     members = []
@@ -302,7 +335,7 @@ class Supervisor:
                     log.write(f"[supervisor] {note}\n".encode())
                     log.flush()
                 offset = log.tell()  # a restarted child's readiness is read from here on
-                proc = subprocess.Popen(
+                proc = _spawn_from_lasting_thread(
                     spec.argv, env=spec.env, cwd=spec.cwd, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
                 )  # fmt: skip

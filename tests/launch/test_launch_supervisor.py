@@ -223,3 +223,21 @@ def test_ready_line_ignores_a_log_line_glued_onto_it():
     assert child.ready_info == {"role": "decode", "instance_id": "42", "metrics": "http://127.0.0.1:4242/metrics"}
     child = _Lines(["NOTDYNAMO_EXT_READY role=x", "no ready here"])
     assert not ready_line("DYNAMO_EXT_READY")(child)
+
+
+def test_children_outlive_the_thread_that_started_them(tmp_path):
+    """PR_SET_PDEATHSIG follows the forking thread: children are forked from a thread as lasting as the
+    process, so a supervisor used from a short-lived thread keeps them."""
+    import threading
+
+    sup = Supervisor(tmp_path)
+    started = []
+    t = threading.Thread(target=lambda: started.append(sup.start(spec("w", READY, str(tmp_path / "o"), "w"))))
+    t.start()
+    t.join()
+    try:
+        (child,) = started
+        time.sleep(1.0)
+        assert alive(child.proc.pid)
+    finally:
+        sup.stop_all()
