@@ -35,7 +35,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-TransportKind = Literal["auto", "nvlink", "pcie", "rdma", "tcp"]
+TransportKind = Literal["auto", "nvlink", "pcie", "rdma", "shm", "tcp"]
 BackendKind = Literal["nixl", "fallback"]
 RouterPolicy = Literal["dynamo-ext", "round-robin", "dynamo-kv"]
 ModelPreset = Literal["smollm2-135m-instruct", "tiny", "llama3-8b-shape", "llama3-70b-shape"]

@@ -59,7 +59,7 @@ def test_unknown_nested_key_and_top_level():
 
 def test_literal_lists_allowed_values():
     lines = _errors({"workers": {"agg": {}}, "kv_transfer": {"transport": "infiniband"}})
-    assert lines == ["kv_transfer.transport: 'infiniband' is not allowed (allowed: 'auto', 'nvlink', 'pcie', 'rdma' or 'tcp')"]
+    assert lines == ["kv_transfer.transport: 'infiniband' is not allowed (allowed: 'auto', 'nvlink', 'pcie', 'rdma', 'shm' or 'tcp')"]
 
 
 def test_range_is_reported():

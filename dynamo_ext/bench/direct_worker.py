@@ -4,7 +4,7 @@ Dynamo workers run).
 
     python -m dynamo_ext.bench.direct_worker --role {agg,prefill,decode} --worker-id N --name NAME
         [--device cpu|cuda:N] [--preset P --layers L --dtype D] [--num-blocks B] [--block-size 16]
-        [--transport auto|nvlink|pcie|rdma|tcp] [--no-nixl] [--transfer-timeout-s S] [--seed S]
+        [--transport auto|nvlink|pcie|rdma|shm|tcp] [--no-nixl] [--transfer-timeout-s S] [--seed S]
 
 Protocol (one JSON object per line; every line validated with msgspec, nothing is pickled)::
 
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=16384)
     p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--transport", default="auto", help="kv_transfer.transport: auto, nvlink, pcie, rdma, tcp")
+    p.add_argument("--transport", default="auto", help="kv_transfer.transport: auto, nvlink, pcie, rdma, shm, tcp")
     p.add_argument("--no-nixl", action="store_true", help="kv_transfer.backend: fallback (no NIXL)")
     p.add_argument("--transfer-timeout-s", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0, help="weights seed: equal on every worker of a graph")

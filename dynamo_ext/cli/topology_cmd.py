@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from dynamo_ext.topology import Endpoint, NodeTopology, TransportChoice, collect_local_topology, select_transport
+from dynamo_ext.topology import baselines as B
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,7 +79,19 @@ def probe_route(a: Endpoint, b: Endpoint, choice: TransportChoice, cuda_index: d
     return ("gpu", int(ca), int(cb))
 
 
-_PROBED_HOST_BACKENDS = ("cma", "nixl", "tcp")  # backends transport.probe's peer process can run
+_PROBED_HOST_BACKENDS = ("shm", "cma", "nixl", "tcp")  # backends transport.probe's peer process can run
+
+
+def probe_expectation(a: Endpoint, b: Endpoint, choice: TransportChoice) -> tuple[str, float]:
+    """(what ``--probe`` moves on this pair, the GB/s to expect from it): the choice's first backend for host
+    pairs and GPU pairs (CUDA IPC between two processes); for GPU -> host the probe measures the GPU owner's
+    copy into its own pinned host tier, a different route from the pair's backend (NIXL to another process's
+    host memory, ~0.5), so its expectation is that copy's (``baselines.OWNER_COPY_GPU_TO_HOST_GBPS``)."""
+    if (a.device == "host") != (b.device == "host"):
+        return "owner copy GPU -> its pinned host tier", B.OWNER_COPY_GPU_TO_HOST_GBPS
+    if a.device != "host":
+        return "cuda_ipc, two processes", choice.expected_gbps
+    return f"{choice.backends[0] if choice.backends else choice.backend}, two processes", choice.expected_gbps
 
 
 def _host_backends(choice: TransportChoice) -> list[str]:
@@ -195,10 +208,11 @@ def run(args: argparse.Namespace) -> int:
             measured = probe_all(probe_pair, pairs, cuda_index, nbytes)
     if getattr(args, "json", False):
         doc = {"topology": topo.to_dict(), "pairs": []}
-        for na, nb, _a, _b, c in pairs:
+        for na, nb, a, b, c in pairs:
             row = {"a": na, "b": nb, **c.to_dict()}
             if probe_pair is not None:
-                row["measured"] = measured.get((na, nb))
+                route, exp = probe_expectation(a, b, c)
+                row.update(measured=measured.get((na, nb)), probe_route=route, probe_expected_gbps=exp)
             doc["pairs"].append(row)
         print(json.dumps(doc, indent=2))
         return 0
@@ -257,11 +271,12 @@ def format_pairs(pairs: list[tuple[str, str, Endpoint, Endpoint, TransportChoice
         head.append("measured GB/s")
     head.append("env (side a)")
     rows = []
-    for na, nb, _a, _b, c in pairs:
+    for na, nb, a, b, c in pairs:
         r = [na, nb, c.kind, ">".join(c.backends) or c.backend, f"{c.expected_gbps:g}", f"{c.expected_latency_us:g}"]
         if measured is not None:
             m = measured.get((na, nb))
-            r.append(_fmt_measured(m))
+            route, exp = probe_expectation(a, b, c)
+            r.append(_fmt_measured(m) + (f" (expect {exp:g}: {route})" if isinstance(m, dict) else ""))
         r.append(" ".join(f"{k}={v}" for k, v in c.env.items()) or "-")
         rows.append(r)
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]

@@ -1,7 +1,9 @@
 """The paged KV pool is exactly the memory a ``KvLayout`` describes; plus a free-list block allocator.
 
     PagedKvPool(layout, device)
-      buffer: uint8 tensor of layout.pool_bytes           what NIXL registers and moves
+      buffer: uint8 tensor of layout.pool_bytes           what NIXL registers and moves; on the CPU it lives in
+                                                          shared memory (transport.pool.shared_host_tensor: a
+                                                          memfd a peer worker of the same host maps, backend shm)
       k[layer], v[layer]: typed views [num_blocks, block_size, num_kv_heads, head_dim]
           chunk (block, layer, kv) starts at layout.chunk_offset(block, layer, kv)  (both memory orders)
       chunk(block, layer, kv) -> uint8 view of that chunk
@@ -21,6 +23,7 @@ from typing import Sequence
 import torch
 
 from dynamo_ext.transport.layout import KvLayout, MemoryOrder
+from dynamo_ext.transport.pool import shared_host_tensor, shared_memory_available
 
 from .model import torch_dtype
 from .protocol import OutOfBlocks
@@ -31,7 +34,10 @@ class PagedKvPool:
         self.layout = layout
         self.device = torch.device(device)
         self.dtype = torch_dtype(layout.dtype)
-        self.buffer = torch.zeros(layout.pool_bytes, dtype=torch.uint8, device=self.device)
+        if self.device.type == "cpu" and shared_memory_available():
+            self.buffer = shared_host_tensor(layout.pool_bytes, "kv")  # zero-filled, like torch.zeros
+        else:
+            self.buffer = torch.zeros(layout.pool_bytes, dtype=torch.uint8, device=self.device)
         L, nb, bs, h, d = layout.num_layers, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim
         typed = self.buffer.view(self.dtype)
         if layout.order is MemoryOrder.LAYER_MAJOR:

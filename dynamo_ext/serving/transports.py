@@ -5,8 +5,9 @@ Who calls what, in what order::
 
     worker start-up         ts = WorkerTransports(name, pool, endpoint, options)
                             await ts.start()          backends this process can run for its pool's memory:
-                                                      device: cuda_ipc (CUDA), nixl; host: cma (when the kernel
-                                                      allows process_vm_readv), nixl, tcp. NIXL only with
+                                                      device: cuda_ipc (CUDA), nixl; host: shm (the pool in
+                                                      shared memory: the engine's CPU pool is), cma (when the
+                                                      kernel allows process_vm_readv), nixl, tcp. NIXL only with
                                                       kv_transfer.backend == nixl and when it imports; its UCX
                                                       environment and parameters are select_transport's for the
                                                       pairs this worker can have (process_choice). The pool is
@@ -17,6 +18,7 @@ Who calls what, in what order::
                               order(peer): select_transport(local, peer, force).backends
                                            ∩ what both sides run for their memory
                                            − backends that failed for this peer in the last FAILED_BACKOFF_S
+                                           (shm after cma when this side's shm has no compiled copy loop)
                               each in turn: add_peer (once), transport.pull(...); a TransferError ->
                               the backend is skipped for this peer for a while, the next one is tried
                               (res.failed lists them); none left -> PullFailed (the last error as cause)
@@ -57,7 +59,7 @@ log = logging.getLogger("dynamo_ext.serving.transports")
 #: a backend that failed for a peer is not tried again for that peer for this long
 FAILED_BACKOFF_S = 30.0
 #: backends a worker may run, in the order they are started
-ALL_BACKENDS: tuple[str, ...] = ("cuda_ipc", "cma", "nixl", "tcp")
+ALL_BACKENDS: tuple[str, ...] = ("cuda_ipc", "shm", "cma", "nixl", "tcp")
 
 
 class PullFailed(TransferError):
@@ -108,9 +110,9 @@ class TransportOptions:
     """The ``kv_transfer`` settings a worker's transports follow (dynamo.yaml)."""
 
     nixl: bool = True  # kv_transfer.backend == "nixl"; "fallback": never start NIXL
-    force: str = "auto"  # kv_transfer.transport: auto | nvlink | pcie | rdma | tcp
+    force: str = "auto"  # kv_transfer.transport: auto | nvlink | pcie | rdma | shm | tcp
     rdma_device: str | None = None
-    threads: int = 4  # kv_transfer.transport_threads: copy threads of a host-memory pull (cma), <= the cores
+    threads: int = 4  # kv_transfer.transport_threads: copy threads of a host-memory pull (cma, shm), <= the cores
 
 
 @dataclass
@@ -208,6 +210,10 @@ class WorkerTransports:
             if not cma_available():
                 raise RuntimeError("process_vm_readv is not allowed in this process")
             return CmaBackend(self.name, threads=max(1, min(self.options.threads, os.cpu_count() or 1)))
+        if kind == "shm":
+            from dynamo_ext.transport.fallbacks.shm import ShmBackend  # noqa: PLC0415
+
+            return ShmBackend(self.name, threads=max(1, min(self.options.threads, os.cpu_count() or 1)))
         if kind == "cuda_ipc":
             why = _cuda_ipc_usable()
             if why:
@@ -232,6 +238,9 @@ class WorkerTransports:
             self._tasks.append(asyncio.ensure_future(be.serve(0.01)))  # passive side: staged protocol, notifs
         if not self.backends:
             raise RuntimeError(f"no transport backend can run for a {self.memory} pool here: {self.skipped}")
+        if self.options.force == "shm" and "shm" not in self.backends:
+            raise RuntimeError(f"kv_transfer.transport: shm is forced but the shm backend cannot run here: "
+                               f"{self.skipped.get('shm', 'not wanted for a ' + self.memory + ' pool')}")
         log.info("transport backends: %s (skipped: %s)", list(self.backends), self.skipped or "none")
 
     def advertise(self) -> PeerTransports:
@@ -265,6 +274,11 @@ class WorkerTransports:
         out = [b for b in c.backends
                if b in self.backends and b in peer.backends and peer_mem in BACKEND_MEMORY[b]
                and now - self._failed.get((peer.name, b), -1e18) >= FAILED_BACKOFF_S]
+        if "shm" in out and "cma" in out and not getattr(self.backends["shm"], "native", True):
+            # shm without its compiled copy loop (no C compiler here) copies in Python, as fast as cma with ONE
+            # thread and slower than cma with two (benchmarks/results/transfer-cpu-shm.md): cma first then
+            out.remove("shm")
+            out.insert(out.index("cma") + 1, "shm")
         return c, out
 
     def _connect(self, kind: str, peer: PeerTransports) -> None:

@@ -15,8 +15,8 @@ backends both sides run for their memory (``BACKEND_MEMORY``):
                                                                                host path falls to TCP, 0.68
                                                                                GB/s: offload through the
                                                                                GPU's owner instead)
-  host-shm     same host, both host memory                cma, nixl, tcp       cma (posix,sysv and no cma
-                                                                               backend when the pid
+  host-shm     same host, both host memory                shm, cma, nixl, tcp  cma (posix,sysv and no shm /
+                                                                               cma backend when the pid
                                                                                namespaces differ)
   rdma         other hosts, active RDMA port on both      nixl                 rc, NIC nearest each GPU
   tcp          otherwise                                  nixl, tcp            UCX_TLS=tcp (forced: tcp first)
@@ -26,7 +26,8 @@ messages (cuda_ipc,cuda_copy,self,sm failed at backend creation; cma alone faile
 
 Forcing (``kv_transfer.transport`` in dynamo.yaml): ``nvlink`` needs NVLink peers in two processes;
 ``pcie`` needs one host, two processes and a GPU on at least one side; ``rdma`` needs an active RDMA
-port on both hosts and two processes; ``tcp`` always works. Anything else raises ValueError naming
+port on both hosts and two processes; ``shm`` needs host memory on both sides, two processes of one host
+and one pid namespace (backends: shm only, no fallback); ``tcp`` always works. Anything else raises ValueError naming
 the pair and the kinds allowed for it (``allowed_transports``).
 """
 
@@ -41,14 +42,15 @@ from .model import PCI_AFFINITY_ORDER, GpuInfo, NodeTopology, RdmaNic, RdmaPort
 
 Kind = Literal["same-process", "same-gpu", "nvlink", "pcie", "host-shm", "rdma", "tcp"]
 KINDS: tuple[str, ...] = ("same-process", "same-gpu", "nvlink", "pcie", "host-shm", "rdma", "tcp")
-Backend = Literal["local", "cuda_ipc", "cma", "nixl", "tcp"]  # transport.make_backend names
+Backend = Literal["local", "cuda_ipc", "shm", "cma", "nixl", "tcp"]  # transport.make_backend names
 #: which memory each backend moves between two processes (nixl: both; local: one process)
 BACKEND_MEMORY: dict[str, frozenset[str]] = {
-    "local": frozenset({"host", "device"}), "cuda_ipc": frozenset({"device"}), "cma": frozenset({"host"}),
+    "local": frozenset({"host", "device"}), "cuda_ipc": frozenset({"device"}), "shm": frozenset({"host"}),
+    "cma": frozenset({"host"}),
     "nixl": frozenset({"host", "device"}), "tcp": frozenset({"host"}),
 }
-Force = Literal["auto", "nvlink", "pcie", "rdma", "tcp"]
-FORCES: tuple[str, ...] = ("auto", "nvlink", "pcie", "rdma", "tcp")
+Force = Literal["auto", "nvlink", "pcie", "rdma", "shm", "tcp"]
+FORCES: tuple[str, ...] = ("auto", "nvlink", "pcie", "rdma", "shm", "tcp")
 _FORCE_ALIASES = {"ib": "rdma", "infiniband": "rdma", "roce": "rdma"}
 
 TLS_CONTROL = "tcp"  # see module docstring
@@ -162,6 +164,9 @@ def allowed_transports(a: Endpoint, b: Endpoint) -> list[str]:
         out.append("pcie")
     if not same_proc and a.topology.active_nics() and b.topology.active_nics():
         out.append("rdma")
+    if same_host and not same_proc and not (ga or gb) \
+            and a.topology.host.pid_namespace == b.topology.host.pid_namespace:
+        out.append("shm")
     out.append("tcp")
     return out
 
@@ -187,7 +192,7 @@ def select_transport(
 ) -> TransportChoice:
     """Choose the transport for moving bytes between ``a`` and ``b`` (see the module docstring).
 
-    ``force``: auto | nvlink | pcie | rdma | tcp ('ib' is accepted for rdma). Raises ValueError for
+    ``force``: auto | nvlink | pcie | rdma | shm | tcp ('ib' is accepted for rdma). Raises ValueError for
     an unknown value, an unknown GPU index, or a forced kind this pair cannot use.
     ``rdma_device``: ``kv_transfer.rdma_device``, used for side a when it is an active NIC."""
     force = _FORCE_ALIASES.get(force, force)
@@ -222,6 +227,12 @@ def _why_not(force: str, a: Endpoint, b: Endpoint) -> str:
     if force == "rdma":
         missing = [e.topology.host.hostname for e in (a, b) if not e.topology.active_nics()]
         return f"no active RDMA port on {', '.join(missing)}"
+    if force == "shm":
+        if not _same_host(a, b):
+            return "shared memory needs both endpoints on one host"
+        if a.gpu or b.gpu:
+            return "shared memory moves host memory; one side is GPU memory"
+        return "the endpoints are in different pid namespaces (a peer's memfd is opened through /proc/<pid>)"
     return "not possible"
 
 
@@ -253,6 +264,10 @@ def _forced(force: str, a: Endpoint, b: Endpoint, rdma_device: str | None) -> Tr
         return _tcp_choice(a, b, [why], forced=True)
     if force == "rdma":
         return _rdma_choice(a, b, rdma_device, forced=True)
+    if force == "shm":
+        c = _host_shm_choice(a, b)
+        return msgspec.structs.replace(c, backend="shm", backends=("shm",), forced=True,
+                                       reasons=(why, *c.reasons), expected_gbps=B.HOST_SHM_MAPPED_GBPS)
     if force == "nvlink":
         c = _ipc_choice("nvlink", B.NVLINK_IPC_GBPS, a, b, [why])
         return msgspec.structs.replace(c, forced=True)
@@ -331,36 +346,42 @@ def _gpu_host_choice(a: Endpoint, b: Endpoint) -> TransportChoice:
     base = _host_shm_choice(a, b)
     return TransportChoice(
         kind="pcie", backend="nixl", backends=("nixl",),
-        expected_gbps=min(B.PCIE_HOST_DEVICE_GBPS, base.expected_gbps),
+        expected_gbps=B.NIXL_GPU_TO_FOREIGN_HOST_GBPS,  # what its only backend delivers (was min(PCIe, host-shm))
         expected_latency_us=B.LATENCY_US["pcie"], nixl_params=base.nixl_params, agent_config=base.agent_config,
         env=base.env, peer_env=base.peer_env,
         reasons=(f"GPU {g.index} of pid {gpu_side.pid} <-> host memory of pid {host_side.pid} on one host",
                  "the GPU's owner copies to its own pinned host buffer (PCIe, 55 GB/s measured), "
                  "then host->host over host-shm (env given for that hop)"),
-        notes=(f"NIXL's default GPU -> foreign host memory path falls to TCP ({B.NIXL_GPU_TO_FOREIGN_HOST_GBPS} "
-               "GB/s measured): do not hand device memory to another process's host pool",),
+        notes=("NIXL's default GPU -> foreign host memory path falls to TCP (0.35-0.72 GB/s measured, expected "
+               f"{B.NIXL_GPU_TO_FOREIGN_HOST_GBPS}): do not hand device memory to another process's host pool; the "
+               f"owner's own copy into its pinned host tier runs at ~{B.OWNER_COPY_GPU_TO_HOST_GBPS:g} "
+               "(what topology --probe measures for GPU -> host)",),
     )  # fmt: skip
 
 
 def _host_shm_choice(a: Endpoint, b: Endpoint) -> TransportChoice:
     same_ns = a.topology.host.pid_namespace == b.topology.host.pid_namespace
     if same_ns:
-        tls, gbps = f"cma,self,{TLS_CONTROL}", B.HOST_SHM_CMA_GBPS
-        why = "host memory of two processes on one host: UCX cma (process_vm_writev, zero copy)"
+        tls, gbps = f"cma,self,{TLS_CONTROL}", B.HOST_SHM_MAPPED_GBPS
+        why = ("host memory of two processes on one host: backend shm (both pools in shared memory, the peer's "
+               "mapped once, one memcpy per run), then cma (process_vm_readv); for NIXL, UCX cma")
     else:
         tls, gbps = f"posix,sysv,self,{TLS_CONTROL}", B.HOST_SHM_POSIX_GBPS
         why = "host memory, one kernel, different pid namespaces (cma needs one): UCX posix/sysv shared memory"
     if a.topology.gpus or b.topology.gpus:  # NIXL 1.5.1 refuses a UCX_TLS without cuda_copy on a GPU node
         tls = f"{tls},cuda_copy"
     return TransportChoice(
-        kind="host-shm", backend="cma" if same_ns else "nixl",
-        backends=("cma", "nixl", "tcp") if same_ns else ("nixl", "tcp"),
+        kind="host-shm", backend="shm" if same_ns else "nixl",
+        backends=("shm", "cma", "nixl", "tcp") if same_ns else ("nixl", "tcp"),
         expected_gbps=gbps, expected_latency_us=B.LATENCY_US["host-shm"],
         agent_config={"enable_prog_thread": False}, env=_ucx_env(tls, "lo"), peer_env=_ucx_env(tls, "lo"),
         reasons=(why,),
-        notes=("enable_prog_thread=False on both sides (11.0 vs 7.6 GB/s, and ms -> us notification latency "
-               "on a 2-core box): the caller must poll check_xfer_state/get_new_notifs",
-               "~10 GB/s measured on a 2-core CPU box; a large host does better"),
+        notes=(("shm measured 1.22x cma with one copy thread, 1.16x with two, 0.88 x memcpy (1 GiB of scattered "
+                "KV, 2-core box, benchmarks/results/transfer-cpu-shm.md); it needs both pools in shared memory "
+                "(the engine's CPU pool is) and falls back to cma when a peer's pool cannot be mapped",) if same_ns
+               else ()) + (
+               "NIXL: enable_prog_thread=False on both sides (11.0 vs 7.6 GB/s, and ms -> us notification latency "
+               "on a 2-core box): the caller must poll check_xfer_state/get_new_notifs",),
     )  # fmt: skip
 
 

@@ -11,10 +11,14 @@ from pathlib import Path
 
 from dynamo_ext.launch import infra
 from dynamo_ext.transport.fallbacks.cma import cma_available
+from dynamo_ext.transport.fallbacks.hostcopy import native_available
+from dynamo_ext.transport.fallbacks.shm import shm_available
 
 ROOT = Path(__file__).resolve().parents[2]
-#: the backend select_transport puts first for two host-memory processes of one host
-HOST_BACKEND = "cma" if cma_available() else "nixl"
+#: the backend a worker pulls with for two host-memory processes of one host (select_transport's order; the
+#: engine pools are in shared memory; shm without its compiled copy loop goes after cma)
+HOST_BACKEND = ("shm" if shm_available() and (native_available() or not cma_available())
+                else "cma" if cma_available() else "nixl")
 
 
 def live_procs_with_env(marker: str) -> list[int]:

@@ -22,6 +22,7 @@ from dynamo_ext.topology import collect_local_topology
 from dynamo_ext.topology.select import Endpoint, select_transport
 from dynamo_ext.transport import KvPool, PeerInfo, preset
 from dynamo_ext.transport.fallbacks.cma import cma_available
+from dynamo_ext.transport.fallbacks.shm import shm_available
 from dynamo_ext.transport.verify import pattern
 
 HERE = Path(__file__).parent
@@ -54,8 +55,8 @@ class Peer:
             self.p.kill()
 
 
-def _local(options: TransportOptions) -> tuple[WorkerTransports, KvPool]:
-    pool = KvPool.allocate_host("kv-decode", preset("tiny", BLOCKS), pin=False)
+def _local(options: TransportOptions, shared: bool = False) -> tuple[WorkerTransports, KvPool]:
+    pool = KvPool.allocate_host("kv-decode", preset("tiny", BLOCKS), pin=False, shared=shared)
     topo = collect_local_topology(None)
     return WorkerTransports(f"local-{topo.pid}", pool, Endpoint(topo, topo.pid, "host"), options), pool
 
@@ -91,7 +92,8 @@ async def test_pull_uses_the_backend_select_transport_picks():
         await ts.start()
         pt = PeerTransports.decode(peer.blob)
         want = select_transport(ts.endpoint, pt.endpoint()).backends
-        assert want[0] == ("cma" if cma_available() else want[0])
+        assert want[:2] == ("shm", "cma")  # pools outside shared memory here: shm is not started, cma serves
+        assert "shm" not in ts.backends and "shared memory" in ts.skipped["shm"]
         src, dst = _ids(1)
         res = await ts.pull(pt, "kv-prefill", src, dst, deadline_s=10)
         expected = next(b for b in want if b in ts.backends and b in pt.backends)
@@ -159,6 +161,49 @@ async def test_a_failing_backend_falls_back_to_the_next_and_is_skipped_for_that_
     finally:
         await ts.close()
         peer.close()
+
+
+@pytest.mark.skipif(not shm_available(), reason="needs memfd_create / pidfd_open")
+async def test_shared_pools_pull_over_shm_and_an_unmappable_segment_falls_back():
+    peer = Peer("--shared")
+    ts, pool = _local(TransportOptions(), shared=True)  # as two workers' engine pools on the CPU
+    try:
+        await ts.start()
+        good = PeerTransports.decode(peer.blob)
+        assert "shm" in ts.backends and "shm" in good.backends
+        src, dst = _ids(5)
+        res = await ts.pull(good, "kv-prefill", src, dst, deadline_s=10)
+        assert (res.backend, res.kind, res.failed) == ("shm", "host-shm", []), res
+        _check_bytes(pool, src, dst)
+        if cma_available():  # without its compiled loop shm copies in Python: cma (2 threads) goes first
+            native, ts.backends["shm"].native = ts.backends["shm"].native, False
+            assert ts.order(good)[1][:2] == ["cma", "shm"]
+            ts.backends["shm"].native = native
+            assert ts.order(good)[1][:2] == (["shm", "cma"] if native else ["cma", "shm"])
+        # the peer's shm entry advertises a segment that is not the file behind its fd: refused at add_peer,
+        # the pull goes on over the next backend, and shm is skipped for that peer afterwards
+        info = PeerInfo.decode(good.backends["shm"])
+        d = info.pools[0]
+        forged = msgspec.structs.replace(info, pools=[
+            msgspec.structs.replace(d, shm=msgspec.structs.replace(d.shm, inode=d.shm.inode + 1))])
+        bad = msgspec.structs.replace(good, backends={**good.backends, "shm": forged.encode()})
+        pool.buffer[:] = 0
+        src, dst = _ids(6)
+        res = await ts.pull(bad, "kv-prefill", src, dst, deadline_s=10)
+        assert [b for b, _ in res.failed] == ["shm"] and "not the advertised" in res.failed[0][1], res
+        assert res.backend == ("cma" if cma_available() else "nixl")
+        _check_bytes(pool, src, dst)
+        assert "shm" not in ts.order(bad)[1]
+    finally:
+        await ts.close()
+        peer.close()
+
+
+async def test_forcing_shm_without_shared_memory_fails_at_start_naming_the_field():
+    ts, _pool = _local(TransportOptions(force="shm"))  # a pool outside shared memory
+    with pytest.raises(RuntimeError, match="kv_transfer.transport: shm is forced"):
+        await ts.start()
+    await ts.close()
 
 
 def test_forcing_a_transport_this_host_cannot_use_fails_at_start_naming_the_field():

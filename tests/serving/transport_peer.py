@@ -1,6 +1,6 @@
 """The other process of tests/serving/test_transports.py: a worker's transports over a host KV pool.
 
-    python tests/serving/transport_peer.py --blocks N --seed S [--force tcp] [--no-nixl]
+    python tests/serving/transport_peer.py --blocks N --seed S [--force tcp] [--no-nixl] [--shared]
 
 Fills its pool with ``transport.verify.pattern(seed)``, starts ``serving.WorkerTransports`` (every backend it
 can run), prints one JSON line ``{"blob": <PeerTransports hex>, "backends": [...], "skipped": {...}}`` and
@@ -30,8 +30,9 @@ async def main() -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--force", default="auto")
     p.add_argument("--no-nixl", action="store_true")
+    p.add_argument("--shared", action="store_true", help="the pool in shared memory (as the engine's CPU pool)")
     a = p.parse_args()
-    pool = KvPool.allocate_host("kv-prefill", preset("tiny", a.blocks), pin=False)
+    pool = KvPool.allocate_host("kv-prefill", preset("tiny", a.blocks), pin=False, shared=a.shared)
     pattern(pool.buffer, a.seed)
     topo = collect_local_topology(None)
     ts = WorkerTransports(f"peer-{topo.pid}", pool, Endpoint(topo, topo.pid, "host"),

@@ -61,10 +61,12 @@ def test_probe_calls_probe_pair_for_host_pairs_only(monkeypatch, capsys):
     doc = json.loads(capsys.readouterr().out)
     hh = next(p for p in doc["pairs"] if p["a"] == "host" and p["b"] == "host")
     # every backend of the choice, in its order; NIXL with the choice's UCX settings; a failure is a result
-    assert hh["backends"] == ["cma", "nixl", "tcp"]
-    assert hh["measured"] == {"cma": {"write": 9.5, "read": 8.5}, "nixl": {"write": 9.5, "read": 8.5},
-                              "tcp": "error: RuntimeError: no route"}
-    assert calls == [(1 << 20, "cma", None, "write"), (1 << 20, "cma", None, "read"),
+    assert hh["backends"] == ["shm", "cma", "nixl", "tcp"]
+    assert hh["measured"] == {"shm": {"write": 9.5, "read": 8.5}, "cma": {"write": 9.5, "read": 8.5},
+                              "nixl": {"write": 9.5, "read": 8.5}, "tcp": "error: RuntimeError: no route"}
+    assert (hh["probe_route"], hh["probe_expected_gbps"]) == ("shm, two processes", hh["expected_gbps"])
+    assert calls == [(1 << 20, "shm", None, "write"), (1 << 20, "shm", None, "read"),
+                     (1 << 20, "cma", None, "write"), (1 << 20, "cma", None, "read"),
                      (1 << 20, "nixl", "cma,self,tcp", "write"), (1 << 20, "nixl", "cma,self,tcp", "read"),
                      (1 << 20, "tcp", None, "write")]
 
@@ -90,7 +92,7 @@ def test_real_probe_host_pair(capsys):
     assert topology_cmd.run(ns(probe=True, json=True, probe_bytes=16 << 20)) == 0
     doc = json.loads(capsys.readouterr().out)
     hh = next(p for p in doc["pairs"] if p["a"] == "host" and p["b"] == "host")
-    assert set(hh["measured"]) == {"cma", "nixl", "tcp"}, hh
+    assert set(hh["measured"]) == {"shm", "cma", "nixl", "tcp"}, hh
     for be, m in hh["measured"].items():
         assert m["write"] > 0.1 and m["read"] > 0.1, (be, hh)
 
@@ -131,9 +133,15 @@ def test_probe_all_sends_gpu_pairs_to_one_gpu_prober(monkeypatch):
     assert made[0].calls == [(0, 0), (0, 1), (0, -1), (1, 1), (1, -1)]
     assert m[("gpu0", "gpu1")] == {"write": 101.0}
     # the host pair: every host backend of the choice (cma, nixl, tcp), READ and WRITE each
-    assert m[("host", "host")] == {b: {"write": 7.0, "read": 7.0} for b in ("cma", "nixl", "tcp")}
+    assert m[("host", "host")] == {b: {"write": 7.0, "read": 7.0} for b in ("shm", "cma", "nixl", "tcp")}
     assert m[("gpu1", "host")].startswith("error: bytes differ")
-    assert "W 101" in topology_cmd.format_pairs(pairs, m)
+    text = topology_cmd.format_pairs(pairs, m)
+    assert "W 101" in text
+    # GPU -> host measures the owner's copy into its pinned tier: compared with that route's 48, not the
+    # pair's NIXL expectation (0.5) nor the old 10
+    m[("gpu0", "host")] = {"write": 45.0}
+    row = next(ln for ln in topology_cmd.format_pairs(pairs, m).splitlines() if ln.startswith("gpu0  host"))
+    assert "W 45 (expect 48: owner copy GPU -> its pinned host tier)" in row, row
 
 
 def test_host_probe_adds_cuda_copy_on_a_gpu_node_only():

@@ -8,6 +8,7 @@ import pytest
 from topo_factory import cpu_node
 
 from dynamo_ext.topology import Endpoint, LinkTable, select_transport
+from dynamo_ext.topology import baselines as B
 
 P = ("w0/gpu0", "w1/gpu0")
 Q = ("w0/host", "w1/host")
@@ -76,7 +77,7 @@ def test_snapshot_is_plain_builtins():
 
     assert plain(snap) and snap["version"] == 1
     links = {(d["src"], d["dst"]): d for d in snap["links"]}
-    assert links[pair]["kind"] == "host-shm" and links[pair]["gbps"] == 10.0 and links[pair]["healthy"]
+    assert links[pair]["kind"] == "host-shm" and links[pair]["gbps"] == B.HOST_SHM_MAPPED_GBPS and links[pair]["healthy"]
     assert links[P]["gbps"] == 0.0 and links[P]["failures"] == 1 and links[P]["next_probe_at"] == 6.0
 
 

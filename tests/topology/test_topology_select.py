@@ -46,7 +46,8 @@ def test_same_gpu_two_processes():
 
 def test_nvlink_peers():
     c = select_transport(ep(A, 0), ep(A2, 1))
-    assert (c.kind, c.backend, c.backends, c.expected_gbps) == ("nvlink", "cuda_ipc", ("cuda_ipc", "nixl"), 300.0)
+    assert (c.kind, c.backend, c.backends, c.expected_gbps) == ("nvlink", "cuda_ipc", ("cuda_ipc", "nixl"),
+                                                                B.NVLINK_IPC_GBPS)
     assert c.nixl_params["ucx_error_handling_mode"] == "none"
     assert c.env["UCX_TLS"].split(",")[-1] == "tcp" and c.env["UCX_NET_DEVICES"] == "lo"
     assert c.agent_config == {"enable_prog_thread": False}
@@ -64,13 +65,15 @@ def test_gpu_to_host_of_another_process_is_nixl_and_says_it_is_slow():
     for a, b in ((ep(A, 0), ep(A2, "host")), (ep(A, "host"), ep(A2, 1))):
         c = select_transport(a, b)
         assert (c.kind, c.backend, c.backends) == ("pcie", "nixl", ("nixl",))
-        assert c.expected_gbps == min(B.PCIE_HOST_DEVICE_GBPS, B.HOST_SHM_CMA_GBPS)
-        assert any("0.68" in n and "TCP" in n for n in c.notes)
+        # what its only backend delivers (NIXL falls to TCP): 0.35-0.72 measured, not min(PCIe, host-shm) = 10
+        assert c.expected_gbps == B.NIXL_GPU_TO_FOREIGN_HOST_GBPS < 1
+        assert any("0.35-0.72" in n and "TCP" in n for n in c.notes)
 
 
 def test_host_shm_on_a_cpu_box():
     c = select_transport(ep(CPU1), ep(CPU2))
-    assert (c.kind, c.backend, c.backends, c.expected_gbps) == ("host-shm", "cma", ("cma", "nixl", "tcp"), 10.0)
+    assert (c.kind, c.backend, c.backends, c.expected_gbps) == ("host-shm", "shm", ("shm", "cma", "nixl", "tcp"),
+                                                                B.HOST_SHM_MAPPED_GBPS)
     assert c.env == {"UCX_TLS": "cma,self,tcp", "UCX_NET_DEVICES": "lo"}
     gpu_node = select_transport(ep(A, "host"), ep(A2, "host"))  # NIXL 1.5.1 wants cuda_copy on a GPU node
     assert gpu_node.env["UCX_TLS"] == "cma,self,tcp,cuda_copy"
@@ -131,6 +134,9 @@ def test_forced_kinds_that_work():
     assert c.kind == "tcp" and c.expected_gbps == B.NIXL_ONE_PROCESS_GBPS
     c = select_transport(ep(A, 0), ep(A2, 1), force="auto")
     assert c.kind == "nvlink" and not c.forced
+    c = select_transport(ep(CPU1), ep(CPU2), force="shm")  # shared memory only, no fallback
+    assert (c.kind, c.backend, c.backends, c.forced) == ("host-shm", "shm", ("shm",), True)
+    assert "forced" in c.reasons[0]
 
 
 @pytest.mark.parametrize("a, b, force, match", [
@@ -142,6 +148,9 @@ def test_forced_kinds_that_work():
     (ep(A, 0), ep(A, 1), "nvlink", "one process"),
     (ep(CPU1), ep(CPU2), "pcie", "both endpoints are host memory"),
     (ep(CPU1), ep(cpu_node("x", pid=1)), "rdma", "no active RDMA port on cpu-box, x"),
+    (ep(CPU1), ep(cpu_node("x", pid=1)), "shm", "one host"),
+    (ep(A, 0), ep(A2, "host"), "shm", "GPU memory"),
+    (ep(A, "host"), ep(nvlink_node("node-a", pid=1000, ns="pid:[999]"), "host"), "shm", "pid namespaces"),
 ])  # fmt: skip
 def test_forced_kinds_that_cannot_work_raise(a, b, force, match):
     with pytest.raises(ValueError, match=match) as ei:
@@ -160,7 +169,7 @@ def test_bad_arguments():
 def test_allowed_transports():
     assert allowed_transports(ep(A, 0), ep(A2, 1)) == ["auto", "nvlink", "pcie", "rdma", "tcp"]
     assert allowed_transports(ep(A, 0), ep(A, 1)) == ["auto", "tcp"]
-    assert allowed_transports(ep(CPU1), ep(CPU2)) == ["auto", "tcp"]
+    assert allowed_transports(ep(CPU1), ep(CPU2)) == ["auto", "shm", "tcp"]
 
 
 def test_endpoint_of_uses_the_worker_gpu():

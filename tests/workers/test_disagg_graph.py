@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from conftest import Graph, tokens_of
 
 from dynamo_ext.transport.fallbacks.cma import cma_available
+from dynamo_ext.transport.fallbacks.hostcopy import native_available
+from dynamo_ext.transport.fallbacks.shm import shm_available
 
 N_REQ = 50
 WORDS = "the quick brown fox jumps over a lazy dog while seven tired cats watch from the old red barn".split()
@@ -67,11 +69,12 @@ def test_disagg_equals_agg_through_frontend(servers, model_dir, tmp_path):
         assert got == ref
 
         # every request went prefill -> pull (the backend select_transport picks for two processes' host
-        # memory on one host: cma when the kernel allows process_vm_readv) -> decode
+        # memory on one host: shm, the engine pools being in shared memory; else cma) -> decode
         logs = d0.log() + "\n" + d1.log()
         lines = [ln for ln in logs.splitlines() if "kv transfer received" in ln]
         assert len(lines) == N_REQ, logs[-2000:]
-        want = "cma" if cma_available() else "nixl"
+        want = ("shm" if shm_available() and (native_available() or not cma_available())
+                else "cma" if cma_available() else "nixl")
         assert all(f"kind=host-shm backend={want} path=host->host" in ln for ln in lines), lines[:3]
         moved = [_counter(d.metrics(), "dynamo_ext_kv_transfer_bytes_total") for d in (d0, d1)]
         assert all(m > 0 for m in moved), moved

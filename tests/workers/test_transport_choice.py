@@ -22,6 +22,8 @@ from dynamo_ext.engine.core import EngineConfig, LlmEngine
 from dynamo_ext.engine.protocol import SamplingParams
 from dynamo_ext.engine.weights import load_model
 from dynamo_ext.transport.fallbacks.cma import cma_available
+from dynamo_ext.transport.fallbacks.hostcopy import native_available
+from dynamo_ext.transport.fallbacks.shm import shm_available
 
 HIDE_NIXL = REPO / "tests" / "serving" / "hide_nixl"
 PROMPTS = [list(range(3, 3 + n)) for n in (40, 75, 130, 33)]
@@ -79,7 +81,9 @@ def test_without_nixl_the_fallback_backends_serve(servers, model_dir, tmp_path, 
         assert toks == reference
         assert "nixl" not in health["transports"]["backends"], health["transports"]
         assert "does not import" in health["transports"]["skipped"]["nixl"], health["transports"]
-        want = "cma" if cma_available() else "tcp"
+        # engine pools are in shared memory: shm first (after cma when it has no compiled copy loop)
+        want = ("shm" if shm_available() and (native_available() or not cma_available())
+                else "cma" if cma_available() else "tcp")
         lines = [ln for ln in log.splitlines() if "kv transfer received" in ln]
         assert len(lines) == len(PROMPTS) and all(f"kind=host-shm backend={want}" in ln for ln in lines), lines
         assert set(moved) == {want}, moved
