@@ -11,6 +11,7 @@ import pytest
 
 from dynamo_ext.serving.transports import ALL_BACKENDS
 from dynamo_ext.transport.fallbacks.cma import cma_available
+from dynamo_ext.transport.fallbacks.shm import shm_available
 
 
 @pytest.fixture()
@@ -36,12 +37,14 @@ def test_product_pull_row_alone(bench, tmp_path):
     r = rows[0]
     assert r["verified"] is True and r["gbps"] > 0 and not r.get("error"), r
     assert r["chosen"] in ALL_BACKENDS and r["backends_used"] == [r["chosen"]] and not r["fell_back"], r
-    assert r["backend"].split(" ")[0] == r["chosen"] and "WorkerTransports.pull" in r["backend"], r
-    if cma_available():  # select_transport's first backend for two host processes of one host
+    assert r["backend"] == r["chosen"] and r["direction"] == "read" and "WorkerTransports.pull" in r["detail"], r
+    if shm_available():  # select_transport's first backend for two host processes of one host (pools shared,
+        assert (r["chosen"], r["kind"]) == ("shm", "host-shm"), r  # as the engine's CPU pool)
+    elif cma_available():
         assert (r["chosen"], r["kind"]) == ("cma", "host-shm"), r
     assert r["descriptors"] > 0 and r["puller"] == "host" and r["peer"] == "host"
     md = out.with_suffix(".md").read_text()
-    assert f"| host->host | product-pull ({r['chosen']}) |" in md, md
+    assert f"| host->host | {r['chosen']} READ product-pull |" in md, md
     assert out.with_suffix(".png").stat().st_size > 1000
     # selected alone: no NIXL agent of the bench's own, and the transports' UCX variables were put back
     assert nixl_backend._AGENTS_IN_PROCESS == agents_before
@@ -56,7 +59,7 @@ def test_product_pull_listed_after_the_path_rows(bench, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["method"] for r in rows] == ["planned", "cma-pull", "product-pull"], rows
     assert all(r["verified"] for r in rows), rows
-    assert rows[1]["backend"].startswith("cma x") and rows[1]["backend"].endswith("(READ)")
+    assert (rows[1]["backend"], rows[1]["direction"], rows[1]["threads"]) == ("cma", "read", 1)
 
 
 def test_peer_readline_keeps_lines_read_in_one_chunk():
@@ -80,3 +83,31 @@ def test_peer_readline_keeps_lines_read_in_one_chunk():
         assert time.monotonic() - t0 < 2
     finally:
         PeerProcess._kill(proc)
+
+
+@pytest.mark.skipif(not shm_available(), reason="needs memfd_create / pidfd_open")
+def test_default_output_never_overwrites_results_and_names_rows_and_the_best(bench, tmp_path, capsys):
+    """Without --out the run writes into a NEW temporary directory and says where (committed results in
+    benchmarks/results are never touched); rows are named backend + direction + method; the table ends with
+    the best row per path and what set it; --out writes exactly there."""
+    from pathlib import Path
+
+    res = Path(bench.__file__).resolve().parents[2] / "benchmarks" / "results"
+    before = {p.name: p.stat().st_mtime_ns for p in res.glob("transfer-*")} if res.is_dir() else {}
+    assert bench.main(["--size", "2MiB", "--paths", "host->host", "--reps", "1", "--methods",
+                       "copy,shm-pull,shm-pull-2t"]) == 0
+    out = capsys.readouterr().out
+    where = Path(out.strip().splitlines()[-1].split("results: ", 1)[1].split(" (+")[0])
+    assert where.exists() and where.with_suffix(".md").exists() and not where.is_relative_to(res)
+    assert before == ({p.name: p.stat().st_mtime_ns for p in res.glob("transfer-*")} if res.is_dir() else {})
+    rows = json.loads(where.read_text())["results"]
+    assert [bench.row_name(r) for r in rows] == ["local COPY memcpy", "shm READ shm-pull", "shm READ shm-pull-2t"]
+    assert all(r["verified"] for r in rows), rows
+    md = where.with_suffix(".md").read_text()
+    best = max(rows[1:], key=lambda r: r["gbps"])
+    assert "Best per path" in md and f"{bench.row_name(best)}" in md.split("Best per path")[1]
+    assert f"{best['threads']} thread(s)" in md.split("Best per path")[1]
+    again = tmp_path / "named.json"
+    assert bench.main(["--size", "2MiB", "--paths", "host->host", "--reps", "1", "--methods", "copy",
+                       "--out", str(again)]) == 0
+    assert again.exists() and f"results: {again}" in capsys.readouterr().out

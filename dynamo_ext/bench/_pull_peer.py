@@ -34,6 +34,7 @@ import sys
 from typing import Any
 
 from dynamo_ext.transport import KvLayout, KvPool
+from dynamo_ext.transport.pool import shared_memory_available
 from dynamo_ext.transport.probe import PeerProcess, clear_pool, digest, fill_pool, fingerprint, pool_bytes
 
 POOL = "kv-prefill"
@@ -77,8 +78,8 @@ async def _main(a: argparse.Namespace, out: Any) -> int:
     from dynamo_ext.topology.select import Endpoint  # noqa: PLC0415
 
     layout = KvLayout.from_dict(json.loads(a.layout))
-    pool = (KvPool.allocate_device(a.pool, layout, a.device) if a.device >= 0
-            else KvPool.allocate_host(a.pool, layout))
+    pool = (KvPool.allocate_device(a.pool, layout, a.device) if a.device >= 0  # host: in shared memory, as the
+            else KvPool.allocate_host(a.pool, layout, shared=shared_memory_available()))  # engine's CPU pool
     fill_pool(pool, a.seed)
     topo = collect_local_topology(a.device if a.device >= 0 else None)
     dev = "host" if topo.worker_gpu is None else topo.worker_gpu

@@ -34,17 +34,27 @@ Protocol::
              planned        on host->host: through make_backend("auto", memory="host") = the cma backend
                             (process_vm_writev, iovec arrays) when the kernel allows it; then the
                             NIXL row is called planned-nixl; cma-2t/-4t: cma with 2/4 copy threads;
-                            cma-pull: planned READs (process_vm_readv) through a bare cma backend from a cma
-                            peer into a fresh pool here = product-pull's backend and direction without the
-                            serving layer
+                            cma-pull / cma-pull-2t: planned READs (process_vm_readv, 1 / 2 threads) through a
+                            bare cma backend from a cma peer into a fresh pool here = product-pull's direction
+                            without the serving layer
              owner-copy     (GPU->host) the GPU owner copies into its own pinned host pool:
                             transport.copy(gpu_pool, host_pool) (rowcopy.copy_device_to_host,
                             zero-copy when pinned + Triton); owner-copy-staged: gather -> D2H slots ->
                             threaded host scatter; owner-copy-zc: the row kernel stores into pinned
                             host memory directly (UVA zero-copy)
-      -> JSON {"machine", "size_bytes", "layout", "results": [{path, method, gbps, descriptors, verified,
-         backend, ...}]} (product-pull adds chosen, kind, backends_used, fell_back, started, skipped, puller,
-         peer) + a markdown table and a PNG bar chart next to it (benchmarks/results/ by default)
+             shm / shm-2t   on host->host: planned WRITEs through the shm backend (fallbacks/shm.py): the
+                            source bytes in a shared-memory pool here, the peer's pool (shared memory) mapped
+                            here at add_peer, one memcpy per merged run (the compiled loop of
+                            fallbacks/hostcopy.py in 1 / 2 threads); shm-pull / shm-pull-2t: planned READs
+                            from a shm peer into a fresh shared pool here (product-pull's direction and
+                            memory); shm-pull-py: the same READ through the python loop (no compiler)
+      -> JSON {"machine", "size_bytes", "layout", "load", "results": [{path, method, gbps, descriptors,
+         verified, backend (the make_backend name), direction (write | read | copy), threads, detail, ...}]}
+         (product-pull adds chosen, kind, backends_used, fell_back, started, skipped, puller, peer) + a
+         markdown table (rows named "backend DIRECTION method", x copy = the same run's ratio to the path's
+         copy ceiling, then the best row per path and what set it: threads, descriptors, sweep config) and a
+         PNG bar chart next to it. Output: ``--out PATH`` (overwritten when asked); by default a NEW
+         temporary directory, printed, so committed results in benchmarks/results are never overwritten
 
 Runs without the Dynamo runtime (torch, CUDA and nixl only). CLI: ``dynamo-ext bench transfer
 --size 1GiB --layout llama3-70b [--methods product-pull,cma-pull,planned,...]`` (``python -m
@@ -69,7 +79,6 @@ import numpy as np
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
-from dynamo_ext.bench import results_dir  # noqa: E402
 from dynamo_ext.helpfmt import HelpFormatter  # noqa: E402
 from dynamo_ext.transport import (  # noqa: E402
     KvPool,
@@ -81,6 +90,8 @@ from dynamo_ext.transport import (  # noqa: E402
     preset,
     push,
 )
+from dynamo_ext.transport.fallbacks.shm import shm_available  # noqa: E402
+from dynamo_ext.transport.pool import shared_memory_available  # noqa: E402
 from dynamo_ext.transport.probe import PeerProcess, digest, fill_pool, pool_bytes, probe_layout  # noqa: E402
 
 PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination device); -1 = host memory
@@ -90,7 +101,7 @@ PATHS: dict[str, tuple[int, int]] = {  # name -> (source device, destination dev
     "GPU0->host": (0, -1),
 }
 METHODS = ["naive", "planned", "planned-staged", "raw-single", "copy"]
-EXTRA = ["planned-nixl", "cma-2t", "cma-4t", "cma-pull", "product-pull", "cuda-ipc", "cuda-ipc-torch", "owner-copy", "owner-copy-staged",
+EXTRA = ["planned-nixl", "cma-2t", "cma-4t", "cma-pull", "cma-pull-2t", "shm", "shm-2t", "shm-pull", "shm-pull-2t", "shm-pull-py", "product-pull", "cuda-ipc", "cuda-ipc-torch", "owner-copy", "owner-copy-staged",
          "owner-copy-zc", "cuda-ipc-direct", "nccl-single", "nccl-planned"]
 NCCL_SLICE_BYTES = 128 << 20  # nccl-planned: gather/isend/irecv/scatter slices (0 = one message)
 
@@ -217,21 +228,30 @@ class _Bench:
         if self._be is not None:
             self._be.close_sync()
 
-    def local(self, dev: int) -> tuple[KvPool, KvPool]:
+    def local(self, dev: int) -> tuple[KvPool, KvPool | None]:
+        """This run's source pool on ``dev`` (filled once) and its staging pool (None until ``nixl_pools``)."""
         if dev not in self.pools:
-            slay = probe_layout(self.nbytes, chunk_bytes=self.layout.chunk_bytes)
-            if dev >= 0:
-                pool = KvPool.allocate_device("kv", self.layout, dev)
-                stg = KvPool.allocate_device("staging", slay, dev)
-            else:
-                pool = KvPool.allocate_host("kv", self.layout)
-                stg = KvPool.allocate_host("staging", slay)
-            pool.name, stg.name = f"kv{dev}", f"staging{dev}"
+            pool = (KvPool.allocate_device("kv", self.layout, dev) if dev >= 0
+                    else KvPool.allocate_host("kv", self.layout))
+            pool.name = f"kv{dev}"
             fill_pool(pool, 5)
+            self.pools[dev] = (pool, None)
+        return self.pools[dev]
+
+    def nixl_pools(self, dev: int) -> tuple[KvPool, KvPool]:
+        """``local(dev)`` and a staging pool, registered with this process's NIXL agent (created here: rows
+        without NIXL never make one, nor the staging pool)."""
+        pool, stg = self.local(dev)
+        if stg is None:
+            slay = probe_layout(self.nbytes, chunk_bytes=self.layout.chunk_bytes)
+            stg = (KvPool.allocate_device("staging", slay, dev) if dev >= 0
+                   else KvPool.allocate_host("staging", slay))
+            stg.name = f"staging{dev}"
+            self.pools[dev] = (pool, stg)
+        if not self.be.is_registered(pool):
             self.be.register_pool(pool)
             self.be.register_pool(stg, staging=True)
-            self.pools[dev] = (pool, stg)
-        return self.pools[dev]
+        return pool, stg
 
     def want(self, method: str, path: str | None = None) -> bool:
         """``methods`` entries: a method name (every path) or ``path:method`` (that path only)."""
@@ -258,19 +278,31 @@ class _Bench:
 
         sdev, ddev = PATHS[path]
         self.path = path
-        pool, stg = self.local(sdev)
+        pool, _ = self.local(sdev)
         auto_cma = sdev < 0 and ddev < 0 and cma_available()  # what make_backend("auto", memory="host") picks
         names = {m: ("planned-nixl" if (m == "planned" and auto_cma) else m) for m in METHODS}
         todo = [m for m in METHODS if self.want(names[m])]
         out: list[dict[str, Any]] = []
         if todo:
+            if [m for m in todo if m != "copy"]:
+                pool, _ = self.nixl_pools(sdev)
             out += await self._nixl_methods(path, sdev, ddev, pool, todo, names)
         if auto_cma:
             for threads, name in ((None, "planned"), (2, "cma-2t"), (4, "cma-4t")):
                 if self.want(name):
                     out.append(await self._cma(path, pool, threads, name))
-            if self.want("cma-pull"):
-                out.append(await self._cma_pull(path))
+            for name, threads in (("cma-pull", 1), ("cma-pull-2t", 2)):
+                if self.want(name):
+                    out.append(await self._cma_pull(path, name, threads))
+        if sdev < 0 and ddev < 0 and shm_available():
+            for name, threads, op, native in (("shm", 1, "write", None), ("shm-2t", 2, "write", None),
+                                              ("shm-pull", 1, "read", None), ("shm-pull-2t", 2, "read", None),
+                                              ("shm-pull-py", 1, "read", False)):
+                if self.want(name):
+                    try:
+                        out.append(await self._shm(path, pool, name, threads, op, native))
+                    except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+                        out.append(self._failed(path, name, "shm", e))
         if sdev >= 0 and ddev >= 0:
             from dynamo_ext.transport import rowcopy
 
@@ -360,7 +392,12 @@ class _Bench:
                 is_copy = method in ("memcpy", "torch-copy")
                 out.append({"path": path, "method": names.get(method, method), "gbps": round(gbps, 3),
                             "descriptors": int(ndesc), "verified": bool(ok),
-                            "backend": "local" if is_copy else "nixl"})
+                            "backend": "local" if is_copy else "nixl", "direction": "copy" if is_copy else "write",
+                            "detail": {"naive": "one descriptor per chunk", "planned": "merged runs, pool -> pool",
+                                       "planned-staged": "gather -> 1 descriptor -> peer scatters",
+                                       "raw-single": "one descriptor of the same bytes (ceiling)",
+                                       "memcpy": "np.copyto, one thread, contiguous (ceiling)",
+                                       "torch-copy": "one torch copy (ceiling)"}.get(method, "")})
                 self.bar.set_postfix_str(f"{path} {method} {gbps:.2f} GB/s")
         finally:
             self.be.remove_peer(peer.info.agent_name)
@@ -399,26 +436,26 @@ class _Bench:
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": f"cma x{be.threads}"}
+                "backend": "cma", "direction": "write", "threads": be.threads,
+                "detail": f"process_vm_writev, {be.threads} thread(s)"}
 
-    def _pull_pool(self, dev: int, name: str) -> KvPool:
-        """A fresh destination pool for the READ rows (the run's source pool ``local(dev)`` stays untouched)."""
+    def _pull_pool(self, dev: int, name: str, shared: bool = False) -> KvPool:
+        """A fresh destination pool for the READ rows (the run's source pool ``local(dev)`` stays untouched);
+        ``shared``: host memory in a memfd, as the engine's CPU KV pool (product-pull)."""
         return (KvPool.allocate_device(name, self.layout, dev) if dev >= 0
-                else KvPool.allocate_host(name, self.layout))
+                else KvPool.allocate_host(name, self.layout, shared=shared and shared_memory_available()))
 
-    async def _cma_pull(self, path: str) -> dict[str, Any]:
-        """planned (stage=False) READs through a bare cma backend (process_vm_readv) from a cma peer process
-        into a fresh pool here: the same backend and direction as product-pull, without the serving layer."""
-        from dynamo_ext.transport import make_backend, pull
+    async def _cma_pull(self, path: str, name: str = "cma-pull", threads: int = 1) -> dict[str, Any]:
+        """planned (stage=False) READs through a bare cma backend (process_vm_readv, ``threads`` copy threads)
+        from a cma peer process into a fresh pool here: product-pull's direction, without the serving layer."""
+        from dynamo_ext.transport import pull
         from dynamo_ext.transport.fallbacks.cma import CmaBackend
 
-        name = "cma-pull"
-        be = make_backend("auto", f"bench-cmapull-{os.getpid()}", memory="host")
-        assert isinstance(be, CmaBackend), type(be)
+        be = CmaBackend(f"bench-{name}-{os.getpid()}", threads=threads)
         await be.start()
         lpool = self._pull_pool(-1, "kv-pull")
         be.register_pool(lpool)
-        peer = PeerProcess.start(backend="cma", name=f"bench-cmapull-peer-{os.getpid()}", layout=self.layout,
+        peer = PeerProcess.start(backend="cma", name=f"bench-{name}-peer-{os.getpid()}", layout=self.layout,
                                  seed=19, timeout=120)
         try:
             be.add_peer(peer.info)
@@ -439,7 +476,55 @@ class _Bench:
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": f"cma x{be.threads} (READ)"}
+                "backend": "cma", "direction": "read", "threads": be.threads,
+                "detail": f"process_vm_readv, {be.threads} thread(s)"}
+
+    async def _shm(self, path: str, pool: KvPool, name: str, threads: int, op: str,
+                   native: bool | None = None) -> dict[str, Any]:
+        """planned (stage=False) transfers through the shm backend (both pools in shared memory, the peer's
+        mapped here at add_peer): WRITEs from a shared copy of the source pool into a shm peer process, or
+        READs from a shm peer into a fresh shared pool here (what the product's decode worker does)."""
+        from dynamo_ext.transport import pull
+        from dynamo_ext.transport.fallbacks.shm import ShmBackend
+
+        be = ShmBackend(f"bench-{name}-{os.getpid()}", threads=threads, native=native)
+        await be.start()
+        if op == "write":
+            lpool = KvPool.allocate_host(pool.name, pool.layout, shared=True, fill=0)
+            np.copyto(lpool.host_view(), pool.host_view())  # the same bytes, in shared memory
+        else:
+            lpool = KvPool.allocate_host("kv-pull", self.layout, shared=True, fill=0)
+        be.register_pool(lpool)
+        peer = PeerProcess.start(backend="shm", name=f"bench-{name}-peer-{os.getpid()}", layout=self.layout,
+                                 seed=21, timeout=120)
+        try:
+            be.add_peer(peer.info)
+            remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
+            nd = [0]
+            opts = TransferOptions(deadline_s=120, metrics=None, stage=False)
+
+            async def go() -> None:
+                h = await (push(be, lpool, remote, (self.src_ids, self.dst_ids), opts) if op == "write" else
+                           pull(be, remote, lpool, (self.src_ids, self.dst_ids), opts))
+                nd[0] = (await h).descriptors
+
+            times = await self._timed(go)
+            if op == "write":
+                ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
+                    digest(pool_bytes(pool), self.layout, self.src_ids)
+            else:
+                ok = (await peer.acall({"cmd": "digest", "blocks": self.src_ids}, timeout=300))["sha256"] == \
+                    digest(pool_bytes(lpool), self.layout, self.dst_ids)
+        finally:
+            peer.close()
+            await be.close()
+        gbps = self.nbytes / statistics.median(times) / 1e9
+        self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
+        how = (f"compiled loop, {be.threads} thread(s)" if be.native else
+               "python loop: memoryview slices, 1 thread")
+        return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
+                "backend": "shm", "direction": op, "threads": be.threads, "native": be.native,
+                "detail": f"memfd pools mapped by the peer, one memcpy per run ({how})"}
 
     async def product_pull(self, path: str) -> dict[str, Any]:
         """The product's pull (what a decode worker calls): a peer PROCESS runs serving.WorkerTransports over the
@@ -465,7 +550,7 @@ class _Bench:
         try:
             peer = PullPeer.start_peer(name=f"bench-prefill-{tag}-{os.getpid()}", layout=self.layout,
                                        device=sdev, seed=23, timeout=120)
-            pool = self._pull_pool(ddev, "kv-decode")
+            pool = self._pull_pool(ddev, "kv-decode", shared=True)  # as a worker's engine pool
             topo = collect_local_topology(ddev if ddev >= 0 else None)  # as ServingWorker.start
             dev = "host" if topo.worker_gpu is None else topo.worker_gpu
             ts = WorkerTransports(f"bench-decode-{tag}-{os.getpid()}", pool, Endpoint(topo, topo.pid, dev),
@@ -483,7 +568,7 @@ class _Bench:
             verify_ms = self._verify_cost(pool)
             last = used[-1]
             be = ts.backends[last.backend]
-            label = f"cma x{be.threads}" if last.backend == "cma" else last.backend
+            threads = getattr(be, "threads", None)
             started, skipped = list(ts.backends), dict(ts.skipped)
         except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
             row = self._failed(path, name, "WorkerTransports.pull", e)
@@ -502,7 +587,8 @@ class _Bench:
         self.bar.set_postfix_str(f"{path} {name} ({last.backend}) {gbps:.2f} GB/s")
         chosen = sorted({r.backend for r in used})
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(last.stats.descriptors),
-                "verified": bool(ok), "backend": f"{label} (WorkerTransports.pull, {last.kind})",
+                "verified": bool(ok), "backend": last.backend, "direction": "read", "threads": threads,
+                "detail": f"WorkerTransports.pull, {last.kind}" + (f", {threads} thread(s)" if threads else ""),
                 "chosen": last.backend, "kind": last.kind, "backends_used": chosen,
                 "fell_back": sorted({f"{b}: {m}"[:200] for r in used for b, m in r.failed}),
                 "started": started, "skipped": skipped, "puller": dev, "peer": peer.ready.get("device"),
@@ -529,7 +615,7 @@ class _Bench:
     def _failed(self, path: str, name: str, backend: str, e: BaseException) -> dict[str, Any]:
         print(f"{path} {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return {"path": path, "method": name, "gbps": 0.0, "descriptors": 0, "verified": False, "backend": backend,
-                "error": f"{type(e).__name__}: {e}"[:300]}
+                "direction": "read" if "pull" in name else "write", "error": f"{type(e).__name__}: {e}"[:300]}
 
     def _nccl(self, path: str, sdev: int, ddev: int, backend: str = "nccl") -> list[dict[str, Any]]:
         """nccl-single / nccl-planned: two fresh processes (torch.distributed, TCPStore on 127.0.0.1)."""
@@ -548,7 +634,8 @@ class _Bench:
         for r in rows:
             extra = "" if r["method"] == "nccl-single" else f", {r['slices']} slices of {r['slice_bytes'] >> 20} MiB"
             out.append({"path": path, "method": r["method"], "gbps": r["gbps"], "descriptors": r["descriptors"],
-                        "verified": r["verified"], "backend": f"{backend} send/recv{extra}"})
+                        "verified": r["verified"], "backend": backend, "direction": "write",
+                        "detail": f"send/recv{extra}"})
         return out
 
     async def sweep(self, path: str, configs: Sequence[dict[str, Any]],
@@ -586,10 +673,10 @@ class _Bench:
                 row = await self._cuda_ipc(path, sdev, ddev, pool, f"sweep-{i}", peer=peer, planner=planner,
                                            fast_verify=True)
                 row["config"] = dict(cfg)
-                row["backend"] = f"cuda_ipc {label}"
+                row["detail"] = label
             except Exception as e:  # noqa: BLE001
-                row = self._failed(path, f"sweep-{i}", f"cuda_ipc {label}", e)
-                row["config"] = dict(cfg)
+                row = self._failed(path, f"sweep-{i}", "cuda_ipc", e)
+                row["config"], row["detail"] = dict(cfg), label
             finally:
                 rowcopy.tune(**old)
             print(f"sweep {path} {label}: {row['gbps']:.1f} GB/s verified={row['verified']} {row.get('error', '')}",
@@ -759,13 +846,14 @@ class _Bench:
         except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
             print(f"{path} {name} failed: {type(e).__name__}: {e}", file=sys.stderr)
             return {"path": path, "method": name, "gbps": 0.0, "descriptors": 0, "verified": False,
-                    "backend": "local", "error": f"{type(e).__name__}: {e}"[:300]}
+                    "backend": "local", "direction": "copy", "error": f"{type(e).__name__}: {e}"[:300]}
         ok = digest(tier.host_view(), self.layout, self.dst_ids) == digest(pool_bytes(pool), self.layout, self.src_ids)
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": {"owner-copy": "local (transport.copy)", "owner-copy-staged": "local (staged + host scatter)",
-                            "owner-copy-zc": "local (zero-copy kernel)"}[name]}
+                "backend": "local", "direction": "copy",
+                "detail": {"owner-copy": "transport.copy", "owner-copy-staged": "staged + host scatter",
+                           "owner-copy-zc": "zero-copy kernel"}[name]}
 
     def _ipc(self, pool: KvPool) -> Any:
         from dynamo_ext.transport.fallbacks.cuda_ipc import CudaIpcBackend
@@ -833,8 +921,9 @@ class _Bench:
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": "cuda_ipc" + (" (direct-read Triton kernel)" if name == "cuda-ipc-direct" else
-                                     " (triton)" if name == "cuda-ipc" and _triton() and sdev == ddev else " (torch)")}
+                "backend": "cuda_ipc", "direction": "write",
+                "detail": ("direct-read Triton kernel" if name == "cuda-ipc-direct" else
+                           "triton" if name == "cuda-ipc" and _triton() and sdev == ddev else "torch")}
 
     async def _copy_ceiling(self, sdev: int, ddev: int) -> tuple[list[float], bool]:
         n = self.nbytes
@@ -871,18 +960,93 @@ def method_label(r: dict[str, Any]) -> str:
     return f"{r['method']} ({r['chosen']})" if r.get("chosen") else r["method"]
 
 
+_CEILINGS = ("memcpy", "torch-copy", "raw-single")
+_COPY_CEILINGS = ("memcpy", "torch-copy")
+
+
+def row_name(r: dict[str, Any]) -> str:
+    """Backend, direction and method of a row: ``shm READ shm-pull``, ``cma WRITE planned``, ``nixl WRITE naive``
+    (older result files: the backend field's first word)."""
+    be = str(r.get("backend", "")).split(" ")[0] or "?"
+    d = r.get("direction")
+    return f"{be} {d.upper() if d else ''} {r['method']}".replace("  ", " ")
+
+
+def _ratio(r: dict[str, Any], rows: Sequence[dict[str, Any]]) -> float | None:
+    """The row's GB/s over the same run's copy ceiling of its path (memcpy / torch-copy), when it has one."""
+    ceil = [x for x in rows if x["path"] == r["path"] and x["method"] in _COPY_CEILINGS and x["gbps"] > 0]
+    return r["gbps"] / ceil[0]["gbps"] if ceil and r["gbps"] > 0 else None
+
+
+def best_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per path, the fastest verified row that is not a ceiling (copy, raw single descriptor), with what set
+    it: backend, method, threads, descriptors, sweep configuration."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if not r.get("verified") or r.get("error") or r["method"] in _CEILINGS:
+            continue
+        if r["path"] not in best or r["gbps"] > best[r["path"]]["gbps"]:
+            best[r["path"]] = r
+    return list(best.values())
+
+
+def _setting(r: dict[str, Any]) -> str:
+    parts = []
+    if r.get("config"):
+        parts.append(" ".join(f"{k}={(v >> 20) if isinstance(v, int) and k.endswith('bytes') else v}"
+                              f"{'M' if k.endswith('bytes') else ''}" for k, v in r["config"].items()))
+    if r.get("threads"):
+        parts.append(f"{r['threads']} thread(s)")
+    parts.append(f"{r['descriptors']} descriptors")
+    if r.get("detail"):
+        parts.append(str(r["detail"]))
+    return "; ".join(parts)
+
+
 def markdown_table(result: dict[str, Any]) -> str:
+    rows = result["results"]
     lines = [f"# KV transfer benchmark: {result['layout']}, {result['size_bytes'] / 2**30:.3f} GiB",
-             "", f"Machine: {result['machine']}", "",
-             f"Median of {result.get('reps', '?')} timed repetitions after one warm-up; every row verified "
-             f"({result.get('verification', 'byte for byte: sha256 of the destination chunks vs the source chunks')}).",
-             "",
-             "| path | method | backend | GB/s | descriptors | verified |", "|---|---|---|---:|---:|---|"]
-    for r in result["results"]:
+             "", f"Machine: {result['machine']}", ""]
+    if result.get("load"):
+        lines += [f"Load average (1/5/15 min) before / after: {result['load'].get('before', '?')} / "
+                  f"{result['load'].get('after', '?')}", ""]
+    lines += [f"Median of {result.get('reps', '?')} timed repetitions after one warm-up; every row verified "
+              f"({result.get('verification', 'byte for byte: sha256 of the destination chunks vs the source chunks')}). "
+              "x copy = GB/s over the same run's copy ceiling of the path.",
+              "",
+              "| path | row (backend DIRECTION method) | GB/s | x copy | descriptors | verified | how |",
+              "|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
         err = f" ({r['error']})" if r.get("error") else ""
-        lines.append(f"| {r['path']} | {method_label(r)} | {r.get('backend', '')} | {r['gbps']:.2f} | {r['descriptors']} | "
-                     f"{r['verified']}{err} |")
+        x = _ratio(r, rows)
+        how = r.get("detail") or (r.get("backend", "") if " " in str(r.get("backend", "")) else "")
+        lines.append(f"| {r['path']} | {row_name(r)} | "
+                     f"{r['gbps']:.2f} | {'' if x is None else f'{x:.2f}'} | {r['descriptors']} | "
+                     f"{r['verified']}{err} | {how} |")
+    best = best_rows(rows)
+    if best:
+        lines += ["", "Best per path (what set it):", ""]
+        for r in best:
+            x = _ratio(r, rows)
+            lines.append(f"- {r['path']}: **{r['gbps']:.2f} GB/s** {row_name(r)}"
+                         f"{f' = {x:.2f} x copy' if x is not None else ''} ({_setting(r)})")
     return "\n".join(lines) + "\n"
+
+
+def default_out(stem: str) -> Path:
+    """Where a run writes when no ``--out`` is given: a new temporary directory (never the committed
+    benchmarks/results files); the caller prints it."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="dynamo-ext-bench-transfer-")) / f"{stem}.json"
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def write_outputs(result: dict[str, Any], json_path: Path, png: bool = True) -> tuple[Path, Path]:
@@ -900,7 +1064,7 @@ def write_outputs(result: dict[str, Any], json_path: Path, png: bool = True) -> 
 
     res = result["results"]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(res)), 4))
-    labels = [f"{r['path']}\n{method_label(r)}" for r in res]
+    labels = [f"{r['path']}\n{row_name(r)}" for r in res]
     colors = ["tab:green" if r["verified"] else "tab:red" for r in res]
     ax.bar(range(len(res)), [r["gbps"] for r in res], color=colors)
     ax.set_xticks(range(len(res)), labels, rotation=45, ha="right", fontsize=8)
@@ -930,15 +1094,17 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
 
     if json_path is None:
         tag = "gpu" if _gpus() else "cpu"
-        json_path = results_dir() / f"transfer-{tag}-{layout_name}-{size_bytes >> 20}MiB.json"
+        json_path = default_out(f"transfer-{tag}-{layout_name}-{size_bytes >> 20}MiB")
+    print(f"bench transfer: writing {json_path} (+ .md, .png)", file=sys.stderr, flush=True)
+    load = {"before": _loadavg()}
 
     def result_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {"machine": machine_string(), "size_bytes": int(bench.nbytes), "layout": layout_name, "reps": reps,
-                "results": rows}
+                "load": load, "results": rows}
 
     def report(rows: list[dict[str, Any]]) -> None:  # progress on stdout, partial outputs if the run is cut short
         for r in rows:
-            print(f"{r['path']:12s} {method_label(r):20s} {r['gbps']:10.2f} GB/s {r['descriptors']:6d} desc "
+            print(f"{r['path']:12s} {row_name(r):28s} {r['gbps']:10.2f} GB/s {r['descriptors']:6d} desc "
                   f"verified={r['verified']} {r.get('error', '')}", flush=True)
 
     async def main() -> list[dict[str, Any]]:
@@ -963,8 +1129,10 @@ def run_transfer_bench(size_bytes: int = 1 << 30, layout_name: str = "llama3-70b
     finally:
         bar.close()
         bench.close()
+    load["after"] = _loadavg()
     result = result_of(results)
     write_outputs(result, Path(json_path))
+    result["json_path"] = str(json_path)
     return result
 
 
@@ -1070,8 +1238,10 @@ def summarize(files: Sequence[str | Path]) -> str:
             continue
         for r in doc.get("results", []):
             err = f" ERROR {r['error'][:60]}" if r.get("error") else ""
-            lines.append(f"| {f.stem} | {r['path']} | {r['method']} | {r.get('backend', '')} | {r['gbps']:.1f} | "
-                         f"{r['verified']}{err} |")
+            lines.append(f"| {f.stem} | {r['path']} | {row_name(r)} | {r.get('detail') or r.get('backend', '')} | "
+                         f"{r['gbps']:.1f} | {r['verified']}{err} |")
+        for r in best_rows(doc.get("results", [])):
+            notes.append(f"best {f.stem} {r['path']}: {r['gbps']:.1f} GB/s {row_name(r)} ({_setting(r)})")
         tl = doc.get("timeline")
         if tl:
             notes.append(f"timeline {tl['path']} ms: " + ", ".join(f"{k}={v}" for k, v in tl["median"].items()))
@@ -1084,7 +1254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=HelpFormatter)
     p.add_argument("--size", default="1GiB", help="bytes per transfer (suffixes KiB, MiB, GiB)")
     p.add_argument("--layout", default="llama3-70b", help="KV layout preset: llama3-70b, llama3-8b, tiny")
-    p.add_argument("--json", default=None, help="result JSON path (+ .md, .png next to it)")
+    p.add_argument("--out", "--json", dest="json", default=None, metavar="PATH",
+                   help="result JSON (+ .md, .png next to it); overwritten if it exists. Default: a new temporary "
+                        "directory (printed), so committed results in benchmarks/results are never overwritten")
     p.add_argument("--paths", default="", help=f"comma-separated subset of {list(PATHS)}")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per path and method")
     p.add_argument("--methods", default="", help=f"comma-separated subset of {METHODS + EXTRA} (default: all)")
@@ -1117,13 +1289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--sweep: unknown paths {bad}; allowed: {list(SWEEP)} or 'all'")
         if len(_gpus()) < 2:
             sp = [x for x in sp if PATHS[x][1] == 0]
-        out = a.json or str(results_dir() / f"transfer-sweep-{a.layout}-{parse_size(a.size) >> 20}MiB.json")
+        out = a.json or str(default_out(f"transfer-sweep-{a.layout}-{parse_size(a.size) >> 20}MiB"))
+        print(f"bench transfer --sweep: writing {out}", file=sys.stderr, flush=True)
         d = run_sweep(sp, parse_size(a.size), a.layout, a.reps, out, a.timeline, a.trace, a.profile_cross)
         print(summarize([out]), flush=True)
         return 0
     r = run_transfer_bench(parse_size(a.size), a.layout, a.json, [x for x in a.paths.split(",") if x] or None, a.reps,
                            [x for x in a.methods.split(",") if x] or None)
     print(markdown_table(r), flush=True)  # the table, last
+    print(f"results: {r['json_path']} (+ .md, .png)", flush=True)
     return 0
 
 
