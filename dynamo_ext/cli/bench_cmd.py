@@ -1,6 +1,6 @@
 """``dynamo-ext bench NAME [ARGS...]``: run a benchmark of ``dynamo_ext.bench``.
 
-    dynamo-ext bench transfer [--size 1GiB] [--layout llama3-70b] [--json FILE] [--paths ...] [--reps N]
+    dynamo-ext bench transfer [--size 1GiB] [--layout llama3-70b] [--out FILE] [--paths ...] [--reps N]
     dynamo-ext bench engine   [--device cuda] [--preset llama3-70b-shape] [--layers 4] ...
     dynamo-ext bench routing  [...]          (decision latency at 16 / 256 / 1,024 workers)
     dynamo-ext bench serve    [--graphs agg,disagg] [--rates ...]  (graphs through Dynamo's HTTP frontend)
@@ -12,7 +12,7 @@
 Each benchmark is a module ``dynamo_ext.bench.<module>`` with ``main(argv)``; ARGS are passed to it
 (``--help`` there). It works from an installed wheel as from a source checkout. Results go to
 ``dynamo_ext.bench.results_dir()``: ``$DYNAMO_EXT_RESULTS``, else the checkout's ``benchmarks/results/``,
-else ``./benchmarks/results/``.
+else ``./benchmarks/results/`` (``transfer``: only to ``--out FILE``; without it a new temporary directory).
 """
 
 from __future__ import annotations
