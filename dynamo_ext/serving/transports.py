@@ -87,9 +87,12 @@ class PeerTransports(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             pt = msgspec.msgpack.decode(blob, type=cls)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise MalformedPeerInfo(f"malformed PeerTransports: {e}") from None
-        for name, info in pt.backends.items():
-            if name not in ALL_BACKENDS:
-                raise MalformedPeerInfo(f"PeerTransports of {pt.name!r}: unknown backend {name!r}")
+        unknown = [name for name in pt.backends if name not in ALL_BACKENDS]
+        if unknown:
+            # a newer worker (rolling upgrade) may offer backends this version lacks: use the others
+            log.info("PeerTransports of %r: backends %s unknown to this version, not used", pt.name, unknown)
+            pt = msgspec.structs.replace(pt, backends={k: v for k, v in pt.backends.items() if k in ALL_BACKENDS})
+        for info in pt.backends.values():
             PeerInfo.decode(info)  # validated now, not at the first pull
         try:
             NodeTopology.from_dict(pt.topology)
