@@ -60,6 +60,12 @@ class _Seq:
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
+    earlier: int = 0  # Request.num_earlier_output: output tokens inside the prompt (a migrated stream)
+
+    @property
+    def step(self) -> int:
+        """The index of the next output token (its seeded draw's step)."""
+        return self.earlier + len(self.output)
 
     @property
     def rid(self) -> str:
@@ -118,7 +124,9 @@ class LlmEngine:
         p = req.sampling
         seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (), generator=self._seed_rng))
         stop = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model_config.eos_token_ids))
-        seq = _Seq(req, list(req.prompt_token_ids), n, seed, frozenset(stop))
+        if not 0 <= req.num_earlier_output < n:
+            raise ValueError(f"request {req.request_id}: num_earlier_output {req.num_earlier_output} not in [0, {n})")
+        seq = _Seq(req, list(req.prompt_token_ids), n, seed, frozenset(stop), earlier=req.num_earlier_output)
         if req.prefix_blocks:  # prefix-cache hit; keep full blocks only, and leave >= 1 token to compute
             usable = min(len(req.prefix_blocks), (n - 1) // self._layout.block_size)
             self._layout.validate_blocks(list(req.prefix_blocks), "prefix block")
@@ -164,14 +172,15 @@ class LlmEngine:
             self._allocator.free(seq.blocks)
             raise
         logits = self._forward([seq])
-        first, lps = sample(logits, [request.sampling], [seq.seed], [0], [self._context(seq)])[0]
+        first, lps = sample(logits, [request.sampling], [seq.seed], [seq.step], [self._context(seq)])[0]
         return PrefillResult(first_token=first, block_ids=list(seq.blocks), num_tokens=len(seq.tokens),
                              first_logprobs=lps)
 
     def add_prefilled_request(self, request: Request, block_ids: Sequence[int], first_token: int) -> None:
         """Decode from KV already in this pool: ``block_ids`` hold the prompt's KV (one reference each is
         handed over); ``first_token`` was sampled by the prefill side. Outputs carry the tokens after it."""
-        seq = self._new_seq(Request(request.request_id, request.prompt_token_ids, request.sampling))
+        seq = self._new_seq(Request(request.request_id, request.prompt_token_ids, request.sampling,
+                                    num_earlier_output=request.num_earlier_output))
         need = -(-seq.num_prompt // self._layout.block_size)
         if len(block_ids) < need:
             raise ValueError(f"request {request.request_id}: {seq.num_prompt} prompt tokens need {need} blocks, "
@@ -239,7 +248,7 @@ class LlmEngine:
             return outputs
         # 3. one forward; 4. sample, stop, free
         logits = self._forward(batch)
-        toks = sample(logits, [s.req.sampling for s in batch], [s.seed for s in batch], [len(s.output) for s in batch],
+        toks = sample(logits, [s.req.sampling for s in batch], [s.seed for s in batch], [s.step for s in batch],
                       [self._context(s) for s in batch])
         for s, (t, lps) in zip(batch, toks):
             s.num_computed = len(s.tokens)
@@ -259,6 +268,9 @@ class LlmEngine:
         """What the sampler's logits processing reads of a sequence (None when its parameters need none)."""
         if s.req.sampling.plain:
             return None
+        if s.earlier:
+            cut = s.num_prompt - s.earlier
+            return RowContext(s.tokens[:cut], s.tokens[cut : s.num_prompt] + s.output, s.stop_ids)
         return RowContext(s.tokens[: s.num_prompt], s.output, s.stop_ids)
 
     def _finish_reason(self, s: _Seq) -> FinishReason | None:

@@ -129,6 +129,10 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # prefix-cache hit: full blocks holding the KV of the first len(prefix_blocks)*block_size tokens
     prefix_blocks: list[int] = field(default_factory=list)
+    # a stream continued after a migration: the last ``num_earlier_output`` prompt tokens are this request's
+    # output from before it moved; they count as output for the penalties and min_tokens, and the seeded draw
+    # of the next token uses their count as its step, so the stream goes on exactly as it would have
+    num_earlier_output: int = 0
 
 
 @dataclass
@@ -153,7 +157,8 @@ class DetachedRequest:
     To continue it elsewhere: copy the blocks' KV, then ``add_prefilled_request(Request(id,
     tokens[:-1], sampling with max_tokens - len(output) + 1), blocks, first_token=tokens[-1])`` — the
     new engine computes the KV of the last token and samples the next one, exactly as the old one would
-    have (greedy; seeded sampling restarts its step count)."""
+    have; with ``num_earlier_output`` = the output tokens inside that prompt, also seeded sampling and the
+    penalties go on exactly)."""
 
     request_id: str
     tokens: list[int]

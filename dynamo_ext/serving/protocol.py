@@ -219,7 +219,11 @@ def parse_request(request: Any, request_id: str, *, vocab_size: int, max_model_l
                             logprobs=out.get("logprobs"))
     except (TypeError, ValueError) as e:
         raise BadRequest(f"sampling: {e}") from None
-    return Request(request_id, list(toks), sp)
+    earlier = request.get("earlier_output", 0)
+    if not isinstance(earlier, int) or isinstance(earlier, bool) or not 0 <= earlier < len(toks):
+        raise BadRequest(f"earlier_output: {earlier!r} is not allowed (0 .. {len(toks) - 1}: output tokens of a "
+                         f"migrated stream inside token_ids)")
+    return Request(request_id, list(toks), sp, num_earlier_output=earlier)
 
 
 def logprob_fields(lps: list[TokenLogprobs], token_text: Callable[[int], str | None]) -> dict[str, Any]:
@@ -263,6 +267,8 @@ def migration_request(request: dict[str, Any], mig: dict[str, Any]) -> dict[str,
     toks = [int(t) for t in mig["tokens"]]
     out = {k: v for k, v in request.items() if k not in ("kv_handle", "prefill_result")}
     out["token_ids"] = toks[:-1]
+    # the output streamed before the move, inside the new prompt (the last streamed token is the handle's first)
+    out["earlier_output"] = max(len(toks) - 1 - len(request.get("token_ids") or ()), 0)
     out["kv_handle"] = dict(mig["kv_handle"])
     out["kv_peer_info"] = mig.get("peer_info")
     stop = dict(out.get("stop_conditions") or {})
@@ -282,6 +288,7 @@ def rerun_request(request: dict[str, Any], prompt: list[int], emitted: list[int]
     out = dict(request)
     out.pop("kv_handle", None)
     out["token_ids"] = list(prompt) + list(emitted)
+    out["earlier_output"] = len(emitted)  # seeded draws and penalties go on where they were (engine Request)
     stop = dict(out.get("stop_conditions") or {})
     mt = stop.get("max_tokens")
     if isinstance(mt, int):

@@ -121,3 +121,46 @@ def test_bad_options_are_refused():
                {"repetition_penalty": 0}, {"min_tokens": -1}, {"logprobs": 21}):
         with pytest.raises(ValueError, match=next(iter(kw))):
             SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_a_continued_stream_goes_on_exactly_with_seed_and_penalties(make_engine, prompt, k):
+    """A stream moved after k tokens (migration: prompt + streamed output, num_earlier_output = k) draws the same
+    next tokens as the uninterrupted run: the seeded step continues at k and the penalties count the earlier
+    output as output. Without num_earlier_output the step restarts at 0 and the earlier tokens are prompt."""
+    p = prompt(13, 10)
+    sp = SamplingParams(max_tokens=12, temperature=0.8, seed=11, ignore_eos=True, presence_penalty=1.5,
+                        frequency_penalty=0.7, min_tokens=3)
+    whole, _ = _run(make_engine(), p, sp)
+    rest = dataclasses.replace(sp, max_tokens=12 - k)
+    eng = make_engine()
+    eng.add_request(Request("r", p + whole[:k], rest, num_earlier_output=k))
+    cont: list[int] = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            cont += o.new_token_ids
+    assert cont == whole[k:]
+    # the same through the decode side of a hand-over (the last streamed token is the handle's first token)
+    pre = make_engine()
+    res = pre.prefill_only(Request("r", p + whole[: k - 1], rest, num_earlier_output=k - 1))
+    assert res.first_token == whole[k - 1]
+    dec2 = make_engine()  # the same pool layout: the KV copied wholesale, the same block ids held
+    dec2.kv_buffer().copy_(pre.kv_buffer())
+    ids = dec2.allocator.allocate(max(res.block_ids) + 1)
+    keep = set(res.block_ids)
+    dec2.allocator.free([b for b in ids if b not in keep])
+    dec2.add_prefilled_request(Request("r", p + whole[: k - 1], dataclasses.replace(sp, max_tokens=12 - k + 1),
+                                       num_earlier_output=k - 1), res.block_ids, res.first_token)
+    out: list[int] = []
+    while dec2.has_unfinished():
+        for o in dec2.step():
+            out += o.new_token_ids
+    assert out == whole[k:]
+    # the old behaviour (the step restarts, earlier output is prompt) gives other tokens
+    eng = make_engine()
+    eng.add_request(Request("r", p + whole[:k], rest))
+    old: list[int] = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            old += o.new_token_ids
+    assert old != whole[k:]

@@ -152,3 +152,24 @@ def test_logprobs_on_the_wire_and_the_handle():
     assert back == h and back.first_logprobs == (-0.1, [(5, -0.1), (9, -2.5)])
     old = {k: v for k, v in h.to_dict().items() if k != "first_logprobs"}  # a handle without them still parses
     assert KvHandle.from_dict(old).first_logprobs is None
+
+
+def test_a_continued_stream_carries_its_earlier_output_count():
+    """rerun_request (recompute: prompt + streamed tokens) and migration_request (move: the handle's first token
+    is the last streamed one) tell the engine how many prompt tokens are earlier output (Request.num_earlier_output)."""
+    from dynamo_ext.serving.protocol import migration_request, rerun_request
+
+    r = req()
+    r["stop_conditions"]["max_tokens"] = 10
+    prompt = list(r["token_ids"])
+    rr = rerun_request(r, prompt, [7, 8, 9])
+    assert rr["token_ids"] == prompt + [7, 8, 9] and rr["earlier_output"] == 3
+    assert parse_request(rr, "x", vocab_size=300, max_model_len=64).num_earlier_output == 3
+    mig = {"tokens": prompt + [7, 8, 9], "kv_handle": {"handle_id": 1}, "output_len": 3}
+    mr = migration_request(r, mig)
+    assert mr["token_ids"] == prompt + [7, 8] and mr["earlier_output"] == 2
+    assert parse_request(mr, "x", vocab_size=300, max_model_len=64).num_earlier_output == 2
+    assert parse_request(req(), "x", vocab_size=300, max_model_len=64).num_earlier_output == 0
+    for bad in (-1, len(prompt), "2", True):
+        with pytest.raises(BadRequest, match="earlier_output"):
+            parse_request({**req(), "earlier_output": bad}, "x", vocab_size=300, max_model_len=64)
