@@ -113,7 +113,13 @@ def test_decode_worker_killed_mid_stream(servers, model_dir, tmp_path):
         while not all(s.chunks > 0 or s.done for s in streams):
             assert time.monotonic() < t_end, [(s.chunks, s.error) for s in streams]
             time.sleep(0.05)
-        running = [d0.health()["running"], d1.health()["running"]]
+        # the first token reaches the client from the prefill result, maybe before the decode worker admitted
+        # the stream: wait until every stream runs on a decode worker
+        while True:
+            running = [d0.health()["running"], d1.health()["running"]]
+            if sum(running) == N_STREAMS or time.monotonic() > t_end:
+                break
+            time.sleep(0.02)
         assert sum(running) == N_STREAMS and min(running) > 0, running  # round-robin split them
         victim, survivor = d0, d1
         on_victim = running[0]
