@@ -27,6 +27,8 @@ Example (``configs/disagg.yaml``)::
 from __future__ import annotations
 
 import difflib
+import contextlib
+import contextvars
 import os
 import ssl
 from pathlib import Path
@@ -251,8 +253,24 @@ class PlannerConfig(_Strict):
         return self
 
 
+#: whether validators check this machine (files exist and parse, environment variables are set); off for a
+#: config meant for another host (``config check --no-host-checks``, ``deploy render``'s cluster configs)
+_HOST_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("dynamo_ext_config_host_checks", default=True)
+
+
+@contextlib.contextmanager
+def without_host_checks():
+    """Validate fields and values only: TLS files and the environment variables named by ``password_env`` /
+    ``token_env`` belong to the host that will run the config, not to this one."""
+    tok = _HOST_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_CHECKS.reset(tok)
+
+
 def _readable_file(v: str | None) -> str | None:
-    if v is None:
+    if v is None or not _HOST_CHECKS.get():
         return v
     p = Path(v).expanduser()
     if not p.exists():
@@ -280,7 +298,7 @@ class TlsConfig(_Strict):
     @field_validator("ca_file")
     @classmethod
     def _ca(cls, v: str | None) -> str | None:
-        if v is not None:
+        if v is not None and _HOST_CHECKS.get():
             try:
                 ssl.create_default_context().load_verify_locations(cafile=v)
             except (ssl.SSLError, ValueError) as e:
@@ -291,7 +309,7 @@ class TlsConfig(_Strict):
     def _pair(self) -> "TlsConfig":
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file must be given together")
-        if self.cert_file is not None and self.key_file is not None:
+        if self.cert_file is not None and self.key_file is not None and _HOST_CHECKS.get():
             try:
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.cert_file, self.key_file)
             except ssl.SSLError as e:
@@ -321,7 +339,7 @@ class EtcdConfig(_Strict):
     @field_validator("password_env")
     @classmethod
     def _password_set(cls, v: str | None) -> str | None:
-        if v is not None and not os.environ.get(v):
+        if v is not None and _HOST_CHECKS.get() and not os.environ.get(v):
             raise ValueError(f"environment variable {v} (the etcd password) is not set")
         return v
 
@@ -373,7 +391,7 @@ class NatsConfig(_Strict):
     @field_validator("token_env")
     @classmethod
     def _token_set(cls, v: str | None) -> str | None:
-        if v is not None and not os.environ.get(v):
+        if v is not None and _HOST_CHECKS.get() and not os.environ.get(v):
             raise ValueError(f"environment variable {v} (the NATS token) is not set")
         return v
 

@@ -132,3 +132,20 @@ def test_model_num_layers_presets_only():
         "model.num_layers: 0 is out of range (allowed range: >= 1)"]
     lines = _errors({"workers": {"agg": {}}, "model": {"path": "/models/x", "num_layers": 4}})
     assert len(lines) == 1 and lines[0].startswith("model.num_layers: ") and "model.path" in lines[0], lines
+
+
+def test_a_cluster_config_checks_its_fields_without_this_hosts_files(tmp_path, monkeypatch):
+    """configs/disagg_multinode.yaml names TLS files and a token variable of the cluster: `config check` fails here
+    naming them; `--no-host-checks` validates fields and values only (what scripts/main.sh runs), and still fails
+    on a wrong value."""
+    monkeypatch.delenv("NATS_TOKEN", raising=False)
+    path = str(ROOT / "configs/disagg_multinode.yaml")
+    strict = cli("config", "check", path)
+    assert strict.returncode == 2 and "no such file" in strict.stderr and "NATS_TOKEN" in strict.stderr
+    loose = cli("config", "check", "--no-host-checks", path)
+    assert loose.returncode == 0, loose.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(path).read().replace("policy: dynamo-ext", "policy: fastest", 1))
+    wrong = cli("config", "check", "--no-host-checks", str(bad))
+    assert wrong.returncode == 2 and "router" in wrong.stderr, wrong.stderr
+    assert cli("config", "check", "--no-host-checks", "--connect", path).returncode == 2
