@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: set up (idempotent), check the layer contracts, run pytest.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow" -x`).
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow" -x`). DYNAMO_EXT_SOAK=1 adds the soak
+# tests (extra fuzzing, e.g. 20,000 transfer plans).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh

@@ -208,7 +208,7 @@ def test_plan_moves_every_byte(data):
     _run_property(data)
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # 20,000 cases (40 s on 2 cores); test_plan_moves_every_byte runs 600 of the same in the suite
 @settings(max_examples=20_000, **SETTINGS)
 @given(st.data())
 def test_plan_moves_every_byte_many(data):
