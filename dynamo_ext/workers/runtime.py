@@ -41,6 +41,7 @@ Logs go to stderr in one format per process (``dynamo_ext.logfmt``: Dynamo's JSO
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -268,7 +269,15 @@ class WorkerProcess:
             self.metrics = make_worker_metrics(self.args.role, self.instance_id)
         self.metrics.info.labels(self.args.role, str(self.instance_id)).set(1)
         self._export_metrics(ep)
-        self.http = serve_http(self.args.metrics_port, self.health, json_paths=self.json_paths())
+        try:
+            self.http = serve_http(self.args.metrics_port, self.health, json_paths=self.json_paths())
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or not self.args.metrics_port:
+                raise
+            # the launcher picks a free port before the start; another listener (this process's Dynamo runtime
+            # binds ephemeral ports) may have taken it since: any free port, the READY line says which
+            log.warning("--metrics-port %d is taken (%s): serving metrics on a free port", self.args.metrics_port, e)
+            self.http = serve_http(0, self.health, json_paths=self.json_paths())
         try:
             port = int(os.environ.get("DYN_SYSTEM_PORT") or -1)
         except ValueError:

@@ -116,13 +116,13 @@ class Graph:
         return path
 
     def start(self, role: str, extra_env: dict[str, str] | None = None, wait: bool = True,
-              config: Path | None = None) -> Proc:
+              config: Path | None = None, args: list[str] | None = None) -> Proc:
         i = sum(1 for p in self.procs if p.name.startswith(role))
         name = f"{role}{i}"
         out, err = self.workdir / f"{self.namespace}-{name}.out", self.workdir / f"{self.namespace}-{name}.err"
         popen = subprocess.Popen(
             [PY, "-m", "dynamo_ext.workers", "--role", role, "--config", str(config or self.config), "--model-dir",
-             str(self.model_dir), "--index", str(i)],
+             str(self.model_dir), "--index", str(i), *(args or [])],
             cwd=REPO, env={**self.env, **(extra_env or {})}, stdout=open(out, "wb"), stderr=open(err, "wb"),
             start_new_session=True)
         p = Proc(name, popen, out, err)
