@@ -659,14 +659,7 @@ def plot(res: dict, path: Path) -> None:
 
 
 def write_outputs(res: dict, out: Path, stem: str, png: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(table(res))
-    if png and res["results"]:
-        try:
-            plot(res, out / f"{stem}.png")
-        except ImportError as e:
-            print(f"no plot: {e}", file=sys.stderr)
+    serve.write_outputs(res, out, stem, png, render=table, draw=plot)
 
 
 def default_stem(a: argparse.Namespace, m: dict[str, Any]) -> str:

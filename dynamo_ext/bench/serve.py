@@ -699,13 +699,15 @@ def _csv(text: str | None, kind: type, what: str, ap: argparse.ArgumentParser) -
         raise
 
 
-def write_outputs(res: dict, out: Path, stem: str, png: bool) -> None:
+def write_outputs(res: dict, out: Path, stem: str, png: bool, *, render=None, draw=None) -> None:
+    """<stem>.json, .md (``render``, default this module's table) and, with ``png``, .png (``draw``, default
+    this module's plot); bench aiperf passes its own."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(table(res))
+    (out / f"{stem}.md").write_text((render or table)(res))
     if png and res["results"]:
         try:
-            plot(res, out / f"{stem}.png")
+            (draw or plot)(res, out / f"{stem}.png")
         except ImportError as e:
             print(f"no plot: {e}", file=sys.stderr)
 
