@@ -280,8 +280,13 @@ def inject(g: Any, fault: str) -> tuple[float, Callable[[], bool]]:
         os.kill(pid, signal.SIGSTOP)
         over = threading.Event()
 
+        deadline = time.monotonic() + STOP_S
+
         def cont() -> None:
-            time.sleep(STOP_S)
+            # sleep until the deadline on the clock the recovery is measured with: a sleep() on a (virtualised)
+            # CI box returned ~1 s early once, and capacity was then 'back' 9.08 s after a 10 s stop
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(left)
             try:
                 os.kill(pid, signal.SIGCONT)
             finally:
@@ -325,6 +330,7 @@ class Row:
     restarts: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     not_back: list[str] = field(default_factory=list)  # what was still missing at the end (recovery_s None)
+    missing_during_fault: list[str] = field(default_factory=list)  # the first capacity gap seen after the fault
 
 
 def run_fault(g: Any, fault: str, *, prefill: int, decode: int, concurrency: int, max_tokens: int,
@@ -349,6 +355,8 @@ def run_fault(g: Any, fault: str, *, prefill: int, decode: int, concurrency: int
         time.sleep(0.25)
         now = time.monotonic()
         missing = capacity(g, prefill, decode)
+        if missing and not row.missing_during_fault:
+            row.missing_during_fault = missing
         if missing or not over():
             ok_since = None
             continue

@@ -64,6 +64,8 @@ def test_fault_campaign_every_row_loses_nothing_and_recovers(tmp_path):
     for row in res["rows"]:
         _check(row)
     by = {r["fault"]: r for r in res["rows"]}
-    assert by["sigstop-prefill"]["recovery_s"] >= 10.0  # capacity is not claimed while the worker is stopped
+    stop = by["sigstop-prefill"]
+    assert stop["recovery_s"] >= 10.0, stop  # capacity is not claimed while the worker is stopped ...
+    assert any(m.startswith("prefill-0 /health") for m in stop["missing_during_fault"]), stop  # ... and it was seen
     assert any("etcd ready again" in x for x in by["etcd-restart"]["restarts"])
     assert any("nats ready again" in x for x in by["nats-restart"]["restarts"])
