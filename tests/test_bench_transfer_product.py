@@ -20,7 +20,12 @@ def bench(monkeypatch):
     monkeypatch.setenv("UCX_NET_DEVICES", os.environ.get("UCX_NET_DEVICES", "lo"))
     from dynamo_ext.bench import transfer
 
-    return transfer
+    saved = dict(os.environ)
+    yield transfer
+    # the bench's NIXL agent sets its choice's UCX variables in os.environ (as a worker does): not for later tests
+    for k in [k for k in os.environ if k not in saved]:
+        del os.environ[k]
+    os.environ.update(saved)
 
 
 def test_product_pull_row_alone(bench, tmp_path):
@@ -111,3 +116,39 @@ def test_default_output_never_overwrites_results_and_names_rows_and_the_best(ben
     assert bench.main(["--size", "2MiB", "--paths", "host->host", "--reps", "1", "--methods", "copy",
                        "--out", str(again)]) == 0
     assert again.exists() and f"results: {again}" in capsys.readouterr().out
+
+
+def test_nixl_rows_run_with_the_workers_ucx_choice(bench, monkeypatch):
+    """Issue 17.0: the bench's NIXL agent and its peers take the UCX environment a worker on that device gets
+    from select_transport (process_choice): on a node without active NVLink, cuda_ipc GET zero-copy on."""
+    import dynamo_ext.topology as topology
+    from tests.topology.topo_factory import cpu_node, nvlink_node
+
+    node = nvlink_node(nvlink=False, nics=False)
+    monkeypatch.setattr(topology, "collect_local_topology", lambda dev=None: node if dev is not None else cpu_node())
+    for k in ("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "UCX_TLS"):
+        monkeypatch.delenv(k, raising=False)
+    b = bench._Bench(1 << 20, "tiny", 1, progress=None)
+    gpu = b.nixl_choice(0)
+    assert gpu["env"]["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "on", gpu
+    assert "cuda_ipc" in gpu["env"]["UCX_TLS"], gpu
+    assert "UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in b.nixl_choice(-1)["env"]  # a host peer has no CUDA memory
+    monkeypatch.setenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "auto")  # what the user set wins, as in the workers
+    assert bench._Bench(1 << 20, "tiny", 1, progress=None).nixl_choice(0)["env"]["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"] == "auto"
+
+
+def test_staged_row_reports_its_phases_and_ucx_env(bench, tmp_path):
+    out = tmp_path / "st.json"
+    rc = bench.main(["--size", "4MiB", "--paths", "host->host", "--reps", "3", "--methods", "planned-staged",
+                     "--json", str(out)])
+    assert rc == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["method"] == "planned-staged" and r["verified"] is True, r
+    ph = r["phases_ms"]
+    assert set(ph) == {"lock_ms", "gather_ms", "post_ms", "wire_ms", "ack_ms", "total_ms"}, ph
+    assert all(v >= 0 for v in ph.values()) and ph["gather_ms"] > 0 and ph["ack_ms"] > 0, ph
+    # medians of per-transfer phases: their sum is near the median total (the phases partition each transfer)
+    assert abs(sum(v for k, v in ph.items() if k != "total_ms") - ph["total_ms"]) <= 0.5 * ph["total_ms"], ph
+    assert r["ucx_env"].get("UCX_NET_DEVICES") == "lo" and "UCX_TLS" in r["ucx_env"], r
+    md = out.with_suffix(".md").read_text()
+    assert "peer scatter + ack" in md and "UCX environment from the workers' `select_transport` choice" in md

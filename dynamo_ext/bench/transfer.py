@@ -213,6 +213,7 @@ class _Bench:
         self.src_ids = [int(x) for x in rng.permutation(self.layout.num_blocks)[: self.k]]
         self.dst_ids = [int(x) for x in rng.permutation(self.layout.num_blocks)[: self.k]]
         self.pools: dict[int, tuple[KvPool, KvPool]] = {}
+        self._choices: dict[int, dict[str, Any]] = {}
 
     @property
     def be(self) -> Any:
@@ -221,8 +222,27 @@ class _Bench:
         if self._be is None:
             from dynamo_ext.transport.nixl_backend import NixlBackend
 
-            self._be = NixlBackend(f"bench-{os.getpid()}")
+            self._be = NixlBackend(f"bench-{os.getpid()}", self.nixl_choice(0 if _gpus() else -1))
         return self._be
+
+    def nixl_choice(self, dev: int) -> dict[str, Any]:
+        """The NIXL choice (UCX environment, params, agent config) a worker on ``dev`` (-1: host) uses:
+        ``serving.transports.process_choice``, i.e. ``select_transport`` over the pairs of this node, so the NIXL
+        rows measure the settings the workers run with (e.g. UCX_CUDA_IPC_ENABLE_GET_ZCOPY=on for GPU pairs).
+        A UCX variable already set in the environment wins (as in the workers); the result records it."""
+        if dev not in self._choices:
+            from dynamo_ext.serving.transports import TransportOptions, process_choice
+            from dynamo_ext.topology import collect_local_topology
+            from dynamo_ext.topology.select import Endpoint
+
+            topo = collect_local_topology(dev if dev >= 0 else None)
+            _env, choice, _conflicts = process_choice(Endpoint(topo, topo.pid, dev if dev >= 0 else "host"),
+                                                      TransportOptions())
+            for k in list(choice["env"]):
+                if k in os.environ:
+                    choice["env"][k] = os.environ[k]
+            self._choices[dev] = choice
+        return self._choices[dev]
 
     def close(self) -> None:
         if self._be is not None:
@@ -335,7 +355,7 @@ class _Bench:
     async def _nixl_methods(self, path: str, sdev: int, ddev: int, pool: KvPool, todo: list[str],
                             names: dict[str, str]) -> list[dict[str, Any]]:
         peer = PeerProcess.start(backend="nixl", name=f"bench-peer-{path.replace('>', '').replace('-', '')}-{os.getpid()}",
-                                 layout=self.layout, seed=11,
+                                 layout=self.layout, seed=11, choice=self.nixl_choice(ddev),
                                  extra=["--device", str(ddev), "--staging-bytes", str(self.nbytes)], timeout=120)
         out = []
         try:
@@ -371,6 +391,7 @@ class _Bench:
                     continue
                 await peer.acall({"cmd": "fill", "seed": seed}, timeout=120)
                 ndesc = 1
+                extra: dict[str, Any] = {}
                 if method in ("naive", "planned"):
                     planner = plan_naive if method == "naive" else None
                     ndesc = await via(planner or (lambda *a: plan_transfer(*a, stage=False)))
@@ -379,6 +400,14 @@ class _Bench:
                 elif method == "planned-staged":
                     ndesc = await staged()
                     times = await self._timed(staged)
+                    from dynamo_ext.transport.staged import recent_phases
+
+                    ph = recent_phases(self.be)[-self.reps:]
+                    extra["phases_ms"] = {k: round(statistics.median(p[k] for p in ph), 3) for k in (ph[0] if ph else {})}
+                    if ph:
+                        m = extra["phases_ms"]
+                        extra["phases"] = (f"median ms: gather {m['gather_ms']:.2f}, post {m['post_ms']:.2f}, wire "
+                                           f"{m['wire_ms']:.2f}, peer scatter + ack {m['ack_ms']:.2f}")
                     ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == src_digest
                 elif method == "raw-single":
                     times = await self._timed(lambda: post_wait(pool, remote.pool, [(0, 0, self.nbytes)]))
@@ -393,6 +422,9 @@ class _Bench:
                 out.append({"path": path, "method": names.get(method, method), "gbps": round(gbps, 3),
                             "descriptors": int(ndesc), "verified": bool(ok),
                             "backend": "local" if is_copy else "nixl", "direction": "copy" if is_copy else "write",
+                            **({} if is_copy else {"ucx_env": dict(self.nixl_choice(0 if _gpus() else -1)["env"]),
+                                                      "peer_ucx_env": dict(self.nixl_choice(ddev)["env"])}),
+                            **extra,
                             "detail": {"naive": "one descriptor per chunk", "planned": "merged runs, pool -> pool",
                                        "planned-staged": "gather -> 1 descriptor -> peer scatters",
                                        "raw-single": "one descriptor of the same bytes (ceiling)",
@@ -1010,6 +1042,10 @@ def markdown_table(result: dict[str, Any]) -> str:
     if result.get("load"):
         lines += [f"Load average (1/5/15 min) before / after: {result['load'].get('before', '?')} / "
                   f"{result['load'].get('after', '?')}", ""]
+    envs = sorted({" ".join(f"{k}={v}" for k, v in sorted(r["ucx_env"].items())) for r in rows if r.get("ucx_env")})
+    if envs:
+        lines += ["NIXL rows: this process's UCX environment from the workers' `select_transport` choice: "
+                  + "; ".join(f"`{e}`" for e in envs), ""]
     lines += [f"Median of {result.get('reps', '?')} timed repetitions after one warm-up; every row verified "
               f"({result.get('verification', 'byte for byte: sha256 of the destination chunks vs the source chunks')}). "
               "x copy = GB/s over the same run's copy ceiling of the path.",
@@ -1020,6 +1056,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         err = f" ({r['error']})" if r.get("error") else ""
         x = _ratio(r, rows)
         how = r.get("detail") or (r.get("backend", "") if " " in str(r.get("backend", "")) else "")
+        if r.get("phases"):
+            how += f" ({r['phases']})"
         lines.append(f"| {r['path']} | {row_name(r)} | "
                      f"{r['gbps']:.2f} | {'' if x is None else f'{x:.2f}'} | {r['descriptors']} | "
                      f"{r['verified']}{err} | {how} |")

@@ -55,6 +55,7 @@ notifications.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 import weakref
@@ -85,6 +86,10 @@ STAGING_LEASE_S = 30.0  # a reader that never releases the staging loses it afte
 class _State:
     locks: dict[int, asyncio.Lock] = field(default_factory=dict)  # id(local staging pool) -> lock
     lease: tuple[str, bytes, float] | None = None  # (peer, id, since): a staged READ of this side's staging
+    #: the last staged WRITEs' phases on the initiator, ms: lock (wait for this side's staging), gather (pool ->
+    #: staging, synchronised), post (wire descriptors + request message), wire (until the WRITE completes),
+    #: ack (until the peer's scatter ack: its notification pickup + plan + scatter + ack), total
+    phases: "collections.deque[dict[str, float]]" = field(default_factory=lambda: collections.deque(maxlen=256))
 
 
 _STATE: "weakref.WeakKeyDictionary[TransferBackend, _State]" = weakref.WeakKeyDictionary()
@@ -99,6 +104,12 @@ def _state(backend: TransferBackend) -> _State:
 
 def _staging_lock(backend: TransferBackend, stg: KvPool) -> asyncio.Lock:
     return _state(backend).locks.setdefault(id(stg), asyncio.Lock())
+
+
+def recent_phases(backend: TransferBackend) -> list[dict[str, float]]:
+    """The phases (ms) of this backend's last staged WRITEs, oldest first (see ``_State.phases``)."""
+    st = _STATE.get(backend)
+    return list(st.phases) if st is not None else []
 
 
 def staging_lease(backend: TransferBackend) -> tuple[str, bytes, float] | None:
@@ -133,9 +144,11 @@ def _nack_text(m: bytes) -> str:
 class _StagedRequest(XferRequest):
     """Wire WRITE into the peer's staging, then wait for the peer's scatter ack."""
 
-    def __init__(self, be: TransferBackend, wire: XferRequest, peer: str, xid: bytes, lock: asyncio.Lock) -> None:
+    def __init__(self, be: TransferBackend, wire: XferRequest, peer: str, xid: bytes, lock: asyncio.Lock,
+                 times: list[float]) -> None:
         self._be, self._wire, self._peer, self._xid, self._lock = be, wire, peer, xid, lock
         self._wired = False
+        self._times = times  # perf_counter at: start, locked, gathered, posted (then wired, acked)
 
     def poll(self) -> bool:
         try:
@@ -143,8 +156,12 @@ class _StagedRequest(XferRequest):
                 if not self._wire.poll():
                     return False
                 self._wired = True
+                self._times.append(time.perf_counter())
             if self._be.pop_notif(self._peer, STAGED_ACK + self._xid):
                 self._release()
+                t = [*self._times, time.perf_counter()]
+                _state(self._be).phases.append({k: round((t[i + 1] - t[i]) * 1e3, 4) for i, k in enumerate(
+                    ("lock_ms", "gather_ms", "post_ms", "wire_ms", "ack_ms"))} | {"total_ms": round((t[-1] - t[0]) * 1e3, 4)})
                 return True
             for m in list(self._be._notifs.get(self._peer, [])):
                 if m.startswith(STAGED_NACK + self._xid):
@@ -173,13 +190,16 @@ async def post_staged_write(backend: TransferBackend, local: KvPool, peer: str, 
     rstg = backend.peer(peer).staging
     assert stg is not None and rstg is not None
     lock = _staging_lock(backend, stg)
+    times = [time.perf_counter()]
     await lock.acquire()  # one staged transfer per local staging region at a time
     try:
+        times.append(time.perf_counter())
         gather_into(local.tensor_u8(), stg.tensor_u8(), plan.gather)
         if local.kind is MemoryKind.DEVICE:
             import torch  # noqa: PLC0415
 
             torch.cuda.synchronize(local.device_id)
+        times.append(time.perf_counter())
         xid = uuid.uuid4().hex[:16].encode()
         msg = STAGED_REQUEST + msgpack.packb({
             "id": xid, "src_layout": plan.src_layout.to_dict(), "src_blocks": list(plan.src_blocks),
@@ -187,10 +207,11 @@ async def post_staged_write(backend: TransferBackend, local: KvPool, peer: str, 
         }, use_bin_type=True)
         wire = np.asarray(getattr(plan.wire, "array", plan.wire), dtype=np.int64).reshape(-1, 3)
         req = backend.post("write", stg, peer, rstg, wire, msg)
+        times.append(time.perf_counter())
     except BaseException:
         lock.release()
         raise
-    return _StagedRequest(backend, req, peer, xid, lock)
+    return _StagedRequest(backend, req, peer, xid, lock, times)
 
 
 class _StagedReadRequest(XferRequest):
@@ -362,6 +383,7 @@ add_notif_handler(_SERVED, serve_staged_requests)
 
 __all__ = [
     "STAGED_ACK", "STAGED_GATHER", "STAGED_NACK", "STAGED_PREFIX", "STAGED_RELEASE", "STAGED_REQUEST",
-    "STAGING_LEASE_S", "post_staged_read", "post_staged_write", "serve_staged_requests", "staged_plan_kwargs",
+    "STAGING_LEASE_S", "post_staged_read", "post_staged_write", "recent_phases", "serve_staged_requests",
+    "staged_plan_kwargs",
     "staging_lease",
 ]
