@@ -67,6 +67,21 @@ def test_bench_route_smoke(tmp_path):
     assert "| dynamo-ext |" in md
     assert r.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
 
+    # --resume keeps the runs already measured: nothing missing here, so no graph starts and the outputs stay
+    base = ["--workloads", "shared-prefix", "--rate", "8", "--warmup", "1", "--system-len", "256", "--doc-len", "64",
+            "--output-len", "4", "--prefill-workers", "1", "--decode-workers", "1", "--layers", "2", "--runs", "1",
+            "--out", str(tmp_path), "--tag", "smoke", "--one-graph", "--quiet-load", "1000", "--quiet-timeout", "1",
+            "--resume", "--no-plot"]  # fmt: skip
+    again = subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "bench", "route", "--requests", "4", *base],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "--resume: 4 run(s) kept" in again.stderr and "[serve]" not in again.stderr, again.stderr[-2000:]
+    assert json.loads((tmp_path / "smoke-shared-prefix.runs.json").read_text())["runs"] == runs
+    other = subprocess.run([sys.executable, "-m", "dynamo_ext.cli", "bench", "route", "--requests", "5", *base],
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "other parameters" in other.stderr and "'requests': (4, 5)" in other.stderr, \
+        other.stderr[-2000:]
+
 
 def test_wait_quiet_waits_for_the_load_then_records_it():
     now = [0.0]

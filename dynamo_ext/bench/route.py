@@ -716,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the measured policy's graph runs (started and stopped per run)")
     ap.add_argument("--from-runs", action="store_true",
                     help="no run: re-render <tag>-<workload>.{json,md,png} from <tag>-<workload>.runs.json in --out")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --one-graph: keep the runs already in <tag>-<workload>.runs.json in --out (measured with "
+                         "the same parameters but --runs) and measure only the missing (policy, run) pairs up to --runs")
     a = ap.parse_args(argv)
     a.workloads = [w for w in a.workloads.split(",") if w]
     if a.policies is None:
@@ -728,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.graph == "agg" and "dynamo-ext-nolocal" in policies:
         ap.error("--policies: dynamo-ext-nolocal needs --graph disagg (agg workers always prefill locally)")
 
+    if a.resume and not a.one_graph:
+        ap.error("--resume needs --one-graph")
     if a.from_runs:
         outdir = Path(a.out)
         tables = []
@@ -751,6 +756,25 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     rows: dict[str, list[dict]] = defaultdict(list)
     info: dict[str, Any] = {}
+    done: set[tuple[str, str, int]] = set()  # (workload, policy, run) kept from --resume
+    if a.resume:
+        for wl in a.workloads:
+            path = Path(a.out) / f"{a.tag}-{wl}.runs.json"
+            if not path.exists():
+                continue
+            saved = json.loads(path.read_text())
+            mine = {k: v for k, v in vars(a).items() if k not in ("out", "tag", "note", "from_runs", "resume", "runs")}
+            diff = {k: (v, mine.get(k)) for k, v in saved["params"].items()
+                    if k not in ("runs", "resume", "workloads", "no_plot", "keep_logs", "ready_timeout")
+                    and k in mine and mine[k] != v}
+            if diff:
+                ap.error(f"--resume: {path} was measured with other parameters (saved, now): {diff}")
+            rows[wl] = list(saved["runs"])
+            done |= {(wl, r["policy"], int(r["run"])) for r in saved["runs"]}
+            for name, pinfo in (saved.get("info") or {}).items():
+                info.setdefault(name, pinfo)
+            log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+            log(f"--resume: {len(saved['runs'])} run(s) kept from {path}")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     running: list[Policy] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the graphs (finally) on SIGTERM too
@@ -771,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
             for wl in a.workloads:
                 for run in range(a.runs):
                     for name in (policies if run % 2 == 0 else policies[::-1]):
+                        if (wl, name, run) in done:
+                            continue
                         pol = Policy(name, a, etcd, nats, work, model_dir, f"{wl[:1]}{run}")
                         running.append(pol)
                         try:
@@ -781,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                             running.remove(pol)
                             pol.stop()
                             prev = info.setdefault(name, {"startup_s": pol.info["startup_s"], "runs": []})
-                            prev["runs"].append({"workload": wl, "run": run, **pol.info})
+                            prev.setdefault("runs", []).append({"workload": wl, "run": run, **pol.info})
                             prev["router_decisions"] = pol.info.get("router_decisions")  # the last run's
                             prev["router_throughput"] = pol.info.get("router_throughput")
         else:
