@@ -202,6 +202,10 @@ class RouterConfig(_Strict):
     #: before its KV events arrive (routing.PendingPrefixes); 0 (default) = only KV events count. 5 measured
     #: worse on the CPU benchmarks (benchmarks/results/route-tail.md)
     pending_ttl_s: float = Field(0.0, ge=0, le=600)
+    #: dynamo-ext: workers that share compute (the same GPU; CPU workers of one host) slow each other's prefills:
+    #: a worker's queue wait counts the prefill tokens queued on the others of its compute domain (from the
+    #: workers' topology records: GPU uuid, else host). false: each worker is assumed to compute alone
+    shared_compute: bool = True
     #: not supported yet: the dynamo-ext router weighs a cached prefix by its TTFT estimate
     overlap_weight: float | None = None
     #: seconds between rebalancing rounds (routing.plan_migrations(imbalance) over running streams); 0 = off

@@ -84,7 +84,9 @@ class RequestShape:
 class WorkerSnapshot:
     """One worker, as the router sees it when routing one request.
 
-    Load: ``queue_tokens`` / ``queued_requests`` waiting for prefill on this worker;
+    Load: ``queue_tokens`` / ``queued_requests`` waiting for prefill on this worker; ``shared_queue_tokens``
+    waiting for prefill on the OTHER workers that share this worker's compute (the same GPU, or the same host
+    CPUs): their prefills interleave with this worker's, so they delay it as if queued here (0: compute of its own);
     ``active_blocks`` / ``free_blocks`` of its device KV pool; ``prefill_tokens_per_s`` its measured
     prefill throughput; ``admission_delay_s`` its own estimate of how long a new decode request waits
     for a batch slot (decode and agg workers).
@@ -102,6 +104,7 @@ class WorkerSnapshot:
     prefill_tokens_per_s: float
     layout_key: str = ""
     queue_tokens: int = 0
+    shared_queue_tokens: int = 0
     queued_requests: int = 0
     active_blocks: int = 0
     free_blocks: int = 0
@@ -117,7 +120,7 @@ class WorkerSnapshot:
             object.__setattr__(self, "role", Role(self.role))
         if not isinstance(self.overlap_tier, Tier):
             object.__setattr__(self, "overlap_tier", Tier(self.overlap_tier))
-        for name in ("queue_tokens", "queued_requests", "active_blocks", "free_blocks", "overlap_blocks"):
+        for name in ("queue_tokens", "shared_queue_tokens", "queued_requests", "active_blocks", "free_blocks", "overlap_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"worker {self.worker_id}: {name} must be >= 0")
         if self.prefill_tokens_per_s < 0 or self.admission_delay_s < 0:

@@ -117,7 +117,7 @@ class _Candidates:
                     cost, negov = sc.cost_s, -sc.overlap_blocks
                 else:  # the same float as side_cost(): ((queue + 0.0) + prompt / thr) + work_weight * prompt / thr
                     pf = prompt / thr
-                    cost, negov = ((w.queue_tokens / thr + w.queued_requests * ovh) + pf) + ww * pf, 0
+                    cost, negov = (((w.queue_tokens + w.shared_queue_tokens) / thr + w.queued_requests * ovh) + pf) + ww * pf, 0
                 t = w.admission_delay_s + cost
                 if t > l2t:
                     continue
@@ -286,7 +286,7 @@ def _best_pairs(
             entry = (sc.cost_s, -sc.overlap_blocks, w.worker_id, w.node)
         else:  # the same float as side_cost() (see _Candidates)
             pf = prompt / thr
-            entry = (((w.queue_tokens / thr + w.queued_requests * ovh) + pf) + ww * pf, 0, w.worker_id, w.node)
+            entry = ((((w.queue_tokens + w.shared_queue_tokens) / thr + w.queued_requests * ovh) + pf) + ww * pf, 0, w.worker_id, w.node)
         g = groups.get(w.layout_key)
         if g is None:
             groups[w.layout_key] = [entry]

@@ -7,7 +7,9 @@ Written out (units: tokens, bytes, seconds; ``thr`` = the prefilling worker's pr
                = overlap * bytes_per_block / tier GB/s   otherwise; if that is not faster than
                                                          recomputing those tokens, overlap := 0
     uncached   = max(prompt_tokens - min(overlap * block_size, prompt_tokens), 1)
-    queue_wait = queue_tokens / thr + queued_requests * per_request_overhead_s
+    queue_wait = (queue_tokens + shared_queue_tokens) / thr + queued_requests * per_request_overhead_s
+                                                         shared_queue_tokens: the queues of the workers
+                                                         sharing its compute (same GPU / host CPUs)
     prefill    = uncached / thr
     work       = work_weight * prefill                              RoutingConfig.work_weight (default 0)
     side_cost  = ((queue_wait + onload) + prefill) + work
@@ -73,7 +75,7 @@ def side_cost(w: WorkerSnapshot, req: RequestShape, cfg: RoutingConfig) -> SideC
     uncached = prompt - cached
     if uncached < 1 and prompt > 0:
         uncached = 1  # the last prompt token is always computed: it yields the first output token
-    queue = w.queue_tokens / thr + w.queued_requests * cfg.per_request_overhead_s
+    queue = (w.queue_tokens + w.shared_queue_tokens) / thr + w.queued_requests * cfg.per_request_overhead_s
     prefill = uncached / thr
     work = cfg.work_weight * prefill
     return SideCost(((queue + onload) + prefill) + work, queue, onload, prefill, ov, uncached, work)

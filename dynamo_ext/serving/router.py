@@ -131,6 +131,7 @@ class RouterSettings:
     local_prefill: bool = True  # decode workers may prefill a request themselves when cheaper (dynamo-ext)
     work_weight: float = 0.0  # routing.RoutingConfig.work_weight: the prefill compute an option adds, charged
     pending_ttl_s: float = 0.0  # routed prefixes count as cached on their prefilling worker this long (0: off)
+    shared_compute: bool = True  # queue waits count the queued prefill tokens of workers on the same GPU / host CPUs
     transfer_timeout_s: float = 2.0
     force: str = "auto"  # kv_transfer.transport
     rdma_device: str | None = None
@@ -194,6 +195,22 @@ def layout_key(info: WorkerInfo | None) -> str:
 def node_of(info: WorkerInfo | None) -> str:
     host = (info.topology or {}).get("host", {}) if info is not None else {}
     return str(host.get("host_id") or "local")
+
+
+def compute_domain(info: WorkerInfo | None) -> str | None:
+    """What a worker computes on, from its topology record: ``gpu:<uuid>`` of its GPU, else ``cpu:<host id>``
+    (CPU workers of one host share its cores); None when unknown (no record: assumed to compute alone)."""
+    topo = (info.topology or {}) if info is not None else {}
+    if not topo:
+        return None
+    gi = topo.get("worker_gpu")
+    if gi is not None:
+        for g in topo.get("gpus") or ():
+            if g.get("index") == gi and g.get("uuid"):
+                return f"gpu:{g['uuid']}"
+        return f"gpu:{(topo.get('host') or {}).get('host_id', '?')}:{gi}"
+    host = (topo.get("host") or {}).get("host_id")
+    return f"cpu:{host}" if host else None
 
 
 class RouterCore:
@@ -352,13 +369,22 @@ class RouterCore:
         nblocks = self.s.decode_num_blocks
         info = {("p", p): self._info("prefill", p) for p in prefills}
         info.update({("d", d): self._info("decode", d) for d in decodes})
+        shared: dict[tuple[str, int], int] = {}  # (kind, worker) -> queued tokens of the others on its compute
+        if self.s.shared_compute:
+            dom = {k: compute_domain(v) for k, v in info.items()}
+            total: dict[str, int] = defaultdict(int)
+            for k, d in dom.items():
+                if d is not None:
+                    total[d] += m.queued_tokens(k[1])
+            shared = {k: total[d] - m.queued_tokens(k[1]) for k, d in dom.items() if d is not None}
         snaps = [WorkerSnapshot(worker_id=p, role="prefill", prefill_tokens_per_s=m.prefill_tokens_per_s(p, now),
                                 layout_key=layout_key(info["p", p]), queue_tokens=m.queued_tokens(p),
+                                shared_queue_tokens=shared.get(("p", p), 0),
                                 queued_requests=self.inflight[p], free_blocks=nblocks,
                                 overlap_blocks=scores.get(p, 0), node=node_of(info["p", p])) for p in prefills]
         snaps += [WorkerSnapshot(worker_id=d, role=self.s.decode_role,
                                  prefill_tokens_per_s=m.local_prefill_tokens_per_s(d, now),
-                                 layout_key=layout_key(info["d", d]),
+                                 layout_key=layout_key(info["d", d]), shared_queue_tokens=shared.get(("d", d), 0),
                                  free_blocks=nblocks, admission_delay_s=m.decode_step_s(d, now) + m.backlog_s(d, now),
                                  overlap_blocks=scores.get(d, 0), node=node_of(info["d", d])) for d in decodes]
         return snaps

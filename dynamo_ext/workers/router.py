@@ -116,6 +116,7 @@ def router_settings(cfg: Any, model_dir: str) -> RouterSettings:
         if (cfg.workers.decode or cfg.workers.agg) else 1024,
         disagg_min_prompt_tokens=cfg.router.disagg_min_prompt_tokens, local_prefill=cfg.router.local_prefill,
         work_weight=cfg.router.work_weight, pending_ttl_s=cfg.router.pending_ttl_s,
+        shared_compute=cfg.router.shared_compute,
         transfer_timeout_s=cfg.kv_transfer.timeout_ms / 1000.0, force=cfg.kv_transfer.transport,
         rdma_device=cfg.kv_transfer.rdma_device, context_length=context_length(cfg, model_dir))
 

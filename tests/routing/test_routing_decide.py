@@ -282,3 +282,23 @@ def test_work_weight_prefers_reusing_a_cached_prefix_when_ttfts_are_close():
     dec = decide(req, [busy, idle], links, config=RoutingConfig(work_weight=1.0))
     assert dec.chosen.decode_id == 1 and dec.chosen.terms.work_s == pytest.approx(64 / 10_000)
     assert dec.chosen.terms.ttft_s == pytest.approx(0.1 + 64 / 10_000)
+
+
+def test_shared_compute_queue_sends_the_prefill_to_a_worker_with_compute_of_its_own():
+    """Two prefill workers, equally idle themselves; p1 shares its GPU with a worker that has 8,000 tokens
+    queued (shared_queue_tokens), p2 computes alone: p2 wins, and the reported queue wait counts the shared
+    queue at p1's throughput."""
+    req = request(2048)
+    p1 = prefill(1, thr=10_000, shared_queue_tokens=8_000)
+    p2 = prefill(2, thr=8_000)
+    d = decode(7)
+    cfg = RoutingConfig(allow_local_prefill=False)
+    dec = decide(req, [p1, p2, d], links(), config=cfg)
+    assert dec.chosen.prefill_id == 2, dec.to_log()
+    assert dec.runner_up is not None and dec.runner_up.prefill_id == 1
+    assert dec.runner_up.terms.queue_wait_s == pytest.approx(8_000 / 10_000)
+    # without the shared queue p1 is the faster one
+    dec0 = decide(req, [prefill(1, thr=10_000), p2, d], links(), config=cfg)
+    assert dec0.chosen.prefill_id == 1
+    with pytest.raises(ValueError, match="shared_queue_tokens"):
+        prefill(3, shared_queue_tokens=-1)

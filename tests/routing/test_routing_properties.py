@@ -39,6 +39,7 @@ def worker(draw, wid: int):
         prefill_tokens_per_s=draw(thr),
         layout_key=draw(st.sampled_from(["A", "A", "A", "B"])),
         queue_tokens=draw(small),
+        shared_queue_tokens=draw(small),
         queued_requests=draw(st.integers(0, 3)),
         active_blocks=draw(st.integers(0, 2_000)),
         free_blocks=draw(st.sampled_from([0, 100, 2_000, 100_000])),
