@@ -204,8 +204,9 @@ class RouterConfig(_Strict):
     pending_ttl_s: float = Field(0.0, ge=0, le=600)
     #: dynamo-ext: workers that share compute (the same GPU; CPU workers of one host) slow each other's prefills:
     #: a worker's queue wait counts the prefill tokens queued on the others of its compute domain (from the
-    #: workers' topology records: GPU uuid, else host). false: each worker is assumed to compute alone
-    shared_compute: bool = True
+    #: workers' topology records: GPU uuid, else host). false (default): each worker is assumed to compute alone.
+    #: true measured worse on the CPU benchmark, where every worker shares one host (benchmarks/results/route-tail.md)
+    shared_compute: bool = False
     #: not supported yet: the dynamo-ext router weighs a cached prefix by its TTFT estimate
     overlap_weight: float | None = None
     #: seconds between rebalancing rounds (routing.plan_migrations(imbalance) over running streams); 0 = off

@@ -131,7 +131,7 @@ class RouterSettings:
     local_prefill: bool = True  # decode workers may prefill a request themselves when cheaper (dynamo-ext)
     work_weight: float = 0.0  # routing.RoutingConfig.work_weight: the prefill compute an option adds, charged
     pending_ttl_s: float = 0.0  # routed prefixes count as cached on their prefilling worker this long (0: off)
-    shared_compute: bool = True  # queue waits count the queued prefill tokens of workers on the same GPU / host CPUs
+    shared_compute: bool = False  # queue waits count the queued prefill tokens of workers on the same GPU / host CPUs
     transfer_timeout_s: float = 2.0
     force: str = "auto"  # kv_transfer.transport
     rdma_device: str | None = None

@@ -1,4 +1,4 @@
-"""router.shared_compute (issue 14.5): workers on the same GPU (or CPU workers of one host) slow each other's
+"""router.shared_compute (issue 14.5; off by default): workers on the same GPU (or CPU workers of one host) slow each other's
 prefills, so the router counts the prefill tokens queued on the others of a worker's compute domain in its
 queue wait. On the serving core without processes: the domains come from the workers' topology records."""
 
@@ -44,8 +44,8 @@ def test_compute_domain_from_the_topology_record():
 
 def test_a_local_prefill_backlog_on_a_gpu_delays_the_prefill_worker_that_shares_it():
     kw = dict(policy="dynamo-ext", disagg_min_prompt_tokens=0, kv_bytes_per_token=4096, local_prefill=False)
-    on = RouterCore(RouterSettings(**kw), TwoGpuPlane(), NullMetrics())
-    off = RouterCore(RouterSettings(**kw, shared_compute=False), TwoGpuPlane(), NullMetrics())
+    on = RouterCore(RouterSettings(**kw, shared_compute=True), TwoGpuPlane(), NullMetrics())
+    off = RouterCore(RouterSettings(**kw), TwoGpuPlane(), NullMetrics())  # the default: off
     for core in (on, off):
         core.meter.planned("busy", 3, 6_000, True, 0.0)  # decode 3 prefills 6,000 tokens itself, on GPU 0
         core.meter.planned("p2", 2, 1_000, False, 0.0)  # prefill 2 has 1,000 of its own queued
