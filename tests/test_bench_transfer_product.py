@@ -152,3 +152,21 @@ def test_staged_row_reports_its_phases_and_ucx_env(bench, tmp_path):
     assert r["ucx_env"].get("UCX_NET_DEVICES") == "lo" and "UCX_TLS" in r["ucx_env"], r
     md = out.with_suffix(".md").read_text()
     assert "peer scatter + ack" in md and "UCX environment from the workers' `select_transport` choice" in md
+
+
+def test_gpu_nixl_choice_script_dry_run(tmp_path):
+    """benchmarks/gpu_nixl_choice.sh --dry-run: the GPU script's two bench runs on host->host, both JSONs written,
+    every row verified, the NIXL rows carrying their UCX environment, the tables printed last."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_nixl_choice.sh"), "--dry-run", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "same GPU: exit 0" in r.stdout and "GPU -> host: exit 0" in r.stdout, r.stdout[-2000:]
+    for name in ("transfer-gpu-nixl-choice.json", "transfer-gpu-host-nixl-choice.json"):
+        rows = json.loads((tmp_path / name).read_text())["results"]
+        assert rows and all(x["verified"] is True for x in rows), rows
+        assert all(x.get("ucx_env") for x in rows if x["backend"] == "nixl"), rows
+    assert r.stdout.rstrip().splitlines()[-1].startswith("results: "), r.stdout[-500:]
