@@ -24,6 +24,8 @@ Protocol::
 Sinks:
     NullKvEventSink        drops everything (a pool without a router)
     RecordingKvEventSink   keeps the events in a list (tests; replay)
+    snapshot_events(runs)  a pool's ``cached_runs()`` as the same router events (stored only), for a router
+                           that rebuilds a worker's part of its index after a gap in the worker's events
     RouterEventSink        the same events as Dynamo's publisher puts on NATS (``{event_id, dp_rank, data:
                            {stored | removed}}``, tokens_hash = ``hashing.block_hashes``), handed to a
                            callback: request planes without NATS (bench/direct_worker.py) forward them and
@@ -51,6 +53,7 @@ __all__ = [
     "RecordingKvEventSink",
     "DynamoKvEventSink",
     "RouterEventSink",
+    "snapshot_events",
 ]
 
 
@@ -147,12 +150,24 @@ class RouterEventSink(_BlockEventSink):
     def _stored(self, token_ids: list[int], block_hashes: list[int], parent: int | None) -> None:
         from .hashing import block_hashes as local_hashes  # noqa: PLC0415
 
-        blocks = [{"block_hash": b, "tokens_hash": h, "mm_extra_info": None}
-                  for b, h in zip(block_hashes, local_hashes(token_ids, self.block_size))]
-        self._event({"stored": {"parent_hash": parent, "start_position": None, "blocks": blocks}})
+        self._event(_stored_data(parent, list(zip(block_hashes, local_hashes(token_ids, self.block_size)))))
 
     def _removed(self, block_hashes: list[int]) -> None:
         self._event({"removed": {"block_hashes": block_hashes}})
+
+
+def _stored_data(parent: int | None, blocks: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """The ``data`` of a stored router event: blocks as (sequence hash, local tokens hash)."""
+    return {"stored": {"parent_hash": parent, "start_position": None,
+                       "blocks": [{"block_hash": int(b), "tokens_hash": int(h), "mm_extra_info": None} for b, h in blocks]}}
+
+
+def snapshot_events(runs: Sequence[tuple[int | None, Sequence[tuple[int, int]]]]) -> list[dict[str, Any]]:
+    """Router events (``{event_id, dp_rank, data: {stored}}``, as ``RouterEventSink`` emits) for a pool's
+    ``cached_runs()``: applied in order to an empty part of a ``RadixTree`` they give what the live stream of
+    stored/removed events gives (tests/kv/test_kv_resync.py)."""
+    return [{"event_id": i + 1, "dp_rank": 0, "data": _stored_data(parent, blocks)}
+            for i, (parent, blocks) in enumerate(runs)]
 
 
 def _signed(h: int) -> int:

@@ -23,7 +23,22 @@ Dynamo's local block hashes (``hashing.block_hashes``); ``find_matches`` answers
       scores(tokens) -> {worker_id: blocks}       best dp rank of each worker; workers with 0 omitted
       scores_for_hashes(hashes), scores_by_rank(hashes)
       remove_worker(worker_id)                    the caller does this when an instance disappears
-      stats: messages, events, decode_errors, sequence_gaps (per publisher ``sequence`` holes)
+      stats: messages, events, decode_errors, sequence_gaps (per publisher ``sequence`` holes), resyncs
+
+Gaps (events lost between a worker and this index) and their resync::
+
+    apply_message: publisher's sequence jumps   begin_resync(w) for each worker of that publisher: its
+                                                live events are buffered from now on; on_gap([w, ...])
+    the caller (workers/router.py), on_gap:     asks worker w for its prefix cache as stored events
+                                                (its ``kv_blocks`` endpoint: ``pool.cached_runs`` ->
+                                                ``events.snapshot_events``, taken on its engine thread)
+      finish_resync(w, chunks)                  validate (msgspec), remove_worker(w), apply the snapshot,
+                                                then the buffered live events; stats.resyncs += 1
+      abort_resync(w, why)                      (the call failed) apply the buffered events as they are
+
+A buffered event older than the snapshot is applied again after it: a stored block already there is
+harmless, a removed block the snapshot no longer has is counted under ``resync_replay_refused``, not
+``refused``.
 
 Events are live-only: an indexer started late knows nothing of earlier blocks (Dynamo's worker-local
 indexer recovery is not used here). Dynamo is imported lazily (``RadixTree`` when the indexer is
@@ -36,13 +51,14 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
+import msgspec
 
 from .hashing import block_hashes
 
-__all__ = ["KvEventIndexer", "IndexerStats", "kv_events_subject", "decode_kv_message"]
+__all__ = ["KvEventIndexer", "IndexerStats", "SnapshotChunk", "kv_events_subject", "decode_kv_message"]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +87,43 @@ class IndexerStats:
     last_sequence: dict[int, int] = field(default_factory=dict)
     #: events the tree refused, by reason ("parent_missing", "block_missing", "other")
     refused: dict[str, int] = field(default_factory=dict)
+    resyncs: int = 0  # workers' parts of the index rebuilt from their snapshot after a gap
+    resync_failures: int = 0  # snapshots asked for and not had (the buffered events were applied as they were)
+    resync_replay_refused: int = 0  # buffered events refused when applied after a snapshot (see the docstring)
 
     def summary(self) -> dict[str, Any]:
         return {"messages": self.messages, "events": self.events, "decode_errors": self.decode_errors,
-                "sequence_gaps": self.sequence_gaps, "refused": dict(self.refused)}
+                "sequence_gaps": self.sequence_gaps, "refused": dict(self.refused), "resyncs": self.resyncs,
+                "resync_failures": self.resync_failures, "resync_replay_refused": self.resync_replay_refused}
+
+
+class _SnapBlock(msgspec.Struct, forbid_unknown_fields=True):
+    block_hash: int
+    tokens_hash: int
+    mm_extra_info: None = None
+
+
+class _SnapStored(msgspec.Struct, forbid_unknown_fields=True):
+    parent_hash: int | None
+    blocks: list[_SnapBlock]
+    start_position: int | None = None
+
+
+class _SnapData(msgspec.Struct, forbid_unknown_fields=True):
+    stored: _SnapStored
+
+
+class _SnapEvent(msgspec.Struct, forbid_unknown_fields=True):
+    event_id: int
+    data: _SnapData
+    dp_rank: int = 0
+
+
+class SnapshotChunk(msgspec.Struct, forbid_unknown_fields=True):
+    """One chunk of a worker's ``kv_blocks`` answer (peer data: validated before use)."""
+
+    events: list[_SnapEvent]
+    total: int = 0
 
 
 def _refusal(e: Exception) -> str:
@@ -100,6 +149,10 @@ class KvEventIndexer:
         self._nc: Any = None
         self._own_nc = False
         self._sub: Any = None
+        #: called with the worker ids of a publisher whose events have a gap (after begin_resync of each)
+        self.on_gap: Callable[[list[int]], None] | None = None
+        self._publisher_workers: dict[int, set[int]] = {}
+        self._resyncing: dict[int, list[dict[str, Any]]] = {}  # worker -> live events buffered meanwhile
 
     # -- NATS -------------------------------------------------------------------------------------
     async def start(self, nats_url: str, subject: str) -> None:
@@ -143,14 +196,30 @@ class KvEventIndexer:
             return 0
         pub, seq = env.get("publisher_id"), env.get("sequence")
         if isinstance(pub, int) and isinstance(seq, int):
+            workers = self._publisher_workers.setdefault(pub, set())
+            for rev in events:
+                try:
+                    workers.add(int(rev["worker_id"]))
+                except (KeyError, TypeError, ValueError):
+                    pass
             last = self.stats.last_sequence.get(pub)
+            self.stats.last_sequence[pub] = seq
             if last is not None and seq > last + 1:
                 self.stats.sequence_gaps += seq - last - 1
-            self.stats.last_sequence[pub] = seq
+                log.warning("KV events lost: publisher %s sequence %d -> %d (workers %s)%s", pub, last, seq,
+                            sorted(workers), "; resyncing them" if self.on_gap is not None else "")
+                if self.on_gap is not None and workers:
+                    for w in workers:
+                        self.begin_resync(w)
+                    self.on_gap(sorted(workers))
         n = 0
         for rev in events:
             try:
-                self.apply_event(int(rev["worker_id"]), rev["event"])
+                wid = int(rev["worker_id"])
+                if wid in self._resyncing:
+                    self._resyncing[wid].append(rev["event"])
+                    continue
+                self.apply_event(wid, rev["event"])
                 n += 1
             except Exception as e:
                 self.stats.decode_errors += 1
@@ -165,7 +234,57 @@ class KvEventIndexer:
         self.stats.events += 1
 
     def remove_worker(self, worker_id: int) -> None:
+        self._resyncing.pop(worker_id, None)
         self.tree.remove_worker(worker_id)
+
+    # -- resync after a gap -------------------------------------------------------------------------
+    def resyncing(self) -> list[int]:
+        return sorted(self._resyncing)
+
+    def begin_resync(self, worker_id: int) -> None:
+        """Buffer ``worker_id``'s live events until ``finish_resync`` / ``abort_resync``."""
+        self._resyncing.setdefault(worker_id, [])
+
+    def finish_resync(self, worker_id: int, chunks: Sequence[Any]) -> int:
+        """Rebuild the worker's part of the index from its snapshot (``kv_blocks`` chunks, validated here; an
+        invalid one raises ``msgspec.ValidationError`` and changes nothing), then apply the events buffered
+        since ``begin_resync``. Returns the snapshot's events applied."""
+        snap = [msgspec.convert(c, type=SnapshotChunk) for c in chunks]
+        buffered = self._resyncing.pop(worker_id, [])
+        self.tree.remove_worker(worker_id)
+        n = 0
+        for chunk in snap:
+            for ev in chunk.events:
+                try:
+                    self.apply_event(worker_id, msgspec.to_builtins(ev))
+                    n += 1
+                except Exception as e:  # noqa: BLE001
+                    why = _refusal(e)
+                    self.stats.refused[why] = self.stats.refused.get(why, 0) + 1
+                    log.warning("KV snapshot event of worker %s not applied (%s): %s", worker_id, why, e)
+        for ev in buffered:
+            try:
+                self.apply_event(worker_id, ev)
+            except Exception:  # noqa: BLE001 - older than the snapshot (see the module docstring)
+                self.stats.resync_replay_refused += 1
+        self.stats.resyncs += 1
+        log.info("KV index of worker %s resynced: %d snapshot events, %d buffered events", worker_id, n, len(buffered))
+        return n
+
+    def abort_resync(self, worker_id: int, why: str = "") -> None:
+        """No snapshot: apply the buffered events as they are (the index keeps what it had)."""
+        buffered = self._resyncing.pop(worker_id, None)
+        if buffered is None:
+            return
+        self.stats.resync_failures += 1
+        log.warning("KV index of worker %s not resynced (%s); %d buffered events applied", worker_id, why,
+                    len(buffered))
+        for ev in buffered:
+            try:
+                self.apply_event(worker_id, ev)
+            except Exception as e:  # noqa: BLE001
+                w = _refusal(e)
+                self.stats.refused[w] = self.stats.refused.get(w, 0) + 1
 
     # -- queries ----------------------------------------------------------------------------------
     def scores_by_rank(self, hashes: Sequence[int]) -> dict[tuple[int, int], int]:

@@ -26,6 +26,10 @@ Operations (``BlockPool(num_blocks, block_size, sink)``)::
     match_prefix(hashes) -> ids  longest cached prefix for Dynamo block hashes (``hashing.block_hashes``),
                                  one reference taken on each hit. ``peek_prefix`` counts without taking.
     evict_all()                  drop every unreferenced cached block (one ``publish_removed``)
+    cached_runs() -> runs        the prefix cache as stored runs ``(parent, [(sequence hash, local hash), ...])``,
+                                 parents first: what a router that lost events rebuilds this worker's part of
+                                 its index from (``events.snapshot_events``; blocks whose parent was evicted
+                                 are left out: no match reaches them)
     stats() / kv_cache_usage_perc / num_free / num_active / num_cached
 
 Cache key: the *sequence hash* of a block, a chain over Dynamo's local block hashes
@@ -106,6 +110,7 @@ class BlockPool:
         self._ref = [0] * num_blocks
         self._seq: list[int | None] = [None] * num_blocks  # content (sequence hash) of committed blocks
         self._cache: dict[int, int] = {}  # sequence hash -> registered block id
+        self._meta: dict[int, tuple[int, int | None]] = {}  # registered sequence hash -> (local hash, parent's)
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached (refcount 0, registered), oldest first
         self._free: deque[int] = deque(range(num_blocks))
         self._active = 0
@@ -166,6 +171,7 @@ class BlockPool:
                 b, _ = self._lru.popitem(last=False)
                 h = self._seq[b]
                 del self._cache[h]  # type: ignore[arg-type]
+                self._meta.pop(h, None)  # type: ignore[arg-type]
                 self._seq[b] = None
                 evicted.append(b)
                 evicted_hashes.append(h)
@@ -254,7 +260,8 @@ class BlockPool:
             parent_seq = self._seq[parent]
             if parent_seq is None:
                 raise PoolError(f"parent block {parent} holds no committed content")
-        seqs = sequence_hashes(block_hashes(tokens, bs), parent_seq)
+        local = block_hashes(tokens, bs)
+        seqs = sequence_hashes(local, parent_seq)
 
         run: list[int] = []  # sequence hashes of registered blocks not yet announced
         run_start = 0
@@ -268,6 +275,7 @@ class BlockPool:
                     run_start = i
                     run_parent = prev_seq
                 self._cache[s] = b
+                self._meta[s] = (local[i], prev_seq)
                 run.append(s)
             elif run:
                 self.sink.publish_stored(tokens[run_start * bs : (run_start + len(run)) * bs], run, run_parent)
@@ -283,12 +291,32 @@ class BlockPool:
         hashes = [self._seq[b] for b in evicted]
         for b, h in zip(evicted, hashes):
             del self._cache[h]  # type: ignore[arg-type]
+            self._meta.pop(h, None)  # type: ignore[arg-type]
             self._seq[b] = None
             self._free.append(b)
         self._lru.clear()
         if evicted:
             self.sink.publish_removed(hashes)  # type: ignore[arg-type]
         return evicted
+
+    def cached_runs(self) -> list[tuple[int | None, list[tuple[int, int]]]]:
+        """The registered blocks as stored runs ``(parent sequence hash or None, [(sequence hash, local hash)])``,
+        depth first from the sequence starts, so every run's parent is in an earlier run (or None). Blocks whose
+        parent content was evicted are left out (the router stops matching at the parent anyway)."""
+        children: dict[int | None, list[int]] = {}
+        for s, (_lh, parent) in self._meta.items():
+            children.setdefault(parent, []).append(s)
+        runs: list[tuple[int | None, list[tuple[int, int]]]] = []
+        stack: list[int] = list(reversed(children.get(None, [])))
+        while stack:
+            s = stack.pop()
+            parent = self._meta[s][1]
+            if runs and runs[-1][1][-1][0] == parent:
+                runs[-1][1].append((s, self._meta[s][0]))
+            else:
+                runs.append((parent, [(s, self._meta[s][0])]))
+            stack.extend(reversed(children.get(s, [])))
+        return runs
 
     # -- helpers ----------------------------------------------------------------------------------
     def _check_id(self, b: int) -> int:
@@ -321,3 +349,4 @@ class BlockPool:
         assert len(free) + len(lru) + self._active == self._num_blocks
         for s, b in self._cache.items():
             assert self._seq[b] == s
+        assert set(self._meta) == set(self._cache), "registered blocks without meta (or meta left over)"

@@ -39,6 +39,7 @@ lines), in what order::
     w.wants_hand_over() / await w.hand_over() drain: export every running request when another decode
                                               worker serves (plane.decode_peers()), keep the KV readable
                                               for migration_grace_s
+    await w.kv_snapshot() -> chunks           the prefix cache as stored KV events (a router's resync after a gap)
     await w.close()
 
 It never imports Dynamo or a network client (import-linter); the ``WorkerPlane`` given by the adapter is
@@ -284,6 +285,19 @@ class ServingWorker:
         if self.transports is not None:
             h["transports"] = self.transports.describe()
         return h
+
+    async def kv_snapshot(self, chunk_events: int = 512) -> list[dict[str, Any]]:
+        """This worker's prefix cache as stored router events (``kv.events.snapshot_events`` of
+        ``BlockPool.cached_runs``, taken on the engine thread, so in order with the KV events it publishes), in
+        chunks ``{"events": [...], "total": n}`` (at least one): what a router that lost some of this worker's
+        KV events rebuilds its part of the index from (``kv.KvEventIndexer.finish_resync``)."""
+        from dynamo_ext.kv.events import snapshot_events  # noqa: PLC0415
+
+        assert self.runner is not None
+        pool = self.runner.pool
+        events = snapshot_events(await self.runner.call(pool.cached_runs))
+        return [{"events": events[i:i + chunk_events], "total": len(events)}
+                for i in range(0, len(events), chunk_events)] or [{"events": [], "total": 0}]
 
     # -- prefill side -------------------------------------------------------------------------------
     def _free(self, hid: str) -> bool:

@@ -74,6 +74,7 @@ class DecodeWorker(EngineWorker):
                                                                total_kv_blocks=self.core.s.num_kv_blocks), **kw)
         self.spawn(ep.serve_endpoint(self.generate), "serve-generate")
         self.spawn(health_ep.serve_endpoint(self.health_handler), "serve-health")
+        self.spawn(self.endpoint("kv_blocks").serve_endpoint(self.kv_blocks_handler), "serve-kv-blocks")
         if self.disaggregated:  # the router's rebalancing asks for running requests by its own request id
             self.spawn(self.endpoint("export").serve_endpoint(self.export_handler), "serve-export")
         await self.wait_serving(ep)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 from dynamo_ext.discovery import decode_record
 from dynamo_ext.kv.events import DynamoKvEventSink
@@ -176,6 +176,13 @@ class EngineWorker(WorkerProcess):
             except Exception as e:  # noqa: BLE001
                 log.debug("load publish failed: %s", e)
             last = now
+
+    async def kv_blocks_handler(self, request: Any, context: Any) -> AsyncIterator[dict[str, Any]]:
+        """The ``kv_blocks`` endpoint: this worker's prefix cache as stored KV events, in chunks
+        (``ServingWorker.kv_snapshot``); the router asks for it when it finds a gap in this worker's events."""
+        assert self.core is not None
+        for chunk in await self.core.kv_snapshot():
+            yield chunk
 
     def record_fields(self) -> dict[str, Any]:
         core = self.core

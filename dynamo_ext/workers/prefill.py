@@ -58,6 +58,7 @@ class PrefillWorker(EngineWorker):
         self.spawn(gen_ep.serve_endpoint(self.generate), "serve-generate")
         self.spawn(rel_ep.serve_endpoint(self.release), "serve-release")
         self.spawn(health_ep.serve_endpoint(self.health_handler), "serve-health")
+        self.spawn(self.endpoint("kv_blocks").serve_endpoint(self.kv_blocks_handler), "serve-kv-blocks")
         await self.wait_serving(ep)
         return ep
 

@@ -60,6 +60,7 @@ class DynamoRouterPlane:
         self.prefill_client: Any = None
         self.decode_client: Any = None
         self.export_client: Any = None
+        self.kv_blocks_clients: dict[str, Any] = {}  # role -> client of the workers' kv_blocks endpoint
         self.registry: WorkerRegistry | None = None
         self.indexer: KvEventIndexer | None = None
         self._infos: dict[tuple[str, int, float], WorkerInfo] = {}
@@ -98,6 +99,31 @@ class DynamoRouterPlane:
     async def decode(self, request: dict[str, Any], worker: int) -> AsyncIterator[dict[str, Any]]:
         async for item in await self.decode_client.direct(request, worker):
             yield item.data()
+
+    def on_kv_gap(self, workers: list[int]) -> None:
+        """The index lost events of these workers (``KvEventIndexer.on_gap``): rebuild their part from a
+        snapshot each (``kv_blocks``); a worker that is not (or no longer) served is dropped from the index."""
+        for w in workers:
+            role = "prefill" if w in self.prefill_ids() else "decode" if w in self.decode_ids() else None
+            if role is None or role not in self.kv_blocks_clients:
+                assert self.indexer is not None
+                self.indexer.remove_worker(w)
+                continue
+            self.w.spawn(self._resync(role, w), f"kv-resync-{w}")
+
+    async def _resync(self, role: str, worker: int, timeout_s: float = 10.0) -> None:
+        assert self.indexer is not None
+        try:
+            async def fetch() -> list[Any]:
+                out = []
+                async for item in await self.kv_blocks_clients[role].direct({}, worker):
+                    out.append(item.data() if hasattr(item, "data") else item)
+                return out
+
+            chunks = await asyncio.wait_for(fetch(), timeout_s)
+            self.indexer.finish_resync(worker, chunks)
+        except Exception as e:  # noqa: BLE001 - the index keeps what it had; the next gap tries again
+            self.indexer.abort_resync(worker, f"{type(e).__name__}: {e}")
 
     async def export(self, worker: int, router_rids: list[str], timeout_s: float) -> list[str]:
         async for item in await asyncio.wait_for(self.export_client.direct({"router_rids": router_rids}, worker),
@@ -159,6 +185,9 @@ class RouterWorker(WorkerProcess):
                 pl.registry = None
             try:
                 pl.indexer = KvEventIndexer(self.cfg.model.block_size)
+                pl.kv_blocks_clients = {
+                    role: await self.endpoint("kv_blocks", component=comp).client() for role, comp in _COMPONENT.items()}
+                pl.indexer.on_gap = pl.on_kv_gap
                 await pl.indexer.start(self.cfg.discovery.nats.url, kv_events_subject(self.namespace))
             except Exception as e:  # noqa: BLE001 - routing still works without overlap scores
                 log.warning("KV event indexer unavailable (%s): overlap scores are 0", e)

@@ -56,3 +56,20 @@ if os.environ.get("DXTEST_CORRUPT_KV") == "1":
         return chunk
 
     _wk.ServingWorker.prefill = _corrupting_prefill  # type: ignore[method-assign]
+
+# ``DXTEST_DROP_KV_MESSAGES=<n>[,<n>...]``: the router's KV event index drops the n-th message(s) it receives (1 =
+# the first), as if NATS had lost them: the next message of that publisher shows the gap.
+_drop = {int(x) for x in os.environ.get("DXTEST_DROP_KV_MESSAGES", "").split(",") if x.strip()}
+if _drop:
+    from dynamo_ext.kv import indexer as _ix
+
+    _apply = _ix.KvEventIndexer.apply_message
+    _seen = [0]
+
+    def _lossy_apply(self, data):  # type: ignore[no-untyped-def]
+        _seen[0] += 1
+        if _seen[0] in _drop:
+            return 0
+        return _apply(self, data)
+
+    _ix.KvEventIndexer.apply_message = _lossy_apply  # type: ignore[method-assign]
