@@ -17,7 +17,7 @@ Each ``event`` is handed to ``RadixTree.apply_event(worker_id, json(event))`` un
 Dynamo's local block hashes (``hashing.block_hashes``); ``find_matches`` answers
 ``{(worker_id, dp_rank): matched_blocks}``.
 
-    KvEventIndexer(block_size)
+    KvEventIndexer(block_size, *, resync_new_publishers=False)
       await start(nats_url, subject) / await subscribe(nc, subject) / await close()
       apply_message(bytes) -> events applied      (the NATS callback; also usable without NATS)
       scores(tokens) -> {worker_id: blocks}       best dp rank of each worker; workers with 0 omitted
@@ -28,7 +28,8 @@ Dynamo's local block hashes (``hashing.block_hashes``); ``find_matches`` answers
 Gaps (events lost between a worker and this index) and their resync::
 
     apply_message: publisher's sequence jumps   begin_resync(w) for each worker of that publisher: its
-                                                live events are buffered from now on; on_gap([w, ...])
+    (or, with resync_new_publishers, its        live events are buffered from now on; on_gap([w, ...])
+    first message: an index started late)
     the caller (workers/router.py), on_gap:     asks worker w for its prefix cache as stored events
                                                 (its ``kv_blocks`` endpoint: ``pool.cached_runs`` ->
                                                 ``events.snapshot_events``, taken on its engine thread)
@@ -136,7 +137,7 @@ def _refusal(e: Exception) -> str:
 
 
 class KvEventIndexer:
-    def __init__(self, block_size: int, tree: Any | None = None) -> None:
+    def __init__(self, block_size: int, tree: Any | None = None, *, resync_new_publishers: bool = False) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if tree is None:
@@ -151,6 +152,9 @@ class KvEventIndexer:
         self._sub: Any = None
         #: called with the worker ids of a publisher whose events have a gap (after begin_resync of each)
         self.on_gap: Callable[[list[int]], None] | None = None
+        #: also resync a publisher at its first message: an index that starts late (a restarted router) gets
+        #: the blocks its workers cached before it started
+        self.resync_new_publishers = resync_new_publishers
         self._publisher_workers: dict[int, set[int]] = {}
         self._resyncing: dict[int, list[dict[str, Any]]] = {}  # worker -> live events buffered meanwhile
 
@@ -204,10 +208,12 @@ class KvEventIndexer:
                     pass
             last = self.stats.last_sequence.get(pub)
             self.stats.last_sequence[pub] = seq
-            if last is not None and seq > last + 1:
-                self.stats.sequence_gaps += seq - last - 1
+            gap = last is not None and seq > last + 1
+            if gap:
+                self.stats.sequence_gaps += seq - last - 1  # type: ignore[operator]
                 log.warning("KV events lost: publisher %s sequence %d -> %d (workers %s)%s", pub, last, seq,
                             sorted(workers), "; resyncing them" if self.on_gap is not None else "")
+            if gap or (last is None and self.resync_new_publishers):
                 if self.on_gap is not None and workers:
                     for w in workers:
                         self.begin_resync(w)

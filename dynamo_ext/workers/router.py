@@ -184,7 +184,8 @@ class RouterWorker(WorkerProcess):
                 log.warning("worker registry unavailable (%s): default links and layouts", e)
                 pl.registry = None
             try:
-                pl.indexer = KvEventIndexer(self.cfg.model.block_size)
+                # a router that starts after its workers (restarted by serve) asks each for its cache at its first event
+                pl.indexer = KvEventIndexer(self.cfg.model.block_size, resync_new_publishers=True)
                 pl.kv_blocks_clients = {
                     role: await self.endpoint("kv_blocks", component=comp).client() for role, comp in _COMPONENT.items()}
                 pl.indexer.on_gap = pl.on_kv_gap

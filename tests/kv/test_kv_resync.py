@@ -126,3 +126,25 @@ def test_without_a_snapshot_the_buffered_events_are_applied():
     assert idx.resyncing() == [6] and idx.stats.events == 1  # the message after the gap waits for the snapshot
     idx.abort_resync(6, "worker did not answer")
     assert idx.resyncing() == [] and idx.stats.resync_failures == 1 and idx.stats.events == len(sent)
+
+
+def test_a_late_index_resyncs_each_publisher_at_its_first_message():
+    """resync_new_publishers (the router's setting): an index that starts after the worker (a restarted router)
+    asks for the worker's cache at its first message, so blocks cached before it started are found."""
+    sent: list[dict] = []
+    pool = BlockPool(24, BS, RouterEventSink(BS, sent.append))
+    _run_requests(pool, random.Random(3), 20)  # before the index exists
+    before = len(sent)
+    _run_requests(pool, random.Random(4), 3)
+    late, plain = KvEventIndexer(BS, resync_new_publishers=True), KvEventIndexer(BS)
+    asked: list[list[int]] = []
+    late.on_gap, plain.on_gap = asked.append, asked.append
+    for i, ev in enumerate(sent[before:], start=before + 1):
+        late.apply_message(_msg(i, 9, [ev]))
+        plain.apply_message(_msg(i, 9, [ev]))
+    assert asked == [[9]] and late.resyncing() == [9] and plain.resyncing() == []
+    late.finish_resync(9, [{"events": snapshot_events(pool.cached_runs())}])
+    truth = KvEventIndexer(BS)
+    for ev in sent:
+        truth.apply_event(9, ev)
+    assert _scores(late, 9) == _scores(truth, 9) != _scores(plain, 9)
