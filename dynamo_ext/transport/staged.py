@@ -141,6 +141,36 @@ def _nack_text(m: bytes) -> str:
     return m[len(STAGED_NACK) + 16:].decode(errors="replace")
 
 
+def _sync(pool: KvPool) -> None:
+    """Wait for this pool's device copies (a notification must not go out before its bytes are there)."""
+    if pool.kind is MemoryKind.DEVICE:
+        import torch  # noqa: PLC0415
+
+        torch.cuda.synchronize(pool.device_id)
+
+
+def _gather(pool: KvPool, stg: KvPool, descs: Any) -> None:
+    from .staging import gather_into  # noqa: PLC0415  (torch)
+
+    gather_into(pool.tensor_u8(), stg.tensor_u8(), descs)
+    _sync(pool)
+
+
+def _scatter(stg: KvPool, pool: KvPool, descs: Any) -> None:
+    from .staging import scatter_from  # noqa: PLC0415  (torch)
+
+    scatter_from(stg.tensor_u8(), pool.tensor_u8(), descs)
+    _sync(pool)
+
+
+def _served_pools(backend: TransferBackend, name: str) -> tuple[KvPool, KvPool]:
+    """(the registered pool ``name``, this backend's staging) for a peer's request, or UnregisteredMemory."""
+    pool, stg = backend._pools.get(name), backend.staging_pool
+    if pool is None or stg is None:
+        raise UnregisteredMemory(f"no pool {name!r} or no staging on {backend.agent_name!r}")
+    return pool, stg
+
+
 class _StagedRequest(XferRequest):
     """Wire WRITE into the peer's staging, then wait for the peer's scatter ack."""
 
@@ -184,8 +214,6 @@ class _StagedRequest(XferRequest):
 async def post_staged_write(backend: TransferBackend, local: KvPool, peer: str, remote: PoolDescriptor,
                             plan: TransferPlan, plan_kwargs: dict[str, Any], notif: bytes) -> XferRequest:
     """Source half of a staged WRITE: gather -> one wire WRITE staging->staging (+ scatter request)."""
-    from .staging import gather_into  # noqa: PLC0415  (torch)
-
     stg = backend.staging_for(local)
     rstg = backend.peer(peer).staging
     assert stg is not None and rstg is not None
@@ -194,11 +222,7 @@ async def post_staged_write(backend: TransferBackend, local: KvPool, peer: str, 
     await lock.acquire()  # one staged transfer per local staging region at a time
     try:
         times.append(time.perf_counter())
-        gather_into(local.tensor_u8(), stg.tensor_u8(), plan.gather)
-        if local.kind is MemoryKind.DEVICE:
-            import torch  # noqa: PLC0415
-
-            torch.cuda.synchronize(local.device_id)
+        _gather(local, stg, plan.gather)
         times.append(time.perf_counter())
         xid = uuid.uuid4().hex[:16].encode()
         msg = STAGED_REQUEST + msgpack.packb({
@@ -241,13 +265,7 @@ class _StagedReadRequest(XferRequest):
                 self._wire = self._be.post("read", self._stg, peer, self._rstg, w[:, [1, 0, 2]])
             if not self._wire.poll():
                 return False
-            from .staging import scatter_from  # noqa: PLC0415
-
-            scatter_from(self._stg.tensor_u8(), self._local.tensor_u8(), self._plan.scatter)
-            if self._local.kind is MemoryKind.DEVICE:
-                import torch  # noqa: PLC0415
-
-                torch.cuda.synchronize(self._local.device_id)
+            _scatter(self._stg, self._local, self._plan.scatter)
             self._done = True
             self._finish()
             return True
@@ -315,19 +333,10 @@ def _serve_gathers(backend: TransferBackend, peer: str, msgs: list[bytes]) -> in
         try:
             req = msgpack.unpackb(m[len(STAGED_GATHER):], raw=False)
             xid = bytes(req["id"])
-            pool = backend._pools.get(req["src_pool"])
-            stg = backend.staging_pool
-            if pool is None or stg is None:
-                raise UnregisteredMemory(f"no pool {req['src_pool']!r} or no staging on {backend.agent_name!r}")
+            pool, stg = _served_pools(backend, req["src_pool"])
             plan = cached_plan_transfer(pool.layout, req["src_blocks"], KvLayout.from_dict(req["dst_layout"]),
                                         req["dst_blocks"], **req["plan"])
-            from .staging import gather_into  # noqa: PLC0415
-
-            gather_into(pool.tensor_u8(), stg.tensor_u8(), plan.gather)
-            if pool.kind is MemoryKind.DEVICE:
-                import torch  # noqa: PLC0415
-
-                torch.cuda.synchronize(pool.device_id)
+            _gather(pool, stg, plan.gather)
             st.lease = (peer, xid, time.monotonic())
             reply = STAGED_ACK + xid
         except Exception as e:  # noqa: BLE001 - reported to the reader
@@ -354,19 +363,10 @@ def serve_staged_requests(backend: TransferBackend) -> int:
             try:
                 req = msgpack.unpackb(m[len(STAGED_REQUEST):], raw=False)
                 xid = bytes(req["id"])
-                pool = backend._pools.get(req["dst_pool"])
-                stg = backend.staging_pool
-                if pool is None or stg is None:
-                    raise UnregisteredMemory(f"no pool {req['dst_pool']!r} or no staging on {backend.agent_name!r}")
+                pool, stg = _served_pools(backend, req["dst_pool"])
                 plan = cached_plan_transfer(KvLayout.from_dict(req["src_layout"]), req["src_blocks"], pool.layout,
                                             req["dst_blocks"], **req["plan"])
-                from .staging import scatter_from  # noqa: PLC0415
-
-                scatter_from(stg.tensor_u8(), pool.tensor_u8(), plan.scatter)
-                if pool.kind is MemoryKind.DEVICE:
-                    import torch  # noqa: PLC0415
-
-                    torch.cuda.synchronize(pool.device_id)
+                _scatter(stg, pool, plan.scatter)
                 if req.get("user"):
                     msgs.append(bytes(req["user"]))
                 reply = STAGED_ACK + xid
