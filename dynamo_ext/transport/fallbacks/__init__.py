@@ -4,6 +4,8 @@
 ``TcpBackend``      host-staged TCP stream on loopback or across nodes: asyncio sockets, framed msgpack.
 ``CmaBackend``      host pools of two processes on one node: process_vm_writev/readv with iovec arrays
                     (kernel scatter/gather, no staging); control and other nodes over TcpBackend.
+``ShmBackend``      host pools in shared memory (memfd) of two processes on one node: the peer maps them; both
+                    extend ``SameNodeBackend`` (samenode.py): TCP for notifications and other nodes.
 ``CudaIpcBackend``  GPU pools of two processes on one node: CUDA IPC handles + cuMemcpyAsync (GPU only).
 """
 

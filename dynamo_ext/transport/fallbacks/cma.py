@@ -39,7 +39,6 @@ import errno
 import os
 import select
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgpack
@@ -49,7 +48,8 @@ from ..backend import DoneRequest, Op, XferRequest
 from ..errors import BackendError, PeerUnreachable
 from ..peer import PeerInfo
 from ..pool import KvPool, MemoryKind, PoolDescriptor
-from .tcp import TcpBackend, _TcpRequest
+from .samenode import SameNodeBackend
+from .tcp import _TcpRequest
 
 IOV_MAX = 1024
 INLINE_BYTES = 1 << 20  # smaller transfers are copied inside post() (a thread hop costs ~50-100 us)
@@ -206,7 +206,7 @@ def _advance(iov: np.ndarray, done: int) -> np.ndarray:
     return rest
 
 
-class CmaBackend(TcpBackend):
+class CmaBackend(SameNodeBackend):
     name = "cma"
     default_gbps = 2.0
 
@@ -218,8 +218,6 @@ class CmaBackend(TcpBackend):
         # copy threads: 1 on the 2-core box (2 threads were slower there), 4 on a 32-core host (1 GiB of
         # scattered 32 KiB chunks: 13.1 GB/s with 4 vs 3.7 with 1, single-thread memcpy 8.3)
         self.threads = max(1, int(threads if threads is not None else min(4, (os.cpu_count() or 1) // 4)))
-        self._cma: dict[str, _Peer] = {}  # peers on this node (others use the TCP data path)
-        self._exec: ThreadPoolExecutor | None = None
 
     # -- registration / peers -----------------------------------------------------------------------
     def _register(self, pool: KvPool) -> None:
@@ -238,20 +236,11 @@ class CmaBackend(TcpBackend):
         me = _node_identity()
         if isinstance(meta, dict) and meta.get("boot_id") == me["boot_id"] and meta.get("pid_ns") == me["pid_ns"] \
                 and me["boot_id"] and info.pid > 0:
-            old = self._cma.pop(info.agent_name, None)
-            if old is not None:
-                old.close()
-            self._cma[info.agent_name] = _Peer(info.pid)
-
-    def _disconnect(self, name: str) -> None:
-        super()._disconnect(name)
-        p = self._cma.pop(name, None)
-        if p is not None:
-            p.close()
+            self._set_local(info.agent_name, _Peer(info.pid))
 
     def is_same_node(self, peer: str) -> bool:
         """True when transfers with ``peer`` go through the kernel (False: TCP data path)."""
-        return peer in self._cma
+        return self.is_local(peer)
 
     # -- transfers -------------------------------------------------------------------------------------
     def _copy(self, op: Op, peer: _Peer, batches: list[tuple[np.ndarray, np.ndarray, int]],
@@ -285,9 +274,8 @@ class CmaBackend(TcpBackend):
     async def _run(self, op: Op, peer: str, cp: _Peer, parts: list[list[Any]], stop: threading.Event,
                    notif: bytes) -> None:
         loop = asyncio.get_running_loop()
-        if self._exec is None:
-            self._exec = ThreadPoolExecutor(max(self.threads, 1), thread_name_prefix=f"cma-{self.agent_name}")
-        futs = [loop.run_in_executor(self._exec, self._copy, op, cp, part, stop, peer) for part in parts if part]
+        ex = self._executor(self.threads, "cma")
+        futs = [loop.run_in_executor(ex, self._copy, op, cp, part, stop, peer) for part in parts if part]
         try:
             await asyncio.gather(*futs)
         except BaseException:
@@ -299,7 +287,7 @@ class CmaBackend(TcpBackend):
 
     def _post(self, op: Op, local: KvPool, peer: str, remote: PoolDescriptor, descs: np.ndarray,
               notif: bytes) -> XferRequest:
-        cp = self._cma.get(peer)
+        cp = self._local.get(peer)
         if cp is None:  # another node: TCP data path
             return super()._post(op, local, peer, remote, descs, notif)
         if remote.kind is not MemoryKind.HOST or local.kind is not MemoryKind.HOST:
@@ -314,15 +302,3 @@ class CmaBackend(TcpBackend):
         parts: list[list[Any]] = [batches[i::k] for i in range(k)] if k > 1 else [batches]
         task = asyncio.get_running_loop().create_task(self._run(op, peer, cp, parts, stop, notif))
         return _TcpRequest(task, stop.set)
-
-    def close_sync(self) -> None:
-        for p in self._cma.values():
-            p.close()
-        self._cma.clear()
-        if self._exec is not None:
-            self._exec.shutdown(wait=True)
-            self._exec = None
-
-    async def close(self) -> None:
-        await super().close()
-        self.close_sync()

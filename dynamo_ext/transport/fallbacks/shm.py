@@ -45,7 +45,6 @@ import os
 import select
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -56,7 +55,8 @@ from ..errors import BackendError, PeerUnreachable
 from ..peer import PeerInfo
 from ..pool import KvPool, MemoryKind, PoolDescriptor, ShmHandle, shared_memory_available
 from .hostcopy import copy_runs, copy_runs_native, native_available, native_unavailable_reason, split_parts
-from .tcp import TcpBackend, _TcpRequest
+from .samenode import SameNodeBackend
+from .tcp import _TcpRequest
 
 INLINE_BYTES = 1 << 20  # smaller transfers are copied inside post() (a thread hop costs ~50-100 us)
 _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
@@ -223,7 +223,7 @@ def _address(mm: mmap.mmap) -> int:
         del view
 
 
-class ShmBackend(TcpBackend):
+class ShmBackend(SameNodeBackend):
     name = "shm"
     default_gbps = 4.0
 
@@ -240,8 +240,6 @@ class ShmBackend(TcpBackend):
             raise BackendError(f"ShmBackend(native=True): {native_unavailable_reason()}")
         self.native = bool(native)
         self.threads = max(1, int(threads if threads is not None else 1)) if self.native else 1
-        self._shm: dict[str, _ShmPeer] = {}
-        self._exec: ThreadPoolExecutor | None = None
 
     # -- registration / peers -----------------------------------------------------------------------
     def _register(self, pool: KvPool) -> None:
@@ -267,21 +265,11 @@ class ShmBackend(TcpBackend):
                                       f"{me.uid}: its shared pools cannot be mapped here")
             new = _ShmPeer(info)  # raises before anything changes: a refused re-add keeps the old mapping
         # else: another host (or pid namespace): the TCP data path of TcpBackend
-        old = self._shm.pop(info.agent_name, None)
-        if old is not None:
-            old.close()
-        if new is not None:
-            self._shm[info.agent_name] = new
-
-    def _disconnect(self, name: str) -> None:
-        super()._disconnect(name)
-        p = self._shm.pop(name, None)
-        if p is not None:
-            p.close()
+        self._set_local(info.agent_name, new)
 
     def is_mapped(self, peer: str) -> bool:
         """True when transfers with ``peer`` copy between mappings (False: TCP data path)."""
-        return peer in self._shm
+        return self.is_local(peer)
 
     # -- transfers -------------------------------------------------------------------------------------
     def _copy(self, op: Op, local: KvPool, sp: _ShmPeer, key: tuple[str, int], descs: np.ndarray,
@@ -296,9 +284,8 @@ class ShmBackend(TcpBackend):
             parts = split_parts(n, threads)
             futs = []
             if len(parts) > 1:
-                if self._exec is None:
-                    self._exec = ThreadPoolExecutor(max(1, self.threads - 1), thread_name_prefix=f"shm-{self.agent_name}")
-                futs = [self._exec.submit(copy_runs_native, dst, src, d[a:b], s[a:b], n[a:b], stop.flag)
+                ex = self._executor(self.threads - 1, "shm")
+                futs = [ex.submit(copy_runs_native, dst, src, d[a:b], s[a:b], n[a:b], stop.flag)
                         for a, b in parts[1:]]
             a, b = parts[0]
             done = copy_runs_native(dst, src, d[a:b], s[a:b], n[a:b], stop.flag)
@@ -333,7 +320,7 @@ class ShmBackend(TcpBackend):
 
     def _post(self, op: Op, local: KvPool, peer: str, remote: PoolDescriptor, descs: np.ndarray,
               notif: bytes) -> XferRequest:
-        sp = self._shm.get(peer)
+        sp = self._local.get(peer)
         if sp is None:  # another host: TCP data path
             return super()._post(op, local, peer, remote, descs, notif)
         if remote.kind is not MemoryKind.HOST or local.kind is not MemoryKind.HOST:
@@ -354,18 +341,6 @@ class ShmBackend(TcpBackend):
             return DoneRequest()
         task = asyncio.get_running_loop().create_task(self._run(op, local, sp, key, descs, stop, peer, notif))
         return _TcpRequest(task, stop.set)
-
-    def close_sync(self) -> None:
-        for p in self._shm.values():
-            p.close()
-        self._shm.clear()
-        if self._exec is not None:
-            self._exec.shutdown(wait=True)
-            self._exec = None
-
-    async def close(self) -> None:
-        await super().close()
-        self.close_sync()
 
 
 __all__ = ["ShmBackend", "ShmNodeInfo", "map_region", "shm_available"]
