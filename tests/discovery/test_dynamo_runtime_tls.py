@@ -7,16 +7,14 @@ refusal in config.py then."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from fixtures.secure_servers import NATS_TOKEN, ROOT_PASSWORD, TlsEtcdServer, TlsNatsServer
-from fixtures.servers import make_workdir
-from fixtures.tls import make_pki
+from fixtures.secure_fixtures import mtls_etcd, pki, tls_nats  # noqa: F401 (fixtures)
+from fixtures.secure_servers import NATS_TOKEN, ROOT_PASSWORD
 
 pytestmark = pytest.mark.slow
 
@@ -38,28 +36,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _running(srv):
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        shutil.rmtree(srv.workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def mtls_etcd(pki):
-    yield from _running(TlsEtcdServer("etcd", make_workdir("dx-etcd-rt-"), pki=pki))
-
-
-@pytest.fixture(scope="module")
-def tls_nats(pki):
-    yield from _running(TlsNatsServer("nats", make_workdir("dx-nats-rt-"), pki=pki))
 
 
 def _run(env: dict[str, str]) -> tuple[bool, str]:

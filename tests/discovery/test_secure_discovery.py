@@ -5,7 +5,6 @@ environment variables Dynamo's runtime reads (``discovery.env``)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 
 import pytest
@@ -14,38 +13,10 @@ from dynamo_ext.config import parse_config
 from dynamo_ext.discovery import EtcdAuthError, EtcdCredentials, EtcdStore, EventBus, dynamo_env, etcd_credentials
 from dynamo_ext.discovery.env import nats_options, nats_tls_context
 from dynamo_ext.discovery.nats import NatsUnavailable
-from fixtures.secure_servers import NATS_TOKEN, ROOT_PASSWORD, TlsEtcdServer, TlsNatsServer
-from fixtures.servers import make_workdir
-from fixtures.tls import make_pki
+from fixtures.secure_fixtures import mtls_etcd, password_etcd, pki, tls_nats  # noqa: F401 (fixtures)
+from fixtures.secure_servers import NATS_TOKEN, ROOT_PASSWORD
 
 
-def _running(srv):
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        shutil.rmtree(srv.workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def mtls_etcd(pki):
-    yield from _running(TlsEtcdServer("etcd", make_workdir("dx-etcd-tls-"), pki=pki))
-
-
-@pytest.fixture(scope="module")
-def password_etcd():
-    yield from _running(TlsEtcdServer("etcd", make_workdir("dx-etcd-pw-"), pki=None))
-
-
-@pytest.fixture(scope="module")
-def tls_nats(pki):
-    yield from _running(TlsNatsServer("nats", make_workdir("dx-nats-tls-"), pki=pki))
 
 
 def _config(pki, etcd_url: str, nats_url: str, *, tls_etcd: bool = True, **nats_extra) -> object:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,41 +26,13 @@ from dynamo_ext.launch.client import complete
 from dynamo_ext.launch.serve import LaunchError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures.secure_servers import NATS_TOKEN, ROOT_PASSWORD, TlsEtcdServer, TlsNatsServer  # noqa: E402
-from fixtures.servers import make_workdir  # noqa: E402
-from fixtures.tls import make_pki  # noqa: E402
+from fixtures.secure_fixtures import mtls_etcd, password_etcd, pki, tls_nats  # noqa: E402, F401 (fixtures)
+from fixtures.secure_servers import NATS_TOKEN, ROOT_PASSWORD  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
 
-def _running(srv):
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        shutil.rmtree(srv.workdir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def mtls_etcd(pki):
-    yield from _running(TlsEtcdServer("etcd", make_workdir("dx-etcd-tls-"), pki=pki))
-
-
-@pytest.fixture(scope="module")
-def password_etcd():
-    yield from _running(TlsEtcdServer("etcd", make_workdir("dx-etcd-pw-"), pki=None))
-
-
-@pytest.fixture(scope="module")
-def tls_nats(pki):
-    yield from _running(TlsNatsServer("nats", make_workdir("dx-nats-tls-"), pki=pki))
 
 
 @pytest.fixture
