@@ -436,99 +436,16 @@ class _Bench:
             peer.close()
         return out
 
-    async def _cma(self, path: str, pool: KvPool, threads: int | None, name: str) -> dict[str, Any]:
-        """planned (stage=False) WRITEs through the cma backend to a cma peer process."""
-        from dynamo_ext.transport import make_backend
-        from dynamo_ext.transport.fallbacks.cma import CmaBackend
-
-        be = make_backend("auto", f"bench-cma{threads}-{os.getpid()}", memory="host")
-        assert isinstance(be, CmaBackend), type(be)
-        be.threads = threads or be.threads  # None: the backend's default
-        await be.start()
-        lpool = KvPool.from_host_array(pool.name, pool.layout, pool.host_view())  # same bytes, cma-registered
-        be.register_pool(lpool)
-        peer = PeerProcess.start(backend="cma", name=f"bench-cma-peer{threads}-{os.getpid()}", layout=self.layout,
-                                 seed=17, timeout=120)
-        try:
-            be.add_peer(peer.info)
-            remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
-            nd = [0]
-
-            async def go() -> None:
-                h = await push(be, lpool, remote, (self.src_ids, self.dst_ids),
-                               TransferOptions(deadline_s=120, metrics=None, stage=False))
-                nd[0] = (await h).descriptors
-
-            times = await self._timed(go)
-            ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
-                digest(pool_bytes(pool), self.layout, self.src_ids)
-        finally:
-            peer.close()
-            await be.close()
-        gbps = self.nbytes / statistics.median(times) / 1e9
-        self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
-        return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": "cma", "direction": "write", "threads": be.threads,
-                "detail": f"process_vm_writev, {be.threads} thread(s)"}
-
-    def _pull_pool(self, dev: int, name: str, shared: bool = False) -> KvPool:
-        """A fresh destination pool for the READ rows (the run's source pool ``local(dev)`` stays untouched);
-        ``shared``: host memory in a memfd, as the engine's CPU KV pool (product-pull)."""
-        return (KvPool.allocate_device(name, self.layout, dev) if dev >= 0
-                else KvPool.allocate_host(name, self.layout, shared=shared and shared_memory_available()))
-
-    async def _cma_pull(self, path: str, name: str = "cma-pull", threads: int = 1) -> dict[str, Any]:
-        """planned (stage=False) READs through a bare cma backend (process_vm_readv, ``threads`` copy threads)
-        from a cma peer process into a fresh pool here: product-pull's direction, without the serving layer."""
+    async def _planned_row(self, path: str, name: str, be: Any, lpool: KvPool, op: str, *, seed: int,
+                           detail: Callable[[], str]) -> dict[str, Any]:
+        """One row of planned (stage=False) transfers through ``be`` (a started host backend with ``lpool``
+        registered) against a peer PROCESS of the same backend: op "write" = ``lpool`` -> the peer's pool,
+        "read" = the peer's pool -> ``lpool`` (product-pull's direction). Timed, verified (sha256 of the chunks
+        on both sides), ``be`` closed."""
         from dynamo_ext.transport import pull
-        from dynamo_ext.transport.fallbacks.cma import CmaBackend
 
-        be = CmaBackend(f"bench-{name}-{os.getpid()}", threads=threads)
-        await be.start()
-        lpool = self._pull_pool(-1, "kv-pull")
-        be.register_pool(lpool)
-        peer = PeerProcess.start(backend="cma", name=f"bench-{name}-peer-{os.getpid()}", layout=self.layout,
-                                 seed=19, timeout=120)
-        try:
-            be.add_peer(peer.info)
-            remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
-            nd = [0]
-
-            async def go() -> None:
-                h = await pull(be, remote, lpool, (self.src_ids, self.dst_ids),
-                               TransferOptions(deadline_s=120, metrics=None, stage=False))
-                nd[0] = (await h).descriptors
-
-            times = await self._timed(go)
-            ok = (await peer.acall({"cmd": "digest", "blocks": self.src_ids}, timeout=300))["sha256"] == \
-                digest(pool_bytes(lpool), self.layout, self.dst_ids)
-        finally:
-            peer.close()
-            await be.close()
-        gbps = self.nbytes / statistics.median(times) / 1e9
-        self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
-        return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": "cma", "direction": "read", "threads": be.threads,
-                "detail": f"process_vm_readv, {be.threads} thread(s)"}
-
-    async def _shm(self, path: str, pool: KvPool, name: str, threads: int, op: str,
-                   native: bool | None = None) -> dict[str, Any]:
-        """planned (stage=False) transfers through the shm backend (both pools in shared memory, the peer's
-        mapped here at add_peer): WRITEs from a shared copy of the source pool into a shm peer process, or
-        READs from a shm peer into a fresh shared pool here (what the product's decode worker does)."""
-        from dynamo_ext.transport import pull
-        from dynamo_ext.transport.fallbacks.shm import ShmBackend
-
-        be = ShmBackend(f"bench-{name}-{os.getpid()}", threads=threads, native=native)
-        await be.start()
-        if op == "write":
-            lpool = KvPool.allocate_host(pool.name, pool.layout, shared=True, fill=0)
-            np.copyto(lpool.host_view(), pool.host_view())  # the same bytes, in shared memory
-        else:
-            lpool = KvPool.allocate_host("kv-pull", self.layout, shared=True, fill=0)
-        be.register_pool(lpool)
-        peer = PeerProcess.start(backend="shm", name=f"bench-{name}-peer-{os.getpid()}", layout=self.layout,
-                                 seed=21, timeout=120)
+        peer = PeerProcess.start(backend=be.name, name=f"bench-{name}-peer-{os.getpid()}", layout=self.layout,
+                                 seed=seed, timeout=120)
         try:
             be.add_peer(peer.info)
             remote = RemotePool(peer.info.agent_name, peer.info.pool("kv"))
@@ -541,22 +458,69 @@ class _Bench:
                 nd[0] = (await h).descriptors
 
             times = await self._timed(go)
-            if op == "write":
-                ok = (await peer.acall({"cmd": "digest", "blocks": self.dst_ids}, timeout=300))["sha256"] == \
-                    digest(pool_bytes(pool), self.layout, self.src_ids)
-            else:
-                ok = (await peer.acall({"cmd": "digest", "blocks": self.src_ids}, timeout=300))["sha256"] == \
-                    digest(pool_bytes(lpool), self.layout, self.dst_ids)
+            there, here = (self.dst_ids, self.src_ids) if op == "write" else (self.src_ids, self.dst_ids)
+            ok = (await peer.acall({"cmd": "digest", "blocks": there}, timeout=300))["sha256"] == \
+                digest(pool_bytes(lpool), self.layout, here)
         finally:
             peer.close()
             await be.close()
         gbps = self.nbytes / statistics.median(times) / 1e9
         self.bar.set_postfix_str(f"{path} {name} {gbps:.2f} GB/s")
-        how = (f"compiled loop, {be.threads} thread(s)" if be.native else
-               "python loop: memoryview slices, 1 thread")
         return {"path": path, "method": name, "gbps": round(gbps, 3), "descriptors": int(nd[0]), "verified": bool(ok),
-                "backend": "shm", "direction": op, "threads": be.threads, "native": be.native,
-                "detail": f"memfd pools mapped by the peer, one memcpy per run ({how})"}
+                "backend": be.name, "direction": op, "threads": be.threads, "detail": detail()}
+
+    async def _cma(self, path: str, pool: KvPool, threads: int | None, name: str) -> dict[str, Any]:
+        """planned WRITEs through the cma backend (what make_backend("auto", memory="host") picks) to a cma peer."""
+        from dynamo_ext.transport import make_backend
+        from dynamo_ext.transport.fallbacks.cma import CmaBackend
+
+        be = make_backend("auto", f"bench-{name}-{os.getpid()}", memory="host")
+        assert isinstance(be, CmaBackend), type(be)
+        be.threads = threads or be.threads  # None: the backend's default
+        await be.start()
+        lpool = KvPool.from_host_array(pool.name, pool.layout, pool.host_view())  # same bytes, cma-registered
+        be.register_pool(lpool)
+        return await self._planned_row(path, name, be, lpool, "write", seed=17,
+                                       detail=lambda: f"process_vm_writev, {be.threads} thread(s)")
+
+    def _pull_pool(self, dev: int, name: str, shared: bool = False) -> KvPool:
+        """A fresh destination pool for the READ rows (the run's source pool ``local(dev)`` stays untouched);
+        ``shared``: host memory in a memfd, as the engine's CPU KV pool (product-pull)."""
+        return (KvPool.allocate_device(name, self.layout, dev) if dev >= 0
+                else KvPool.allocate_host(name, self.layout, shared=shared and shared_memory_available()))
+
+    async def _cma_pull(self, path: str, name: str = "cma-pull", threads: int = 1) -> dict[str, Any]:
+        """planned READs through a bare cma backend (process_vm_readv, ``threads`` copy threads) from a cma peer
+        into a fresh pool here: product-pull's direction, without the serving layer."""
+        from dynamo_ext.transport.fallbacks.cma import CmaBackend
+
+        be = CmaBackend(f"bench-{name}-{os.getpid()}", threads=threads)
+        await be.start()
+        lpool = self._pull_pool(-1, "kv-pull")
+        be.register_pool(lpool)
+        return await self._planned_row(path, name, be, lpool, "read", seed=19,
+                                       detail=lambda: f"process_vm_readv, {be.threads} thread(s)")
+
+    async def _shm(self, path: str, pool: KvPool, name: str, threads: int, op: str,
+                   native: bool | None = None) -> dict[str, Any]:
+        """planned transfers through the shm backend (both pools in shared memory, the peer's mapped here at
+        add_peer): WRITEs from a shared copy of the source pool into a shm peer process, or READs from a shm peer
+        into a fresh shared pool here (what the product's decode worker does)."""
+        from dynamo_ext.transport.fallbacks.shm import ShmBackend
+
+        be = ShmBackend(f"bench-{name}-{os.getpid()}", threads=threads, native=native)
+        await be.start()
+        if op == "write":
+            lpool = KvPool.allocate_host(pool.name, pool.layout, shared=True, fill=0)
+            np.copyto(lpool.host_view(), pool.host_view())  # the same bytes, in shared memory
+        else:
+            lpool = KvPool.allocate_host("kv-pull", self.layout, shared=True, fill=0)
+        be.register_pool(lpool)
+        how = (f"compiled loop, {be.threads} thread(s)" if be.native else "python loop: memoryview slices, 1 thread")
+        row = await self._planned_row(path, name, be, lpool, op, seed=21,
+                                      detail=lambda: f"memfd pools mapped by the peer, one memcpy per run ({how})")
+        row["native"] = be.native
+        return row
 
     async def product_pull(self, path: str) -> dict[str, Any]:
         """The product's pull (what a decode worker calls): a peer PROCESS runs serving.WorkerTransports over the
