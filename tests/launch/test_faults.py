@@ -69,3 +69,53 @@ def test_fault_campaign_every_row_loses_nothing_and_recovers(tmp_path):
     assert any(m.startswith("prefill-0 /health") for m in stop["missing_during_fault"]), stop  # ... and it was seen
     assert any("etcd ready again" in x for x in by["etcd-restart"]["restarts"])
     assert any("nats ready again" in x for x in by["nats-restart"]["restarts"])
+
+
+def test_a_capacity_check_begun_during_a_stop_does_not_count(monkeypatch):
+    """run_fault's recovery clock (no graph: the fault, the load and the checks are stand-ins with the timing of
+    the real ones): a /health call to a SIGSTOPped worker waits and is answered once it continues, so a check
+    begun 0.5 s before the end of the stop comes back clean after it. Counting it from when it began gave
+    'capacity back after 9.08 s' for a 10 s stop in CI; only checks begun after the stop count."""
+    import threading
+    from types import SimpleNamespace
+
+    from dynamo_ext.bench import faults
+
+    stop_s = 1.0
+
+    over = threading.Event()
+
+    def inject(g, fault):
+        threading.Timer(stop_s, over.set).start()
+        return stop_s, over.is_set
+
+    def capacity(g, prefill, decode):
+        # the stopped worker's /health (timeout 1 s) is answered when it continues, at once after that
+        if over.wait(1.0):
+            return []
+        return ["prefill-0 /health no answer TimeoutError"]
+
+    class NoLoad:
+        results: list = []
+
+        def __init__(self, *a, **kw):
+            pass
+
+        def start(self):
+            pass
+
+        def stop(self, timeout=0):
+            pass
+
+        def in_flight_at(self, t):
+            return 0
+
+    monkeypatch.setattr(faults, "inject", inject)
+    monkeypatch.setattr(faults, "capacity", capacity)
+    monkeypatch.setattr(faults, "wait_capacity", lambda *a, **kw: [])
+    monkeypatch.setattr(faults, "victim_state", lambda *a, **kw: "prefill-0")
+    monkeypatch.setattr(faults, "Load", NoLoad)
+    g = SimpleNamespace(events=[], base_url="", model="m")
+    row = faults.run_fault(g, "sigstop-prefill", prefill=1, decode=1, concurrency=1, max_tokens=1, warm_s=0.0,
+                           settle_s=0.5, max_s=10.0)
+    assert row.recovery_s is not None and row.recovery_s >= stop_s, row
