@@ -254,9 +254,11 @@ class KvEventIndexer:
     def finish_resync(self, worker_id: int, chunks: Sequence[Any]) -> int:
         """Rebuild the worker's part of the index from its snapshot (``kv_blocks`` chunks, validated here; an
         invalid one raises ``msgspec.ValidationError`` and changes nothing), then apply the events buffered
-        since ``begin_resync``. Returns the snapshot's events applied."""
+        since ``begin_resync``. Returns the snapshot's events applied (0 when the worker was removed meanwhile)."""
         snap = [msgspec.convert(c, type=SnapshotChunk) for c in chunks]
-        buffered = self._resyncing.pop(worker_id, [])
+        if worker_id not in self._resyncing:  # removed meanwhile (remove_worker): its blocks must not come back
+            return 0
+        buffered = self._resyncing.pop(worker_id)
         self.tree.remove_worker(worker_id)
         n = 0
         for chunk in snap:

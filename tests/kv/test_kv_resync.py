@@ -107,6 +107,10 @@ def test_a_lost_message_is_detected_and_the_worker_resynced_from_its_snapshot():
         idx.finish_resync(5, [{"events": [{"event_id": 1, "data": {"removed": {}}}]}])
     assert idx.resyncing() == [5]
     assert idx.finish_resync(5, snap) > 0
+    gone = KvEventIndexer(BS)  # a worker removed while its snapshot was on the way stays removed
+    gone.begin_resync(8)
+    gone.remove_worker(8)
+    assert gone.finish_resync(8, [{"events": snap[0]["events"]}]) == 0 and gone.scores(SYSTEMS[0] * 2) == {}
     assert idx.resyncing() == [] and idx.stats.resyncs == 1
     assert _scores(idx, 5) == _scores(truth, 5) and any(_scores(truth, 5))
     _run_requests(pool, rng, 10)  # live again
