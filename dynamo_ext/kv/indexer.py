@@ -217,7 +217,11 @@ class KvEventIndexer:
                 if self.on_gap is not None and workers:
                     for w in workers:
                         self.begin_resync(w)
-                    self.on_gap(sorted(workers))
+                    try:
+                        self.on_gap(sorted(workers))
+                    except Exception as e:  # noqa: BLE001 - the subscription must survive its caller
+                        for w in workers:
+                            self.abort_resync(w, f"on_gap failed: {e}")
         n = 0
         for rev in events:
             try:
