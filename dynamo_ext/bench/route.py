@@ -431,7 +431,8 @@ class Policy:
         """Our router's KV index counters: refused events by reason, sequence gaps."""
         idx = self.health().get("kv_index") or {}
         return {**{f"refused_{k}": int(v) for k, v in (idx.get("refused") or {}).items()},
-                "sequence_gaps": int(idx.get("sequence_gaps") or 0)}
+                "sequence_gaps": int(idx.get("sequence_gaps") or 0),
+                "resync_failures": int(idx.get("resync_failures") or 0)}
 
     def decisions(self) -> dict[str, int]:  # noqa: D102
         return dict(self.health().get("decisions") or {})
@@ -509,8 +510,8 @@ def _refusals(x: Any) -> str:
     if x is None:
         return "-"
     n = sum(v for k, v in x.items() if k.startswith("refused_"))
-    gaps = x.get("sequence_gaps", 0)
-    return f"{n}" + (f" (+{gaps} gaps)" if gaps else "")
+    gaps, fails = x.get("sequence_gaps", 0), x.get("resync_failures", 0)
+    return f"{n}" + (f" (+{gaps} gaps)" if gaps else "") + (f" ({fails} resyncs failed)" if fails else "")
 
 
 def gain_split(rr: dict, placement: dict, ext: dict) -> str:
