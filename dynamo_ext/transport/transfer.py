@@ -169,21 +169,7 @@ class TransferHandle:
             done = self._req.completion()  # a task/thread-backed request: wait for it, no spinning
             if done is not None and not self._req.poll():
                 await asyncio.wait({asyncio.ensure_future(done)}, timeout=max(0.0, deadline_at - time.monotonic()))
-        except asyncio.CancelledError:
-            self._req.cancel()
-            if not self._fut.done():
-                self._fut.cancel()
-            raise
-        except TransferError as e:
-            self._finish_error(e)
-            return
-        except Exception as e:  # noqa: BLE001 - as below
-            err = BackendError(f"{self.backend}: {type(e).__name__}: {e}")
-            err.__cause__ = e
-            self._finish_error(err)
-            return
-        spin_until = time.monotonic() + _SPIN_S
-        try:
+            spin_until = time.monotonic() + _SPIN_S
             while not self._req.poll():
                 now = time.monotonic()
                 if now >= deadline_at:
