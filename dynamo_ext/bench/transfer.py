@@ -214,6 +214,7 @@ class _Bench:
         self.dst_ids = [int(x) for x in rng.permutation(self.layout.num_blocks)[: self.k]]
         self.pools: dict[int, tuple[KvPool, KvPool]] = {}
         self._choices: dict[int, dict[str, Any]] = {}
+        self.agent_dev = -1
 
     @property
     def be(self) -> Any:
@@ -222,7 +223,8 @@ class _Bench:
         if self._be is None:
             from dynamo_ext.transport.nixl_backend import NixlBackend
 
-            self._be = NixlBackend(f"bench-{os.getpid()}", self.nixl_choice(0 if _gpus() else -1))
+            self.agent_dev = 0 if _gpus() else -1  # the device whose worker choice this agent takes
+            self._be = NixlBackend(f"bench-{os.getpid()}", self.nixl_choice(self.agent_dev))
         return self._be
 
     def nixl_choice(self, dev: int) -> dict[str, Any]:
@@ -422,7 +424,7 @@ class _Bench:
                 out.append({"path": path, "method": names.get(method, method), "gbps": round(gbps, 3),
                             "descriptors": int(ndesc), "verified": bool(ok),
                             "backend": "local" if is_copy else "nixl", "direction": "copy" if is_copy else "write",
-                            **({} if is_copy else {"ucx_env": dict(self.nixl_choice(0 if _gpus() else -1)["env"]),
+                            **({} if is_copy else {"ucx_env": dict(self.nixl_choice(self.agent_dev)["env"]),
                                                       "peer_ucx_env": dict(self.nixl_choice(ddev)["env"])}),
                             **extra,
                             "detail": {"naive": "one descriptor per chunk", "planned": "merged runs, pool -> pool",
