@@ -20,6 +20,7 @@ Protocol
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import os
 import shutil
@@ -87,10 +88,21 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
+_HANDED_OUT: "collections.deque[int]" = collections.deque(maxlen=1024)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free on ``host`` now, never one this process handed out recently: the kernel may give the same
+    ephemeral port to two binds in a row once the first socket is closed, and two ports picked for one server
+    (etcd's client and peer ports) were once the same ("bind: address already in use", a CI run)."""
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.append(port)
+    return port
 
 
 def which(name: str) -> str:

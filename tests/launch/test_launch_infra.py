@@ -79,3 +79,30 @@ def test_stale_records_and_revoke(etcd_server):
     assert infra.revoke_lease(url, lease)
     assert infra.stale_records(url, "ns1", {lease}) == []
     assert [k for k, _ in infra.etcd_keys(url, "v1/instances/ns1/")] == [f"v1/instances/ns1/backend/generate/{other:x}"]
+
+
+def test_free_port_never_hands_out_the_same_port_twice(monkeypatch):
+    """Two ports picked for one server (etcd's client and peer) were once equal in CI: the kernel gave the same
+    ephemeral port to two binds in a row. free_port skips a port it handed out recently."""
+    import socket as _socket
+
+    from dynamo_ext.launch import infra
+
+    ports = iter([41001, 41001, 41001, 41002])
+
+    class FakeSocket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def bind(self, addr):
+            self.port = next(ports)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(infra, "_HANDED_OUT", type(infra._HANDED_OUT)(maxlen=8))
+    monkeypatch.setattr(_socket, "socket", lambda *a, **kw: FakeSocket())
+    assert [infra.free_port(), infra.free_port()] == [41001, 41002]

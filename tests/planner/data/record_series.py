@@ -15,7 +15,6 @@ import argparse
 import csv
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,9 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 from dynamo_ext.launch.client import complete, list_models  # noqa: E402
+from dynamo_ext.launch.infra import free_port  # noqa: E402
 from planner.metrics_source import MetricNames, merge, parse, window  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_metric_ports(tag: str) -> list[int]:
